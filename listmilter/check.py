@@ -1,0 +1,87 @@
+"""`listmilter check`: the config, the store, and what Postfix will make of the lists."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass, field
+
+from . import config as config_mod
+from . import settings
+from .store import StoreError, open_store
+
+# Bytes a milter-added recipient with NOTIFY=FAILURE and ORCPT takes in a
+# Postfix queue file, besides twice its length (measured with Postfix 3.7,
+# see docs/performance.md).
+QUEUE_BYTES_PER_RECIPIENT = 40
+QUEUE_BYTES_MESSAGE_ALLOWANCE = 1 << 20   # room left for the message itself
+
+
+@dataclass
+class Report:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def queue_file_estimate(recipients: list[str]) -> int:
+    return sum(2 * len(r) + QUEUE_BYTES_PER_RECIPIENT for r in recipients) + QUEUE_BYTES_MESSAGE_ALLOWANCE
+
+
+def postconf(name: str) -> str | None:
+    """A parameter of the running Postfix (MAIL_CONFIG chooses the instance), None if unknown."""
+    try:
+        proc = subprocess.run(["postconf", "-h", name], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def run(path: str, explicit: bool) -> Report:
+    report = Report()
+    try:
+        cfg = config_mod.load(path, explicit)
+    except config_mod.ConfigError as e:
+        report.errors.append(str(e))
+        return report
+    report.notes.append(f"config: {cfg.path or 'built-in defaults (no ' + path + ')'}")
+    if cfg.backend == "sqlite" and not os.path.exists(cfg.store_path):
+        report.warnings.append(f"{cfg.store_path}: sqlite store does not exist yet; "
+                               "`listmilter serve` or `listmilter list create` creates it")
+        return report
+    try:
+        store = open_store(cfg)
+        problems = store.check()
+        lists = store.all_lists()
+    except StoreError as e:
+        report.errors.append(str(e))
+        return report
+    report.errors.extend(f"{cfg.store_path}: integrity: {p}" for p in problems)
+    report.notes.append(f"store: {cfg.backend} ({cfg.path if cfg.backend == 'yaml' else cfg.store_path}), "
+                        f"{len(lists)} lists")
+
+    limit = None
+    size_limit = postconf("message_size_limit")
+    if size_limit and size_limit.isdigit():
+        limit = int(size_limit)
+    for mlist in lists:
+        for name, value in mlist.settings.items():
+            try:
+                settings.parse(name, list(value) if isinstance(value, tuple) else value)
+            except settings.SettingError as e:
+                report.errors.append(f"{mlist.origin}: list {mlist.address}: {name}: {e}")
+        if not cfg.effective("owners", mlist.settings).value:
+            report.warnings.append(f"{mlist.origin}: list {mlist.address} has no owners; "
+                                   f"mail to its -owner address goes to {cfg.site_admin}")
+        if limit:
+            estimate = queue_file_estimate(store.recipients(mlist.address))
+            if estimate > limit:
+                report.warnings.append(
+                    f"list {mlist.address}: a post makes a Postfix queue file of about {estimate} bytes, "
+                    f"more than message_size_limit = {limit}: Postfix would refuse posts with "
+                    f"'552 5.3.4 message file too big'. Set message_size_limit (and mailbox_size_limit) "
+                    f"to at least {estimate * 5 // 4} in main.cf")
+    if limit is None:
+        report.notes.append("postfix: could not ask postconf for message_size_limit; size not checked")
+    store.close()
+    return report

@@ -1,0 +1,393 @@
+"""The `listmilter` command: serve, check, deliver, and list/member administration.
+
+Every subcommand is a thin adapter: parse arguments, call the core, print.
+Errors are one line (`listmilter: ...` or `FILE:LINE: ...`) and a non-zero
+exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import pwd
+import sys
+
+from . import __version__
+
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_SOFTWARE = 70
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+
+class Fail(Exception):
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="listmilter", description="Mailing lists inside your MTA.")
+    p.add_argument("-c", "--config", metavar="CONFIG",
+                   help="config file (default: $LISTMILTER_CONFIG or /etc/listmilter/listmilter.yaml)")
+    p.add_argument("--version", action="version", version=f"listmilter {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("serve", help="run the milter (and the Postfix socketmap) in the foreground")
+    s.add_argument("--socket", help="milter socket, overrides milter.socket")
+
+    sub.add_parser("check", help="check the config file and the store; exit non-zero on errors")
+
+    s = sub.add_parser("deliver", help="pipe transport: read one message on stdin")
+    s.add_argument("recipient")
+    s.add_argument("sender", nargs="?", default=None)
+
+    lst = sub.add_parser("list", help="create, delete, show and configure lists")
+    ls = lst.add_subparsers(dest="action", metavar="ACTION", required=True)
+    s = ls.add_parser("create", help="create a list")
+    s.add_argument("address")
+    s.add_argument("--owner", action="append", default=[], help="owner address (repeatable)")
+    s.add_argument("--posting", choices=("open", "members", "announce"))
+    s.add_argument("--subject-prefix")
+    s.add_argument("--description")
+    s.add_argument("--notify", action="store_true", help="mail the site admin that the list exists")
+    s = ls.add_parser("delete", help="delete a list and its members")
+    s.add_argument("address")
+    s = ls.add_parser("show", help="effective settings of a list and where each comes from")
+    s.add_argument("address")
+    ls.add_parser("ls", help="all lists with their member counts")
+    s = ls.add_parser("set", help="set a list setting (sqlite store)")
+    s.add_argument("address")
+    s.add_argument("key")
+    s.add_argument("value", nargs="+")
+    s = ls.add_parser("unset", help="remove a list's own value for a setting")
+    s.add_argument("address")
+    s.add_argument("key")
+
+    mem = sub.add_parser("members", help="add, remove, list, import and export members")
+    ms = mem.add_subparsers(dest="action", metavar="ACTION", required=True)
+    s = ms.add_parser("add", help="add addresses (or - to read them from stdin)")
+    s.add_argument("list")
+    s.add_argument("addresses", nargs="+")
+    s = ms.add_parser("remove", help="remove addresses (or - to read them from stdin)")
+    s.add_argument("list")
+    s.add_argument("addresses", nargs="+")
+    s = ms.add_parser("ls", help="print the members, one per line")
+    s.add_argument("list")
+    s = ms.add_parser("import", help="add members from a file (plain or CSV), all or nothing")
+    s.add_argument("list")
+    s.add_argument("file", help="file name, or - for stdin")
+    s = ms.add_parser("export", help="write the members as CSV (address,name,attributes...)")
+    s.add_argument("list")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from . import config as config_mod
+    from .log import setup
+    path, explicit = config_mod.path_from_environment(args.config)
+    try:
+        if args.command == "deliver":
+            return _deliver(args, path, explicit)
+        if args.command == "serve":
+            return _serve(args, path, explicit)
+        if args.command == "check":
+            return _check(path, explicit)
+        setup("stderr")
+        return _admin(args, path, explicit)
+    except config_mod.ConfigError as e:
+        print(e, file=sys.stderr)
+        return EX_CONFIG
+    except Fail as e:
+        print(f"listmilter: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+# -- serve / deliver / check ------------------------------------------------
+def _serve(args, path: str, explicit: bool) -> int:
+    from .log import logger, setup
+    from .runtime import Runtime
+    from .store import StoreError
+    try:
+        runtime = Runtime(path, explicit)
+    except StoreError as e:
+        print(f"listmilter: {e}", file=sys.stderr)
+        return EX_TEMPFAIL
+    cfg = runtime.config
+    setup(cfg.log_target, cfg.log_facility)
+    from . import milter, socketmap
+    socket = args.socket or cfg.milter_socket
+    try:
+        table = socketmap.start(runtime, cfg.socketmap_socket)
+    except OSError as e:
+        print(f"listmilter: cannot listen on socketmap socket {cfg.socketmap_socket}: {e}", file=sys.stderr)
+        return EX_TEMPFAIL
+    logger.info("starting listmilter %s: milter=%s, socketmap=%s, config=%s, store=%s %s, lists=%d",
+                __version__, socket, cfg.socketmap_socket, cfg.path or "built-in defaults",
+                cfg.backend, cfg.path if cfg.backend == "yaml" else cfg.store_path,
+                len(runtime.store.all_lists()))
+    try:
+        milter.run(runtime, socket)
+    except Exception as e:   # libmilter could not open its socket, for one
+        logger.error("fatal: milter: %s", e)
+        return EX_TEMPFAIL
+    finally:
+        table.shutdown()
+    logger.info("stopping listmilter")
+    return 0
+
+
+def _deliver(args, path: str, explicit: bool) -> int:
+    from . import deliver
+    from .log import setup
+    state: dict = {}
+
+    def runtime():
+        # Config problems surface inside deliver.main, which turns them into 75.
+        from . import config as config_mod
+        from .store import open_store
+        cfg = config_mod.load(path, explicit)
+        setup(cfg.log_target, cfg.log_facility, "listmilter/deliver")
+        state["store"] = open_store(cfg)
+        return cfg, state["store"]
+
+    setup("syslog" if os.path.exists("/dev/log") else "stderr", "mail", "listmilter/deliver")
+    try:
+        return deliver.main(runtime, args.recipient, args.sender)
+    finally:
+        if "store" in state:
+            state["store"].close()
+
+
+def _check(path: str, explicit: bool) -> int:
+    from . import check
+    report = check.run(path, explicit)
+    for line in report.notes:
+        print(line)
+    for line in report.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    for line in report.errors:
+        print(f"error: {line}" if not line[:1] == "/" else line, file=sys.stderr)
+    return 1 if report.errors else 0
+
+
+# -- administration ------------------------------------------------------------
+def _admin(args, path: str, explicit: bool) -> int:
+    from . import config as config_mod
+    from .store import ListExists, NoSuchList, ReadOnlyStore, StoreError, open_store
+    cfg = config_mod.load(path, explicit)
+    try:
+        store = open_store(cfg)
+    except StoreError as e:
+        raise Fail(str(e), EX_TEMPFAIL) from None
+    try:
+        handler = _ADMIN[(args.command, args.action)]
+        return handler(args, cfg, store) or 0
+    except NoSuchList as e:
+        raise Fail(f"no such list: {e}", EX_NOINPUT) from None
+    except ListExists as e:
+        raise Fail(f"list already exists: {e}") from None
+    except ReadOnlyStore as e:
+        raise Fail(str(e), EX_USAGE) from None
+    except StoreError as e:
+        raise Fail(str(e), EX_TEMPFAIL) from None
+    finally:
+        store.close()
+
+
+def _list_address(text: str) -> str:
+    from . import addresses
+    try:
+        return addresses.key(addresses.check(addresses.strip_brackets(text)))
+    except addresses.AddressError as e:
+        raise Fail(str(e), EX_DATAERR) from None
+
+
+def _setting(name: str, value):
+    from . import settings
+    try:
+        return settings.parse(name, value)
+    except settings.SettingError as e:
+        raise Fail(f"{name}: {e}", EX_DATAERR) from None
+
+
+def _admin_user() -> str:
+    user = os.environ.get("SUDO_USER")
+    try:
+        me = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        me = str(os.getuid())
+    return f"{me} (via sudo from {user})" if user and user != me else me
+
+
+def _list_create(args, cfg, store):
+    address = _list_address(args.address)
+    values = {"owners": args.owner or None, "posting": args.posting,
+              "subject_prefix": args.subject_prefix, "description": args.description}
+    list_settings = {k: _setting(k, v) for k, v in values.items() if v is not None}
+    mlist = store.create_list(address, list_settings)
+    print(f"created list {mlist.address}")
+    if args.notify:
+        from . import notices, outgoing
+        eff = lambda name: cfg.effective(name, mlist.settings).value  # noqa: E731
+        message = notices.list_created(mlist.address, cfg.site_admin, eff("owners"), eff("posting"),
+                                       _admin_user())
+        try:
+            outgoing.send(cfg.outgoing, "", [cfg.site_admin], message)
+        except outgoing.OutgoingError as e:
+            raise Fail(f"list {mlist.address} was created, but the notice to {cfg.site_admin} "
+                       f"was not sent: {e}") from None
+        print(f"notified {cfg.site_admin}")
+
+
+def _list_delete(args, cfg, store):
+    address = _list_address(args.address)
+    count = store.member_count(address)
+    store.delete_list(address)
+    print(f"deleted list {address} ({count} members)")
+
+
+def _list_show(args, cfg, store):
+    from . import settings
+    from .store import NoSuchList
+    mlist = store.get_list(_list_address(args.address))
+    if mlist is None:
+        raise NoSuchList(args.address)
+    print(f"list: {mlist.address}")
+    print(f"defined in: {mlist.origin} ({store.backend} store)")
+    print(f"members: {store.member_count(mlist.address)}")
+    for name in settings.SETTINGS:
+        eff = cfg.effective(name, mlist.settings)
+        value = ", ".join(eff.value) if isinstance(eff.value, (tuple, list)) else eff.value
+        shown = f'"{value}"' if isinstance(value, str) and (value == "" or value != value.strip()) else value
+        print(f"{name} = {shown}    # {eff.origin}")
+
+
+def _list_ls(args, cfg, store):
+    for mlist in store.all_lists():
+        print(f"{mlist.address}\t{store.member_count(mlist.address)}")
+
+
+def _list_set(args, cfg, store):
+    from . import settings
+    if args.key not in settings.SETTINGS:
+        raise Fail(f"unknown setting {args.key!r}; known: {', '.join(settings.SETTINGS)}", EX_USAGE)
+    raw = args.value if args.key == "owners" else " ".join(args.value)
+    value = _setting(args.key, raw)
+    store.set_setting(_list_address(args.address), args.key,
+                      list(value) if isinstance(value, tuple) else value)
+    print(f"{_list_address(args.address)}: {args.key} = {value if not isinstance(value, tuple) else ', '.join(value)}")
+
+
+def _list_unset(args, cfg, store):
+    store.unset_setting(_list_address(args.address), args.key)
+    print(f"{_list_address(args.address)}: {args.key} now comes from defaults")
+
+
+def _read_addresses(items: list[str], what: str):
+    from . import importer
+    if items == ["-"]:
+        lines = sys.stdin.read().splitlines()
+        source = "<stdin>"
+    else:
+        lines = items
+        source = "<arguments>"
+    parsed = importer.parse(lines)
+    _report_errors(parsed, source if items == ["-"] else None)
+    return parsed
+
+
+def _report_errors(parsed, source: str | None):
+    if parsed.errors:
+        for number, message in parsed.errors:
+            where = f"{source}:{number}" if source else f"argument {number}"
+            print(f"{where}: {message}", file=sys.stderr)
+        raise Fail(f"{len(parsed.errors)} bad lines; nothing was changed", EX_DATAERR)
+
+
+def _members_add(args, cfg, store):
+    parsed = _read_addresses(args.addresses, "add")
+    added, existing = store.add_members(_list_address(args.list), parsed.members)
+    print(f"{_list_address(args.list)}: added {added}, already members {existing + parsed.duplicates}")
+
+
+def _members_remove(args, cfg, store):
+    parsed = _read_addresses(args.addresses, "remove")
+    removed, missing = store.remove_members(_list_address(args.list), [m.address for m in parsed.members])
+    for address in missing:
+        print(f"warning: {address} is not a member", file=sys.stderr)
+    print(f"{_list_address(args.list)}: removed {removed}")
+    return 1 if missing else 0
+
+
+def _members_ls(args, cfg, store):
+    out = sys.stdout
+    for m in store.members(_list_address(args.list)):
+        out.write(m.address + "\n")
+
+
+def _members_import(args, cfg, store):
+    from . import importer
+    address = _list_address(args.list)
+    if store.get_list(address) is None:
+        from .store import NoSuchList
+        raise NoSuchList(address)
+    try:
+        if args.file == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            with open(args.file, encoding="utf-8-sig", errors="surrogateescape") as f:
+                lines = f.read().splitlines()
+    except OSError as e:
+        raise Fail(f"{args.file}: {e.strerror}", EX_NOINPUT) from None
+    progress = _progress(len(lines)) if sys.stderr.isatty() and len(lines) >= 10000 else None
+    parsed = importer.parse(lines, progress)
+    if progress:
+        progress(len(lines), done=True)
+    _report_errors(parsed, args.file if args.file != "-" else "<stdin>")
+    added, existing = store.add_members(address, parsed.members)
+    print(f"{address}: imported {added} new members from {args.file} "
+          f"({existing + parsed.duplicates} already members or repeated)")
+
+
+def _progress(total: int):
+    def show(n: int, done: bool = False) -> None:
+        width = 30
+        filled = width * n // max(total, 1)
+        sys.stderr.write(f"\rreading {'#' * filled}{'.' * (width - filled)} {n}/{total} lines")
+        if done:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return show
+
+
+def _members_export(args, cfg, store):
+    members = store.members(_list_address(args.list))
+    extra = sorted({k for m in members for k in m.attributes})
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(["address", "name", *extra])
+    for m in members:
+        writer.writerow([m.address, m.name, *(m.attributes.get(k, "") for k in extra)])
+
+
+_ADMIN = {
+    ("list", "create"): _list_create,
+    ("list", "delete"): _list_delete,
+    ("list", "show"): _list_show,
+    ("list", "ls"): _list_ls,
+    ("list", "set"): _list_set,
+    ("list", "unset"): _list_unset,
+    ("members", "add"): _members_add,
+    ("members", "remove"): _members_remove,
+    ("members", "ls"): _members_ls,
+    ("members", "import"): _members_import,
+    ("members", "export"): _members_export,
+}

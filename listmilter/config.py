@@ -1,0 +1,289 @@
+"""The config file: load, check, report errors as FILE:LINE: message.
+
+Every key is documented in docs/configuration.md. Without a config file
+listmilter runs on the built-in defaults below (SQLite in DEFAULT_STATE_DIR).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from . import addresses, settings
+
+DEFAULT_PATH = "/etc/listmilter/listmilter.yaml"
+DEFAULT_STATE_DIR = "/var/lib/listmilter"
+DEFAULT_MILTER_SOCKET = "inet:8899@127.0.0.1"
+DEFAULT_SOCKETMAP_SOCKET = "inet:8898@127.0.0.1"
+SQLITE_NAME = "listmilter.sqlite"
+
+_SOCKET = re.compile(r"(inet:\d{1,5}(@[\w.\-]+)?|inet6:\d{1,5}(@[\w.:\-\[\]]+)?|(unix|local):/\S+)")
+_HOSTPORT = re.compile(r"\[?([\w.\-:]+?)\]?:(\d{1,5})")
+
+
+class ConfigError(Exception):
+    """A problem in the config file, with its place."""
+
+    def __init__(self, path: str | None, line: int | None, message: str):
+        self.path, self.line, self.message = path, line, message
+        where = path or "<built-in defaults>"
+        super().__init__(f"{where}:{line}: {message}" if line else f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class ListDef:
+    """A list defined in the config file (the yaml store)."""
+    address: str
+    settings: dict[str, Any]
+    members: tuple[str, ...]
+    line: int
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    smtp_host: str | None = "127.0.0.1"
+    smtp_port: int = 25
+    sendmail: str | None = None
+
+    def describe(self) -> str:
+        return f"sendmail: {self.sendmail}" if self.sendmail else f"smtp: {self.smtp_host}:{self.smtp_port}"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str | None = None                       # None: built-in defaults, no file
+    milter_socket: str = DEFAULT_MILTER_SOCKET
+    socketmap_socket: str = DEFAULT_SOCKETMAP_SOCKET
+    transport: str = "listmilter"
+    backend: str = "sqlite"
+    store_path: str = os.path.join(DEFAULT_STATE_DIR, SQLITE_NAME)
+    state_dir: str = DEFAULT_STATE_DIR
+    lists: dict[str, ListDef] = field(default_factory=dict)
+    outgoing: Outgoing = Outgoing()
+    defaults: dict[str, Any] = field(default_factory=dict)
+    defaults_origin: dict[str, str] = field(default_factory=dict)
+    site_admin: str = "postmaster@localhost"
+    log_target: str = "stderr"
+    log_facility: str = "mail"
+    mtime: float | None = None
+
+    def effective(self, name: str, list_settings: dict[str, Any]) -> settings.Effective:
+        return settings.resolve(name, list_settings, self.defaults, self.defaults_origin)
+
+
+def path_from_environment(cli_path: str | None) -> tuple[str, bool]:
+    """(path, explicit): -c wins over LISTMILTER_CONFIG over the default path."""
+    if cli_path:
+        return cli_path, True
+    env = os.environ.get("LISTMILTER_CONFIG")
+    if env:
+        return env, True
+    return DEFAULT_PATH, False
+
+
+def load(path: str | None, explicit: bool = True) -> Config:
+    """Load and check the config file; a missing default file means built-in defaults."""
+    if path is None:
+        return Config()
+    try:
+        st = os.stat(path)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(path, None, "no such file") from None
+        return Config()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(path, None, f"cannot read: {e}") from None
+    return parse(text, path, st.st_mtime)
+
+
+def parse(text: str, path: str = "<string>", mtime: float | None = None) -> Config:
+    try:
+        root = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        raise ConfigError(path, mark.line + 1 if mark else None,
+                          f"YAML syntax error: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(path, None, f"YAML error: {e}") from None
+    return _Builder(path).build(root, mtime)
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+class _Builder:
+    """Turns the composed YAML tree into a Config, checking every value."""
+
+    TOP = {"milter", "socketmap", "store", "state_dir", "lists", "outgoing", "defaults", "site", "log"}
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def error(self, node: yaml.Node | None, message: str) -> ConfigError:
+        return ConfigError(self.path, _line(node) if node is not None else None, message)
+
+    def mapping(self, node: yaml.Node, what: str, allowed: set[str] | None = None
+                ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        """{key: (key node, value node)}; unknown and repeated keys are errors."""
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error(node, f"{what} must be a mapping of keys to values")
+        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for knode, vnode in node.value:
+            if not isinstance(knode, yaml.ScalarNode):
+                raise self.error(knode, f"{what}: keys must be plain words")
+            name = knode.value
+            if allowed is not None and name not in allowed:
+                raise self.error(knode, f"unknown key {name!r} in {what} (known: {', '.join(sorted(allowed))})")
+            if name in out:
+                raise self.error(knode, f"{what}: {name!r} given twice (first at line {_line(out[name][0])})")
+            out[name] = (knode, vnode)
+        return out
+
+    def scalar(self, node: yaml.Node, what: str) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.error(node, f"{what} must be a single value")
+        return yaml.load(yaml.serialize(node), Loader=yaml.SafeLoader) if node.tag != "tag:yaml.org,2002:str" else node.value
+
+    def string(self, node: yaml.Node, what: str) -> str:
+        value = self.scalar(node, what)
+        if not isinstance(value, str) or not value:
+            raise self.error(node, f"{what} must be a non-empty string")
+        return value
+
+    def value(self, node: yaml.Node, what: str) -> Any:
+        """A plain value: a scalar, or a sequence of scalars."""
+        if isinstance(node, yaml.SequenceNode):
+            return [self.scalar(item, what) for item in node.value]
+        return self.scalar(node, what)
+
+    def socket(self, node: yaml.Node, what: str) -> str:
+        spec = self.string(node, what)
+        if not _SOCKET.fullmatch(spec):
+            raise self.error(node, f"{what}: {spec!r} is not a socket like inet:8899@127.0.0.1 or unix:/path")
+        return spec
+
+    def list_settings(self, node: yaml.Node, what: str, extra: set[str] = frozenset()
+                      ) -> tuple[dict[str, Any], dict[str, tuple[yaml.Node, yaml.Node]]]:
+        items = self.mapping(node, what, set(settings.SETTINGS) | set(extra))
+        out: dict[str, Any] = {}
+        for name, (knode, vnode) in items.items():
+            if name in extra:
+                continue
+            try:
+                out[name] = settings.parse(name, self.value(vnode, f"{what}.{name}"))
+            except settings.SettingError as e:
+                raise self.error(vnode, f"{what}.{name}: {e}") from None
+        return out, items
+
+    def build(self, root: yaml.Node | None, mtime: float | None) -> Config:
+        if root is None:
+            return Config(path=self.path, mtime=mtime)
+        top = self.mapping(root, "the config file", self.TOP)
+        kw: dict[str, Any] = {"path": self.path, "mtime": mtime}
+
+        if "milter" in top:
+            m = self.mapping(top["milter"][1], "milter", {"socket"})
+            if "socket" in m:
+                kw["milter_socket"] = self.socket(m["socket"][1], "milter.socket")
+        if "socketmap" in top:
+            m = self.mapping(top["socketmap"][1], "socketmap", {"socket", "transport"})
+            if "socket" in m:
+                kw["socketmap_socket"] = self.socket(m["socket"][1], "socketmap.socket")
+            if "transport" in m:
+                kw["transport"] = self.string(m["transport"][1], "socketmap.transport").rstrip(":")
+        if "state_dir" in top:
+            kw["state_dir"] = self.string(top["state_dir"][1], "state_dir")
+        state_dir = kw.get("state_dir", DEFAULT_STATE_DIR)
+        kw["store_path"] = os.path.join(state_dir, SQLITE_NAME)
+        if "store" in top:
+            m = self.mapping(top["store"][1], "store", {"backend", "path"})
+            if "backend" in m:
+                backend = self.string(m["backend"][1], "store.backend")
+                if backend not in ("sqlite", "yaml"):
+                    raise self.error(m["backend"][1], f"store.backend must be sqlite or yaml (got {backend!r})")
+                kw["backend"] = backend
+            if "path" in m:
+                kw["store_path"] = self.string(m["path"][1], "store.path")
+        if "outgoing" in top:
+            kw["outgoing"] = self.outgoing(top["outgoing"][1])
+        if "defaults" in top:
+            defaults, items = self.list_settings(top["defaults"][1], "defaults")
+            kw["defaults"] = defaults
+            kw["defaults_origin"] = {k: f"defaults ({self.path}:{_line(items[k][0])})" for k in defaults}
+        if "site" in top:
+            m = self.mapping(top["site"][1], "site", {"admin"})
+            if "admin" in m:
+                admin = self.string(m["admin"][1], "site.admin")
+                if not addresses.is_valid(admin):
+                    raise self.error(m["admin"][1], f"site.admin: not a valid mail address: {admin!r}")
+                kw["site_admin"] = admin
+        if "log" in top:
+            m = self.mapping(top["log"][1], "log", {"target", "facility"})
+            if "target" in m:
+                target = self.string(m["target"][1], "log.target")
+                if target not in ("stderr", "syslog") and not target.startswith("/"):
+                    raise self.error(m["target"][1], "log.target must be stderr, syslog or an absolute file path")
+                kw["log_target"] = target
+            if "facility" in m:
+                kw["log_facility"] = self.string(m["facility"][1], "log.facility")
+        if "lists" in top:
+            kw["lists"] = self.lists(top["lists"][1])
+            if kw["lists"] and kw.get("backend", "sqlite") != "yaml":
+                raise self.error(top["lists"][0], "lists: is the yaml store; set store.backend: yaml to use it")
+        return Config(**kw)
+
+    def outgoing(self, node: yaml.Node) -> Outgoing:
+        m = self.mapping(node, "outgoing", {"smtp", "sendmail"})
+        if len(m) != 1:
+            raise self.error(node, "outgoing needs exactly one of smtp: HOST:PORT or sendmail: PATH")
+        if "sendmail" in m:
+            path = self.string(m["sendmail"][1], "outgoing.sendmail")
+            if not path.startswith("/"):
+                raise self.error(m["sendmail"][1], "outgoing.sendmail must be an absolute path")
+            return Outgoing(smtp_host=None, sendmail=path)
+        spec = str(self.scalar(m["smtp"][1], "outgoing.smtp"))
+        match = _HOSTPORT.fullmatch(spec)
+        if not match or not 0 < int(match.group(2)) < 65536:
+            raise self.error(m["smtp"][1], f"outgoing.smtp must be HOST:PORT such as 127.0.0.1:25 (got {spec!r})")
+        return Outgoing(smtp_host=match.group(1), smtp_port=int(match.group(2)))
+
+    def lists(self, node: yaml.Node) -> dict[str, ListDef]:
+        if isinstance(node, yaml.ScalarNode) and node.value in ("", "~", "null"):
+            return {}
+        out: dict[str, ListDef] = {}
+        for name, (knode, vnode) in self.mapping(node, "lists").items():
+            if not addresses.is_valid(name):
+                raise self.error(knode, f"lists: {name!r} is not a list address like dev@example.org")
+            lkey = addresses.key(name)
+            if lkey in out:
+                raise self.error(knode, f"lists: {name!r} is defined twice (case does not matter)")
+            if isinstance(vnode, yaml.ScalarNode) and vnode.value in ("", "~", "null"):
+                list_settings, items = {}, {}
+            else:
+                list_settings, items = self.list_settings(vnode, f"lists.{name}", {"members"})
+            members = self.members(items["members"][1], name) if "members" in items else ()
+            out[lkey] = ListDef(lkey, list_settings, members, _line(knode))
+        return out
+
+    def members(self, node: yaml.Node, list_name: str) -> tuple[str, ...]:
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.error(node, f"lists.{list_name}.members must be a list of addresses")
+        seen: set[str] = set()
+        out = []
+        for item in node.value:
+            if not isinstance(item, yaml.ScalarNode) or not addresses.is_valid(item.value.strip()):
+                shown = item.value if isinstance(item, yaml.ScalarNode) else "a nested value"
+                raise self.error(item, f"lists.{list_name}.members: not a valid mail address: {shown!r}")
+            address = item.value.strip()
+            k = addresses.key(address)
+            if k not in seen:
+                seen.add(k)
+                out.append(address)
+        return tuple(out)

@@ -1,0 +1,75 @@
+"""`listmilter deliver RECIPIENT [SENDER]`: the pipe transport for a list's role addresses.
+
+Postfix runs it once per recipient (listmilter_destination_recipient_limit = 1)
+with the whole message on stdin. Exit codes follow sysexits.h, which
+Postfix's pipe(8) understands: 0 done, 67 no such list (bounce), 75 try
+again later. Any internal error is 75, so Postfix keeps the message.
+
+This version records and logs what arrives; bounce scoring and list
+commands build on it.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import sys
+
+from . import addresses, plan, policy
+from .log import fields, logger
+
+EX_OK = 0
+EX_NOUSER = 67
+EX_TEMPFAIL = 75
+
+
+class Deferred(Exception):
+    """Keep the message queued; the text is what the admin sees in the Postfix log."""
+
+
+def sender_of(sender_arg: str | None, message_head) -> str:
+    """The envelope sender: the argument, else Return-Path (Sendmail aliases pass none)."""
+    if sender_arg is not None:
+        return "" if sender_arg in ("", "<>", "MAILER-DAEMON") else addresses.strip_brackets(sender_arg)
+    return addresses.strip_brackets(message_head.get("Return-Path", "") or "")
+
+
+def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes) -> int:
+    head = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
+    sender = sender_of(sender_arg, head)
+    recipient = addresses.strip_brackets(recipient)
+    config, store = runtime_factory()
+    mlist, role = plan.find_list(recipient, store.get_list)
+    base = dict(to=f"<{recipient}>", **{"from": f"<{sender}>"}, size=len(data))
+    if mlist is None:
+        logger.info("deliver: %s", fields(**base, status="bounced (no such list)"))
+        print(f"listmilter: {recipient}: no such mailing list", file=sys.stderr)
+        return EX_NOUSER
+    if role is None or role.role == "owner":
+        # Only mail the milter chose not to expand may reach the pipe for the
+        # list address itself; anything else means the milter was bypassed.
+        ls = plan.effective_settings(mlist, config.effective)
+        reason = policy.not_expanded_reason(sender, head.get_all("List-Id") or [], ls.list_id.lower())
+        if role is None and reason:
+            logger.info("deliver: %s", fields(**base, list=f"<{mlist.address}>",
+                                               status=f"discarded (not expanded: {reason})"))
+            return EX_OK
+        raise Deferred(f"mail for {recipient} reached the pipe transport without passing the milter; "
+                       "check smtpd_milters and non_smtpd_milters")
+    logger.info("deliver: %s", fields(**base, list=f"<{mlist.address}>", role=role.role,
+                                       status="accepted"))
+    return EX_OK
+
+
+def main(runtime_factory, recipient: str, sender: str | None) -> int:
+    try:
+        data = sys.stdin.buffer.read()
+        return deliver(runtime_factory, recipient, sender, data)
+    except Deferred as e:
+        logger.error("deliver: %s", fields(to=f"<{recipient}>", status=f"deferred ({e})"))
+        print(f"listmilter: {e}", file=sys.stderr)
+        return EX_TEMPFAIL
+    except Exception as e:  # never lose mail: Postfix retries on 75
+        logger.exception("deliver: to=<%s>, status=deferred (internal error)", recipient)
+        print(f"listmilter: internal error, will retry: {e.__class__.__name__}: {e}", file=sys.stderr)
+        return EX_TEMPFAIL

@@ -1,0 +1,256 @@
+"""The milter: a thin adapter between libmilter callbacks and listmilter.plan.
+
+Decisions that can be refused per recipient (who may post) are made at
+RCPT time, so SMTP clients get a 550 for that recipient only. Everything
+else happens at end of message, the only place a milter may edit the
+envelope. Any failure answers 4xx: a post is never accepted unexpanded.
+"""
+
+from __future__ import annotations
+
+import Milter
+
+from . import addresses, notices, outgoing, plan, policy
+from .log import fields, logger
+from .plan import LIST, OWNER, PLAIN, REFUSED, Recipient
+from .runtime import Runtime
+from .store import StoreError
+
+ACTIONS = (Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.ADDRCPT_PAR
+           | Milter.DELRCPT | Milter.CHGFROM)
+
+
+class ListMilter(Milter.Base):
+    runtime: Runtime   # set by serve() before the first connection
+
+    def __init__(self) -> None:
+        self.non_smtp = False
+        self.client = "unknown"
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sender = ""
+        self.recipients: list[Recipient] = []
+        self.headers: list[tuple[str, str]] = []
+        self.body_chunks: list[bytes] = []
+        self.need_body = False
+        self.split: plan.Split | None = None
+
+    def _tempfail(self, why: str) -> int:
+        self.setreply("451", "4.3.0", f"listmilter: {why}; try again later")
+        return Milter.TEMPFAIL
+
+    def _queue_id(self) -> str:
+        return self.getsymval("i") or "NOQUEUE"
+
+    # -- callbacks ---------------------------------------------------------
+    @Milter.noreply
+    def connect(self, hostname, family, hostaddr):
+        # Postfix's cleanup emulates a connection from port 0 for mail from the
+        # sendmail command (non_smtpd_milters): there a recipient cannot be refused.
+        port = hostaddr[1] if isinstance(hostaddr, tuple) and len(hostaddr) > 1 else None
+        self.non_smtp = port == 0
+        ip = hostaddr[0] if isinstance(hostaddr, tuple) and hostaddr else hostaddr
+        self.client = f"{hostname}[{ip}]"
+        return Milter.CONTINUE
+
+    def envfrom(self, mailfrom, *params):
+        self._reset()
+        self.sender = addresses.strip_brackets(mailfrom)
+        try:
+            self.config, self.store = self.runtime.current()
+        except Exception:
+            logger.exception("NOQUEUE: cannot load config or store")
+            return self._tempfail("configuration unavailable")
+        return Milter.CONTINUE
+
+    def envrcpt(self, to, *params):
+        address = addresses.strip_brackets(to)
+        try:
+            recipient = self._classify(to, address)
+        except StoreError as e:
+            logger.error("NOQUEUE: %s", fields(to=f"<{address}>", status=f"deferred ({e})"))
+            return self._tempfail("list store unavailable")
+        except Exception:
+            logger.exception("NOQUEUE: error while looking up <%s>", address)
+            return self._tempfail("internal error")
+        if recipient.kind == REFUSED:
+            logger.info("%s: %s", self._queue_id(), fields(
+                list=f"<{recipient.list_address}>", **{"from": f"<{self.sender}>"}, client=self.client,
+                status=f"rejected ({recipient.reason})"))
+            if not self.non_smtp:
+                self.setreply("550", "5.7.1", recipient.reason)
+                return Milter.REJECT
+        self.recipients.append(recipient)
+        return Milter.CONTINUE
+
+    def _classify(self, rcpt: str, address: str) -> Recipient:
+        mlist, role = plan.find_list(address, self.store.get_list)
+        if mlist is None:
+            return Recipient(rcpt, address)
+        if role is not None:
+            if role.role == "owner":
+                return Recipient(rcpt, address, OWNER, mlist.address)
+            return Recipient(rcpt, address, PLAIN, mlist.address)   # for the pipe transport
+        if self.sender == policy.NULL_SENDER:
+            return Recipient(rcpt, address, PLAIN, mlist.address, "null sender")
+        eff = lambda name: self.config.effective(name, mlist.settings).value  # noqa: E731
+        refusal = policy.posting_refusal(
+            eff("posting"), mlist.address, self.sender,
+            self.store.is_member(mlist.address, self.sender), eff("owners"))
+        if refusal:
+            return Recipient(rcpt, address, REFUSED, mlist.address, refusal)
+        return Recipient(rcpt, address, LIST, mlist.address)
+
+    def data(self):
+        if not any(r.kind != PLAIN for r in self.recipients):
+            return Milter.ACCEPT       # no list work: skip the rest of this message
+        return Milter.CONTINUE
+
+    @Milter.noreply
+    def header(self, name, value):
+        self.headers.append((name, value))
+        return Milter.CONTINUE
+
+    def eoh(self):
+        # Headers are complete: decide what stays here and what is split off,
+        # so the body is buffered only when a copy must be re-submitted.
+        queue_id = self._queue_id()
+        try:
+            self.recipients = self._mark_loops(queue_id)
+        except StoreError as e:
+            logger.error("%s: %s", queue_id, fields(**{"from": f"<{self.sender}>"},
+                                                    status=f"deferred (list store: {e})"))
+            return self._tempfail("list store unavailable")
+        self.split = plan.split(self.recipients)
+        self.need_body = bool(self.split.reinject)
+        return Milter.CONTINUE
+
+    def _mark_loops(self, queue_id: str) -> list[Recipient]:
+        """A post that has been through its list before is left for the pipe
+        transport, like null-sender mail: it is never expanded again."""
+        out = []
+        for r in self.recipients:
+            if r.kind == LIST:
+                reason = plan.loop_reason(self.sender, self.headers, self._settings(r.list_address))
+                if reason:
+                    logger.info("%s: %s", queue_id, fields(list=f"<{r.list_address}>",
+                                **{"from": f"<{self.sender}>"}, status=f"not expanded ({reason})"))
+                    r = Recipient(r.rcpt, r.address, PLAIN, r.list_address, reason)
+            out.append(r)
+        return out
+
+    def body(self, chunk):
+        if not self.need_body:
+            return Milter.SKIP
+        self.body_chunks.append(chunk)
+        return Milter.CONTINUE
+
+    def eom(self):
+        queue_id = self._queue_id()
+        try:
+            return self._eom(queue_id)
+        except StoreError as e:
+            logger.error("%s: %s", queue_id, fields(**{"from": f"<{self.sender}>"},
+                                                    status=f"deferred (list store: {e})"))
+            return self._tempfail("list store unavailable")
+        except outgoing.OutgoingError as e:
+            logger.error("%s: %s", queue_id, fields(**{"from": f"<{self.sender}>"},
+                                                    status=f"deferred (cannot re-submit: {e})"))
+            return self._tempfail("cannot split the message")
+        except Exception:
+            logger.exception("%s: internal error, message deferred", queue_id)
+            return self._tempfail("internal error")
+
+    def close(self):
+        return Milter.CONTINUE
+
+    def abort(self):
+        self._reset()
+        return Milter.CONTINUE
+
+    # -- end of message ----------------------------------------------------
+    def _settings(self, list_address: str) -> plan.ListSettings:
+        mlist = self.store.get_list(list_address)
+        if mlist is None:
+            raise StoreError(f"list {list_address} vanished during the transaction")
+        return plan.effective_settings(mlist, self.config.effective)
+
+    def _eom(self, queue_id: str) -> int:
+        recipients, split = self.recipients, self.split
+        if split.reject_reason:
+            self.setreply("550", "5.7.1", split.reject_reason)
+            return Milter.REJECT
+
+        # Everything that can fail comes before the first change to the message.
+        edits: list[plan.Edits] = []
+        posts: list[tuple[str, int, str]] = []
+        if split.in_place_list:
+            ls = self._settings(split.in_place_list)
+            members = self.store.recipients(ls.address)
+            rcpts = [r.rcpt for r in recipients if r.kind == LIST and r.list_address == ls.address]
+            post = plan.expand_list(ls, rcpts, members, self.headers, _post_id(queue_id),
+                                    self.runtime.secret)
+            edits.append(post)
+            posts.append((ls.address, len(post.add_rcpts), post.sender[1]))
+        if split.owners:
+            edits.append(plan.expand_owners(
+                list(split.owners),
+                lambda a: self.config.effective("owners", self.store.get_list(a).settings).value))
+
+        resubmit: list[tuple[str, list[str], bytes]] = []
+        if split.reinject:
+            original = self._original_message()
+            for list_address in split.reinject:
+                resubmit.append((self.sender, [list_address], original))
+            edits.append(plan.Edits(del_rcpts=[r.rcpt for r in recipients
+                                               if r.kind == LIST and r.list_address in split.reinject]))
+        for r in split.refused:
+            resubmit.append(("", [self.sender], notices.refusal(r.list_address, self.sender,
+                                                              r.reason, self.headers)))
+            edits.append(plan.Edits(del_rcpts=[r.rcpt]))
+        outgoing.send_many(self.config.outgoing, resubmit)
+
+        for e in edits:
+            self._apply(e)
+        for list_address in split.reinject:
+            logger.info("%s: %s", queue_id, fields(list=f"<{list_address}>", **{"from": f"<{self.sender}>"},
+                                                   status="split (re-submitted as a message of its own)"))
+        for list_address, count, params in posts:
+            logger.info("%s: %s", queue_id, fields(
+                list=f"<{list_address}>", **{"from": f"<{self.sender}>"}, client=self.client,
+                status="expanded", members=count, envid=params.partition("ENVID=")[2]))
+        return Milter.ACCEPT
+
+    def _apply(self, e: plan.Edits) -> None:
+        for rcpt in e.del_rcpts:
+            self.delrcpt(rcpt)
+        for address, params in e.add_rcpts:
+            self.addrcpt(f"<{address}>", params)
+        if e.sender:
+            self.chgfrom(*e.sender)
+        for name, index in e.del_headers:
+            self.chgheader(name, index, None)
+        for name, index, value in e.change_headers:
+            self.chgheader(name, index, value)
+        for name, value in e.add_headers:
+            self.addheader(name, value)
+
+    def _original_message(self) -> bytes:
+        head = "".join(f"{n}: {v}\r\n" for n, v in self.headers).replace("\r\n", "\n").replace("\n", "\r\n")
+        return head.encode("utf-8", "surrogateescape") + b"\r\n" + b"".join(self.body_chunks)
+
+
+def _post_id(queue_id: str) -> str:
+    if queue_id.isalnum() and queue_id != "NOQUEUE":
+        return queue_id
+    import secrets
+    return secrets.token_hex(6)
+
+
+def run(runtime: Runtime, socket: str, timeout: int = 600) -> None:
+    """Serve milter connections until libmilter is told to stop (SIGTERM, SIGHUP, SIGINT)."""
+    ListMilter.runtime = runtime
+    Milter.factory = ListMilter
+    Milter.set_flags(ACTIONS)
+    Milter.runmilter("listmilter", socket, timeout)

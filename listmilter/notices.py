@@ -1,0 +1,49 @@
+"""Mail that listmilter writes itself: refusal notices and admin notices."""
+
+from __future__ import annotations
+
+import email.message
+import email.policy
+import email.utils
+
+from . import addresses
+
+
+def _message(from_addr: str, to_addr: str, subject: str, text: str) -> email.message.EmailMessage:
+    msg = email.message.EmailMessage(policy=email.policy.SMTP)
+    msg["From"] = from_addr
+    msg["To"] = to_addr
+    msg["Subject"] = subject
+    msg["Date"] = email.utils.formatdate(localtime=True)
+    msg["Message-ID"] = email.utils.make_msgid(domain=from_addr.rpartition("@")[2] or None)
+    msg["Auto-Submitted"] = "auto-replied"
+    msg.set_content(text)
+    return msg
+
+
+def refusal(list_address: str, sender: str, reason: str, message_headers: list[tuple[str, str]]
+            ) -> bytes:
+    """Told to the sender when a post made with the sendmail command is refused.
+
+    (Over SMTP the sender gets the 550 reply instead; the sendmail command
+    cannot refuse one recipient of a message.)
+    """
+    owner = addresses.role_address(list_address, "owner")
+    quoted = "".join(f"    {n}: {v}\n" for n, v in message_headers
+                     if n.lower() in ("from", "to", "cc", "subject", "date", "message-id"))
+    text = (f"Your message was not sent to the list {list_address}:\n\n"
+            f"    {reason}\n\n"
+            f"The other recipients of the message, if any, were not affected.\n"
+            f"If you think this is wrong, write to the list owners at {owner}.\n\n"
+            f"The message:\n{quoted}")
+    msg = _message(owner, sender, f"Not delivered to {list_address}", text)
+    return msg.as_bytes()
+
+
+def list_created(list_address: str, admin: str, owners: tuple[str, ...], posting: str, by: str) -> bytes:
+    text = (f"The mailing list {list_address} was created by {by}.\n\n"
+            f"    owners:  {', '.join(owners) or '(none)'}\n"
+            f"    posting: {posting}\n\n"
+            f"Posts go to {list_address}; bounces come back to "
+            f"{addresses.role_address(list_address, 'bounces')}.\n")
+    return _message(admin, admin, f"New mailing list: {list_address}", text).as_bytes()

@@ -1,0 +1,48 @@
+"""Mail listmilter sends itself, always through the local MTA (never straight to the world)."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import subprocess
+
+from .config import Outgoing
+
+
+class OutgoingError(Exception):
+    pass
+
+
+def send(outgoing: Outgoing, sender: str, recipients: list[str], message: bytes) -> None:
+    """Submit one message; raise OutgoingError unless the MTA took it for every recipient."""
+    send_many(outgoing, [(sender, recipients, message)])
+
+
+def send_many(outgoing: Outgoing, messages: list[tuple[str, list[str], bytes]]) -> None:
+    """Submit several messages, over one SMTP session where possible."""
+    if not messages:
+        return
+    if outgoing.sendmail:
+        for sender, recipients, message in messages:
+            _sendmail(outgoing.sendmail, sender, recipients, message)
+        return
+    try:
+        with smtplib.SMTP(outgoing.smtp_host, outgoing.smtp_port, local_hostname="localhost",
+                          timeout=120) as smtp:
+            for sender, recipients, message in messages:
+                refused = smtp.sendmail(sender, recipients, message)
+                if refused:
+                    raise OutgoingError(f"{outgoing.describe()} refused {refused}")
+    except (smtplib.SMTPException, OSError, socket.timeout) as e:
+        raise OutgoingError(f"{outgoing.describe()}: {e}") from e
+
+
+def _sendmail(path: str, sender: str, recipients: list[str], message: bytes) -> None:
+    try:
+        proc = subprocess.run([path, "-i", "-f", sender or "<>", "--", *recipients], input=message,
+                              capture_output=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise OutgoingError(f"sendmail: {path}: {e}") from e
+    if proc.returncode != 0:
+        raise OutgoingError(f"sendmail: {path} exited {proc.returncode}: "
+                            f"{proc.stderr.decode(errors='replace').strip()}")

@@ -1,0 +1,173 @@
+"""What to do with one message: the pure core behind the milter.
+
+The milter feeds plain data in (sender, recipients, headers, list lookups)
+and applies the plain data that comes out (recipient, sender and header
+edits, and which parts go out as messages of their own). Nothing here talks
+to an MTA or a store.
+
+One message, several audiences: a milter can edit only the one message it
+sees, and every recipient of it gets the same headers. So a message to two
+lists and a person is split: the part that stays in this message is the plain
+recipients (unmodified) if there are any, else the first list; every other
+list gets a copy of the original message re-submitted through the MTA to
+that list's address alone, where the milter expands it like any single post.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import addresses, envid, headers, policy
+from .store import MailingList
+
+# Recipient kinds
+LIST = "list"          # a post to expand
+OWNER = "owner"        # <list>-owner@: an alias for the list's owners
+REFUSED = "refused"    # a post the sender may not make (kept only where the MTA cannot reject)
+PLAIN = "plain"        # anything else: a person, a role address for the pipe transport
+
+
+@dataclass(frozen=True)
+class Recipient:
+    rcpt: str                    # exactly as the MTA gave it (delrcpt needs that)
+    address: str                 # bare address
+    kind: str = PLAIN
+    list_address: str = ""
+    reason: str = ""
+
+
+def find_list(address: str, get_list: Callable[[str], MailingList | None]
+              ) -> tuple[MailingList | None, addresses.RoleAddress | None]:
+    """The list an address belongs to, and the role address it is (None: the list itself)."""
+    for list_key, role in addresses.candidates(address):
+        found = get_list(list_key)
+        if found is not None:
+            return found, role
+    return None, None
+
+
+@dataclass(frozen=True)
+class Split:
+    in_place_list: str | None            # the list whose edits this message gets (None: no edits)
+    reinject: tuple[str, ...]            # lists that get a copy of their own
+    refused: tuple[Recipient, ...]       # refused posts to remove from this message
+    owners: tuple[Recipient, ...]        # <list>-owner@ recipients to expand in place
+    reject_reason: str | None = None     # set when nothing is left: refuse the whole message
+
+
+def split(recipients: list[Recipient]) -> Split:
+    lists: list[str] = []
+    for r in recipients:
+        if r.kind == LIST and r.list_address not in lists:
+            lists.append(r.list_address)
+    refused = tuple(r for r in recipients if r.kind == REFUSED)
+    owners = tuple(r for r in recipients if r.kind == OWNER)
+    plain = [r for r in recipients if r.kind in (PLAIN, OWNER)]
+    if not lists and not plain and refused:
+        return Split(None, (), refused, (), reject_reason=refused[0].reason)
+    if plain or not lists:
+        return Split(None, tuple(lists), refused, owners)
+    return Split(lists[0], tuple(lists[1:]), refused, owners)
+
+
+@dataclass
+class Edits:
+    """Changes to apply at end of message, in this order."""
+    del_rcpts: list[str] = field(default_factory=list)
+    add_rcpts: list[tuple[str, str | None]] = field(default_factory=list)   # (address, ESMTP params)
+    sender: tuple[str, str] | None = None                                    # (address, ESMTP params)
+    del_headers: list[tuple[str, int]] = field(default_factory=list)        # (name, 1-based index)
+    change_headers: list[tuple[str, int, str]] = field(default_factory=list)
+    add_headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ListSettings:
+    """The effective settings the expansion needs (resolved by the caller)."""
+    address: str
+    posting: str
+    subject_prefix: str
+    description: str
+    list_id: str
+
+
+def effective_settings(mlist: MailingList, effective: Callable[[str, dict], object]) -> ListSettings:
+    get = lambda name: effective(name, mlist.settings).value  # noqa: E731
+    return ListSettings(mlist.address, get("posting"), get("subject_prefix"), get("description"),
+                        headers.list_id(mlist.address, get("list_id")))
+
+
+def unique_members(list_address: str, members: list[str]) -> list[str]:
+    """Members once each (by case-insensitive key); never the list or its own role addresses."""
+    own = addresses.key(list_address)
+    local, _, domain = own.rpartition("@")
+    seen: set[str] = set()
+    out = []
+    for m in members:
+        k = m.lower()
+        if k in seen or k == own:
+            continue
+        seen.add(k)
+        if k.endswith("@" + domain) and k.startswith(local + "-"):
+            found = [role for _, role in addresses.candidates(k) if role and role.list_key == own]
+            if found:
+                continue
+        out.append(m)
+    return out
+
+
+def expand_list(ls: ListSettings, list_rcpts: list[str], members: list[str],
+                message_headers: list[tuple[str, str]], post_id: str, secret: bytes) -> Edits:
+    """The edits that turn this message into a post of list `ls` to `members`."""
+    edits = Edits()
+    edits.del_rcpts = list(list_rcpts)
+    edits.add_rcpts = [(m, f"NOTIFY=FAILURE ORCPT=rfc822;{m}") for m in unique_members(ls.address, members)]
+    bounces = addresses.role_address(ls.address, "bounces")
+    edits.sender = (f"<{bounces}>", f"RET=HDRS ENVID={envid.make(post_id, ls.address, secret)}")
+
+    counts: dict[str, int] = {}
+    subject_index, subject_raw = 0, None
+    owned = {h.lower() for h in headers.LIST_HEADERS}
+    for name, value in message_headers:
+        lname = name.lower()
+        counts[lname] = counts.get(lname, 0) + 1
+        if lname in owned:
+            edits.del_headers.append((name, counts[lname]))
+        elif lname == "subject" and subject_raw is None:
+            subject_index, subject_raw = counts[lname], value
+    # Delete from the last occurrence down, so earlier indexes stay right.
+    edits.del_headers.sort(key=lambda item: (item[0].lower(), -item[1]))
+
+    new_subject = headers.prefixed_subject(subject_raw, ls.subject_prefix)
+    if new_subject is not None:
+        if subject_raw is None:
+            edits.add_headers.append(("Subject", new_subject.rstrip() or "(no subject)"))
+        else:
+            edits.change_headers.append(("Subject", subject_index, new_subject))
+    edits.add_headers.extend(headers.list_headers(ls.address, ls.list_id, ls.description, ls.posting))
+    return edits
+
+
+def expand_owners(owner_rcpts: list[Recipient], owners_of: Callable[[str], tuple[str, ...]]) -> Edits:
+    """<list>-owner@ becomes the list's owners; the message itself is not changed."""
+    edits = Edits()
+    seen: set[str] = set()
+    for r in owner_rcpts:
+        targets = owners_of(r.list_address)
+        if not targets:
+            continue        # no owners: leave it for the pipe transport, which logs it
+        edits.del_rcpts.append(r.rcpt)
+        for t in targets:
+            if t.lower() not in seen:
+                seen.add(t.lower())
+                edits.add_rcpts.append((t, None))
+    return edits
+
+
+def list_ids(message_headers: list[tuple[str, str]]) -> list[str]:
+    return [v for n, v in message_headers if n.lower() == "list-id"]
+
+
+def loop_reason(sender: str, message_headers: list[tuple[str, str]], ls: ListSettings) -> str | None:
+    return policy.not_expanded_reason(sender, list_ids(message_headers), ls.list_id.lower())

@@ -1,0 +1,72 @@
+"""The running config and store, reloaded when the config file changes.
+
+A broken edit keeps the last good config running; the error is logged once
+with its file and line.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from . import config as config_mod
+from . import secret as secret_mod
+from .log import logger
+from .store import Store, open_store
+
+CHECK_INTERVAL = 1.0
+
+
+class Runtime:
+    def __init__(self, path: str | None, explicit: bool = True):
+        self.path = path
+        self.explicit = explicit
+        self.config = config_mod.load(path, explicit)
+        self.store: Store = open_store(self.config)
+        self.secret = secret_mod.load_or_create(self.config.state_dir)
+        self._lock = threading.Lock()
+        self._next_check = time.monotonic() + CHECK_INTERVAL
+        self._failed_mtime: float | None = None
+
+    def current(self) -> tuple[config_mod.Config, Store]:
+        """The config and store to use now; picks up a changed config file first."""
+        now = time.monotonic()
+        if now >= self._next_check and self._lock.acquire(blocking=False):
+            try:
+                self._next_check = now + CHECK_INTERVAL
+                self._maybe_reload()
+            finally:
+                self._lock.release()
+        return self.config, self.store
+
+    def _mtime(self) -> float | None:
+        try:
+            return os.stat(self.path).st_mtime if self.path else None
+        except OSError:
+            return None
+
+    def _maybe_reload(self) -> None:
+        mtime = self._mtime()
+        if mtime == self.config.mtime or mtime == self._failed_mtime:
+            return
+        self.reload(mtime)
+
+    def reload(self, mtime: float | None = None) -> bool:
+        try:
+            new = config_mod.load(self.path, self.explicit)
+            store = self.store
+            if (new.backend, new.store_path) != (self.config.backend, self.config.store_path) \
+                    or new.backend == "yaml":
+                store = open_store(new)
+        except Exception as e:  # a broken edit must never stop the running milter
+            self._failed_mtime = mtime if mtime is not None else self._mtime()
+            logger.error("warning: config reload failed, still running on the last good config: %s", e)
+            return False
+        old, self.config, self.store = self.store, new, store
+        self._failed_mtime = None
+        if old is not store and old.backend == "sqlite":
+            old.close()
+        logger.info("config reloaded from %s: backend=%s, lists=%d", self.path, new.backend,
+                    len(store.all_lists()))
+        return True

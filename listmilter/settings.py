@@ -1,0 +1,102 @@
+"""Per-list settings: their names, types, built-in defaults and where a value came from.
+
+A setting's value is looked up in order: the list itself (its YAML block, or
+`listmilter list set` for SQLite lists), then `defaults:` in the config
+file, then the built-in default below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import addresses
+
+
+class SettingError(ValueError):
+    pass
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or value not in allowed:
+            raise SettingError(f"must be one of {', '.join(allowed)} (got {value!r})")
+        return value
+    return parse
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise SettingError(f"must be a string (got {value!r})")
+    if "\n" in value or "\r" in value:
+        raise SettingError("must be a single line")
+    return value
+
+
+def _addresses(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [v for v in value.replace(",", " ").split() if v]
+    if not isinstance(value, (list, tuple)):
+        raise SettingError(f"must be a list of addresses (got {value!r})")
+    out = []
+    for item in value:
+        if not isinstance(item, str):
+            raise SettingError(f"must be a list of addresses (got {item!r})")
+        try:
+            out.append(addresses.check(item.strip()))
+        except addresses.AddressError as e:
+            raise SettingError(str(e)) from None
+    return tuple(out)
+
+
+def _list_id(value: Any) -> str:
+    value = _text(value)
+    if value and not all(part for part in value.split(".")) or " " in value or "<" in value:
+        raise SettingError(f"must be a dot-atom such as dev.example.org (got {value!r})")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    parse: Callable[[Any], Any]
+    doc: str
+
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in (
+    Setting("posting", "members", _choice("open", "members", "announce"),
+            "who may post: open (anyone), members (members only), announce (owners only)"),
+    Setting("owners", (), _addresses,
+            "addresses of the list owners; they receive mail to <list>-owner@ and may always post"),
+    Setting("subject_prefix", "", _text,
+            "text put in front of the Subject once, e.g. \"[dev] \" (empty: none)"),
+    Setting("description", "", _text,
+            "one line describing the list; shown in List-Id and help replies"),
+    Setting("list_id", "", _list_id,
+            "the RFC 2919 List-Id (empty: the list address with @ turned into a dot)"),
+)}
+
+
+def parse(name: str, value: Any) -> Any:
+    """Check a value for setting `name`; raise SettingError with a message for admins."""
+    setting = SETTINGS.get(name)
+    if setting is None:
+        raise SettingError(f"unknown list setting {name!r} (known: {', '.join(SETTINGS)})")
+    return setting.parse(value)
+
+
+@dataclass(frozen=True)
+class Effective:
+    value: Any
+    origin: str   # "list", "defaults (FILE:LINE)" or "built-in"
+
+
+def resolve(name: str, list_settings: dict[str, Any], defaults: dict[str, Any],
+            defaults_origin: dict[str, str] | None = None) -> Effective:
+    if name in list_settings:
+        return Effective(list_settings[name], "list")
+    if name in defaults:
+        where = (defaults_origin or {}).get(name, "defaults")
+        return Effective(defaults[name], where)
+    return Effective(SETTINGS[name].default, "built-in")

@@ -1,0 +1,135 @@
+"""A Postfix socketmap table served from the list store, so no map is edited by hand.
+
+Postfix asks `socketmap:inet:127.0.0.1:8898:recipients` whether an address
+exists (local_recipient_maps, relay_recipient_maps, virtual_mailbox_maps...)
+and `socketmap:...:transport` where to deliver it (transport_maps). Every
+list and its role addresses exist; all of them route to listmilter's pipe
+transport (the milter removes the list address itself from every post it
+expands, so only unexpanded mail reaches the pipe for it). Protocol: one
+netstring "NAME KEY" per request, answered "OK value", "NOTFOUND ", "TEMP why"
+or "PERM why" (Postfix's socketmap_table(5)).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import socketserver
+import threading
+
+from . import plan
+from .log import logger
+from .store import StoreError
+
+MAX_REQUEST = 10000
+MAPS = ("recipients", "transport")
+
+
+def answer(request: str, get_list, transport: str) -> str:
+    """The reply to one request; pure apart from the get_list lookup."""
+    name, _, key = request.partition(" ")
+    if name not in MAPS:
+        return f"PERM unknown map {name!r}; known: {', '.join(MAPS)}"
+    if "@" not in key:
+        return "NOTFOUND "
+    try:
+        mlist, _role = plan.find_list(key, get_list)
+    except StoreError as e:
+        return f"TEMP {e}"
+    if mlist is None:
+        return "NOTFOUND "
+    return f"OK {mlist.address}" if name == "recipients" else f"OK {transport}:"
+
+
+def netstring(text: str) -> bytes:
+    data = text.encode("utf-8", "surrogateescape")
+    return b"%d:%s," % (len(data), data)
+
+
+def read_netstring(f) -> str | None:
+    length = b""
+    while True:
+        c = f.read(1)
+        if not c:
+            return None if not length else _bad("connection closed inside a request")
+        if c == b":":
+            break
+        if not c.isdigit() or len(length) > 6:
+            return _bad("malformed netstring length")
+        length += c
+    n = int(length)
+    if n > MAX_REQUEST:
+        return _bad("request too long")
+    data = f.read(n + 1)
+    if len(data) != n + 1 or data[-1:] != b",":
+        return _bad("malformed netstring")
+    return data[:-1].decode("utf-8", "surrogateescape")
+
+
+class _Bad(Exception):
+    pass
+
+
+def _bad(why: str):
+    raise _Bad(why)
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    def handle(self):
+        runtime = self.server.runtime
+        while True:
+            try:
+                request = read_netstring(self.rfile)
+            except _Bad as e:
+                logger.warning("warning: socketmap: %s; closing the connection", e)
+                return
+            except OSError:
+                return
+            if request is None:
+                return
+            config, store = runtime.current()
+            reply = answer(request, store.get_list, config.transport)
+            if reply.startswith("TEMP"):
+                logger.error("socketmap: %s -> %s", request, reply)
+            self.wfile.write(netstring(reply))
+            self.wfile.flush()
+
+
+class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+def parse_socket(spec: str) -> tuple[str, object]:
+    """libmilter-style spec -> (family, address): inet:PORT@HOST or unix:/path."""
+    kind, _, rest = spec.partition(":")
+    if kind in ("inet", "inet6"):
+        port, _, host = rest.partition("@")
+        return kind, (host or ("::" if kind == "inet6" else "0.0.0.0"), int(port))
+    if kind in ("unix", "local"):
+        return "unix", rest
+    raise ValueError(f"unsupported socket {spec!r}")
+
+
+def start(runtime, spec: str) -> socketserver.BaseServer:
+    """Serve the socketmap in a background thread; returns the server (call shutdown())."""
+    family, address = parse_socket(spec)
+    if family == "unix":
+        try:
+            os.unlink(address)
+        except FileNotFoundError:
+            pass
+        server: socketserver.BaseServer = _UnixServer(address, _Handler)
+        os.chmod(address, 0o666)   # who may connect is decided by the folder it is in
+    else:
+        cls = _TCPServer
+        if family == "inet6":
+            cls = type("_TCP6Server", (_TCPServer,), {"address_family": socket.AF_INET6})
+        server = cls(address, _Handler)
+    server.runtime = runtime
+    threading.Thread(target=server.serve_forever, name="socketmap", daemon=True).start()
+    return server

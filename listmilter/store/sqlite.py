@@ -1,0 +1,253 @@
+"""The sqlite store, listmilter's embedded default.
+
+WAL mode lets the milter read while the CLI writes; every write is one
+transaction (BEGIN IMMEDIATE), so an import is all-or-nothing. Each thread
+gets its own connection, keyed by thread id: libmilter's worker threads are
+not Python threads, and threading.local does not follow them reliably.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from typing import Any, Iterable
+
+from .. import addresses
+from . import ListExists, MailingList, Member, NoSuchList, StoreError
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS lists (
+    id       INTEGER PRIMARY KEY,
+    address  TEXT NOT NULL UNIQUE,          -- lower case
+    created  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS list_settings (
+    list_id  INTEGER NOT NULL REFERENCES lists(id) ON DELETE CASCADE,
+    name     TEXT NOT NULL,
+    value    TEXT NOT NULL,                 -- JSON
+    PRIMARY KEY (list_id, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS members (
+    list_id  INTEGER NOT NULL REFERENCES lists(id) ON DELETE CASCADE,
+    key      TEXT NOT NULL,                 -- lower-cased address, for matching
+    address  TEXT NOT NULL,                 -- as given, for delivery
+    name     TEXT NOT NULL DEFAULT '',
+    attrs    TEXT NOT NULL DEFAULT '{}',
+    status   TEXT NOT NULL DEFAULT 'active',
+    added    REAL NOT NULL,
+    PRIMARY KEY (list_id, key)
+) WITHOUT ROWID;
+"""
+
+
+def _wrap(fn):
+    def wrapper(*args, **kw):
+        try:
+            return fn(*args, **kw)
+        except sqlite3.Error as e:
+            raise StoreError(f"sqlite store: {e}") from e
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+class SQLiteStore:
+    backend = "sqlite"
+
+    def __init__(self, path: str, create: bool = True):
+        self.path = path
+        self._conns: dict[int, sqlite3.Connection] = {}
+        if not os.path.exists(path):
+            if not create:
+                raise StoreError(f"sqlite store: {path} does not exist")
+            self._create()
+        self._conn()  # fail now, not on the first message, if it cannot be opened
+
+    def _create(self) -> None:
+        folder = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(folder, mode=0o750, exist_ok=True)
+            old = os.umask(0o027)
+            try:
+                conn = sqlite3.connect(self.path)
+            finally:
+                os.umask(old)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(SCHEMA)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.commit()
+            conn.close()
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"sqlite store: cannot create {self.path}: {e}") from e
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = self._conns.get(threading.get_ident())
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+                                       check_same_thread=False)
+                conn.execute("PRAGMA foreign_keys=ON")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            except sqlite3.Error as e:
+                raise StoreError(f"sqlite store: cannot open {self.path}: {e}") from e
+            if version != SCHEMA_VERSION:
+                conn.close()
+                raise StoreError(f"sqlite store: {self.path} has schema version {version}, "
+                                 f"this listmilter needs {SCHEMA_VERSION}")
+            self._conns[threading.get_ident()] = conn
+        return conn
+
+    def _list_id(self, conn: sqlite3.Connection, address: str) -> int:
+        row = conn.execute("SELECT id FROM lists WHERE address=?", (addresses.key(address),)).fetchone()
+        if row is None:
+            raise NoSuchList(address)
+        return row[0]
+
+    # -- reading -----------------------------------------------------------
+    @_wrap
+    def get_list(self, address: str) -> MailingList | None:
+        conn = self._conn()
+        row = conn.execute("SELECT id, address FROM lists WHERE address=?",
+                           (addresses.key(address),)).fetchone()
+        if row is None:
+            return None
+        return self._mailing_list(conn, *row)
+
+    def _mailing_list(self, conn, list_id: int, address: str) -> MailingList:
+        list_settings = {name: json.loads(value) for name, value in conn.execute(
+            "SELECT name, value FROM list_settings WHERE list_id=?", (list_id,))}
+        for name, value in list_settings.items():
+            if isinstance(value, list):
+                list_settings[name] = tuple(value)
+        return MailingList(address, list_settings, f"{self.path}")
+
+    @_wrap
+    def all_lists(self) -> list[MailingList]:
+        conn = self._conn()
+        rows = conn.execute("SELECT id, address FROM lists ORDER BY address").fetchall()
+        return [self._mailing_list(conn, *row) for row in rows]
+
+    @_wrap
+    def recipients(self, list_address: str) -> list[str]:
+        conn = self._conn()
+        list_id = self._list_id(conn, list_address)
+        return [r[0] for r in conn.execute(
+            "SELECT address FROM members WHERE list_id=? AND status='active'", (list_id,))]
+
+    @_wrap
+    def is_member(self, list_address: str, address: str) -> bool:
+        conn = self._conn()
+        row = conn.execute(
+            "SELECT 1 FROM members JOIN lists ON lists.id = members.list_id "
+            "WHERE lists.address=? AND members.key=?",
+            (addresses.key(list_address), addresses.key(address))).fetchone()
+        return row is not None
+
+    @_wrap
+    def members(self, list_address: str) -> list[Member]:
+        conn = self._conn()
+        list_id = self._list_id(conn, list_address)
+        return [Member(a, n, json.loads(attrs)) for a, n, attrs in conn.execute(
+            "SELECT address, name, attrs FROM members WHERE list_id=? ORDER BY key", (list_id,))]
+
+    @_wrap
+    def member_count(self, list_address: str) -> int:
+        conn = self._conn()
+        list_id = self._list_id(conn, list_address)
+        return conn.execute("SELECT count(*) FROM members WHERE list_id=?", (list_id,)).fetchone()[0]
+
+    # -- writing -----------------------------------------------------------
+    def _write(self):
+        return _Transaction(self._conn())
+
+    @_wrap
+    def create_list(self, address: str, list_settings: dict[str, Any]) -> MailingList:
+        key = addresses.key(address)
+        with self._write() as conn:
+            try:
+                cur = conn.execute("INSERT INTO lists(address, created) VALUES (?, ?)", (key, time.time()))
+            except sqlite3.IntegrityError:
+                raise ListExists(address) from None
+            conn.executemany("INSERT INTO list_settings(list_id, name, value) VALUES (?, ?, ?)",
+                             [(cur.lastrowid, n, json.dumps(v)) for n, v in list_settings.items()])
+        return self.get_list(key)
+
+    @_wrap
+    def delete_list(self, address: str) -> None:
+        with self._write() as conn:
+            list_id = self._list_id(conn, address)
+            conn.execute("DELETE FROM lists WHERE id=?", (list_id,))
+
+    @_wrap
+    def set_setting(self, address: str, name: str, value: Any) -> None:
+        with self._write() as conn:
+            list_id = self._list_id(conn, address)
+            conn.execute("INSERT OR REPLACE INTO list_settings(list_id, name, value) VALUES (?, ?, ?)",
+                         (list_id, name, json.dumps(value)))
+
+    @_wrap
+    def unset_setting(self, address: str, name: str) -> None:
+        with self._write() as conn:
+            list_id = self._list_id(conn, address)
+            conn.execute("DELETE FROM list_settings WHERE list_id=? AND name=?", (list_id, name))
+
+    @_wrap
+    def add_members(self, list_address: str, members: Iterable[Member]) -> tuple[int, int]:
+        """Add in one transaction; returns (added, already members)."""
+        now = time.time()
+        rows = [(m.address, addresses.key(m.address), m.name, json.dumps(m.attributes) if m.attributes else "{}")
+                for m in members]
+        with self._write() as conn:
+            list_id = self._list_id(conn, list_address)
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO members(list_id, key, address, name, attrs, added) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                ((list_id, k, a, n, attrs, now) for a, k, n, attrs in rows))
+            added = conn.total_changes - before
+        return added, len(rows) - added
+
+    @_wrap
+    def remove_members(self, list_address: str, addrs: Iterable[str]) -> tuple[int, list[str]]:
+        """Remove in one transaction; returns (removed, addresses that were not members)."""
+        missing = []
+        removed = 0
+        with self._write() as conn:
+            list_id = self._list_id(conn, list_address)
+            for address in addrs:
+                cur = conn.execute("DELETE FROM members WHERE list_id=? AND key=?",
+                                   (list_id, addresses.key(address)))
+                if cur.rowcount:
+                    removed += 1
+                else:
+                    missing.append(address)
+        return removed, missing
+
+    @_wrap
+    def check(self) -> list[str]:
+        """Problems found by sqlite's own integrity check (empty when all is well)."""
+        rows = self._conn().execute("PRAGMA quick_check").fetchall()
+        return [r[0] for r in rows if r[0] != "ok"]
+
+    def close(self) -> None:
+        """Close every thread's connection (call when no thread uses the store any more)."""
+        for conn in list(self._conns.values()):
+            conn.close()
+        self._conns.clear()
+
+
+class _Transaction:
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")

@@ -1,0 +1,1 @@
+"""Test bed: private Postfix instances, SMTP sinks and helpers shared by tests and bench/."""

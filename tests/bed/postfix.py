@@ -1,0 +1,204 @@
+"""A private Postfix instance for tests and benchmarks (runs as root, no systemd).
+
+Recipe from shared/notes/mta-facts.md: its own config, queue and data
+directories, its own smtpd on a free 127.0.0.1 port, everything relayed to
+a sink, listmilter as smtpd_milters and non_smtpd_milters, and listmilter's
+socketmap table and pipe transport wired in exactly as docs/postfix.md says.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from .net import free_port, wait_for_port, wait_until
+
+PIPE_USER = "nobody"
+# What `listmilter deliver` needs at run time; copied where the pipe user can
+# read it, because a checkout may sit under a folder only root can enter.
+_PIPE_PACKAGES = ("listmilter", "yaml", "flufl", "public", "dns")
+_pipe_runtime: Path | None = None
+
+
+def pipe_runtime() -> Path:
+    """A world-readable copy of listmilter and its run-time packages (once per process)."""
+    global _pipe_runtime
+    if _pipe_runtime is None:
+        import listmilter
+        import yaml
+        site = Path(yaml.__file__).resolve().parent.parent
+        src = Path(listmilter.__file__).resolve().parent
+        root = Path(tempfile.mkdtemp(prefix="listmilter-pipe-"))
+        os.chmod(root, 0o755)
+        for name in _PIPE_PACKAGES:
+            origin = src if name == "listmilter" else site / name
+            if origin.exists():
+                shutil.copytree(origin, root / name,
+                                ignore=shutil.ignore_patterns("__pycache__", "tests"))
+        for path in [root, *root.rglob("*")]:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        atexit.register(shutil.rmtree, root, True)
+        _pipe_runtime = root
+    return _pipe_runtime
+
+
+class Postfix:
+    """One private Postfix: start(), stop(), submit(), queue inspection."""
+
+    def __init__(self, *, milter: str | None, sink_port: int, config_path: Path | None = None,
+                 socketmap: str | None = None, list_domain: str = "example.org",
+                 main_cf: dict[str, str] | None = None, workdir: Path | None = None):
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="postfix-"))
+        self.port = free_port()
+        self.milter = milter
+        self.sink_port = sink_port
+        self.config_path = config_path
+        self.socketmap = socketmap
+        self.list_domain = list_domain
+        self.extra = dict(main_cf or {})
+        self.pipe_log = self.dir / "pipe.log"
+        self.running = False
+
+    # -- configuration ---------------------------------------------------
+    def _main_cf(self) -> dict[str, str]:
+        d = self.dir
+        cf = {
+            "compatibility_level": "3.6",
+            "queue_directory": f"{d}/queue",
+            "data_directory": f"{d}/data",
+            "myhostname": "mx.example.test",
+            "mydomain": "example.test",
+            "myorigin": "example.test",
+            "mydestination": self.list_domain,
+            "inet_interfaces": "127.0.0.1",
+            "inet_protocols": "ipv4",
+            "mynetworks": "127.0.0.0/8",
+            "maillog_file": f"{d}/maillog",
+            "maillog_file_prefixes": f"{d}",
+            "relayhost": f"[127.0.0.1]:{self.sink_port}",
+            "alias_maps": "",
+            "alias_database": "",
+            "smtp_dns_support_level": "disabled",
+            "milter_default_action": "tempfail",
+            "milter_protocol": "6",
+            "recipient_delimiter": "+",
+            "in_flow_delay": "0",
+            "queue_run_delay": "2s",
+            "minimal_backoff_time": "2s",
+            "maximal_backoff_time": "4s",
+            "delay_warning_time": "0",
+            "biff": "no",
+            "smtputf8_enable": "no",
+            "local_recipient_maps": "",
+        }
+        if self.milter:
+            cf["smtpd_milters"] = self.milter
+            cf["non_smtpd_milters"] = self.milter
+        if self.socketmap:
+            # The lines docs/postfix.md gives an admin, with this bed's socket.
+            cf["local_recipient_maps"] = f"socketmap:{self.socketmap}:recipients"
+            cf["transport_maps"] = f"socketmap:{self.socketmap}:transport"
+            cf["listmilter_destination_recipient_limit"] = "1"
+        cf.update(self.extra)
+        return cf
+
+    def _write_config(self) -> None:
+        d = self.dir
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o755)  # mkdtemp gives 0700; postfix-owned daemons must enter it
+        (d / "queue").mkdir(parents=True, exist_ok=True)
+        (d / "data").mkdir(parents=True, exist_ok=True)
+        shutil.chown(d / "data", "postfix")
+        shutil.copy("/usr/share/postfix/master.cf.dist", d / "master.cf")
+        (d / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in self._main_cf().items()))
+        self.postconf("-MX", "smtp/inet")
+        self.postconf("-Me", f"127.0.0.1:{self.port}/inet = 127.0.0.1:{self.port} inet n - n - - smtpd")
+        self.postconf("-F", "*/*/chroot = n")
+        if self.socketmap:
+            runtime = pipe_runtime()
+            config = f"-c {self.config_path} " if self.config_path else ""
+            self.pipe_log.touch()
+            shutil.chown(self.pipe_log, PIPE_USER)
+            self.postconf(
+                "-Me",
+                "listmilter/unix = listmilter unix - n n - - pipe"
+                f" flags=Rq user={PIPE_USER} null_sender="
+                f" argv=/usr/bin/env PYTHONPATH={runtime} LISTMILTER_LOG={self.pipe_log}"
+                f" /usr/bin/python3 -m listmilter {config}deliver ${{recipient}} ${{sender}}")
+
+    def postconf(self, *args: str) -> str:
+        return subprocess.run(["postconf", "-c", str(self.dir), *args], check=True,
+                              capture_output=True, text=True).stdout
+
+    # -- life cycle --------------------------------------------------------
+    def start(self) -> "Postfix":
+        self._write_config()
+        subprocess.run(["postfix", "-c", str(self.dir), "start"], check=True,
+                       capture_output=True, text=True)
+        self.running = True
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if not self.running:
+            return
+        subprocess.run(["postfix", "-c", str(self.dir), "stop"], capture_output=True, text=True)
+        pidfile = self.dir / "queue" / "pid" / "master.pid"
+        try:
+            wait_until(lambda: not _alive(pidfile), timeout=15, what="postfix master to exit")
+        except TimeoutError:
+            subprocess.run(["postfix", "-c", str(self.dir), "abort"], capture_output=True)
+        self.running = False
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- mail ------------------------------------------------------------
+    def sendmail(self, message: bytes, sender: str, recipients: list[str]) -> subprocess.CompletedProcess:
+        """Local submission with Postfix's sendmail command (pickup, non_smtpd_milters)."""
+        return subprocess.run(["sendmail", "-C", str(self.dir), "-f", sender, "--", *recipients],
+                              input=message, capture_output=True, timeout=60)
+
+    def flush(self) -> None:
+        subprocess.run(["postqueue", "-c", str(self.dir), "-f"], capture_output=True)
+
+    def queue(self) -> str:
+        return subprocess.run(["postqueue", "-c", str(self.dir), "-p"], capture_output=True,
+                              text=True).stdout
+
+    def queue_empty(self) -> bool:
+        return "Mail queue is empty" in self.queue()
+
+    def log(self) -> str:
+        try:
+            return (self.dir / "maillog").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, needle: str, timeout: float = 30.0) -> str:
+        return wait_until(lambda: needle in self.log() and self.log(), timeout,
+                          what=f"{needle!r} in the Postfix log")
+
+
+def _alive(pidfile: Path) -> bool:
+    try:
+        pid = int(pidfile.read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,0 +1,132 @@
+"""An SMTP sink that records every envelope it receives (aiosmtpd, in a thread).
+
+It stands for "the rest of the world": the private Postfix relays all
+outbound mail to it. Per-address replies let tests make Postfix produce real
+DSNs (550 = permanent, 450 = temporary).
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import threading
+from dataclasses import dataclass, field
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
+
+from .net import free_port, wait_until
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    rcpt_options: list[list[str]]
+    mail_options: list[str]
+    content: bytes
+
+    @property
+    def message(self) -> email.message.EmailMessage:
+        return email.message_from_bytes(self.content, policy=email.policy.default)
+
+
+@dataclass
+class _Handler:
+    replies: dict[str, str] = field(default_factory=dict)
+    messages: list[Received] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    rcpt_options: dict[int, list[list[str]]] = field(default_factory=dict)
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        return responses[:-1] + ["250-DSN", responses[-1]]
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        reply = self.replies.get(address.lower())
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.append(rcpt_options)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        with self.lock:
+            self.messages.append(Received(
+                mail_from=envelope.mail_from,
+                rcpt_tos=list(envelope.rcpt_tos),
+                rcpt_options=list(envelope.rcpt_options),
+                mail_options=list(envelope.mail_options),
+                content=envelope.original_content or envelope.content,
+            ))
+        return "250 OK queued"
+
+
+class _DSNSMTP(SMTP):
+    """aiosmtpd refuses every MAIL/RCPT parameter it does not know; this sink
+    takes the DSN ones (RFC 3461) and records them, so tests can see what
+    Postfix passes on."""
+
+    _DSN = {"NOTIFY", "ORCPT", "RET", "ENVID"}
+
+    def _getparams(self, params):
+        result = super()._getparams(params)
+        if result is None:
+            return None
+        return {k: v for k, v in result.items() if k not in self._DSN}
+
+
+class _Controller(Controller):
+    def factory(self):
+        return _DSNSMTP(self.handler, hostname="sink.example.test", data_size_limit=0,
+                    enable_SMTPUTF8=True, decode_data=False, ident="sink")
+
+
+class Sink:
+    """Records messages; `replies` maps a lower-case address to an SMTP reply for RCPT."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._handler = _Handler()
+        self._controller = _Controller(self._handler, hostname="127.0.0.1", port=self.port)
+
+    def start(self) -> "Sink":
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        self._controller.stop()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def replies(self) -> dict[str, str]:
+        return self._handler.replies
+
+    @property
+    def messages(self) -> list[Received]:
+        with self._handler.lock:
+            return list(self._handler.messages)
+
+    def clear(self) -> None:
+        with self._handler.lock:
+            self._handler.messages.clear()
+
+    def deliveries(self) -> list[tuple[str, Received]]:
+        """One (recipient, message) pair per delivered recipient."""
+        return [(r, m) for m in self.messages for r in m.rcpt_tos]
+
+    def recipients(self) -> list[str]:
+        return [r for r, _ in self.deliveries()]
+
+    def wait_for_recipients(self, count: int, timeout: float = 60.0) -> list[tuple[str, Received]]:
+        wait_until(lambda: len(self.deliveries()) >= count, timeout,
+                   what=f"{count} deliveries at the sink (have {len(self.deliveries())})")
+        return self.deliveries()
+
+    def for_recipient(self, address: str) -> list[Received]:
+        return [m for r, m in self.deliveries() if r.lower() == address.lower()]

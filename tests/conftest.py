@@ -1,0 +1,77 @@
+"""Fixtures: a private Postfix with listmilter as its milter, and a sink for everything else."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import smtplib
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.bed.listmilter import ListmilterServer
+from tests.bed.postfix import Postfix
+from tests.bed.sink import Sink
+
+_names = itertools.count(1)
+
+
+class Bed:
+    """Sink + listmilter + Postfix, wired as docs/postfix.md says."""
+
+    def __init__(self, backend: str):
+        self.dir = Path(tempfile.mkdtemp(prefix=f"lmbed-{backend}-"))
+        self.dir.chmod(0o755)
+        self.sink = Sink().start()
+        self.listmilter = ListmilterServer(self.dir / "listmilter", backend)
+        self.postfix = Postfix(milter=self.listmilter.milter_spec, sink_port=self.sink.port,
+                               config_path=self.listmilter.config_path,
+                               socketmap=self.listmilter.socketmap_spec, workdir=self.dir / "postfix")
+        # listmilter re-submits split-off copies through this Postfix.
+        self.listmilter.outgoing_port = self.postfix.port
+        self.listmilter.write_config()
+        self.listmilter.start()
+        self.postfix.start()
+
+    def stop(self) -> None:
+        for stop in (self.postfix.stop, self.listmilter.stop, self.sink.stop):
+            try:
+                stop()
+            except Exception:
+                pass
+
+    def new_list(self, members=(), name: str = "list", **list_settings) -> str:
+        address = f"{name}{next(_names)}@example.org"
+        self.listmilter.create_list(address, members, **list_settings)
+        return address
+
+    def smtp(self, sender: str, recipients: list[str], message: bytes) -> dict:
+        with smtplib.SMTP("127.0.0.1", self.postfix.port, timeout=60) as s:
+            return s.sendmail(sender, recipients, message)
+
+
+def message(subject: str = "hello", sender: str = "alice@example.net", to: str = "list@example.org",
+            extra: str = "", body: str = "Hello, list.\n") -> bytes:
+    return (f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{next(_names)}.test@example.net>\r\n{extra}\r\n{body}").encode()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "yaml"])
+def bed(request):
+    b = Bed(request.param)
+    yield b
+    b.stop()
+    if not request.session.testsfailed:
+        shutil.rmtree(b.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def clean_bed(bed):
+    bed.sink.clear()
+    yield bed
+
+
+@pytest.fixture
+def tmp_config(tmp_path):
+    return tmp_path / "listmilter.yaml"
