@@ -154,7 +154,7 @@ class _Builder:
     def string(self, node: yaml.Node, what: str) -> str:
         value = self.scalar(node, what)
         if not isinstance(value, str) or not value:
-            raise self.error(node, f"{what} must be a non-empty string")
+            raise self.error(node, f"{what} must be a non-empty string (got {value!r})")
         return value
 
     def value(self, node: yaml.Node, what: str) -> Any:

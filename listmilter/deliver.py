@@ -56,9 +56,37 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
             return EX_OK
         raise Deferred(f"mail for {recipient} reached the pipe transport without passing the milter; "
                        "check smtpd_milters and non_smtpd_milters")
+    extra = {}
+    if role.role == "bounces":
+        extra = dsn_summary(data)
     logger.info("deliver: %s", fields(**base, list=f"<{mlist.address}>", role=role.role,
-                                       status="accepted"))
+                                       status="accepted", **extra))
     return EX_OK
+
+
+def dsn_summary(data: bytes) -> dict[str, str]:
+    """The RFC 3464 fields of a DSN, for the log line (bounce scoring builds on these)."""
+    msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(data)
+    if msg.get_content_type() != "multipart/report":
+        return {}
+    out: dict[str, str] = {}
+    recipients = []
+    for part in msg.walk():
+        if part.get_content_type() != "message/delivery-status":
+            continue
+        blocks = part.get_payload()
+        if not isinstance(blocks, list) or not blocks:
+            continue
+        envid = blocks[0].get("Original-Envelope-Id")
+        if envid:
+            out["envid"] = envid.strip()
+        for block in blocks[1:]:
+            rcpt = (block.get("Original-Recipient") or block.get("Final-Recipient") or "").strip()
+            rcpt = rcpt.split(";", 1)[-1].strip()
+            recipients.append(f"<{rcpt}> {(block.get('Status') or '').strip()}")
+    if recipients:
+        out["dsn"] = " ".join(recipients)
+    return out
 
 
 def main(runtime_factory, recipient: str, sender: str | None) -> int:

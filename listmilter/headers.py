@@ -72,11 +72,17 @@ def prefixed_subject(raw: str | None, prefix: str) -> str | None:
     head = _REPLY_PREFIX.sub("", text).lstrip().lower()
     if head.startswith(tag) or text.lower().lstrip().startswith(tag):
         return None
+    raw = raw.lstrip()
+    starts_encoded = raw.startswith("=?")
     if prefix.isascii():
         encoded = prefix
-    else:
+        # RFC 2047: an encoded word must be set off from the text before it.
+        if starts_encoded and not encoded.endswith(" "):
+            encoded += " "
+    elif starts_encoded:
+        # White space between two encoded words vanishes when decoded, so the
+        # prefix's own trailing space goes inside its encoded word.
         encoded = email.header.Header(prefix, "utf-8").encode() + " "
-    # Keep a space between the prefix and an encoded word, which RFC 2047 needs.
-    if raw.lstrip().startswith("=?") and not encoded.endswith(" "):
-        encoded += " "
-    return encoded + raw.lstrip()
+    else:
+        encoded = email.header.Header(prefix.rstrip(), "utf-8").encode() + " "
+    return encoded + raw

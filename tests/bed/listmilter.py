@@ -75,7 +75,7 @@ class ListmilterServer:
             "socketmap": {"socket": f"inet:{self.socketmap_port}@127.0.0.1"},
             "state_dir": str(self.state_dir),
             "store": {"backend": self.backend},
-            "site": {"admin": "postmaster@example.org"},
+            "site": {"admin": "admin@example.net"},
             "log": {"target": str(self.log_path)},
         }
         if self.outgoing_port:

@@ -1,0 +1,161 @@
+"""The admin CLI and config checks: errors name the file and line, imports are all or nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from listmilter import config, importer
+from tests.bed.listmilter import cli
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    path = tmp_path / "listmilter.yaml"
+    path.write_text(f"state_dir: {tmp_path}/state\ndefaults:\n  posting: open\n  subject_prefix: '[x] '\n")
+    return path
+
+
+def test_config_errors_carry_file_and_line(tmp_path):
+    cases = {
+        "milter:\n  socket: 8899\n": ":2: milter.socket must be a non-empty string (got 8899)",
+        "store:\n  backend: yaml\nlists:\n  dev@example.org:\n    members:\n      - ok@example.net\n      - 'bad address'\n":
+            ":7: lists.dev@example.org.members: not a valid mail address: 'bad address'",
+        "lists:\n  dev@example.org: {}\n": ":1: lists: is the yaml store",
+        "defaults:\n  colour: blue\n": ":2: unknown key 'colour' in defaults",
+        "store:\n  backend: yaml\nlists:\n  dev@example.org: {}\n  DEV@example.org: {}\n": ":5: lists: 'DEV@example.org' is defined twice",
+        "outgoing:\n  smtp: x\n  sendmail: /usr/sbin/sendmail\n": ":2: outgoing needs exactly one",
+    }
+    for text, expected in cases.items():
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        with pytest.raises(config.ConfigError) as info:
+            config.load(str(path))
+        assert f"{path}{expected}" in str(info.value), str(info.value)
+
+
+def test_check_reports_errors_and_exits_non_zero(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("store:\n  backend: sqlite\n\ndefaults:\n  posting: sometimes\n")
+    proc = cli(path, "check", check=False)
+    assert proc.returncode == 1
+    assert f"{path}:5: defaults.posting: must be one of open, members, announce" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_explicit_config_is_an_error_but_default_path_means_built_in(tmp_path):
+    proc = cli(tmp_path / "nope.yaml", "list", "ls", check=False)
+    assert proc.returncode == 78 and "nope.yaml: no such file" in proc.stderr
+    assert config.load(config.DEFAULT_PATH + ".absent", explicit=False).path is None
+
+
+def test_list_lifecycle_and_show_says_where_values_come_from(cfg):
+    cli(cfg, "list", "create", "Dev@Example.org", "--owner", "o@example.org", "--posting", "members")
+    cli(cfg, "list", "set", "dev@example.org", "description", "Developers", "of", "things")
+    out = cli(cfg, "list", "show", "dev@example.org").stdout
+    assert "posting = members    # list" in out
+    assert f'subject_prefix = "[x] "    # defaults ({cfg}:4)' in out
+    assert "description = Developers of things    # list" in out
+    assert "list_id = \"\"    # built-in" in out
+    cli(cfg, "list", "unset", "dev@example.org", "posting")
+    assert f"posting = open    # defaults ({cfg}:3)" in cli(cfg, "list", "show", "dev@example.org").stdout
+    dup = cli(cfg, "list", "create", "dev@example.org", check=False)
+    assert dup.returncode == 1 and "already exists" in dup.stderr
+    bad = cli(cfg, "list", "set", "dev@example.org", "posting", "whoever", check=False)
+    assert bad.returncode == 65 and "posting: must be one of" in bad.stderr
+    assert cli(cfg, "list", "ls").stdout == "dev@example.org\t0\n"
+    cli(cfg, "list", "delete", "dev@example.org")
+    assert cli(cfg, "list", "ls").stdout == ""
+    gone = cli(cfg, "list", "show", "dev@example.org", check=False)
+    assert gone.returncode == 66 and "no such list" in gone.stderr
+
+
+def test_members_add_remove_ls_export(cfg):
+    cli(cfg, "list", "create", "dev@example.org")
+    out = cli(cfg, "members", "add", "dev@example.org", "-", input="a@example.net\nB@example.net\nb@example.net\n")
+    assert "added 2, already members 1" in out.stdout
+    cli(cfg, "members", "add", "dev@example.org", "c@example.net")
+    assert cli(cfg, "members", "ls", "dev@example.org").stdout.split() == ["a@example.net", "B@example.net",
+                                                                           "c@example.net"]
+    out = cli(cfg, "members", "remove", "dev@example.org", "b@EXAMPLE.net", "zz@example.net", check=False)
+    assert out.returncode == 1 and "zz@example.net is not a member" in out.stderr
+    assert cli(cfg, "members", "export", "dev@example.org").stdout == "address,name\na@example.net,\nc@example.net,\n"
+
+
+def test_import_reports_every_bad_line_and_changes_nothing(cfg, tmp_path):
+    cli(cfg, "list", "create", "dev@example.org")
+    f = tmp_path / "members.txt"
+    f.write_text("# header comment\nok@example.net\nnot an address\n\nalso@bad@\nAnn <ann@example.net>\n")
+    proc = cli(cfg, "members", "import", "dev@example.org", str(f), check=False)
+    assert proc.returncode == 65
+    assert f"{f}:3: not a valid mail address: 'not an address'" in proc.stderr
+    assert f"{f}:5: not a valid mail address: 'also@bad@'" in proc.stderr
+    assert "2 bad lines; nothing was changed" in proc.stderr
+    assert cli(cfg, "members", "ls", "dev@example.org").stdout == ""
+    f.write_text("ok@example.net\nAnn <ann@example.net>\n")
+    assert "imported 2 new members" in cli(cfg, "members", "import", "dev@example.org", str(f)).stdout
+
+
+def test_import_csv_keeps_names_and_attributes(cfg, tmp_path):
+    cli(cfg, "list", "create", "dev@example.org")
+    f = tmp_path / "members.csv"
+    f.write_text("Email,Name,Team\nann@example.net,Ann,core\nbob@example.net,\"Bob, Jr.\",docs\n")
+    cli(cfg, "members", "import", "dev@example.org", str(f))
+    out = cli(cfg, "members", "export", "dev@example.org").stdout
+    assert out == "address,name,team\nann@example.net,Ann,core\nbob@example.net,\"Bob, Jr.\",docs\n"
+    f.write_text("Email,Name\nann@example.net\n")
+    proc = cli(cfg, "members", "import", "dev@example.org", str(f), check=False)
+    assert proc.returncode == 65 and f"{f}:2: 1 columns, the header has 2" in proc.stderr
+
+
+def test_importer_reports_line_numbers():
+    parsed = importer.parse(["a@example.net", "x", "a@example.net", "b@example.net"])
+    assert parsed.errors == [(2, "not a valid mail address: 'x'")]
+    assert [m.address for m in parsed.members] == ["a@example.net", "b@example.net"]
+    assert parsed.duplicates == 1
+
+
+def test_yaml_store_is_read_only_for_the_cli(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"state_dir: {tmp_path}/s\nstore:\n  backend: yaml\nlists:\n  dev@example.org:\n"
+                    "    members: [a@example.net]\n")
+    proc = cli(path, "members", "add", "dev@example.org", "b@example.net", check=False)
+    assert proc.returncode == 64 and "edited in" in proc.stderr
+    assert cli(path, "members", "ls", "dev@example.org").stdout == "a@example.net\n"
+    assert f"defined in: {path}:5" in cli(path, "list", "show", "dev@example.org").stdout
+
+
+def test_check_warns_when_a_list_exceeds_postfix_message_size_limit(cfg, tmp_path):
+    pf = tmp_path / "pf"
+    pf.mkdir()
+    (pf / "main.cf").write_text("message_size_limit = 100000\n")
+    cli(cfg, "list", "create", "big@example.org", "--owner", "o@example.org")
+    cli(cfg, "members", "add", "big@example.org", "-",
+        input="".join(f"member{i:05d}@example.net\n" for i in range(2000)))
+    proc = cli(cfg, "check", env={"MAIL_CONFIG": str(pf)})
+    assert "list big@example.org: a post makes a Postfix queue file of about" in proc.stderr
+    assert "message_size_limit = 100000" in proc.stderr
+    (pf / "main.cf").write_text("message_size_limit = 1000000000\n")
+    assert "message_size_limit" not in cli(cfg, "check", env={"MAIL_CONFIG": str(pf)}).stderr
+
+
+def test_deliver_exit_codes(cfg, tmp_path):
+    cli(cfg, "list", "create", "dev@example.org")
+    run = lambda *a, data=b"Subject: x\n\nbody\n": subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "listmilter", "-c", str(cfg), "deliver", *a], input=data,
+        capture_output=True, env={"LISTMILTER_LOG": str(tmp_path / "d.log"), "PATH": "/usr/bin:/bin"})
+    assert run("dev-request@example.org", "a@example.net").returncode == 0
+    assert run("nobody@example.org", "a@example.net").returncode == 67
+    # A post that reached the pipe without the milter is kept queued, never dropped.
+    assert run("dev@example.org", "a@example.net").returncode == 75
+    assert run("dev@example.org", "").returncode == 0
+    # Sendmail aliases pass no sender: Return-Path is used.
+    assert run("dev@example.org", data=b"Return-Path: <>\nSubject: x\n\nb\n").returncode == 0
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("store: [\n")
+    proc = subprocess.run([sys.executable, "-m", "listmilter", "-c", str(broken), "deliver",
+                           "dev-bounces@example.org", ""], input=b"x", capture_output=True,
+                          env={"LISTMILTER_LOG": str(tmp_path / "d.log"), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 75 and b"Traceback" not in proc.stderr
