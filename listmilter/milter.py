@@ -170,11 +170,19 @@ class ListMilter(Milter.Base):
         return Milter.CONTINUE
 
     # -- end of message ----------------------------------------------------
-    def _settings(self, list_address: str) -> plan.ListSettings:
+    def _list(self, list_address: str):
         mlist = self.store.get_list(list_address)
         if mlist is None:
             raise StoreError(f"list {list_address} vanished during the transaction")
-        return plan.effective_settings(mlist, self.config.effective)
+        return mlist
+
+    def _settings(self, list_address: str) -> plan.ListSettings:
+        return plan.effective_settings(self._list(list_address), self.config.effective)
+
+    def _owners(self, list_address: str) -> tuple[str, ...]:
+        """Who <list>-owner@ reaches: the owners, or the site admin for a list without."""
+        owners = self.config.effective("owners", self._list(list_address).settings).value
+        return tuple(owners) or (self.config.site_admin,)
 
     def _eom(self, queue_id: str) -> int:
         recipients, split = self.recipients, self.split
@@ -194,9 +202,7 @@ class ListMilter(Milter.Base):
             edits.append(post)
             posts.append((ls.address, len(post.add_rcpts), post.sender[1]))
         if split.owners:
-            edits.append(plan.expand_owners(
-                list(split.owners),
-                lambda a: self.config.effective("owners", self.store.get_list(a).settings).value))
+            edits.append(plan.expand_owners(list(split.owners), self._owners))
 
         resubmit: list[tuple[str, list[str], bytes]] = []
         if split.reinject:

@@ -236,6 +236,15 @@ def test_owner_address_reaches_the_owners(clean_bed):
     assert m.mail_from == "stranger@example.net" and m.message["List-Id"] is None
 
 
+def test_owner_address_of_a_list_without_owners_reaches_the_site_admin(clean_bed):
+    bed = clean_bed
+    lst = bed.new_list(["o1@example.net"])
+    owner = lst.replace("@", "-owner@")
+    bed.smtp("stranger@example.net", [owner], message("hello?", "stranger@example.net", owner))
+    bed.sink.wait_for_recipients(1)
+    assert bed.sink.recipients() == ["admin@example.net"]
+
+
 def test_role_addresses_reach_the_pipe_transport_and_unknown_ones_are_refused(clean_bed):
     bed = clean_bed
     lst = bed.new_list(["p1@example.net"])
@@ -267,3 +276,24 @@ def test_a_real_dsn_names_the_member_and_the_post(clean_bed):
     queue_id = line.split("envid=")[1].split(".")[0]
     assert f"{queue_id}: list=<{lst}>" in bed.listmilter.log()
     assert bed.sink.recipients() == ["ok@example.net"]
+
+
+def test_list_create_notify_mails_the_site_admin_through_postfix(clean_bed):
+    bed = clean_bed
+    from tests.bed.listmilter import cli
+    if bed.listmilter.backend == "yaml":
+        # The yaml store is edited in the file: the CLI refuses, and mails nobody.
+        proc = cli(bed.listmilter.config_path, "list", "create", "announce9@example.org", "--notify",
+                   check=False)
+        assert proc.returncode == 64 and "edited in" in proc.stderr
+        time.sleep(2)
+        assert bed.sink.deliveries() == []
+        return
+    out = cli(bed.listmilter.config_path, "list", "create", "announce9@example.org", "--owner",
+              "boss@example.org", "--notify")
+    assert "notified admin@example.net" in out.stdout
+    bed.sink.wait_for_recipients(1)
+    (rcpt, m), = bed.sink.deliveries()
+    assert rcpt == "admin@example.net"
+    assert m.message["Subject"] == "New mailing list: announce9@example.org"
+    assert "boss@example.org" in m.message.get_content()
