@@ -127,20 +127,30 @@ class MaillogTail:
 def post(port: int, list_address: str, n: int, tail: MaillogTail, timeout: float = 600.0) -> dict:
     """Send one post; return seconds from the end of DATA (the final dot) to the
     250 reply, and to the last of n `status=sent` lines for its queue id."""
-    content = message(list_address, n)
-    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.net", timeout=timeout) as s:
+    content = message(list_address, n)      # CRLF line ends already
+    data = re.sub(rb"(?m)^\.", b"..", content) + b"\r\n.\r\n"
+    s = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.net", timeout=timeout)
+    try:
         s.ehlo()
         code, resp = s.mail("alice@example.net")
-        assert code == 250, (code, resp)
+        if code != 250:
+            raise RuntimeError(f"MAIL: {code} {resp!r}")
         code, resp = s.rcpt(list_address)
-        assert code == 250, (code, resp)
+        if code != 250:
+            raise RuntimeError(f"RCPT: {code} {resp!r}")
         code, resp = s.docmd("DATA")
-        assert code == 354, (code, resp)
-        data = smtplib._fix_eols(smtplib._quote_periods(content)) + b"\r\n.\r\n"
+        if code != 354:
+            raise RuntimeError(f"DATA: {code} {resp!r}")
         t0 = time.perf_counter()
         s.send(data)
         code, resp = s.getreply()
         t_250 = time.perf_counter() - t0
+        try:
+            s.quit()
+        except smtplib.SMTPException:
+            pass
+    finally:
+        s.close()
     text = resp.decode(errors="replace")
     if code != 250:
         raise RuntimeError(f"post to {list_address} answered {code} {text}")

@@ -34,6 +34,17 @@ class FloorMilter(Milter.Base):
     def __init__(self) -> None:
         self.rcpts: list[tuple[str, str]] = []
 
+    # connect and data do nothing, but they must be there: without them the
+    # reply at end of message came ~40 ms later (measured: 1,000 members took
+    # 0.094 s to the 250 instead of 0.052 s), which made this "floor" slower
+    # than listmilter. listmilter has both callbacks too.
+    @Milter.noreply
+    def connect(self, hostname, family, hostaddr):
+        return Milter.CONTINUE
+
+    def data(self):
+        return Milter.CONTINUE
+
     def envfrom(self, mailfrom, *params):
         self.rcpts = []
         return Milter.CONTINUE
