@@ -292,7 +292,7 @@ def _list_unset(args, cfg, store):
     print(f"{_list_address(args.address)}: {args.key} now comes from defaults")
 
 
-def _read_addresses(items: list[str], what: str):
+def _read_addresses(items: list[str]):
     from . import importer
     if items == ["-"]:
         lines = sys.stdin.read().splitlines()
@@ -314,13 +314,13 @@ def _report_errors(parsed, source: str | None):
 
 
 def _members_add(args, cfg, store):
-    parsed = _read_addresses(args.addresses, "add")
+    parsed = _read_addresses(args.addresses)
     added, existing = store.add_members(_list_address(args.list), parsed.members)
     print(f"{_list_address(args.list)}: added {added}, already members {existing + parsed.duplicates}")
 
 
 def _members_remove(args, cfg, store):
-    parsed = _read_addresses(args.addresses, "remove")
+    parsed = _read_addresses(args.addresses)
     removed, missing = store.remove_members(_list_address(args.list), [m.address for m in parsed.members])
     for address in missing:
         print(f"warning: {address} is not a member", file=sys.stderr)
