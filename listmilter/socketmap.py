@@ -51,27 +51,27 @@ def read_netstring(f) -> str | None:
     while True:
         c = f.read(1)
         if not c:
-            return None if not length else _bad("connection closed inside a request")
+            if length:
+                raise _Bad("connection closed inside a request")
+            return None
         if c == b":":
+            if not length:
+                raise _Bad("malformed netstring length")
             break
         if not c.isdigit() or len(length) > 6:
-            return _bad("malformed netstring length")
+            raise _Bad("malformed netstring length")
         length += c
     n = int(length)
     if n > MAX_REQUEST:
-        return _bad("request too long")
+        raise _Bad("request too long")
     data = f.read(n + 1)
     if len(data) != n + 1 or data[-1:] != b",":
-        return _bad("malformed netstring")
+        raise _Bad("malformed netstring")
     return data[:-1].decode("utf-8", "surrogateescape")
 
 
 class _Bad(Exception):
     pass
-
-
-def _bad(why: str):
-    raise _Bad(why)
 
 
 class _Handler(socketserver.StreamRequestHandler):

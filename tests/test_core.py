@@ -143,3 +143,18 @@ def test_socketmap_answers():
     assert socketmap.answer("transport example.org", get, "listmilter") == "NOTFOUND "
     assert socketmap.answer("virtual dev@example.org", get, "listmilter").startswith("PERM")
     assert socketmap.netstring("OK x") == b"4:OK x,"
+
+
+@pytest.mark.parametrize("wire", [b":x,", b"3:abc;", b"99999999:", b"12x:", b"5:ab"])
+def test_socketmap_refuses_malformed_netstrings(wire):
+    import io
+    with pytest.raises(socketmap._Bad):
+        socketmap.read_netstring(io.BytesIO(wire))
+
+
+def test_socketmap_reads_requests_and_end_of_stream():
+    import io
+    f = io.BytesIO(b"15:transport a@b.c,0:,")
+    assert socketmap.read_netstring(f) == "transport a@b.c"
+    assert socketmap.read_netstring(f) == ""
+    assert socketmap.read_netstring(f) is None
