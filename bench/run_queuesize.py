@@ -16,10 +16,9 @@ import argparse
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import BIG_LIMITS, MaillogTail, SmtpSink, machine, save, write_members
+from common import BIG_LIMITS, SmtpSink, machine, save, write_members
 
 from listmilter import check
 from tests.bed.listmilter import ListmilterServer, cli

@@ -175,7 +175,7 @@ def _check(path: str, explicit: bool) -> int:
     for line in report.warnings:
         print(f"warning: {line}", file=sys.stderr)
     for line in report.errors:
-        print(f"error: {line}" if not line[:1] == "/" else line, file=sys.stderr)
+        print(line, file=sys.stderr)      # each names its place: FILE:LINE, the store, the list
     return 1 if report.errors else 0
 
 

@@ -8,6 +8,8 @@ envelope. Any failure answers 4xx: a post is never accepted unexpanded.
 
 from __future__ import annotations
 
+import logging
+
 import Milter
 
 from . import addresses, notices, outgoing, plan, policy
@@ -43,6 +45,13 @@ class ListMilter(Milter.Base):
     def _queue_id(self) -> str:
         return self.getsymval("i") or "NOQUEUE"
 
+    def _log(self, queue_id: str, status: str, list_address: str | None = None, client: bool = False,
+             level: int = logging.INFO, **after) -> None:
+        """One line per event, as Postfix writes them: `QUEUEID: list=<>, from=<>, status=...`."""
+        logger.log(level, "%s: %s", queue_id, fields(
+            list=f"<{list_address}>" if list_address else None, **{"from": f"<{self.sender}>"},
+            client=self.client if client else None, status=status, **after))
+
     # -- callbacks ---------------------------------------------------------
     @Milter.noreply
     def connect(self, hostname, family, hostaddr):
@@ -75,9 +84,8 @@ class ListMilter(Milter.Base):
             logger.exception("NOQUEUE: error while looking up <%s>", address)
             return self._tempfail("internal error")
         if recipient.kind == REFUSED:
-            logger.info("%s: %s", self._queue_id(), fields(
-                list=f"<{recipient.list_address}>", **{"from": f"<{self.sender}>"}, client=self.client,
-                status=f"rejected ({recipient.reason})"))
+            self._log(self._queue_id(), f"rejected ({recipient.reason})", recipient.list_address,
+                      client=True)
             if not self.non_smtp:
                 self.setreply("550", "5.7.1", recipient.reason)
                 return Milter.REJECT
@@ -119,8 +127,7 @@ class ListMilter(Milter.Base):
         try:
             self.recipients = self._mark_loops(queue_id)
         except StoreError as e:
-            logger.error("%s: %s", queue_id, fields(**{"from": f"<{self.sender}>"},
-                                                    status=f"deferred (list store: {e})"))
+            self._log(queue_id, f"deferred (list store: {e})", level=logging.ERROR)
             return self._tempfail("list store unavailable")
         self.split = plan.split(self.recipients)
         self.need_body = bool(self.split.reinject)
@@ -134,8 +141,7 @@ class ListMilter(Milter.Base):
             if r.kind == LIST:
                 reason = plan.loop_reason(self.sender, self.headers, self._settings(r.list_address))
                 if reason:
-                    logger.info("%s: %s", queue_id, fields(list=f"<{r.list_address}>",
-                                **{"from": f"<{self.sender}>"}, status=f"not expanded ({reason})"))
+                    self._log(queue_id, f"not expanded ({reason})", r.list_address)
                     r = Recipient(r.rcpt, r.address, PLAIN, r.list_address, reason)
             out.append(r)
         return out
@@ -151,12 +157,10 @@ class ListMilter(Milter.Base):
         try:
             return self._eom(queue_id)
         except StoreError as e:
-            logger.error("%s: %s", queue_id, fields(**{"from": f"<{self.sender}>"},
-                                                    status=f"deferred (list store: {e})"))
+            self._log(queue_id, f"deferred (list store: {e})", level=logging.ERROR)
             return self._tempfail("list store unavailable")
         except outgoing.OutgoingError as e:
-            logger.error("%s: %s", queue_id, fields(**{"from": f"<{self.sender}>"},
-                                                    status=f"deferred (cannot re-submit: {e})"))
+            self._log(queue_id, f"deferred (cannot re-submit: {e})", level=logging.ERROR)
             return self._tempfail("cannot split the message")
         except Exception:
             logger.exception("%s: internal error, message deferred", queue_id)
@@ -220,12 +224,10 @@ class ListMilter(Milter.Base):
         for e in edits:
             self._apply(e)
         for list_address in split.reinject:
-            logger.info("%s: %s", queue_id, fields(list=f"<{list_address}>", **{"from": f"<{self.sender}>"},
-                                                   status="split (re-submitted as a message of its own)"))
+            self._log(queue_id, "split (re-submitted as a message of its own)", list_address)
         for list_address, count, params in posts:
-            logger.info("%s: %s", queue_id, fields(
-                list=f"<{list_address}>", **{"from": f"<{self.sender}>"}, client=self.client,
-                status="expanded", members=count, envid=params.partition("ENVID=")[2]))
+            self._log(queue_id, "expanded", list_address, client=True, members=count,
+                      envid=params.partition("ENVID=")[2])
         return Milter.ACCEPT
 
     def _apply(self, e: plan.Edits) -> None:

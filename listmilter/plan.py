@@ -156,7 +156,7 @@ def expand_owners(owner_rcpts: list[Recipient], owners_of: Callable[[str], tuple
     for r in owner_rcpts:
         targets = owners_of(r.list_address)
         if not targets:
-            continue        # no owners: leave it for the pipe transport, which logs it
+            continue        # never delete a recipient without adding someone in its place
         edits.del_rcpts.append(r.rcpt)
         for t in targets:
             if t.lower() not in seen:

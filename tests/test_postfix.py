@@ -6,7 +6,6 @@ sqlite / yaml) and asserts on envelopes and headers at the sink.
 
 from __future__ import annotations
 
-import email
 import smtplib
 import time
 
@@ -47,7 +46,7 @@ def test_post_reaches_every_member_once_with_list_envelope_and_headers(clean_bed
         assert f"ORCPT=RFC822;{rcpt.upper()}" in opts
         mail_opts = " ".join(received.mail_options)
         assert "RET=HDRS" in mail_opts
-        assert f"ENVID=" in mail_opts and lst.upper() in mail_opts
+        assert "ENVID=" in mail_opts and lst.upper() in mail_opts
     msg = bed.sink.messages[0].message
     lid = lst.replace("@", ".")
     assert msg["List-Id"] == f"Dev talk <{lid}>"

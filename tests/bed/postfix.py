@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from .net import free_port, wait_for_port, wait_until
@@ -161,18 +160,11 @@ class Postfix:
     def __exit__(self, *exc):
         self.stop()
 
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
     # -- mail ------------------------------------------------------------
     def sendmail(self, message: bytes, sender: str, recipients: list[str]) -> subprocess.CompletedProcess:
         """Local submission with Postfix's sendmail command (pickup, non_smtpd_milters)."""
         return subprocess.run(["sendmail", "-C", str(self.dir), "-f", sender, "--", *recipients],
                               input=message, capture_output=True, timeout=60)
-
-    def flush(self) -> None:
-        subprocess.run(["postqueue", "-c", str(self.dir), "-f"], capture_output=True)
 
     def queue(self) -> str:
         return subprocess.run(["postqueue", "-c", str(self.dir), "-p"], capture_output=True,
@@ -186,10 +178,6 @@ class Postfix:
             return (self.dir / "maillog").read_text(errors="replace")
         except FileNotFoundError:
             return ""
-
-    def wait_log(self, needle: str, timeout: float = 30.0) -> str:
-        return wait_until(lambda: needle in self.log() and self.log(), timeout,
-                          what=f"{needle!r} in the Postfix log")
 
 
 def _alive(pidfile: Path) -> bool:
