@@ -82,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("file", help="file name, or - for stdin")
     s = ms.add_parser("export", help="write the members as CSV (address,name,attributes...)")
     s.add_argument("list")
+    s = ms.add_parser("history", help="the consent record: every membership change, who made it and how")
+    s.add_argument("list")
+    s.add_argument("address", nargs="?", help="one address (default: everyone)")
+    s.add_argument("--csv", action="store_true", help="write CSV (at,address,action,how,who,detail)")
     return p
 
 
@@ -203,12 +207,17 @@ def _admin(args, path: str, explicit: bool) -> int:
         store.close()
 
 
-def _list_address(text: str) -> str:
+def _address(text: str) -> str:
     from . import addresses
     try:
-        return addresses.key(addresses.check(addresses.strip_brackets(text)))
+        return addresses.check(addresses.strip_brackets(text))
     except addresses.AddressError as e:
         raise Fail(str(e), EX_DATAERR) from None
+
+
+def _list_address(text: str) -> str:
+    from . import addresses
+    return addresses.key(_address(text))
 
 
 def _setting(name: str, value):
@@ -315,13 +324,14 @@ def _report_errors(parsed, source: str | None):
 
 def _members_add(args, cfg, store):
     parsed = _read_addresses(args.addresses)
-    added, existing = store.add_members(_list_address(args.list), parsed.members)
+    added, existing = store.add_members(_list_address(args.list), parsed.members, "cli", _admin_user())
     print(f"{_list_address(args.list)}: added {added}, already members {existing + parsed.duplicates}")
 
 
 def _members_remove(args, cfg, store):
     parsed = _read_addresses(args.addresses)
-    removed, missing = store.remove_members(_list_address(args.list), [m.address for m in parsed.members])
+    removed, missing = store.remove_members(_list_address(args.list), [m.address for m in parsed.members],
+                                         "cli", _admin_user())
     for address in missing:
         print(f"warning: {address} is not a member", file=sys.stderr)
     print(f"{_list_address(args.list)}: removed {removed}")
@@ -353,7 +363,8 @@ def _members_import(args, cfg, store):
     if progress:
         progress(len(lines), done=True)
     _report_errors(parsed, args.file if args.file != "-" else "<stdin>")
-    added, existing = store.add_members(address, parsed.members)
+    added, existing = store.add_members(address, parsed.members, "cli", _admin_user(),
+                                        f"import {args.file}")
     print(f"{address}: imported {added} new members from {args.file} "
           f"({existing + parsed.duplicates} already members or repeated)")
 
@@ -378,6 +389,34 @@ def _members_export(args, cfg, store):
         writer.writerow([m.address, m.name, *(m.attributes.get(k, "") for k in extra)])
 
 
+def _members_history(args, cfg, store):
+    import time as time_mod
+    address = _list_address(args.list)
+    if store.get_list(address) is None:
+        from .store import NoSuchList
+        raise NoSuchList(address)
+    events = store.history(address, _address(args.address) if args.address else None)
+    stamp = lambda at: time_mod.strftime("%Y-%m-%dT%H:%M:%S%z", time_mod.localtime(at))  # noqa: E731
+    if args.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["at", "address", "action", "how", "who", "detail"])
+        for e in events:
+            writer.writerow([stamp(e.at), e.address, e.action, e.how, e.who, e.detail])
+        return 0
+    for e in events:
+        line = f"{stamp(e.at)} {e.address} {e.action} by {e.how}"
+        if e.who:
+            line += f" ({e.who})"
+        if e.detail:
+            line += f": {e.detail}"
+        print(line)
+    if not events:
+        print(f"{address}: no membership changes recorded" + (f" for {args.address}" if args.address else ""),
+              file=sys.stderr)
+        return 1 if args.address else 0
+    return 0
+
+
 _ADMIN = {
     ("list", "create"): _list_create,
     ("list", "delete"): _list_delete,
@@ -390,4 +429,5 @@ _ADMIN = {
     ("members", "ls"): _members_ls,
     ("members", "import"): _members_import,
     ("members", "export"): _members_export,
+    ("members", "history"): _members_history,
 }

@@ -49,6 +49,24 @@ def _addresses(value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _count(minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise SettingError(f"must be a whole number of at least {minimum} (got {value!r})")
+        return value
+    return parse
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "yes", "on", "false", "no", "off"):
+        return value.lower() in ("true", "yes", "on")
+    if not isinstance(value, bool):
+        raise SettingError(f"must be true or false (got {value!r})")
+    return value
+
+
 def _list_id(value: Any) -> str:
     value = _text(value)
     if value and not all(part for part in value.split(".")) or " " in value or "<" in value:
@@ -75,6 +93,18 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "one line describing the list; shown in List-Id and help replies"),
     Setting("list_id", "", _list_id,
             "the RFC 2919 List-Id (empty: the list address with @ turned into a dot)"),
+    # Bounce processing (listmilter deliver for <list>-bounces@).
+    Setting("bounce_action", "disable", _choice("remove", "disable", "notify"),
+            "what a bouncing member's score leads to: remove (and tell the owner), disable (warn, "
+            "then remove), notify (report to the owner only)"),
+    Setting("bounce_threshold", 5, _count(1),
+            "score at which bounce_action is taken; a permanent failure adds 1, at most once a day"),
+    Setting("bounce_stale_days", 7, _count(1),
+            "a score with no new bounce for this many days starts again from 0"),
+    Setting("bounce_warnings", 3, _count(0),
+            "disable: how many warnings a disabled member gets before removal"),
+    Setting("bounce_warning_interval_days", 7, _count(1),
+            "disable: days between those warnings"),
 )}
 
 

@@ -3,6 +3,12 @@
 Two backends share one interface: `sqlite` (the embedded default; lists
 change at run time through the CLI) and `yaml` (lists and members written in
 the config file by the admin; read-only for the CLI).
+
+Membership changes made by people and by bounces (subscribe, unsubscribe,
+disable) work on both: with the yaml backend they are kept in an overlay
+database beside the config (state_dir/state.sqlite), because the admin's file
+decides who is invited but anyone must always be able to leave. Every change
+is recorded with who, what, when and how (the consent record).
 """
 
 from __future__ import annotations
@@ -34,11 +40,31 @@ class MailingList:
     origin: str = ""                   # where it is defined, for `list show`
 
 
+# Member status: who receives posts.
+ACTIVE = "active"          # receives posts
+DISABLED = "disabled"      # a member who receives nothing (bounces; may still post)
+STATUSES = (ACTIVE, DISABLED)
+
+
 @dataclass(frozen=True)
 class Member:
     address: str
     name: str = ""
     attributes: dict[str, str] = field(default_factory=dict)
+    status: str = ACTIVE
+    added: float = 0.0       # Unix time the member joined (0: unknown)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line of the consent record: a membership change and how it was made."""
+    at: float
+    list: str
+    address: str
+    action: str     # subscribed, unsubscribed, disabled, enabled
+    how: str        # cli, config, mail, web, bounce
+    who: str = ""   # the admin user, the confirming Message-ID, the client address...
+    detail: str = ""
 
 
 class Store(Protocol):
@@ -54,8 +80,19 @@ class Store(Protocol):
     def delete_list(self, address: str) -> None: ...
     def set_setting(self, address: str, name: str, value: Any) -> None: ...
     def unset_setting(self, address: str, name: str) -> None: ...
-    def add_members(self, list_address: str, members: Iterable[Member]) -> tuple[int, int]: ...
-    def remove_members(self, list_address: str, addresses: Iterable[str]) -> tuple[int, list[str]]: ...
+    def member(self, list_address: str, address: str) -> Member | None: ...
+    def add_members(self, list_address: str, members: Iterable[Member],
+                    how: str = "cli", who: str = "", detail: str = "") -> tuple[int, int]: ...
+    def remove_members(self, list_address: str, addresses: Iterable[str],
+                       how: str = "cli", who: str = "", detail: str = "") -> tuple[int, list[str]]: ...
+    # Changes a person or a bounce makes; allowed on both backends.
+    def subscribe(self, list_address: str, member: Member, how: str, who: str = "",
+                  detail: str = "") -> bool: ...
+    def unsubscribe(self, list_address: str, address: str, how: str, who: str = "",
+                    detail: str = "") -> bool: ...
+    def set_status(self, list_address: str, address: str, status: str, how: str,
+                   who: str = "", detail: str = "") -> bool: ...
+    def history(self, list_address: str, address: str | None = None) -> list[Event]: ...
     def check(self) -> list[str]: ...
     def close(self) -> None: ...
 

@@ -16,9 +16,9 @@ import time
 from typing import Any, Iterable
 
 from .. import addresses
-from . import ListExists, MailingList, Member, NoSuchList, StoreError
+from . import ACTIVE, DISABLED, Event, ListExists, MailingList, Member, NoSuchList, StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS lists (
     id       INTEGER PRIMARY KEY,
@@ -41,7 +41,25 @@ CREATE TABLE IF NOT EXISTS members (
     added    REAL NOT NULL,
     PRIMARY KEY (list_id, key)
 ) WITHOUT ROWID;
+""" + """
+-- The consent record. Keyed by list address, not id: it outlives the list.
+CREATE TABLE IF NOT EXISTS events (
+    id       INTEGER PRIMARY KEY,
+    list     TEXT NOT NULL,
+    key      TEXT NOT NULL,
+    address  TEXT NOT NULL,
+    action   TEXT NOT NULL,
+    how      TEXT NOT NULL,
+    who      TEXT NOT NULL DEFAULT '',
+    detail   TEXT NOT NULL DEFAULT '',
+    at       REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_member ON events(list, key);
 """
+# Applied in order to a store of the version in the key (one transaction each).
+MIGRATIONS = {1: SCHEMA}
+# Status of an overlay row (yaml backend) for someone listed in the file who left.
+UNSUBSCRIBED = "unsubscribed"
 
 
 def _wrap(fn):
@@ -93,6 +111,8 @@ class SQLiteStore:
                 conn.execute("PRAGMA foreign_keys=ON")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version in MIGRATIONS:
+                    version = self._migrate(conn)
             except sqlite3.Error as e:
                 raise StoreError(f"sqlite store: cannot open {self.path}: {e}") from e
             if version != SCHEMA_VERSION:
@@ -101,6 +121,18 @@ class SQLiteStore:
                                  f"this listmilter needs {SCHEMA_VERSION}")
             self._conns[threading.get_ident()] = conn
         return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> int:
+        """Bring an older store up to SCHEMA_VERSION; the version reached."""
+        with _Transaction(conn):
+            version = conn.execute("PRAGMA user_version").fetchone()[0]   # another process may have won
+            while version in MIGRATIONS:
+                for statement in MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                version += 1
+                conn.execute(f"PRAGMA user_version={version}")
+        return version
 
     def _list_id(self, conn: sqlite3.Connection, address: str) -> int:
         row = conn.execute("SELECT id FROM lists WHERE address=?", (addresses.key(address),)).fetchone()
@@ -148,12 +180,36 @@ class SQLiteStore:
             (addresses.key(list_address), addresses.key(address))).fetchone()
         return row is not None
 
+    _MEMBER = "SELECT address, name, attrs, status, added FROM members "
+
+    @staticmethod
+    def _member(row) -> Member:
+        address, name, attrs, status, added = row
+        return Member(address, name, json.loads(attrs), status, added)
+
     @_wrap
     def members(self, list_address: str) -> list[Member]:
         conn = self._conn()
         list_id = self._list_id(conn, list_address)
-        return [Member(a, n, json.loads(attrs)) for a, n, attrs in conn.execute(
-            "SELECT address, name, attrs FROM members WHERE list_id=? ORDER BY key", (list_id,))]
+        return [self._member(row) for row in conn.execute(
+            self._MEMBER + "WHERE list_id=? ORDER BY key", (list_id,))]
+
+    @_wrap
+    def member(self, list_address: str, address: str) -> Member | None:
+        conn = self._conn()
+        list_id = self._list_id(conn, list_address)
+        row = conn.execute(self._MEMBER + "WHERE list_id=? AND key=?",
+                           (list_id, addresses.key(address))).fetchone()
+        return self._member(row) if row else None
+
+    @_wrap
+    def history(self, list_address: str, address: str | None = None) -> list[Event]:
+        query = "SELECT at, list, address, action, how, who, detail FROM events WHERE list=?"
+        params: tuple = (addresses.key(list_address),)
+        if address is not None:
+            query += " AND key=?"
+            params += (addresses.key(address),)
+        return [Event(*row) for row in self._conn().execute(query + " ORDER BY at, id", params)]
 
     @_wrap
     def member_count(self, list_address: str) -> int:
@@ -196,37 +252,106 @@ class SQLiteStore:
             list_id = self._list_id(conn, address)
             conn.execute("DELETE FROM list_settings WHERE list_id=? AND name=?", (list_id, name))
 
+    @staticmethod
+    def _event(conn, list_address: str, address: str, action: str, how: str, who: str,
+               detail: str, at: float) -> None:
+        conn.execute("INSERT INTO events(list, key, address, action, how, who, detail, at) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     (addresses.key(list_address), addresses.key(address), address, action, how,
+                      who, detail, at))
+
     @_wrap
-    def add_members(self, list_address: str, members: Iterable[Member]) -> tuple[int, int]:
-        """Add in one transaction; returns (added, already members)."""
-        now = time.time()
+    def add_members(self, list_address: str, members: Iterable[Member],
+                    how: str = "cli", who: str = "", detail: str = "") -> tuple[int, int]:
+        """Add in one transaction, recording each addition; returns (added, already members)."""
         rows = [(m.address, addresses.key(m.address), m.name, json.dumps(m.attributes) if m.attributes else "{}")
                 for m in members]
         with self._write() as conn:
             list_id = self._list_id(conn, list_address)
+            # Writers are serialised, so this transaction's rows are exactly those added at `now`.
+            now = max(time.time(), conn.execute("SELECT coalesce(max(added), 0) FROM members").fetchone()[0]
+                      + 1e-6)
             before = conn.total_changes
             conn.executemany(
                 "INSERT OR IGNORE INTO members(list_id, key, address, name, attrs, added) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 ((list_id, k, a, n, attrs, now) for a, k, n, attrs in rows))
             added = conn.total_changes - before
+            conn.execute("INSERT INTO events(list, key, address, action, how, who, detail, at) "
+                         "SELECT ?, key, address, 'subscribed', ?, ?, ?, added FROM members "
+                         "WHERE list_id=? AND added=?",
+                         (addresses.key(list_address), how, who, detail, list_id, now))
         return added, len(rows) - added
 
     @_wrap
-    def remove_members(self, list_address: str, addrs: Iterable[str]) -> tuple[int, list[str]]:
-        """Remove in one transaction; returns (removed, addresses that were not members)."""
+    def remove_members(self, list_address: str, addrs: Iterable[str],
+                       how: str = "cli", who: str = "", detail: str = "") -> tuple[int, list[str]]:
+        """Remove in one transaction, recording each removal; returns (removed, not members)."""
         missing = []
         removed = 0
+        now = time.time()
         with self._write() as conn:
             list_id = self._list_id(conn, list_address)
             for address in addrs:
-                cur = conn.execute("DELETE FROM members WHERE list_id=? AND key=?",
+                cur = conn.execute("DELETE FROM members WHERE list_id=? AND key=? RETURNING address",
                                    (list_id, addresses.key(address)))
-                if cur.rowcount:
+                row = cur.fetchone()
+                if row:
                     removed += 1
+                    self._event(conn, list_address, row[0], "unsubscribed", how, who, detail, now)
                 else:
                     missing.append(address)
         return removed, missing
+
+    def subscribe(self, list_address: str, member: Member, how: str, who: str = "",
+                  detail: str = "") -> bool:
+        """Make `member` a member; False if they already were."""
+        return self.add_members(list_address, [member], how, who, detail)[0] == 1
+
+    def unsubscribe(self, list_address: str, address: str, how: str, who: str = "",
+                    detail: str = "") -> bool:
+        """End a membership; False if `address` was no member."""
+        return self.remove_members(list_address, [address], how, who, detail)[0] == 1
+
+    @_wrap
+    def set_status(self, list_address: str, address: str, status: str, how: str,
+                   who: str = "", detail: str = "") -> bool:
+        """Enable or disable delivery to a member; False if no member or no change."""
+        if status not in (ACTIVE, DISABLED):
+            raise ValueError(f"unknown member status {status!r}")
+        with self._write() as conn:
+            list_id = self._list_id(conn, list_address)
+            row = conn.execute("UPDATE members SET status=? WHERE list_id=? AND key=? AND status!=? "
+                               "RETURNING address", (status, list_id, addresses.key(address), status)).fetchone()
+            if row:
+                self._event(conn, list_address, row[0], "enabled" if status == ACTIVE else "disabled",
+                            how, who, detail, time.time())
+        return row is not None
+
+    @_wrap
+    def set_overlay(self, list_address: str, member: Member, status: str, action: str,
+                    how: str, who: str, detail: str) -> None:
+        """Yaml backend: record a member's run-time status (creating the list row on demand)."""
+        key = addresses.key(list_address)
+        now = time.time()
+        with self._write() as conn:
+            conn.execute("INSERT OR IGNORE INTO lists(address, created) VALUES (?, ?)", (key, now))
+            list_id = self._list_id(conn, key)
+            conn.execute(
+                "INSERT INTO members(list_id, key, address, name, attrs, status, added) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(list_id, key) DO UPDATE SET "
+                "status=excluded.status, address=excluded.address",
+                (list_id, addresses.key(member.address), member.address, member.name,
+                 json.dumps(member.attributes) if member.attributes else "{}", status, member.added or now))
+            self._event(conn, key, member.address, action, how, who, detail, now)
+
+    @_wrap
+    def overlay(self, list_address: str) -> dict[str, Member]:
+        """Yaml backend: run-time statuses of a list's members, by key."""
+        rows = self._conn().execute(
+            "SELECT m.address, m.name, m.attrs, m.status, m.added FROM members m "
+            "JOIN lists ON lists.id = m.list_id WHERE lists.address=?", (addresses.key(list_address),))
+        return {addresses.key(m.address): m for m in map(self._member, rows)}
 
     @_wrap
     def check(self) -> list[str]:

@@ -1,15 +1,25 @@
 """The yaml store: lists and members as written under `lists:` in the config file.
 
-It is a read-only view of one loaded Config; the milter swaps in a new one
-when the file changes (see listmilter.runtime).
+It is a read-only view of one loaded Config for the admin's tools; the milter
+swaps in a new one when the file changes (see listmilter.runtime).
+
+What people and bounces change at run time (someone subscribes by mail,
+leaves by one click, is disabled by bounces) goes to an overlay database,
+state_dir/state.sqlite, laid over the file's members: the file says who is
+invited, the overlay says who joined, left or is disabled since, with the
+consent record for each change.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterable
 
 from .. import addresses
-from . import MailingList, Member, NoSuchList, ReadOnlyStore
+from . import ACTIVE, DISABLED, Event, MailingList, Member, NoSuchList, ReadOnlyStore
+from .sqlite import UNSUBSCRIBED, SQLiteStore
+
+OVERLAY_NAME = "state.sqlite"
 
 
 class YAMLStore:
@@ -22,7 +32,19 @@ class YAMLStore:
             for key, d in config.lists.items()
         }
         self._members = {key: list(d.members) for key, d in config.lists.items()}
-        self._member_keys = {key: {addresses.key(m) for m in d.members} for key, d in config.lists.items()}
+        # key -> address as written, per list
+        self._member_keys = {key: {addresses.key(m): m for m in d.members} for key, d in config.lists.items()}
+        self.overlay_path = os.path.join(config.state_dir, OVERLAY_NAME)
+        self._state: SQLiteStore | None = None
+
+    def _overlay_store(self, create: bool) -> SQLiteStore | None:
+        if self._state is None and (create or os.path.exists(self.overlay_path)):
+            self._state = SQLiteStore(self.overlay_path)
+        return self._state
+
+    def _overlay(self, key: str) -> dict[str, Member]:
+        state = self._overlay_store(create=False)
+        return state.overlay(key) if state else {}
 
     def _list_key(self, address: str) -> str:
         key = addresses.key(address)
@@ -36,17 +58,79 @@ class YAMLStore:
     def all_lists(self) -> list[MailingList]:
         return [self._lists[k] for k in sorted(self._lists)]
 
+    def members(self, list_address: str) -> list[Member]:
+        """The file's members with their run-time status, then those who joined at run time."""
+        key = self._list_key(list_address)
+        overlay = self._overlay(key)
+        if not overlay:
+            return [Member(a) for a in self._members[key]]
+        in_file = self._member_keys[key]
+        out = []
+        for a in self._members[key]:
+            m = overlay.get(addresses.key(a))
+            if m is None:
+                out.append(Member(a))
+            elif m.status != UNSUBSCRIBED:
+                out.append(Member(a, m.name, m.attributes, m.status, m.added))
+        out.extend(m for k, m in overlay.items() if k not in in_file and m.status != UNSUBSCRIBED)
+        return out
+
     def recipients(self, list_address: str) -> list[str]:
-        return list(self._members[self._list_key(list_address)])
+        key = self._list_key(list_address)
+        if not self._overlay(key):
+            return list(self._members[key])
+        return [m.address for m in self.members(key) if m.status == ACTIVE]
+
+    def member(self, list_address: str, address: str) -> Member | None:
+        key = self._list_key(list_address)
+        m = self._overlay(key).get(addresses.key(address))
+        if m is not None:
+            return None if m.status == UNSUBSCRIBED else m
+        written = self._member_keys[key].get(addresses.key(address))
+        return Member(written) if written is not None else None
 
     def is_member(self, list_address: str, address: str) -> bool:
-        return addresses.key(address) in self._member_keys[self._list_key(list_address)]
-
-    def members(self, list_address: str) -> list[Member]:
-        return [Member(a) for a in self._members[self._list_key(list_address)]]
+        return self.member(list_address, address) is not None
 
     def member_count(self, list_address: str) -> int:
-        return len(self._members[self._list_key(list_address)])
+        return len(self.members(list_address))
+
+    def history(self, list_address: str, address: str | None = None) -> list[Event]:
+        self._list_key(list_address)
+        state = self._overlay_store(create=False)
+        return state.history(list_address, address) if state else []
+
+    def subscribe(self, list_address: str, member: Member, how: str, who: str = "",
+                  detail: str = "") -> bool:
+        key = self._list_key(list_address)
+        current = self.member(key, member.address)
+        if current is not None:
+            return False
+        self._overlay_store(create=True).set_overlay(key, member, ACTIVE, "subscribed", how, who, detail)
+        return True
+
+    def unsubscribe(self, list_address: str, address: str, how: str, who: str = "",
+                    detail: str = "") -> bool:
+        key = self._list_key(list_address)
+        current = self.member(key, address)
+        if current is None:
+            return False
+        # The row stays as a mask over the file's entry, which only the admin may delete.
+        self._overlay_store(create=True).set_overlay(key, current, UNSUBSCRIBED, "unsubscribed",
+                                                     how, who, detail)
+        return True
+
+    def set_status(self, list_address: str, address: str, status: str, how: str,
+                   who: str = "", detail: str = "") -> bool:
+        if status not in (ACTIVE, DISABLED):
+            raise ValueError(f"unknown member status {status!r}")
+        key = self._list_key(list_address)
+        current = self.member(key, address)
+        if current is None or current.status == status:
+            return False
+        self._overlay_store(create=True).set_overlay(
+            key, current, status, "enabled" if status == ACTIVE else "disabled", how, who, detail)
+        return True
 
     def _read_only(self, *args: Any, **kw: Any):
         raise ReadOnlyStore(f"lists in the yaml store are edited in {self.path} (under lists:); "
@@ -54,14 +138,18 @@ class YAMLStore:
 
     create_list = delete_list = set_setting = unset_setting = _read_only
 
-    def add_members(self, list_address: str, members: Iterable[Member]) -> tuple[int, int]:
+    def add_members(self, list_address: str, members: Iterable[Member],
+                    how: str = "cli", who: str = "", detail: str = "") -> tuple[int, int]:
         self._read_only()
 
-    def remove_members(self, list_address: str, addrs: Iterable[str]) -> tuple[int, list[str]]:
+    def remove_members(self, list_address: str, addrs: Iterable[str],
+                       how: str = "cli", who: str = "", detail: str = "") -> tuple[int, list[str]]:
         self._read_only()
 
     def check(self) -> list[str]:
-        return []
+        state = self._overlay_store(create=False)
+        return state.check() if state else []
 
     def close(self) -> None:
-        pass
+        if self._state is not None:
+            self._state.close()
