@@ -82,10 +82,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("file", help="file name, or - for stdin")
     s = ms.add_parser("export", help="write the members as CSV (address,name,attributes...)")
     s.add_argument("list")
+    s = ms.add_parser("enable", help="deliver to a member again and reset their bounce score")
+    s.add_argument("list")
+    s.add_argument("addresses", nargs="+")
+    s = ms.add_parser("disable", help="stop delivering to a member (they stay a member)")
+    s.add_argument("list")
+    s.add_argument("addresses", nargs="+")
     s = ms.add_parser("history", help="the consent record: every membership change, who made it and how")
     s.add_argument("list")
     s.add_argument("address", nargs="?", help="one address (default: everyone)")
     s.add_argument("--csv", action="store_true", help="write CSV (at,address,action,how,who,detail)")
+    s = sub.add_parser("bounces", help="bouncing members: scores, last DSN status and diagnostic")
+    s.add_argument("list", nargs="?", help="one list (default: all)")
+    s.add_argument("--kept", action="store_true",
+                   help="list the bounce-address mail that scored nobody, kept for the owner")
+    s.add_argument("--run", action="store_true",
+                   help="send due warnings and remove members now (listmilter serve does this hourly)")
     return p
 
 
@@ -101,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args, path, explicit)
         if args.command == "check":
             return _check(path, explicit)
+        if args.command == "bounces":
+            args.action = None
         setup("stderr")
         return _admin(args, path, explicit)
     except config_mod.ConfigError as e:
@@ -138,6 +152,8 @@ def _serve(args, path: str, explicit: bool) -> int:
                 __version__, socket, cfg.socketmap_socket, cfg.path or "built-in defaults",
                 cfg.backend, cfg.path if cfg.backend == "yaml" else cfg.store_path,
                 len(runtime.store.all_lists()))
+    from . import bounce_processing
+    bounce_processing.start_periodic(runtime)
     try:
         milter.run(runtime, socket)
     except Exception as e:   # libmilter could not open its socket, for one
@@ -389,6 +405,61 @@ def _members_export(args, cfg, store):
         writer.writerow([m.address, m.name, *(m.attributes.get(k, "") for k in extra)])
 
 
+def _members_status(args, cfg, store, enable: bool):
+    from . import bounce_processing
+    from .store import DISABLED
+    address = _list_address(args.list)
+    if store.get_list(address) is None:
+        from .store import NoSuchList
+        raise NoSuchList(address)
+    failed = 0
+    for text in args.addresses:
+        member_address = _address(text)
+        if store.member(address, member_address) is None:
+            print(f"warning: {member_address} is not a member of {address}", file=sys.stderr)
+            failed += 1
+            continue
+        if enable:
+            changed = bounce_processing.enable(cfg, store, address, member_address, "cli", _admin_user())
+        else:
+            changed = store.set_status(address, member_address, DISABLED, "cli", _admin_user())
+        state = "enabled" if enable else "disabled"
+        print(f"{address}: {member_address} {state}" + ("" if changed else f" (already {state})"))
+    return 1 if failed else 0
+
+
+def _bounces(args, cfg, store):
+    from . import bounce_processing, bouncedb, bounces
+    if args.run:
+        for line in bounce_processing.periodic(cfg, store):
+            print(line)
+        return 0
+    lists = [_list_address(args.list)] if args.list else [m.address for m in store.all_lists()]
+    if args.list and store.get_list(lists[0]) is None:
+        from .store import NoSuchList
+        raise NoSuchList(lists[0])
+    db = bouncedb.BounceDB(cfg.state_dir)
+    try:
+        if args.kept:
+            for address in lists:
+                for at, _, _, _, why, _, _, kept in db.records(address, verdict=bouncedb.UNRECOGNISED):
+                    print(f"{bounces.fmt_time(at)}  {address}  {kept}\n    {why}")
+            return 0
+        print(f"{'LIST':<28} {'MEMBER':<32} {'STATE':<9} SCORE  {'LAST BOUNCE':<21} STATUS  DIAGNOSTIC")
+        for address in lists:
+            for row in db.rows(address):
+                member = store.member(address, row.address)
+                state = "gone" if member is None else member.status
+                if row.pending:
+                    state += "*"
+                print(f"{address:<28} {row.address:<32} {state:<9} {row.score:>5}  "
+                      f"{bounces.fmt_time(row.last_bounce):<21} {row.last_status or '-':<7} "
+                      f"{row.last_diagnostic}")
+    finally:
+        db.close()
+    return 0
+
+
 def _members_history(args, cfg, store):
     import time as time_mod
     address = _list_address(args.list)
@@ -430,4 +501,7 @@ _ADMIN = {
     ("members", "import"): _members_import,
     ("members", "export"): _members_export,
     ("members", "history"): _members_history,
+    ("members", "enable"): lambda args, cfg, store: _members_status(args, cfg, store, enable=True),
+    ("members", "disable"): lambda args, cfg, store: _members_status(args, cfg, store, enable=False),
+    ("bounces", None): _bounces,
 }

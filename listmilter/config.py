@@ -74,6 +74,10 @@ class Config:
     def effective(self, name: str, list_settings: dict[str, Any]) -> settings.Effective:
         return settings.resolve(name, list_settings, self.defaults, self.defaults_origin)
 
+    def owners(self, list_settings: dict[str, Any]) -> tuple[str, ...]:
+        """Who gets a list's owner mail: its owners, or the site admin for a list without."""
+        return tuple(self.effective("owners", list_settings).value) or (self.site_admin,)
+
 
 def path_from_environment(cli_path: str | None) -> tuple[str, bool]:
     """(path, explicit): -c wins over LISTMILTER_CONFIG over the default path."""

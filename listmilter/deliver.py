@@ -5,8 +5,7 @@ with the whole message on stdin. Exit codes follow sysexits.h, which
 Postfix's pipe(8) understands: 0 done, 67 no such list (bounce), 75 try
 again later. Any internal error is 75, so Postfix keeps the message.
 
-This version records and logs what arrives; bounce scoring and list
-commands build on it.
+Mail to <list>-bounces@ goes to bounce processing (listmilter.bounce_processing).
 """
 
 from __future__ import annotations
@@ -56,37 +55,17 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
             return EX_OK
         raise Deferred(f"mail for {recipient} reached the pipe transport without passing the milter; "
                        "check smtpd_milters and non_smtpd_milters")
-    extra = {}
+    status, extra = "accepted", {}
     if role.role == "bounces":
-        extra = dsn_summary(data)
+        from . import bounce_processing, secret
+        outcome = bounce_processing.handle(config, store, secret.load_or_create(config.state_dir),
+                                           mlist, sender, data)
+        status = outcome.summary()
+        if outcome.envid:
+            extra["envid"] = outcome.envid
     logger.info("deliver: %s", fields(**base, list=f"<{mlist.address}>", role=role.role,
-                                       status="accepted", **extra))
+                                       status=status, **extra))
     return EX_OK
-
-
-def dsn_summary(data: bytes) -> dict[str, str]:
-    """The RFC 3464 fields of a DSN, for the log line (bounce scoring builds on these)."""
-    msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(data)
-    if msg.get_content_type() != "multipart/report":
-        return {}
-    out: dict[str, str] = {}
-    recipients = []
-    for part in msg.walk():
-        if part.get_content_type() != "message/delivery-status":
-            continue
-        blocks = part.get_payload()
-        if not isinstance(blocks, list) or not blocks:
-            continue
-        envid = blocks[0].get("Original-Envelope-Id")
-        if envid:
-            out["envid"] = envid.strip()
-        for block in blocks[1:]:
-            rcpt = (block.get("Original-Recipient") or block.get("Final-Recipient") or "").strip()
-            rcpt = rcpt.split(";", 1)[-1].strip()
-            recipients.append(f"<{rcpt}> {(block.get('Status') or '').strip()}")
-    if recipients:
-        out["dsn"] = " ".join(recipients)
-    return out
 
 
 def main(runtime_factory, recipient: str, sender: str | None) -> int:

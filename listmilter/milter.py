@@ -9,6 +9,7 @@ envelope. Any failure answers 4xx: a post is never accepted unexpanded.
 from __future__ import annotations
 
 import logging
+import time
 
 import Milter
 
@@ -185,8 +186,7 @@ class ListMilter(Milter.Base):
 
     def _owners(self, list_address: str) -> tuple[str, ...]:
         """Who <list>-owner@ reaches: the owners, or the site admin for a list without."""
-        owners = self.config.effective("owners", self._list(list_address).settings).value
-        return tuple(owners) or (self.config.site_admin,)
+        return self.config.owners(self._list(list_address).settings)
 
     def _eom(self, queue_id: str) -> int:
         recipients, split = self.recipients, self.split
@@ -202,7 +202,7 @@ class ListMilter(Milter.Base):
             members = self.store.recipients(ls.address)
             rcpts = [r.rcpt for r in recipients if r.kind == LIST and r.list_address == ls.address]
             post = plan.expand_list(ls, rcpts, members, self.headers, _post_id(queue_id),
-                                    self.runtime.secret)
+                                    self.runtime.secret, time.time())
             edits.append(post)
             posts.append((ls.address, len(post.add_rcpts), post.sender[1]))
         if split.owners:

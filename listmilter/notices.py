@@ -47,3 +47,59 @@ def list_created(list_address: str, admin: str, owners: tuple[str, ...], posting
             f"Posts go to {list_address}; bounces come back to "
             f"{addresses.role_address(list_address, 'bounces')}.\n")
     return _message(admin, admin, f"New mailing list: {list_address}", text).as_bytes()
+
+
+# -- bounce processing ---------------------------------------------------------
+def _evidence(rows: list[tuple]) -> str:
+    """Lines of (at, status, diagnostic) for a notice."""
+    import time as time_mod
+    return "".join(f"    {time_mod.strftime('%Y-%m-%d %H:%M', time_mod.gmtime(at))} UTC  "
+                   f"{status or '-'}  {diagnostic or ''}\n" for at, status, diagnostic in rows)
+
+
+def bounce_owner(list_address: str, owners: tuple[str, ...], address: str, what: str, score: int,
+                 evidence: list[tuple]) -> bytes:
+    """To the owners: a member was removed or disabled by bounces, or (notify) is bouncing."""
+    owner = addresses.role_address(list_address, "owner")
+    subjects = {
+        "remove": f"{address} removed from {list_address} (bounces)",
+        "disable": f"{address} disabled on {list_address} (bounces)",
+        "notify": f"{address} is bouncing on {list_address}",
+    }
+    actions = {
+        "remove": "was removed from the list. To add them back:\n\n"
+                  f"    listmilter members add {list_address} {address}\n",
+        "disable": "no longer receives posts (still a member). They will be warned, then removed "
+                   "unless re-enabled:\n\n"
+                   f"    listmilter members enable {list_address} {address}\n",
+        "notify": "still receives posts; nothing was changed. Decide with one of:\n\n"
+                  f"    listmilter members remove {list_address} {address}\n"
+                  f"    listmilter members enable {list_address} {address}    "
+                  "(keep, and start the score again from 0)\n",
+    }
+    text = (f"Mail to {address}, a member of {list_address}, failed permanently "
+            f"(bounce score {score}).\nThe member {actions[what]}\n"
+            f"The failures (UTC, status, the remote server's words):\n{_evidence(evidence)}")
+    return _message(owner, ", ".join(owners), subjects[what], text).as_bytes()
+
+
+def bounce_warning(list_address: str, address: str, number: int, of: int, removal: str) -> bytes:
+    """To a member disabled by bounces."""
+    owner = addresses.role_address(list_address, "owner")
+    text = (f"Mail from the list {list_address} to {address} has been failing, so the list "
+            f"stopped sending you posts.\n\n"
+            f"If this address works again, ask the list owners at {owner} to re-enable it.\n"
+            f"Otherwise it will be removed from the list {removal}.\n\n"
+            f"(warning {number} of {of})\n")
+    return _message(owner, address, f"Your membership of {list_address} is disabled", text).as_bytes()
+
+
+def unrecognised_bounce(list_address: str, owners: tuple[str, ...], why: str, original: bytes) -> bytes:
+    """To the owners: mail to <list>-bounces@ that scored nobody, with the message attached."""
+    owner = addresses.role_address(list_address, "owner")
+    msg = _message(owner, ", ".join(owners), f"Unrecognised bounce for {list_address}",
+                   f"This message reached {addresses.role_address(list_address, 'bounces')} "
+                   f"but counted against no member:\n\n    {why}\n\nIt is attached as it arrived.\n")
+    import email
+    msg.add_attachment(email.message_from_bytes(original, policy=email.policy.default))
+    return msg.as_bytes()

@@ -118,13 +118,14 @@ def unique_members(list_address: str, members: list[str]) -> list[str]:
 
 
 def expand_list(ls: ListSettings, list_rcpts: list[str], members: list[str],
-                message_headers: list[tuple[str, str]], post_id: str, secret: bytes) -> Edits:
+                message_headers: list[tuple[str, str]], post_id: str, secret: bytes,
+                posted_at: float) -> Edits:
     """The edits that turn this message into a post of list `ls` to `members`."""
     edits = Edits()
     edits.del_rcpts = list(list_rcpts)
     edits.add_rcpts = [(m, f"NOTIFY=FAILURE ORCPT=rfc822;{m}") for m in unique_members(ls.address, members)]
     bounces = addresses.role_address(ls.address, "bounces")
-    edits.sender = (f"<{bounces}>", f"RET=HDRS ENVID={envid.make(post_id, ls.address, secret)}")
+    edits.sender = (f"<{bounces}>", f"RET=HDRS ENVID={envid.make(post_id, ls.address, secret, posted_at)}")
 
     counts: dict[str, int] = {}
     subject_index, subject_raw = 0, None

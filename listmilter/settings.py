@@ -105,6 +105,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "disable: how many warnings a disabled member gets before removal"),
     Setting("bounce_warning_interval_days", 7, _count(1),
             "disable: days between those warnings"),
+    Setting("bounce_unrecognised", "forward", _choice("forward", "keep"),
+            "mail to <list>-bounces@ that scores nobody: forward (to the owners, and keep) or keep "
+            "(in state_dir/bounces/, listed by `listmilter bounces`)"),
 )}
 
 

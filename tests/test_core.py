@@ -70,14 +70,20 @@ def test_non_ascii_prefix_is_encoded_and_decodes_back():
 
 
 def test_envid_round_trip_and_forgery():
-    e = envid.make("ABC123", "dev@example.org", SECRET)
+    e = envid.make("ABC123", "dev@example.org", SECRET, 1_800_000_000.7)
     assert len(e) <= 100 and e.startswith("ABC123.")
-    assert envid.parse(e, "dev@example.org", SECRET) == "ABC123"
+    assert envid.parse(e, "dev@example.org", SECRET) == envid.Post("ABC123", 1_800_000_000.0)
+    assert envid.parse(e.upper().replace("DEV@EXAMPLE.ORG", "dev@example.org"), "dev@example.org", SECRET) is None
+    assert envid.parse(e.replace(".tr", ".ts", 1), "dev@example.org", SECRET) is None
     assert envid.parse(e, "other@example.org", SECRET) is None
     assert envid.parse(e.replace("ABC123", "ABC124"), "dev@example.org", SECRET) is None
     assert envid.parse(e, "dev@example.org", b"x" * 32) is None
     long_list = "a" * 60 + "@" + "b" * 40 + ".org"
-    assert len(envid.make("Q1", long_list, SECRET)) <= 100
+    assert len(envid.make("Q1", long_list, SECRET, 0)) <= 100
+    assert envid.parse(envid.make("Q1", long_list, SECRET, 0), long_list, SECRET) == envid.Post("Q1", 0.0)
+    # an ENVID of listmilter 0.1 (no time) still verifies
+    old = "ABC123." + envid._mac(SECRET, "ABC123", "dev@example.org") + ".dev@example.org"
+    assert envid.parse(old, "dev@example.org", SECRET) == envid.Post("ABC123", None)
 
 
 def R(kind, list_address="", rcpt=None):
@@ -115,7 +121,7 @@ def test_unique_members_drops_duplicates_and_the_list_itself():
 def test_expand_list_edits():
     ls = plan.ListSettings("dev@x.org", "members", "[dev] ", "", "dev.x.org")
     hdrs = [("Subject", "hi"), ("List-Id", "<up.example>"), ("Precedence", "bulk"), ("List-Id", "<up2>")]
-    e = plan.expand_list(ls, ["<dev@x.org>"], ["a@y.org", "b@y.org", "a@y.org"], hdrs, "Q1", SECRET)
+    e = plan.expand_list(ls, ["<dev@x.org>"], ["a@y.org", "b@y.org", "a@y.org"], hdrs, "Q1", SECRET, 1e9)
     assert e.del_rcpts == ["<dev@x.org>"]
     assert e.add_rcpts == [("a@y.org", "NOTIFY=FAILURE ORCPT=rfc822;a@y.org"),
                            ("b@y.org", "NOTIFY=FAILURE ORCPT=rfc822;b@y.org")]

@@ -259,24 +259,6 @@ def test_role_addresses_reach_the_pipe_transport_and_unknown_ones_are_refused(cl
     assert info.value.recipients["nolist@example.org"][0] == 550
 
 
-def test_a_real_dsn_names_the_member_and_the_post(clean_bed):
-    bed = clean_bed
-    lst = bed.new_list(["ok@example.net", "dead@example.net"], posting="open")
-    bed.sink.replies["dead@example.net"] = "550 5.1.1 no such user here"
-    try:
-        bed.smtp("carol@example.net", [lst], message(to=lst, sender="carol@example.net"))
-        wait_until(lambda: "role=bounces" in bed.postfix.pipe_log.read_text(), 60, what="the DSN at the pipe")
-    finally:
-        bed.sink.replies.clear()
-    line = [l for l in bed.postfix.pipe_log.read_text().splitlines() if "role=bounces" in l][-1]
-    bounces = lst.replace("@", "-bounces@")
-    assert f"to=<{bounces}>, from=<>" in line
-    assert "dsn=<dead@example.net> 5.1.1" in line
-    queue_id = line.split("envid=")[1].split(".")[0]
-    assert f"{queue_id}: list=<{lst}>" in bed.listmilter.log()
-    assert bed.sink.recipients() == ["ok@example.net"]
-
-
 def test_list_create_notify_mails_the_site_admin_through_postfix(clean_bed):
     bed = clean_bed
     from tests.bed.listmilter import cli

@@ -124,7 +124,7 @@ class SQLiteStore:
 
     def _migrate(self, conn: sqlite3.Connection) -> int:
         """Bring an older store up to SCHEMA_VERSION; the version reached."""
-        with _Transaction(conn):
+        with Transaction(conn):
             version = conn.execute("PRAGMA user_version").fetchone()[0]   # another process may have won
             while version in MIGRATIONS:
                 for statement in MIGRATIONS[version].split(";"):
@@ -219,7 +219,7 @@ class SQLiteStore:
 
     # -- writing -----------------------------------------------------------
     def _write(self):
-        return _Transaction(self._conn())
+        return Transaction(self._conn())
 
     @_wrap
     def create_list(self, address: str, list_settings: dict[str, Any]) -> MailingList:
@@ -366,7 +366,7 @@ class SQLiteStore:
         self._conns.clear()
 
 
-class _Transaction:
+class Transaction:
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
 

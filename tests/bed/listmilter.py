@@ -138,7 +138,7 @@ class ListmilterServer:
             args += ["--owner", owner]
         cli(self.config_path, *args)
         for key, value in list_settings.items():
-            cli(self.config_path, "list", "set", address, key, value)
+            cli(self.config_path, "list", "set", address, key, str(value))
         if members:
             cli(self.config_path, "members", "add", address, "-", input="\n".join(members) + "\n")
 

@@ -34,6 +34,7 @@ class Received:
 @dataclass
 class _Handler:
     replies: dict[str, str] = field(default_factory=dict)
+    post_replies: dict[str, str] = field(default_factory=dict)
     messages: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     rcpt_options: dict[int, list[list[str]]] = field(default_factory=dict)
@@ -44,6 +45,8 @@ class _Handler:
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         reply = self.replies.get(address.lower())
+        if not reply and envelope.mail_from not in ("", "<>"):
+            reply = self.post_replies.get(address.lower())
         if reply:
             return reply
         envelope.rcpt_tos.append(address)
@@ -108,6 +111,11 @@ class Sink:
         return self._handler.replies
 
     @property
+    def post_replies(self) -> dict[str, str]:
+        """Like `replies`, for mail with a sender only: list posts bounce, notices (from <>) arrive."""
+        return self._handler.post_replies
+
+    @property
     def messages(self) -> list[Received]:
         with self._handler.lock:
             return list(self._handler.messages)
@@ -115,6 +123,8 @@ class Sink:
     def clear(self) -> None:
         with self._handler.lock:
             self._handler.messages.clear()
+        self._handler.replies.clear()
+        self._handler.post_replies.clear()
 
     def deliveries(self) -> list[tuple[str, Received]]:
         """One (recipient, message) pair per delivered recipient."""

@@ -1,0 +1,246 @@
+"""Bounce processing: what `listmilter deliver` does with mail to <list>-bounces@,
+and the periodic run that warns and removes disabled members.
+
+The decisions are in listmilter.bounces (pure); this module looks members up
+in the store, records in the bounce database, changes memberships and sends
+the notices, through the local MTA.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import hashlib
+import os
+import threading
+import time
+from dataclasses import dataclass, replace
+
+from . import addresses, bouncedb, bounces, envid, notices, outgoing
+from .bouncedb import BounceDB, Row
+from .log import fields, logger
+from .store import ACTIVE, DISABLED, MailingList, NoSuchList
+
+KEPT_FOLDER = "bounces"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str                 # what the message was (bounces.DSN, AUTORESPONSE ...)
+    verdicts: tuple[tuple[str, str, str], ...]   # (address, status, verdict)
+    kept: str = ""            # file kept for the owner
+    envid: str = ""
+
+    def summary(self) -> str:
+        parts = [f"<{a}> {s or '-'} {v}" for a, s, v in self.verdicts]
+        text = self.kind + (": " + ", ".join(parts) if parts else "")
+        return text + (f", kept {self.kept}" if self.kept else "")
+
+
+def policy_of(config, mlist: MailingList) -> bounces.Policy:
+    get = lambda name: config.effective(name, mlist.settings).value  # noqa: E731
+    return bounces.Policy(get("bounce_action"), get("bounce_threshold"), get("bounce_stale_days"),
+                          get("bounce_warnings"), get("bounce_warning_interval_days"))
+
+
+def _verdict(failure: bounces.Failure, report: bounces.Report, post: envid.Post | None,
+             member) -> str:
+    if not failure.permanent:
+        return bouncedb.TEMPORARY
+    if member is None:
+        return bouncedb.NOT_MEMBER
+    if report.kind != bounces.DSN or post is None:
+        return bouncedb.UNVERIFIED
+    if not bounces.was_recipient(member.added, member.status != DISABLED, post.posted_at):
+        return bouncedb.NOT_RECIPIENT
+    return bouncedb.SCORED
+
+
+# Verdicts that leave a message for the owner to look at.
+_FOR_OWNER = (bouncedb.NOT_MEMBER, bouncedb.UNVERIFIED, bouncedb.NOT_RECIPIENT)
+
+
+def handle(config, store, secret: bytes, mlist: MailingList, sender: str, data: bytes,
+           now: float | None = None) -> Outcome:
+    """Process one message that reached <list>-bounces@."""
+    now = time.time() if now is None else now
+    msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(data)
+    report = bounces.read(msg, null_sender=(sender == ""))
+    if report.kind == bounces.AUTORESPONSE:
+        return Outcome(report.kind, ())
+    policy = policy_of(config, mlist)
+    post = envid.parse(report.envid, mlist.address, secret) if report.envid else None
+    db = BounceDB(config.state_dir)
+    try:
+        verdicts = []
+        for failure in report.failures:
+            member = store.member(mlist.address, failure.address)
+            verdict = _verdict(failure, report, post, member)
+            final, row = db.record(mlist.address, failure, verdict, report.envid,
+                                   post.post_id if post else "", policy, now)
+            verdicts.append((failure.address, failure.status, final))
+            if final == bouncedb.DUPLICATE:
+                # A retry: finish whatever the first delivery left pending.
+                row = next((r for r in db.rows(mlist.address)
+                            if addresses.key(r.address) == addresses.key(failure.address)), None)
+            if row is not None and row.pending:
+                apply_pending(config, store, db, mlist, row, policy, now)
+        kept = ""
+        unused = [v for v in verdicts if v[2] in _FOR_OWNER]
+        if not report.failures or unused:
+            why = (f"{report.kind}: names no failed recipient" if not report.failures else
+                   "; ".join(f"<{a}> {s or '-'}: {_WHY[v]}" for a, s, v in unused))
+            kept = keep_for_owner(config, db, mlist, data, why, now)
+        return Outcome(report.kind, tuple(verdicts), kept, report.envid)
+    finally:
+        db.close()
+
+
+_WHY = {
+    bouncedb.NOT_MEMBER: "not a member of the list",
+    bouncedb.UNVERIFIED: "not a DSN with an envelope id listmilter issued, so it cannot be tied to a post",
+    bouncedb.NOT_RECIPIENT: "a member, but not a recipient of that post (joined later, or disabled)",
+}
+
+
+def keep_for_owner(config, db: BounceDB, mlist: MailingList, data: bytes, why: str, now: float) -> str:
+    """Keep a message that scored nobody: a file in state_dir/bounces/, and (forward) the owners."""
+    folder = os.path.join(config.state_dir, KEPT_FOLDER, addresses.key(mlist.address))
+    os.makedirs(folder, mode=0o750, exist_ok=True)
+    name = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + "-" + hashlib.sha256(data).hexdigest()[:12] + ".eml"
+    path = os.path.join(folder, name)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    db.record(mlist.address, bounces.Failure("", False, "", why[:300]), bouncedb.UNRECOGNISED,
+              now=now, kept=path)
+    if config.effective("bounce_unrecognised", mlist.settings).value == "forward":
+        owners = config.owners(mlist.settings)
+        outgoing.send(config.outgoing, "", list(owners),
+                      notices.unrecognised_bounce(mlist.address, owners, why, data))
+    return path
+
+
+def _evidence(db: BounceDB, list_address: str, address: str) -> list[tuple]:
+    rows = db.records(list_address, address)
+    return [(at, status, diag) for at, _, permanent, status, diag, _, verdict, _ in rows
+            if permanent and verdict in (bouncedb.SCORED, bouncedb.COUNTED_TODAY)][-10:]
+
+
+def apply_pending(config, store, db: BounceDB, mlist: MailingList, row: Row, policy: bounces.Policy,
+                  now: float) -> None:
+    """Carry out the action a score called for; clear it once done."""
+    what = row.pending
+    owners = config.owners(mlist.settings)
+    detail = f"bounce score {row.score}, last {row.last_status or '-'} {row.last_diagnostic}".strip()
+    evidence = _evidence(db, mlist.address, row.address)
+    mails = []
+    if what == "remove":
+        store.unsubscribe(mlist.address, row.address, "bounce", detail=detail)
+        mails.append((list(owners), notices.bounce_owner(mlist.address, owners, row.address, "remove",
+                                                          row.score, evidence)))
+    elif what == "disable":
+        store.set_status(mlist.address, row.address, DISABLED, "bounce", detail=detail)
+        mails.append((list(owners), notices.bounce_owner(mlist.address, owners, row.address, "disable",
+                                                          row.score, evidence)))
+        interval = policy.warning_interval_days * bounces.DAY
+        if policy.warnings:
+            removal = _removal_date(now, policy.warnings, interval)
+            mails.append(([row.address], notices.bounce_warning(mlist.address, row.address, 1,
+                                                                policy.warnings, removal)))
+    elif what == "notify":
+        mails.append((list(owners), notices.bounce_owner(mlist.address, owners, row.address, "notify",
+                                                          row.score, evidence)))
+    outgoing.send_many(config.outgoing, [("", rcpts, m) for rcpts, m in mails])
+    if what == "remove":
+        db.forget(mlist.address, row.address)
+    elif what == "disable":
+        db.mark_disabled(mlist.address, row.address, now, now + policy.warning_interval_days * bounces.DAY,
+                         1 if policy.warnings else 0)
+    elif what == "notify":
+        db.mark_reported(mlist.address, row.address, now)
+    logger.info("bounce: %s", fields(list=f"<{mlist.address}>", member=f"<{row.address}>",
+                                      action={"remove": "removed", "disable": "disabled",
+                                              "notify": "reported to owner"}.get(what, what),
+                                      score=row.score))
+
+
+def _removal_date(now: float, warnings_left: int, interval: float) -> str:
+    return "on or after " + time.strftime("%Y-%m-%d", time.gmtime(now + warnings_left * interval))
+
+
+def periodic(config, store, now: float | None = None) -> list[str]:
+    """Warn and remove members disabled by bounces, finish pending actions; what was done."""
+    now = time.time() if now is None else now
+    done = []
+    db = BounceDB(config.state_dir)
+    try:
+        for row in db.rows():
+            mlist = store.get_list(row.list)
+            if mlist is None:
+                db.forget(row.list, row.address)
+                continue
+            policy = policy_of(config, mlist)
+            member = store.member(mlist.address, row.address)
+            if member is None:
+                db.forget(mlist.address, row.address)       # removed by other means
+                continue
+            if row.pending:
+                apply_pending(config, store, db, mlist, row, policy, now)
+                done.append(f"{row.pending} {row.address} ({mlist.address})")
+                continue
+            if not row.acted or row.next_warning == 0 or member.status != DISABLED:
+                continue
+            step = bounces.next_step(row.warnings_sent, row.next_warning, now, policy)
+            interval = policy.warning_interval_days * bounces.DAY
+            if step == "warn":
+                number = row.warnings_sent + 1
+                outgoing.send(config.outgoing, "", [row.address], notices.bounce_warning(
+                    mlist.address, row.address, number, policy.warnings,
+                    _removal_date(now, policy.warnings - row.warnings_sent, interval)))
+                db.mark_warned(mlist.address, row.address, number, now + interval)
+                done.append(f"warned {row.address} ({mlist.address}, {number}/{policy.warnings})")
+            elif step == "remove":
+                apply_pending(config, store, db, mlist, replace(row, pending="remove"),
+                              policy, now)
+                done.append(f"removed {row.address} ({mlist.address})")
+    finally:
+        db.close()
+    return done
+
+
+def enable(config, store, list_address: str, address: str, how: str, who: str) -> bool:
+    """Re-enable a member and start their score again (the owner's `keep`)."""
+    if store.get_list(list_address) is None:
+        raise NoSuchList(list_address)
+    changed = store.set_status(list_address, address, ACTIVE, how, who)
+    db = BounceDB(config.state_dir)
+    try:
+        forgot = db.forget(list_address, address)
+    finally:
+        db.close()
+    return changed or forgot
+
+
+PERIOD = 3600.0
+
+
+def start_periodic(runtime) -> threading.Thread:
+    """`listmilter serve` runs `periodic` hourly (the first run a minute after start)."""
+    def loop() -> None:
+        delay = 60.0
+        while True:
+            time.sleep(delay)
+            delay = PERIOD
+            try:
+                config, store = runtime.current()
+                for line in periodic(config, store):
+                    logger.info("bounce: periodic: %s", line)
+            except Exception as e:   # a busy store or MTA now is retried next hour
+                logger.error("warning: bounce: periodic run failed, will retry: %s", e)
+    thread = threading.Thread(target=loop, name="bounce-periodic", daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,223 @@
+"""Bounce records and scores: state_dir/bounces.sqlite, for both list backends.
+
+Postfix runs several `listmilter deliver` processes at once; every change is
+one BEGIN IMMEDIATE transaction, so concurrent DSNs never lose an update, and
+a DSN delivered twice (a retry after a crash) scores once: a bounce is
+recorded once per (list, post, member, permanence).
+
+An action a score calls for (remove, disable, notify) is first written here
+as `pending`, in the same transaction as the score, and cleared once done.
+If doing it fails, the next bounce or the periodic run does it, so no
+decision is lost between two databases.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+
+from . import addresses
+from .bounces import Failure, Policy, Score, add_bounce
+from .store import StoreError
+from .store.sqlite import Transaction
+
+NAME = "bounces.sqlite"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS scores (
+    list          TEXT NOT NULL,
+    key           TEXT NOT NULL,
+    address       TEXT NOT NULL,
+    score         INTEGER NOT NULL DEFAULT 0,
+    last_scored   REAL NOT NULL DEFAULT 0,
+    last_bounce   REAL NOT NULL DEFAULT 0,
+    last_status   TEXT NOT NULL DEFAULT '',
+    last_diagnostic TEXT NOT NULL DEFAULT '',
+    pending       TEXT NOT NULL DEFAULT '',   -- remove | disable | notify, until done
+    acted         REAL NOT NULL DEFAULT 0,    -- when the action was taken (0: not yet)
+    warnings_sent INTEGER NOT NULL DEFAULT 0,
+    next_warning  REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (list, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bounces (
+    id         INTEGER PRIMARY KEY,
+    at         REAL NOT NULL,
+    list       TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    address    TEXT NOT NULL,
+    permanent  INTEGER NOT NULL,
+    status     TEXT NOT NULL DEFAULT '',
+    diagnostic TEXT NOT NULL DEFAULT '',
+    envid      TEXT NOT NULL DEFAULT '',
+    post_id    TEXT NOT NULL DEFAULT '',
+    verdict    TEXT NOT NULL,               -- scored, counted-today, temporary, not-member, ...
+    kept       TEXT NOT NULL DEFAULT ''     -- file of a message kept for the owner
+);
+CREATE UNIQUE INDEX IF NOT EXISTS bounces_once ON bounces(list, post_id, key, permanent) WHERE post_id != '';
+CREATE INDEX IF NOT EXISTS bounces_member ON bounces(list, key);
+"""
+
+# Verdicts of a recorded failure
+SCORED = "scored"
+COUNTED_TODAY = "counted-today"   # permanent, but the member scored already today
+TEMPORARY = "temporary"
+NOT_MEMBER = "not-member"
+NOT_RECIPIENT = "not-recipient"   # a member, but not one the post went to (joined later, disabled)
+UNVERIFIED = "unverified"         # no ENVID we issued: cannot be tied to a post
+DUPLICATE = "duplicate"           # the same failure of the same post, seen before
+UNRECOGNISED = "unrecognised"     # nothing recognisable: the message is kept for the owner
+
+
+@dataclass(frozen=True)
+class Row:
+    list: str
+    address: str
+    score: int
+    last_scored: float
+    last_bounce: float
+    last_status: str
+    last_diagnostic: str
+    pending: str
+    acted: float
+    warnings_sent: int
+    next_warning: float
+
+
+class BounceDB:
+    def __init__(self, state_dir: str):
+        self.path = os.path.join(state_dir, NAME)
+        try:
+            os.makedirs(state_dir, mode=0o750, exist_ok=True)
+            self.conn = sqlite3.connect(self.path, timeout=15, isolation_level=None)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            if not self.conn.execute("SELECT 1 FROM sqlite_master WHERE name='bounces'").fetchone():
+                with self._write():
+                    for statement in SCHEMA.split(";"):
+                        if statement.strip():
+                            self.conn.execute(statement)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"bounce database {self.path}: {e}") from e
+
+    def _write(self):
+        return Transaction(self.conn)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- recording -------------------------------------------------------------
+    def record(self, list_address: str, failure: Failure, verdict: str, envid: str = "",
+               post_id: str = "", policy: Policy | None = None, now: float | None = None,
+               kept: str = "") -> tuple[str, Row | None]:
+        """Record one failure; score it if `verdict` is SCORED.
+
+        Returns the final verdict (DUPLICATE, COUNTED_TODAY or the one given)
+        and, for a scored failure, the member's row after it (with `pending`
+        set if the score reached the threshold just now).
+        """
+        now = time.time() if now is None else now
+        list_key = addresses.key(list_address)
+        key = addresses.key(failure.address)
+        try:
+            with self._write() as conn:
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO bounces(at, list, key, address, permanent, status, diagnostic, "
+                    "envid, post_id, verdict, kept) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (now, list_key, key, failure.address, int(failure.permanent), failure.status,
+                     failure.diagnostic, envid, post_id, verdict, kept))
+                if cur.rowcount == 0:
+                    return DUPLICATE, None
+                bounce_id = cur.lastrowid
+                if verdict != SCORED:
+                    return verdict, None
+                row = self._row(conn, list_key, key)
+                current = Score(row.score, row.last_scored, row.last_bounce) if row else Score()
+                new, counted = add_bounce(current, now, policy)
+                pending = row.pending if row else ""
+                acted = row.acted if row else 0.0
+                if counted and new.score >= policy.threshold and not pending and not acted:
+                    pending = policy.action
+                conn.execute(
+                    "INSERT INTO scores(list, key, address, score, last_scored, last_bounce, last_status, "
+                    "last_diagnostic, pending) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(list, key) DO UPDATE SET address=excluded.address, score=excluded.score, "
+                    "last_scored=excluded.last_scored, last_bounce=excluded.last_bounce, "
+                    "last_status=excluded.last_status, last_diagnostic=excluded.last_diagnostic, "
+                    "pending=excluded.pending",
+                    (list_key, key, failure.address, new.score, new.last_scored, new.last_bounce,
+                     failure.status, failure.diagnostic, pending))
+                if not counted:
+                    conn.execute("UPDATE bounces SET verdict=? WHERE id=?", (COUNTED_TODAY, bounce_id))
+                return (SCORED if counted else COUNTED_TODAY), self._row(conn, list_key, key)
+        except sqlite3.Error as e:
+            raise StoreError(f"bounce database {self.path}: {e}") from e
+
+    def _row(self, conn, list_key: str, key: str) -> Row | None:
+        row = conn.execute("SELECT list, address, score, last_scored, last_bounce, last_status, "
+                           "last_diagnostic, pending, acted, warnings_sent, next_warning FROM scores "
+                           "WHERE list=? AND key=?", (list_key, key)).fetchone()
+        return Row(*row) if row else None
+
+    # -- after an action -------------------------------------------------------
+    def _update(self, sql: str, params: tuple) -> None:
+        try:
+            with self._write() as conn:
+                conn.execute(sql, params)
+        except sqlite3.Error as e:
+            raise StoreError(f"bounce database {self.path}: {e}") from e
+
+    def mark_disabled(self, list_address: str, address: str, now: float, next_warning: float,
+                      warnings_sent: int) -> None:
+        self._update("UPDATE scores SET pending='', acted=?, warnings_sent=?, next_warning=? "
+                     "WHERE list=? AND key=?", (now, warnings_sent, next_warning,
+                                                addresses.key(list_address), addresses.key(address)))
+
+    def mark_warned(self, list_address: str, address: str, warnings_sent: int, next_warning: float) -> None:
+        self._update("UPDATE scores SET warnings_sent=?, next_warning=? WHERE list=? AND key=?",
+                     (warnings_sent, next_warning, addresses.key(list_address), addresses.key(address)))
+
+    def mark_reported(self, list_address: str, address: str, now: float) -> None:
+        self._update("UPDATE scores SET pending='', acted=? WHERE list=? AND key=?",
+                     (now, addresses.key(list_address), addresses.key(address)))
+
+    def forget(self, list_address: str, address: str) -> bool:
+        """Drop a member's score (removed, or kept by the owner: they start again from 0)."""
+        try:
+            with self._write() as conn:
+                cur = conn.execute("DELETE FROM scores WHERE list=? AND key=?",
+                                   (addresses.key(list_address), addresses.key(address)))
+                return cur.rowcount > 0
+        except sqlite3.Error as e:
+            raise StoreError(f"bounce database {self.path}: {e}") from e
+
+    # -- reading ---------------------------------------------------------------
+    def rows(self, list_address: str | None = None) -> list[Row]:
+        query = ("SELECT list, address, score, last_scored, last_bounce, last_status, last_diagnostic, "
+                 "pending, acted, warnings_sent, next_warning FROM scores")
+        params: tuple = ()
+        if list_address:
+            query += " WHERE list=?"
+            params = (addresses.key(list_address),)
+        try:
+            return [Row(*r) for r in self.conn.execute(query + " ORDER BY list, key", params)]
+        except sqlite3.Error as e:
+            raise StoreError(f"bounce database {self.path}: {e}") from e
+
+    def records(self, list_address: str, address: str | None = None, verdict: str | None = None
+                ) -> list[tuple]:
+        """(at, address, permanent, status, diagnostic, envid, verdict, kept), oldest first."""
+        query = ("SELECT at, address, permanent, status, diagnostic, envid, verdict, kept FROM bounces "
+                 "WHERE list=?")
+        params: tuple = (addresses.key(list_address),)
+        if address:
+            query += " AND key=?"
+            params += (addresses.key(address),)
+        if verdict:
+            query += " AND verdict=?"
+            params += (verdict,)
+        try:
+            return self.conn.execute(query + " ORDER BY at, id", params).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"bounce database {self.path}: {e}") from e
+

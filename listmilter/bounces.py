@@ -1,0 +1,221 @@
+"""What a message to <list>-bounces@ says, and what it does to a member's score.
+
+Plain functions over plain data; listmilter.bounce_processing applies them.
+
+A message to the bounce address is one of:
+- a DSN (RFC 3464 multipart/report): each per-recipient block names the
+  member by the ORCPT we gave it (Original-Recipient), else by
+  Final-Recipient; the ENVID (Original-Envelope-Id) ties it to a post;
+- a non-standard bounce from the null sender, read by flufl.bounce's
+  detectors (no ENVID: it cannot be tied to a post, so it is never scored);
+- an auto-response (vacation reply and the like: RFC 3834 markers), which is
+  no bounce at all;
+- anything else: unrecognised, kept for the owner.
+"""
+
+from __future__ import annotations
+
+import email.message
+import email.parser
+import re
+import time
+from dataclasses import dataclass, replace
+
+from . import addresses
+
+DSN = "dsn"
+HEURISTIC = "heuristic"
+AUTORESPONSE = "autoresponse"
+UNRECOGNISED = "unrecognised"
+
+DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class Failure:
+    address: str          # as we addressed the member (ORCPT), else the final recipient
+    permanent: bool       # Action: failed; a delay only is temporary
+    status: str = ""      # RFC 3463 code, e.g. 5.1.1
+    diagnostic: str = ""  # the remote server's words, one line
+
+
+@dataclass(frozen=True)
+class Report:
+    kind: str
+    envid: str = ""
+    failures: tuple[Failure, ...] = ()
+
+
+# -- reading -------------------------------------------------------------------
+_AUTO_SUBJECT = re.compile(r"^\s*(auto(matic)?[ -]?(reply|response|antwort)|out of (the )?office|"
+                           r"abwesenheit|absence|vacation|on leave|r[ée]ponse automatique)",
+                           re.IGNORECASE)
+
+
+def is_auto_response(msg: email.message.Message) -> bool:
+    """RFC 3834 and the common de-facto markers of vacation replies."""
+    auto = (msg.get("Auto-Submitted") or "").strip().lower()
+    if auto and not auto.startswith("no"):
+        return True
+    if any(msg.get(h) is not None for h in ("X-Autoreply", "X-Autorespond", "X-Auto-Response-Suppress")):
+        return True
+    if (msg.get("Precedence") or "").strip().lower() in ("auto_reply", "auto-reply"):
+        return True
+    return bool(_AUTO_SUBJECT.match(str(msg.get("Subject") or "")))
+
+
+def _one_line(text: str | None, limit: int = 300) -> str:
+    return " ".join((text or "").split())[:limit]
+
+
+def _address_field(value: str | None) -> str:
+    """`rfc822;bob@example.net` -> bob@example.net ('' for other address types)."""
+    if not value:
+        return ""
+    kind, sep, address = value.partition(";")
+    if not sep:
+        return ""
+    if kind.strip().lower() not in ("rfc822", "utf-8"):
+        return ""
+    return address.strip().strip("<>").strip()
+
+
+def _delivery_status(msg: email.message.Message) -> email.message.Message | None:
+    if msg.get_content_type() != "multipart/report":
+        return None
+    for part in msg.walk():
+        if part.get_content_type() in ("message/delivery-status", "message/global-delivery-status"):
+            return part
+    return None
+
+
+def _status_blocks(part: email.message.Message) -> list[email.message.Message]:
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        return payload
+    # message/global-delivery-status is left as text by the email package.
+    text = payload if isinstance(payload, str) else ""
+    blocks = re.split(r"\r?\n\s*\r?\n", text.strip())
+    return [email.parser.HeaderParser().parsestr(b + "\n") for b in blocks if b.strip()]
+
+
+def read_dsn(msg: email.message.Message) -> Report | None:
+    """The failures an RFC 3464 DSN reports, or None if `msg` is no DSN."""
+    part = _delivery_status(msg)
+    if part is None:
+        return None
+    blocks = _status_blocks(part)
+    if not blocks:
+        return Report(DSN)
+    envid = _one_line(blocks[0].get("Original-Envelope-Id"), 100)
+    failures = []
+    for block in blocks[1:]:
+        # Real DSNs say "failure" or "failed (reason)" too.
+        action = (block.get("Action") or "").strip().lower()
+        status = (block.get("Status") or "").strip().split(" ")[0]
+        if action.startswith("fail"):
+            permanent = True
+        elif action.startswith("delay"):
+            permanent = False
+        else:
+            continue          # delivered, relayed, expanded: no failure
+        address = _address_field(block.get("Original-Recipient")) or \
+            _address_field(block.get("Final-Recipient"))
+        if not addresses.is_valid(address):
+            continue
+        failures.append(Failure(address, permanent, status, _one_line(block.get("Diagnostic-Code"))))
+    return Report(DSN, envid, tuple(failures))
+
+
+def read(msg: email.message.Message, null_sender: bool) -> Report:
+    """What a message that reached the bounce address is."""
+    report = read_dsn(msg)
+    if report is not None and report.failures:
+        return report
+    if is_auto_response(msg) and not null_sender:
+        return Report(AUTORESPONSE)
+    if null_sender:
+        # flufl.bounce's heuristics find addresses quoted in any text; only
+        # mail from the null sender is a bounce at all.
+        temporary, permanent = _flufl_failures(msg)
+        failures = tuple(Failure(a, True) for a in sorted(permanent) if addresses.is_valid(a)) + \
+            tuple(Failure(a, False) for a in sorted(temporary - permanent) if addresses.is_valid(a))
+        if failures:
+            return Report(HEURISTIC, report.envid if report else "", failures)
+    if report is not None:
+        return report         # a DSN that names no failure (a success notice, or unreadable)
+    if is_auto_response(msg):
+        return Report(AUTORESPONSE)
+    return Report(UNRECOGNISED)
+
+
+def _flufl_failures(msg: email.message.Message) -> tuple[set[str], set[str]]:
+    from flufl.bounce import all_failures
+    try:
+        temporary, permanent = all_failures(msg)
+    except Exception:   # flufl.bounce 6 raises IndexError on some plain messages
+        return set(), set()
+    decode = lambda items: {a.decode("utf-8", "replace") if isinstance(a, bytes) else str(a)  # noqa: E731
+                            for a in items}
+    return decode(temporary), decode(permanent)
+
+
+# -- scoring -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Policy:
+    """The bounce_* settings of one list."""
+    action: str = "disable"
+    threshold: int = 5
+    stale_days: int = 7
+    warnings: int = 3
+    warning_interval_days: int = 7
+
+
+@dataclass(frozen=True)
+class Score:
+    score: int = 0
+    last_scored: float = 0.0     # time of the last bounce that counted
+    last_bounce: float = 0.0     # time of the last permanent bounce, counted or not
+
+
+def _day(t: float) -> int:
+    return int(t // DAY)
+
+
+def add_bounce(current: Score, now: float, policy: Policy) -> tuple[Score, bool]:
+    """The score after a permanent bounce at `now`, and whether this bounce counted.
+
+    A score with no bounce for `stale_days` starts again; bounces count at most
+    once per (UTC) day, so a dead address scores once for a day's posts.
+    """
+    score = current
+    if score.last_bounce and now - score.last_bounce > policy.stale_days * DAY:
+        score = Score()
+    if score.last_scored and _day(score.last_scored) == _day(now):
+        return replace(score, last_bounce=max(now, score.last_bounce)), False
+    return Score(score.score + 1, now, max(now, score.last_bounce)), True
+
+
+def was_recipient(member_added: float, member_active: bool, posted_at: float | None) -> bool:
+    """Could the member have received the post a DSN refers to?
+
+    Joined after the post (a minute's slack for clocks), or disabled now: the
+    bounce is not theirs to score.
+    """
+    if not member_active:
+        return False
+    if posted_at is None or not member_added:
+        return True
+    return member_added <= posted_at + 60
+
+
+def next_step(warnings_sent: int, next_warning: float, now: float, policy: Policy) -> str | None:
+    """For a member disabled by bounces: 'warn', 'remove' or None (nothing due yet)."""
+    if now < next_warning:
+        return None
+    return "warn" if warnings_sent < policy.warnings else "remove"
+
+
+def fmt_time(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) + " UTC" if t else "-"
+

@@ -1,0 +1,389 @@
+"""Bounce processing: real DSNs from the private Postfix, through the real pipe transport.
+
+The sink refuses chosen members (`post_replies`: list posts only, so notices
+sent from <> still arrive), Postfix writes the DSN, routes it to
+`listmilter deliver` as user nobody, and the tests look at the store, the
+bounce database, the owner's mailbox and the next post.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import multiprocessing
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from listmilter import bouncedb, bounces, envid
+from listmilter.bouncedb import BounceDB
+from tests.bed.listmilter import cli
+from tests.bed.net import wait_until
+from tests.bed.postfix import PIPE_USER, pipe_runtime
+from tests.conftest import message
+
+DATA = Path(__file__).parent / "data" / "flufl-bounce"
+POLICY = bounces.Policy("remove", 3, 7, 3, 7)
+T0 = 1_800_000_000.0
+DAY = bounces.DAY
+
+
+# -- the pure core ----------------------------------------------------------------
+def _dsn(envid_text: str, *blocks: str) -> bytes:
+    per_rcpt = "".join("\n" + textwrap.dedent(b).strip() + "\n" for b in blocks)
+    return textwrap.dedent(f"""\
+        From: MAILER-DAEMON@mx.example.test (Mail Delivery System)
+        To: dev-bounces@example.org
+        Subject: Undelivered Mail Returned to Sender
+        Auto-Submitted: auto-replied
+        MIME-Version: 1.0
+        Content-Type: multipart/report; report-type=delivery-status; boundary="B"
+
+        --B
+        Content-Type: text/plain
+
+        I'm sorry to have to inform you that your message could not be delivered.
+
+        --B
+        Content-Type: message/delivery-status
+
+        Reporting-MTA: dns; mx.example.test
+        Original-Envelope-Id: {envid_text}
+        """).encode() + per_rcpt.encode() + b"\n--B--\n"
+
+
+def _read(data: bytes, null_sender: bool = True) -> bounces.Report:
+    return bounces.read(email.message_from_bytes(data, policy=email.policy.compat32), null_sender)
+
+
+def test_a_dsn_names_members_by_orcpt_and_tells_permanent_from_temporary():
+    report = _read(_dsn("Q1.abc.def", """
+        Final-Recipient: rfc822; forwarded@elsewhere.example
+        Original-Recipient: rfc822;Bob@example.net
+        Action: failed
+        Status: 5.1.1
+        Diagnostic-Code: smtp; 550 5.1.1 <forwarded@elsewhere.example>:
+          user unknown
+        """, """
+        Final-Recipient: rfc822; slow@example.net
+        Action: delayed
+        Status: 4.4.1
+        """, """
+        Final-Recipient: rfc822; fine@example.net
+        Action: delivered
+        Status: 2.0.0
+        """))
+    assert report.kind == bounces.DSN and report.envid == "Q1.abc.def"
+    assert report.failures == (
+        bounces.Failure("Bob@example.net", True, "5.1.1",
+                        "smtp; 550 5.1.1 <forwarded@elsewhere.example>: user unknown"),
+        bounces.Failure("slow@example.net", False, "4.4.1", ""))
+
+
+def test_vacation_replies_are_not_bounces():
+    vacation = (b"From: bob@example.net\nTo: dev-bounces@example.org\nSubject: Out of office\n"
+                b"Auto-Submitted: auto-replied\n\nI am away until Monday; bob@example.net.\n")
+    assert _read(vacation, null_sender=False).kind == bounces.AUTORESPONSE
+    assert _read(vacation.replace(b"Auto-Submitted: auto-replied\n", b""), False).kind == bounces.AUTORESPONSE
+    human = b"From: bob@example.net\nSubject: hi\n\nplease remove carol@example.com\n"
+    assert _read(human, null_sender=False).kind == bounces.UNRECOGNISED   # no heuristics on people
+
+
+def _corpus():
+    for line in (DATA / "expected.tsv").read_text().splitlines():
+        if not line.startswith("#"):
+            name, permanent, temporary = line.split("\t")
+            yield name, set(permanent.split()), set(temporary.split())
+
+
+@pytest.mark.parametrize("name,permanent,temporary", list(_corpus()), ids=lambda v: v if isinstance(v, str) else "")
+def test_flufl_bounce_sample_corpus(name, permanent, temporary):
+    report = _read((DATA / name).read_bytes(), null_sender=True)
+    got_permanent = {f.address for f in report.failures if f.permanent}
+    got_all = {f.address for f in report.failures}
+    if permanent:
+        assert got_permanent == permanent
+    assert temporary <= got_all
+    if not permanent and not temporary:
+        assert not report.failures
+
+
+def test_scores_count_once_a_day_and_go_stale():
+    s, counted = bounces.add_bounce(bounces.Score(), T0, POLICY)
+    assert (s.score, counted) == (1, True)
+    s, counted = bounces.add_bounce(s, T0 + 3600, POLICY)            # same day: not again
+    assert (s.score, counted) == (1, False) and s.last_bounce == T0 + 3600
+    s, counted = bounces.add_bounce(s, T0 + DAY, POLICY)
+    assert (s.score, counted) == (2, True)
+    s, counted = bounces.add_bounce(s, T0 + 10 * DAY, POLICY)       # 8 quiet days: stale, starts again
+    assert (s.score, counted) == (1, True)
+    assert bounces.next_step(1, T0 + DAY, T0, POLICY) is None
+    assert bounces.next_step(1, T0 + DAY, T0 + DAY, POLICY) == "warn"
+    assert bounces.next_step(3, T0 + DAY, T0 + DAY, POLICY) == "remove"
+    assert bounces.was_recipient(T0 - 5, True, T0) and not bounces.was_recipient(T0 + 3600, True, T0)
+    assert not bounces.was_recipient(T0 - 5, False, T0)
+
+
+def test_bounce_database_scores_reach_the_threshold_once_and_duplicates_do_not_count(tmp_path):
+    db = BounceDB(str(tmp_path))
+    fail = bounces.Failure("dead@example.net", True, "5.1.1", "gone")
+    verdicts = [db.record("dev@example.org", fail, bouncedb.SCORED, f"P{day}.x", f"P{day}", POLICY,
+                          T0 + day * DAY) for day in range(3)]
+    assert [v for v, _ in verdicts] == [bouncedb.SCORED] * 3
+    assert verdicts[-1][1].score == 3 and verdicts[-1][1].pending == "remove"
+    again = db.record("dev@example.org", fail, bouncedb.SCORED, "P2.x", "P2", POLICY, T0 + 2 * DAY + 60)
+    assert again == (bouncedb.DUPLICATE, None)
+    db.mark_reported("dev@example.org", "dead@example.net", T0)
+    verdict, row = db.record("dev@example.org", fail, bouncedb.SCORED, "P3.x", "P3", POLICY, T0 + 3 * DAY)
+    assert row.score == 4 and row.pending == ""                       # acted on already: not again
+    db.close()
+
+
+def _record_many(state_dir: str, worker: int, count: int) -> None:
+    db = BounceDB(state_dir)
+    for i in range(count):
+        db.record("dev@example.org", bounces.Failure(f"m{i}@example.net", True, "5.1.1"), bouncedb.SCORED,
+                  f"W{worker}.x", f"W{worker}", POLICY, T0 + worker * DAY)
+    db.close()
+
+
+def test_concurrent_deliveries_lose_no_update(tmp_path):
+    BounceDB(str(tmp_path)).close()
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_record_many, args=(str(tmp_path), w, 200)) for w in range(6)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+        assert w.exitcode == 0
+    db = BounceDB(str(tmp_path))
+    rows = db.rows("dev@example.org")
+    assert len(rows) == 200
+    # Each worker is a different post on a different day: every one of them scored.
+    assert {r.score for r in rows} == {6}
+    assert len(db.records("dev@example.org")) == 1200
+    db.close()
+
+
+# -- through the real Postfix ----------------------------------------------------
+def _members(bed, lst) -> list[str]:
+    return cli(bed.listmilter.config_path, "members", "ls", lst).stdout.split()
+
+
+def _bounce_lines(bed, lst) -> list[str]:
+    bounces_addr = lst.replace("@", "-bounces@")
+    return [line for line in bed.postfix.pipe_log.read_text().splitlines() if f"to=<{bounces_addr}>" in line]
+
+
+def _wait_bounce(bed, lst, count: int = 1, timeout: float = 90) -> list[str]:
+    return wait_until(lambda: (lines := _bounce_lines(bed, lst)) and len(lines) >= count and lines,
+                      timeout, interval=0.2, what=f"{count} bounce deliveries for {lst}")
+
+
+def _as_pipe_user(bed, code: str) -> str:
+    """Run Python as the pipe transport's user, with the bed's config (for the periodic run's clock)."""
+    script = ("from listmilter import config, bounce_processing\nfrom listmilter.store import open_store\n"
+              f"cfg = config.load({str(bed.listmilter.config_path)!r})\nstore = open_store(cfg)\n" + code)
+    proc = subprocess.run(["runuser", "-u", PIPE_USER, "--", "/usr/bin/env", f"PYTHONPATH={pipe_runtime()}",
+                           f"LISTMILTER_LOG={bed.postfix.pipe_log}", "/usr/bin/python3", "-c", script],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _post(bed, lst, subject="post"):
+    bed.smtp("carol@example.net", [lst], message(subject, "carol@example.net", lst))
+
+
+def test_remove_a_dead_member_after_a_real_dsn_and_tell_the_owner(clean_bed):
+    bed = clean_bed
+    lst = bed.new_list(["ok@example.net", "dead@example.net"], posting="open", owners=("boss@example.com",),
+                       bounce_action="remove", bounce_threshold=1)
+    bed.sink.post_replies["dead@example.net"] = "550 5.1.1 <dead@example.net>: no such user here"
+    _post(bed, lst)
+    line = _wait_bounce(bed, lst)[-1]
+    assert "from=<>" in line and "<dead@example.net> 5.1.1 scored" in line
+    queue_id = line.split("envid=")[1].split(".")[0]
+    assert f"{queue_id}: list=<{lst}>" in bed.listmilter.log()      # the ENVID names the post's queue id
+    wait_until(lambda: bed.sink.for_recipient("boss@example.com"), 60, what="the owner's notice")
+    notice = bed.sink.for_recipient("boss@example.com")[0].message
+    assert notice["Subject"] == f"dead@example.net removed from {lst} (bounces)"
+    assert "no such user here" in notice.get_content()
+    assert _members(bed, lst) == ["ok@example.net"]
+    history = cli(bed.listmilter.config_path, "members", "history", lst, "dead@example.net").stdout
+    assert "dead@example.net unsubscribed by bounce: bounce score 1, last 5.1.1" in history
+
+    bed.sink.clear()
+    _post(bed, lst, "second")
+    bed.sink.wait_for_recipients(1)
+    time.sleep(1)
+    assert bed.sink.recipients() == ["ok@example.net"]
+
+
+def test_disable_warns_the_member_then_removes_after_the_last_warning(clean_bed):
+    bed = clean_bed
+    lst = bed.new_list(["ok@example.net", "gone@example.net"], posting="open", owners=("boss@example.com",),
+                       bounce_threshold=1, bounce_warnings=2, bounce_warning_interval_days=3)
+    bed.sink.post_replies["gone@example.net"] = "550 5.2.1 mailbox disabled"
+    _post(bed, lst)
+    _wait_bounce(bed, lst)
+    wait_until(lambda: bed.sink.for_recipient("gone@example.net"), 60, what="the member's warning")
+    warning = bed.sink.for_recipient("gone@example.net")[0]
+    assert warning.mail_from == "<>" and "(warning 1 of 2)" in warning.message.get_content()
+    owner = wait_until(lambda: bed.sink.for_recipient("boss@example.com"), 60, what="the owner's notice")
+    assert owner[0].message["Subject"] == f"gone@example.net disabled on {lst} (bounces)"
+    assert _members(bed, lst) == ["gone@example.net", "ok@example.net"]       # still a member...
+    listing = cli(bed.listmilter.config_path, "bounces", lst).stdout
+    assert "gone@example.net" in listing and "disabled" in listing and "5.2.1" in listing
+
+    bed.sink.clear()
+    bed.sink.post_replies["gone@example.net"] = "550 5.2.1 mailbox disabled"
+    _post(bed, lst, "while disabled")
+    bed.sink.wait_for_recipients(1)
+    time.sleep(1)
+    assert bed.sink.recipients() == ["ok@example.net"]                     # ...who gets no posts
+
+    now = time.time()
+    assert _as_pipe_user(bed, f"print(bounce_processing.periodic(cfg, store, now={now + 1}))") == "[]\n"
+    out = _as_pipe_user(bed, f"print(bounce_processing.periodic(cfg, store, now={now + 3 * DAY + 60}))")
+    assert "warned gone@example.net" in out and "2/2" in out
+    wait_until(lambda: len(bed.sink.for_recipient("gone@example.net")) == 1, 60, what="warning 2")
+    assert "(warning 2 of 2)" in bed.sink.for_recipient("gone@example.net")[0].message.get_content()
+    out = _as_pipe_user(bed, f"print(bounce_processing.periodic(cfg, store, now={now + 6 * DAY + 120}))")
+    assert "removed gone@example.net" in out
+    assert _members(bed, lst) == ["ok@example.net"]
+
+
+def test_notify_reports_to_the_owner_and_enable_keeps_the_member(clean_bed):
+    bed = clean_bed
+    lst = bed.new_list(["ok@example.net", "iffy@example.net"], posting="open", owners=("boss@example.com",),
+                       bounce_action="notify", bounce_threshold=1)
+    bed.sink.post_replies["iffy@example.net"] = "550 5.7.1 rejected by policy"
+    _post(bed, lst)
+    _wait_bounce(bed, lst)
+    report = wait_until(lambda: bed.sink.for_recipient("boss@example.com"), 60, what="the owner's report")
+    text = report[0].message.get_content()
+    assert report[0].message["Subject"] == f"iffy@example.net is bouncing on {lst}"
+    assert "rejected by policy" in text and f"listmilter members enable {lst} iffy@example.net" in text
+    assert _members(bed, lst) == ["iffy@example.net", "ok@example.net"]
+    assert "iffy@example.net" in cli(bed.listmilter.config_path, "bounces", lst).stdout
+    out = cli(bed.listmilter.config_path, "members", "enable", lst, "iffy@example.net").stdout
+    assert "iffy@example.net enabled" in out
+    assert "iffy@example.net" not in cli(bed.listmilter.config_path, "bounces", lst).stdout
+
+    bed.sink.clear()
+    _post(bed, lst, "after")
+    bed.sink.wait_for_recipients(2)
+    assert sorted(bed.sink.recipients()) == ["iffy@example.net", "ok@example.net"]
+
+
+def _secret(bed) -> bytes:
+    return (bed.listmilter.state_dir / "secret").read_bytes()
+
+
+def test_forged_and_unprovable_bounces_score_nobody_and_go_to_the_owner(clean_bed):
+    bed = clean_bed
+    lst = bed.new_list(["victim@example.net"], posting="open", owners=("boss@example.com",),
+                       bounce_action="remove", bounce_threshold=1)
+    bounces_addr = lst.replace("@", "-bounces@")
+    block = """
+        Final-Recipient: rfc822; victim@example.net
+        Action: failed
+        Status: 5.1.1
+        """
+    forged = envid.make("FAKE1", lst, b"not the site secret" * 2, time.time())
+    old_post = envid.make("OLD1", lst, _secret(bed), time.time() - 10 * DAY)   # before victim joined
+    for text in (forged, "", old_post):
+        bed.smtp("", [bounces_addr], _dsn(text, block).replace(b"dev-bounces@example.org", bounces_addr.encode()))
+    lines = _wait_bounce(bed, lst, 3)
+    assert all("scored" not in line for line in lines)
+    assert sum("unverified" in line for line in lines) == 2 and sum("not-recipient" in line for line in lines) == 1
+    assert _members(bed, lst) == ["victim@example.net"]
+    assert "victim@example.net" not in cli(bed.listmilter.config_path, "bounces", lst).stdout
+    forwarded = wait_until(lambda: len(bed.sink.for_recipient("boss@example.com")) >= 3 and
+                           bed.sink.for_recipient("boss@example.com"), 60, what="3 forwarded bounces")
+    assert {m.message["Subject"] for m in forwarded} == {f"Unrecognised bounce for {lst}"}
+    kept = cli(bed.listmilter.config_path, "bounces", lst, "--kept").stdout
+    assert kept.count(".eml") == 3
+
+
+def test_a_dsn_delivered_twice_scores_once_and_vacation_replies_are_ignored(clean_bed):
+    bed = clean_bed
+    lst = bed.new_list(["twice@example.net"], posting="open", owners=("boss@example.com",))
+    bounces_addr = lst.replace("@", "-bounces@")
+    dsn = _dsn(envid.make("TWICE1", lst, _secret(bed), time.time()), """
+        Original-Recipient: rfc822;twice@example.net
+        Final-Recipient: rfc822; twice@example.net
+        Action: failed
+        Status: 5.1.1
+        """).replace(b"dev-bounces@example.org", bounces_addr.encode())
+    bed.smtp("", [bounces_addr], dsn)
+    bed.smtp("", [bounces_addr], dsn)
+    bed.smtp("twice@example.net", [bounces_addr],
+             b"From: twice@example.net\r\nSubject: Automatic reply: post\r\nAuto-Submitted: auto-replied\r\n\r\n"
+             b"I am on holiday.\r\n")
+    lines = _wait_bounce(bed, lst, 3)
+    assert sum("scored" in line for line in lines) == 1
+    assert sum("duplicate" in line for line in lines) == 1
+    assert sum("status=autoresponse" in line for line in lines) == 1
+    listing = [line for line in cli(bed.listmilter.config_path, "bounces", lst).stdout.splitlines()
+               if "twice@example.net" in line]
+    assert len(listing) == 1 and " 1  " in listing[0]
+    time.sleep(1)
+    assert bed.sink.for_recipient("boss@example.com") == []        # nothing for the owner
+
+
+def test_a_temporary_failure_is_recorded_not_scored(clean_bed):
+    # Members get NOTIFY=FAILURE, so Postfix itself sends no delay DSNs; some
+    # remote MTAs do anyway. This one is written by hand, sent through Postfix.
+    bed = clean_bed
+    lst = bed.new_list(["slow@example.net"], posting="open")
+    bounces_addr = lst.replace("@", "-bounces@")
+    bed.smtp("", [bounces_addr], _dsn(envid.make("SLOW1", lst, _secret(bed), time.time()), """
+        Final-Recipient: rfc822; slow@example.net
+        Action: delayed
+        Status: 4.2.2
+        Diagnostic-Code: smtp; 452 4.2.2 mailbox full
+        """).replace(b"dev-bounces@example.org", bounces_addr.encode()))
+    line = _wait_bounce(bed, lst)[-1]
+    assert "<slow@example.net> 4.2.2 temporary" in line
+    assert "slow@example.net" not in cli(bed.listmilter.config_path, "bounces", lst).stdout
+    db = BounceDB(str(bed.listmilter.state_dir))
+    try:
+        assert [r[6] for r in db.records(lst, "slow@example.net")] == [bouncedb.TEMPORARY]
+    finally:
+        db.close()
+
+
+def test_storm_ten_thousand_members_ten_percent_bounce(clean_bed):
+    bed = clean_bed
+    members = [f"m{i:05d}@example.net" for i in range(10_000)]
+    dead = set(members[::10])
+    lst = bed.new_list(members, posting="open")
+    for address in dead:
+        bed.sink.post_replies[address] = "550 5.1.1 no such user"
+    _post(bed, lst, "storm")
+    wait_until(lambda: len(bed.sink.recipients()) >= 9000, 300, interval=0.5, what="9000 deliveries")
+    db_path = str(bed.listmilter.state_dir)
+
+    def scored() -> int:
+        db = BounceDB(db_path)
+        try:
+            return len(db.rows(lst))
+        finally:
+            db.close()
+    wait_until(lambda: scored() >= 1000, 300, interval=1, what="1000 scored members")
+    time.sleep(3)
+    db = BounceDB(db_path)
+    try:
+        rows = db.rows(lst)
+        assert {r.address for r in rows} == dead and {r.score for r in rows} == {1}
+        records = db.records(lst)
+        assert len(records) == 1000 and {r[6] for r in records} == {bouncedb.SCORED}
+    finally:
+        db.close()
+    assert len(set(bed.sink.recipients())) == 9000
+    assert bed.postfix.queue_empty()
