@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from . import addresses
 from .bounces import Failure, Policy, Score, add_bounce
 from .store import StoreError
-from .store.sqlite import Transaction
+from .store.sqlite import Transaction, adopt_owner
 
 NAME = "bounces.sqlite"
 SCHEMA = """
@@ -97,6 +97,7 @@ class BounceDB:
                     for statement in SCHEMA.split(";"):
                         if statement.strip():
                             self.conn.execute(statement)
+            adopt_owner(self.path)
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"bounce database {self.path}: {e}") from e
 

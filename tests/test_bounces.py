@@ -170,7 +170,7 @@ def test_concurrent_deliveries_lose_no_update(tmp_path):
 
 # -- through the real Postfix ----------------------------------------------------
 def _members(bed, lst) -> list[str]:
-    return cli(bed.listmilter.config_path, "members", "ls", lst).stdout.split()
+    return sorted(cli(bed.listmilter.config_path, "members", "ls", lst).stdout.split())
 
 
 def _bounce_lines(bed, lst) -> list[str]:
@@ -295,19 +295,24 @@ def test_forged_and_unprovable_bounces_score_nobody_and_go_to_the_owner(clean_be
         Status: 5.1.1
         """
     forged = envid.make("FAKE1", lst, b"not the site secret" * 2, time.time())
-    old_post = envid.make("OLD1", lst, _secret(bed), time.time() - 10 * DAY)   # before victim joined
-    for text in (forged, "", old_post):
+    envids = [forged, ""]
+    if bed.listmilter.backend == "sqlite":
+        # A genuine ENVID of a post made before the victim joined. (Members written
+        # in the yaml file have no join time, so this check needs the sqlite store.)
+        envids.append(envid.make("OLD1", lst, _secret(bed), time.time() - 10 * DAY))
+    for text in envids:
         bed.smtp("", [bounces_addr], _dsn(text, block).replace(b"dev-bounces@example.org", bounces_addr.encode()))
-    lines = _wait_bounce(bed, lst, 3)
+    lines = _wait_bounce(bed, lst, len(envids))
     assert all("scored" not in line for line in lines)
-    assert sum("unverified" in line for line in lines) == 2 and sum("not-recipient" in line for line in lines) == 1
+    assert sum("unverified" in line for line in lines) == 2
+    assert sum("not-recipient" in line for line in lines) == len(envids) - 2
     assert _members(bed, lst) == ["victim@example.net"]
     assert "victim@example.net" not in cli(bed.listmilter.config_path, "bounces", lst).stdout
-    forwarded = wait_until(lambda: len(bed.sink.for_recipient("boss@example.com")) >= 3 and
-                           bed.sink.for_recipient("boss@example.com"), 60, what="3 forwarded bounces")
+    forwarded = wait_until(lambda: len(bed.sink.for_recipient("boss@example.com")) >= len(envids) and
+                           bed.sink.for_recipient("boss@example.com"), 60, what="the forwarded bounces")
     assert {m.message["Subject"] for m in forwarded} == {f"Unrecognised bounce for {lst}"}
     kept = cli(bed.listmilter.config_path, "bounces", lst, "--kept").stdout
-    assert kept.count(".eml") == 3
+    assert kept.count(".eml") == len(envids)
 
 
 def test_a_dsn_delivered_twice_scores_once_and_vacation_replies_are_ignored(clean_bed):

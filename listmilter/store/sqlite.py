@@ -62,6 +62,30 @@ MIGRATIONS = {1: SCHEMA}
 UNSUBSCRIBED = "unsubscribed"
 
 
+def adopt_owner(path: str) -> None:
+    """Root (an admin's CLI) gives the database files it touched to the state folder's owner.
+
+    SQLite creates the -wal and -shm files as whoever opens the database
+    first; root-owned ones would lock the milter and the pipe transport
+    (their own users) out of it.
+    """
+    if os.geteuid() != 0:
+        return
+    try:
+        folder = os.stat(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return
+    if folder.st_uid == 0:
+        return
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            st = os.stat(name)
+            if (st.st_uid, st.st_gid) != (folder.st_uid, folder.st_gid):
+                os.chown(name, folder.st_uid, folder.st_gid)
+        except OSError:
+            pass
+
+
 def _wrap(fn):
     def wrapper(*args, **kw):
         try:
@@ -111,6 +135,7 @@ class SQLiteStore:
                 conn.execute("PRAGMA foreign_keys=ON")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
+                adopt_owner(self.path)
                 if version in MIGRATIONS:
                     version = self._migrate(conn)
             except sqlite3.Error as e:
