@@ -1,0 +1,151 @@
+"""DSNs per second through the real pipe transport, against two floors in the same Postfix.
+
+N DSNs (one per member, each with a genuine ENVID, so each is scored) are
+submitted over SMTP to <list>-bounces@; Postfix runs `listmilter deliver` once
+per DSN, as user nobody, exactly as in the tests. The clock runs from the
+first MAIL to the N-th `deliver:` line in the pipe log.
+
+Baselines, the same N messages through the same Postfix, to pipe transports
+that do nothing but read stdin:
+  - floor-sh:     /bin/cat > /dev/null  (Postfix's own pipe cost)
+  - floor-python: /usr/bin/python3 -c 'read stdin'  (plus a Python start-up)
+
+    .venv/bin/python bench/run_dsn.py [--dsns 1000] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import smtplib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import RESULTS  # common puts the repo on sys.path
+
+from listmilter import envid  # noqa: E402
+from tests.bed.listmilter import ListmilterServer  # noqa: E402
+from tests.bed.net import wait_until  # noqa: E402
+from tests.bed.postfix import PIPE_USER, Postfix  # noqa: E402
+from tests.bed.sink import Sink  # noqa: E402
+
+LIST = "bench@example.org"
+FLOORS = {
+    "floor-sh": "/bin/sh -c 'cat >/dev/null'",
+    "floor-python": "/usr/bin/python3 -c 'import sys; sys.stdin.buffer.read()'",
+}
+
+
+class BenchPostfix(Postfix):
+    """The test bed's Postfix plus two do-nothing pipe transports on their own domains."""
+
+    def _main_cf(self) -> dict[str, str]:
+        cf = super()._main_cf()
+        domains = " ".join(f"{name}.example" for name in FLOORS)
+        cf["mydestination"] += " " + domains
+        inline = ", ".join(f"{name}@{name}.example={name}:" for name in FLOORS)
+        cf["local_recipient_maps"] = f"inline:{{{inline}}} " + cf["local_recipient_maps"]
+        cf["transport_maps"] = f"inline:{{{inline}}} " + cf["transport_maps"]
+        for name in FLOORS:
+            cf[f"{name}_destination_recipient_limit"] = "1"
+        return cf
+
+    def _write_config(self) -> None:
+        super()._write_config()
+        for name, command in FLOORS.items():
+            self.postconf("-Me", f"{name}/unix = {name} unix - n n - - pipe flags=q user={PIPE_USER} "
+                                 f"argv={command}")
+
+
+def dsn(to: str, member: str, env: str) -> bytes:
+    return (f"From: MAILER-DAEMON@mx.example.test\r\nTo: {to}\r\nSubject: Undelivered Mail\r\n"
+            "Auto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: multipart/report; report-type=delivery-status; boundary=B\r\n\r\n"
+            "--B\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n\r\n"
+            "--B\r\nContent-Type: message/delivery-status\r\n\r\n"
+            f"Reporting-MTA: dns; mx.example.test\r\nOriginal-Envelope-Id: {env}\r\n\r\n"
+            f"Original-Recipient: rfc822;{member}\r\nFinal-Recipient: rfc822; {member}\r\n"
+            "Action: failed\r\nStatus: 5.1.1\r\nDiagnostic-Code: smtp; 550 5.1.1 no such user\r\n\r\n"
+            "--B--\r\n").encode()
+
+
+def run_once(postfix: Postfix, to: str, messages: list[bytes], count_lines) -> float:
+    before = count_lines()
+    start = time.monotonic()
+    with smtplib.SMTP("127.0.0.1", postfix.port, timeout=120) as smtp:
+        for m in messages:
+            smtp.sendmail("", [to], m)
+    wait_until(lambda: count_lines() - before >= len(messages), 600, interval=0.1,
+               what=f"{len(messages)} pipe deliveries to {to}")
+    return time.monotonic() - start
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dsns", type=int, default=1000)
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    n = args.dsns
+    work = Path(tempfile.mkdtemp(prefix="bench-dsn-"))
+    work.chmod(0o755)
+    sink = Sink().start()
+    lm = ListmilterServer(work / "listmilter", "sqlite")
+    postfix = BenchPostfix(milter=lm.milter_spec, sink_port=sink.port, config_path=lm.config_path,
+                           socketmap=lm.socketmap_spec, workdir=work / "postfix",
+                           main_cf={"default_process_limit": "100"})
+    lm.outgoing_port = postfix.port
+    results: dict[str, list[float]] = {}
+    try:
+        lm.write_config()
+        lm.start()
+        postfix.start()
+        members = [f"m{i:06d}@example.net" for i in range(n * args.repeat)]
+        lm.create_list(LIST, members, posting="open", bounce_action="notify", bounce_threshold=1000)
+        secret = (lm.state_dir / "secret").read_bytes()
+        bounces_addr = LIST.replace("@", "-bounces@")
+
+        def deliver_lines() -> int:
+            return sum(1 for line in postfix.pipe_log.read_text().splitlines()
+                       if f"to=<{bounces_addr}>" in line and "role=bounces" in line)
+
+        def floor_lines() -> int:
+            return sum(1 for line in postfix.log().splitlines()
+                       if "relay=floor-" in line and "status=sent" in line)
+
+        for r in range(args.repeat):
+            for name in FLOORS:
+                to = f"{name}@{name}.example"
+                msgs = [dsn(to, members[i], "x") for i in range(n)]
+                results.setdefault(name, []).append(run_once(postfix, to, msgs, floor_lines))
+            chunk = members[r * n:(r + 1) * n]
+            msgs = [dsn(bounces_addr, m, envid.make(f"B{r}x{i}", LIST, secret, time.time()))
+                    for i, m in enumerate(chunk)]
+            results.setdefault("listmilter deliver", []).append(
+                run_once(postfix, bounces_addr, msgs, deliver_lines))
+        scored = sum(1 for line in postfix.pipe_log.read_text().splitlines() if " scored" in line)
+    finally:
+        postfix.stop()
+        lm.stop()
+        sink.stop()
+
+    print(f"{n} DSNs per run, {args.repeat} runs; {scored} scored of {n * args.repeat}")
+    print(f"{'pipe command':<22} {'best s':>8} {'DSNs/s':>8}")
+    out = {}
+    for name, times in results.items():
+        best = min(times)
+        out[name] = {"times": times, "per_second": n / best}
+        print(f"{name:<22} {best:>8.2f} {n / best:>8.0f}   (runs: {', '.join(f'{t:.2f}' for t in times)})")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "dsn.json").write_text(json.dumps({"dsns": n, "results": out}, indent=2))
+    if scored != n * args.repeat:
+        print("warning: not every DSN was scored", file=sys.stderr)
+        return 1
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
