@@ -11,7 +11,9 @@ import argparse
 import csv
 import os
 import pwd
+import signal
 import sys
+import threading
 
 from . import __version__
 
@@ -125,6 +127,12 @@ def _serve(args, path: str, explicit: bool) -> int:
     setup(cfg.log_target, cfg.log_facility)
     from . import milter, socketmap
     socket = args.socket or cfg.milter_socket
+    # Signals are taken by waiting threads only, so block them before any
+    # thread starts (threads inherit the mask): libmilter's own thread waits
+    # for SIGTERM, SIGHUP (both: stop) and SIGINT; ours for SIGUSR1 (reload).
+    # A thread without the block would die of SIGTERM's default action.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT})
+    threading.Thread(target=_reload_on_signal, args=(runtime,), name="reload", daemon=True).start()
     try:
         table = socketmap.start(runtime, cfg.socketmap_socket)
     except OSError as e:
@@ -140,9 +148,17 @@ def _serve(args, path: str, explicit: bool) -> int:
         logger.error("fatal: milter: %s", e)
         return EX_TEMPFAIL
     finally:
-        table.shutdown()
+        socketmap.stop(table)
     logger.info("stopping listmilter")
     return 0
+
+
+def _reload_on_signal(runtime) -> None:
+    from .log import logger
+    while True:
+        signal.sigwait({signal.SIGUSR1})
+        logger.info("reload requested (SIGUSR1): reading %s", runtime.path)
+        runtime.reload_now()
 
 
 def _deliver(args, path: str, explicit: bool) -> int:
