@@ -13,7 +13,6 @@ import os
 import pwd
 import signal
 import sys
-import threading
 
 from . import __version__
 
@@ -123,16 +122,17 @@ def _serve(args, path: str, explicit: bool) -> int:
     except StoreError as e:
         print(f"listmilter: {e}", file=sys.stderr)
         return EX_TEMPFAIL
+    except OSError as e:    # the state folder, e.g. made by root before the service user ran
+        print(f"listmilter: state folder: {e}", file=sys.stderr)
+        return EX_TEMPFAIL
     cfg = runtime.config
     setup(cfg.log_target, cfg.log_facility)
     from . import milter, socketmap
     socket = args.socket or cfg.milter_socket
-    # Signals are taken by waiting threads only, so block them before any
-    # thread starts (threads inherit the mask): libmilter's own thread waits
-    # for SIGTERM, SIGHUP (both: stop) and SIGINT; ours for SIGUSR1 (reload).
-    # A thread without the block would die of SIGTERM's default action.
+    # Signals are taken by threads waiting for them (milter.run), so block
+    # them before any thread starts: threads inherit the mask, and one
+    # without the block would die of SIGTERM's default action.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT})
-    threading.Thread(target=_reload_on_signal, args=(runtime,), name="reload", daemon=True).start()
     try:
         table = socketmap.start(runtime, cfg.socketmap_socket)
     except OSError as e:
@@ -143,7 +143,7 @@ def _serve(args, path: str, explicit: bool) -> int:
                 cfg.backend, cfg.path if cfg.backend == "yaml" else cfg.store_path,
                 len(runtime.store.all_lists()))
     try:
-        milter.run(runtime, socket)
+        milter.run(runtime, socket, on_reload=lambda: _reload(runtime))
     except Exception as e:   # libmilter could not open its socket, for one
         logger.error("fatal: milter: %s", e)
         return EX_TEMPFAIL
@@ -153,12 +153,10 @@ def _serve(args, path: str, explicit: bool) -> int:
     return 0
 
 
-def _reload_on_signal(runtime) -> None:
+def _reload(runtime) -> None:
     from .log import logger
-    while True:
-        signal.sigwait({signal.SIGUSR1})
-        logger.info("reload requested (SIGUSR1): reading %s", runtime.path)
-        runtime.reload_now()
+    logger.info("reload requested (SIGUSR1): reading %s", runtime.path)
+    runtime.reload_now()
 
 
 def _deliver(args, path: str, explicit: bool) -> int:

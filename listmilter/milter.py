@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 
@@ -316,13 +317,44 @@ def _post_id(queue_id: str) -> str:
     return secrets.token_hex(6)
 
 
-def run(runtime: Runtime, socket: str, timeout: int = 600, grace: float = 30.0) -> None:
-    """Serve milter connections until libmilter is told to stop (SIGTERM, SIGHUP, SIGINT),
-    then let the messages in flight finish for up to `grace` seconds."""
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGHUP}
+
+
+def run(runtime: Runtime, socket: str, timeout: int = 600, grace: float = 30.0,
+        on_reload=None) -> None:
+    """Serve milter connections until SIGTERM or SIGHUP (messages in flight get
+    up to `grace` seconds to finish) or SIGINT (at once); SIGUSR1 calls on_reload.
+
+    The caller has blocked these signals in every thread. libmilter runs in
+    its own thread and would stop on them itself, abandoning the sessions it
+    serves; this (main) thread waits for them instead, and the kernel hands a
+    process signal to the main thread first when it is waiting for it.
+    """
     ListMilter.runtime = runtime
     Milter.factory = ListMilter
     Milter.set_flags(ACTIONS)
-    Milter.runmilter("listmilter", socket, timeout)
+    failed: list[Exception] = []
+
+    def serve() -> None:
+        try:
+            Milter.runmilter("listmilter", socket, timeout)
+        except Exception as e:     # e.g. libmilter could not open its socket
+            failed.append(e)
+
+    thread = threading.Thread(target=serve, name="libmilter", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        info = signal.sigtimedwait(STOP_SIGNALS | {signal.SIGUSR1, signal.SIGINT}, 1.0)
+        if info is None:
+            continue
+        if info.si_signo == signal.SIGUSR1:
+            if on_reload:
+                on_reload()
+            continue
+        if info.si_signo in STOP_SIGNALS:
+            _drain(grace)
+        Milter.milter.stop()     # libmilter notices within 5 s
+        thread.join()
     kind, _, path = socket.partition(":")
     if kind in ("unix", "local"):
         # Gone at once, so nothing mistakes a dead socket for a running milter.
@@ -330,11 +362,14 @@ def run(runtime: Runtime, socket: str, timeout: int = 600, grace: float = 30.0) 
             os.unlink(path)
         except OSError:
             pass
-    # libmilter has closed its listening socket; sessions already connected
-    # keep running in their own threads until this process exits.
+    if failed:
+        raise failed[0]
+
+
+def _drain(grace: float) -> None:
     pending = ListMilter.in_flight.count
-    if pending:
-        logger.info("stopping: waiting up to %ds for %d messages in flight", grace, pending)
+    logger.info("stopping: new messages get 4xx; waiting up to %ds for %d messages in flight",
+                grace, pending)
     left = ListMilter.in_flight.drain(grace)
     if left:
         logger.warning("warning: stopping with %d messages unfinished; Postfix answers them 4xx "
