@@ -250,7 +250,9 @@ def test_role_addresses_reach_the_pipe_transport_and_unknown_ones_are_refused(cl
     request = lst.replace("@", "-request@")
     confirm = lst.replace("@", "-confirm+abc123@")
     bed.smtp("carol@example.net", [request, confirm], message("subscribe", "carol@example.net", request))
-    wait_until(lambda: "role=confirm" in bed.postfix.pipe_log.read_text(), 30, what="the pipe transport")
+    # Two deliveries, in parallel: wait for both.
+    wait_until(lambda: "role=confirm" in bed.postfix.pipe_log.read_text()
+               and "role=request" in bed.postfix.pipe_log.read_text(), 30, what="the pipe transport")
     log = bed.postfix.pipe_log.read_text()
     assert f"to=<{request}>, from=<carol@example.net>" in log and "role=request, status=accepted" in log
     assert f"to=<{confirm}>" in log
