@@ -353,7 +353,7 @@ def run(runtime: Runtime, socket: str, timeout: int = 600, grace: float = 30.0,
             continue
         if info.si_signo in STOP_SIGNALS:
             _drain(grace)
-        Milter.milter.stop()     # libmilter notices within 5 s
+        Milter.milter.stop()     # libmilter notices within 5 s (its own timer)
         thread.join()
     kind, _, path = socket.partition(":")
     if kind in ("unix", "local"):

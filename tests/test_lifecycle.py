@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from tests.bed.listmilter import cli
 from tests.bed.net import wait_until
 from tests.conftest import Bed, message
 
@@ -61,6 +62,9 @@ def test_postfix_talks_to_milter_and_socketmap_over_unix_sockets_in_its_queue_fo
     bed.smtp("carol@example.net", [lst.replace("@", "-request@")], message(to=lst, sender="carol@example.net"))
     wait_until(lambda: "status=sent" in bed.postfix.log() and "delivered via listmilter" in bed.postfix.log(),
                30, what="the -request@ mail to reach the pipe transport")
+    # check resolves Postfix's relative unix:listmilter/... names against its queue folder.
+    report = cli(bed.listmilter.config_path, "check", env={"MAIL_CONFIG": str(bed.postfix.dir)}, check=False)
+    assert report.returncode == 0 and "postfix" not in report.stderr, report.stderr
     proc = bed.listmilter.proc
     bed.listmilter.stop()
     assert proc.returncode == 0
