@@ -129,6 +129,12 @@ def _serve(args, path: str, explicit: bool) -> int:
     setup(cfg.log_target, cfg.log_facility)
     from . import milter, socketmap
     socket = args.socket or cfg.milter_socket
+    try:
+        # How long a stop waits for messages in flight; keep systemd's TimeoutStopSec above it.
+        grace = float(os.environ.get("LISTMILTER_STOP_GRACE") or 30)
+    except ValueError:
+        print("listmilter: LISTMILTER_STOP_GRACE must be a number of seconds", file=sys.stderr)
+        return EX_USAGE
     # Signals are taken by threads waiting for them (milter.run), so block
     # them before any thread starts: threads inherit the mask, and one
     # without the block would die of SIGTERM's default action.
@@ -143,7 +149,7 @@ def _serve(args, path: str, explicit: bool) -> int:
                 cfg.backend, cfg.path if cfg.backend == "yaml" else cfg.store_path,
                 len(runtime.store.all_lists()))
     try:
-        milter.run(runtime, socket, on_reload=lambda: _reload(runtime))
+        milter.run(runtime, socket, grace=grace, on_reload=lambda: _reload(runtime))
     except Exception as e:   # libmilter could not open its socket, for one
         logger.error("fatal: milter: %s", e)
         return EX_TEMPFAIL

@@ -141,6 +141,35 @@ def test_sigterm_mid_data_finishes_the_message_then_stops(own_bed):
         socket.create_connection(("127.0.0.1", bed.listmilter.socketmap_port), timeout=2).close()
 
 
+def test_message_still_unfinished_after_the_grace_gets_4xx_and_is_delivered_on_retry(monkeypatch):
+    monkeypatch.setenv("LISTMILTER_STOP_GRACE", "2")
+    bed = Bed("sqlite")
+    try:
+        lst = bed.new_list(["g1@example.net"], posting="open")
+        s = _open_session(bed, "carol@example.net", lst)
+        s.putcmd("data")
+        assert s.getreply()[0] == 354
+        text = message("slow client", "carol@example.net", lst)
+        s.send(text[:40])
+        proc = bed.listmilter.proc
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        assert "warning: stopping with 1 messages unfinished" in bed.listmilter.log()
+        s.send(text[40:] + b"\r\n.\r\n")
+        code, reply = s.getreply()
+        s.close()
+        assert 400 <= code < 500, (code, reply)     # not accepted: the client keeps it and retries
+        time.sleep(2)
+        assert bed.sink.deliveries() == []
+        bed.listmilter.start()
+        bed.smtp("carol@example.net", [lst], text)  # the retry
+        bed.sink.wait_for_recipients(1)
+        time.sleep(1)
+        assert bed.sink.recipients() == ["g1@example.net"]
+    finally:
+        bed.stop()
+
+
 def test_serve_exits_0_on_sigterm_and_sighup_is_not_a_crash(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"state_dir: {tmp_path}/state\nmilter: {{socket: 'unix:{tmp_path}/m.sock'}}\n"
