@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from dataclasses import dataclass, field
 
 from . import config as config_mod
-from . import settings
+from . import mta, settings
 from .store import StoreError, open_store
 
 # Bytes a milter-added recipient with NOTIFY=FAILURE and ORCPT takes in a
@@ -28,15 +27,6 @@ def queue_file_estimate(recipients: list[str]) -> int:
     return sum(3 * len(r) + QUEUE_BYTES_PER_RECIPIENT for r in recipients) + QUEUE_BYTES_MESSAGE_ALLOWANCE
 
 
-def postconf(name: str) -> str | None:
-    """A parameter of the running Postfix (MAIL_CONFIG chooses the instance), None if unknown."""
-    try:
-        proc = subprocess.run(["postconf", "-h", name], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return proc.stdout.strip() if proc.returncode == 0 else None
-
-
 def run(path: str, explicit: bool) -> Report:
     report = Report()
     try:
@@ -45,6 +35,19 @@ def run(path: str, explicit: bool) -> Report:
         report.errors.append(str(e))
         return report
     report.notes.append(f"config: {cfg.path or 'built-in defaults (no ' + path + ')'}")
+    limit = None    # Postfix's message_size_limit
+    postfix = mta.Postfix.ask()
+    if postfix is None:
+        report.notes.append("postfix: postconf not found; Postfix checks skipped")
+    elif postfix.error:
+        report.errors.append(f"postfix: postconf cannot read the Postfix config ({postfix.error}); "
+                             "set MAIL_CONFIG to the instance's config folder")
+        postfix = None
+    else:
+        mta.check(postfix, cfg, report)
+        size_limit = postfix.params.get("message_size_limit", "")
+        if size_limit.isdigit():
+            limit = int(size_limit)
     if cfg.backend == "sqlite" and not os.path.exists(cfg.store_path):
         report.warnings.append(f"{cfg.store_path}: sqlite store does not exist yet; "
                                "`listmilter serve` or `listmilter list create` creates it")
@@ -60,10 +63,6 @@ def run(path: str, explicit: bool) -> Report:
     report.notes.append(f"store: {cfg.backend} ({cfg.path if cfg.backend == 'yaml' else cfg.store_path}), "
                         f"{len(lists)} lists")
 
-    limit = None
-    size_limit = postconf("message_size_limit")
-    if size_limit and size_limit.isdigit():
-        limit = int(size_limit)
     for mlist in lists:
         for name, value in mlist.settings.items():
             try:
@@ -81,7 +80,5 @@ def run(path: str, explicit: bool) -> Report:
                     f"more than message_size_limit = {limit}: Postfix would refuse posts with "
                     f"'552 5.3.4 message file too big'. Set message_size_limit (and mailbox_size_limit) "
                     f"to at least {estimate * 5 // 4} in main.cf")
-    if limit is None:
-        report.notes.append("postfix: could not ask postconf for message_size_limit; size not checked")
     store.close()
     return report

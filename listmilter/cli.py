@@ -11,6 +11,7 @@ import argparse
 import csv
 import os
 import pwd
+import signal
 import sys
 
 from . import __version__
@@ -139,10 +140,23 @@ def _serve(args, path: str, explicit: bool) -> int:
     except StoreError as e:
         print(f"listmilter: {e}", file=sys.stderr)
         return EX_TEMPFAIL
+    except OSError as e:    # the state folder, e.g. made by root before the service user ran
+        print(f"listmilter: state folder: {e}", file=sys.stderr)
+        return EX_TEMPFAIL
     cfg = runtime.config
     setup(cfg.log_target, cfg.log_facility)
     from . import milter, socketmap
     socket = args.socket or cfg.milter_socket
+    try:
+        # How long a stop waits for messages in flight; keep systemd's TimeoutStopSec above it.
+        grace = float(os.environ.get("LISTMILTER_STOP_GRACE") or 30)
+    except ValueError:
+        print("listmilter: LISTMILTER_STOP_GRACE must be a number of seconds", file=sys.stderr)
+        return EX_USAGE
+    # Signals are taken by threads waiting for them (milter.run), so block
+    # them before any thread starts: threads inherit the mask, and one
+    # without the block would die of SIGTERM's default action.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT})
     try:
         table = socketmap.start(runtime, cfg.socketmap_socket)
     except OSError as e:
@@ -155,14 +169,20 @@ def _serve(args, path: str, explicit: bool) -> int:
     from . import bounce_processing
     bounce_processing.start_periodic(runtime)
     try:
-        milter.run(runtime, socket)
+        milter.run(runtime, socket, grace=grace, on_reload=lambda: _reload(runtime))
     except Exception as e:   # libmilter could not open its socket, for one
         logger.error("fatal: milter: %s", e)
         return EX_TEMPFAIL
     finally:
-        table.shutdown()
+        socketmap.stop(table)
     logger.info("stopping listmilter")
     return 0
+
+
+def _reload(runtime) -> None:
+    from .log import logger
+    logger.info("reload requested (SIGUSR1): reading %s", runtime.path)
+    runtime.reload_now()
 
 
 def _deliver(args, path: str, explicit: bool) -> int:

@@ -9,6 +9,9 @@ envelope. Any failure answers 4xx: a post is never accepted unexpanded.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 import time
 
 import Milter
@@ -23,13 +26,63 @@ ACTIONS = (Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.ADDRCPT_PAR
            | Milter.DELRCPT | Milter.CHGFROM)
 
 
+class InFlight:
+    """Messages between MAIL FROM and their end, so a stop lets them finish."""
+
+    # After the last end of message, libmilter still has to send our reply.
+    REPLY_SETTLE = 0.5
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.count = 0
+        self.last_end = 0.0
+        self.stopping = False
+
+    def begin(self) -> bool:
+        with self.cond:
+            if self.stopping:
+                return False
+            self.count += 1
+            return True
+
+    def end(self) -> None:
+        with self.cond:
+            self.count -= 1
+            self.last_end = time.monotonic()
+            self.cond.notify_all()
+
+    def drain(self, grace: float) -> int:
+        """Refuse new messages, wait up to grace seconds for the others; return how many are left."""
+        deadline = time.monotonic() + grace
+        with self.cond:
+            self.stopping = True
+            while True:
+                now = time.monotonic()
+                settle = self.last_end + self.REPLY_SETTLE - now
+                if (self.count == 0 and settle <= 0) or now >= deadline:
+                    return self.count
+                self.cond.wait(min(deadline - now, settle if self.count == 0 else 1.0))
+
+
 class ListMilter(Milter.Base):
     runtime: Runtime   # set by serve() before the first connection
+    in_flight = InFlight()
 
     def __init__(self) -> None:
         self.non_smtp = False
         self.client = "unknown"
+        self.in_message = False
         self._reset()
+
+    def _begin(self) -> bool:
+        if not self.in_message:
+            self.in_message = self.in_flight.begin()
+        return self.in_message
+
+    def _end(self) -> None:
+        if self.in_message:
+            self.in_message = False
+            self.in_flight.end()
 
     def _reset(self) -> None:
         self.sender = ""
@@ -67,6 +120,8 @@ class ListMilter(Milter.Base):
     def envfrom(self, mailfrom, *params):
         self._reset()
         self.sender = addresses.strip_brackets(mailfrom)
+        if not self._begin():
+            return self._tempfail("shutting down")
         try:
             self.config, self.store = self.runtime.current()
         except Exception:
@@ -113,6 +168,7 @@ class ListMilter(Milter.Base):
 
     def data(self):
         if not any(r.kind != PLAIN for r in self.recipients):
+            self._end()
             return Milter.ACCEPT       # no list work: skip the rest of this message
         return Milter.CONTINUE
 
@@ -166,11 +222,15 @@ class ListMilter(Milter.Base):
         except Exception:
             logger.exception("%s: internal error, message deferred", queue_id)
             return self._tempfail("internal error")
+        finally:
+            self._end()
 
     def close(self):
+        self._end()
         return Milter.CONTINUE
 
     def abort(self):
+        self._end()
         self._reset()
         return Milter.CONTINUE
 
@@ -256,9 +316,60 @@ def _post_id(queue_id: str) -> str:
     return secrets.token_hex(6)
 
 
-def run(runtime: Runtime, socket: str, timeout: int = 600) -> None:
-    """Serve milter connections until libmilter is told to stop (SIGTERM, SIGHUP, SIGINT)."""
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGHUP}
+
+
+def run(runtime: Runtime, socket: str, timeout: int = 600, grace: float = 30.0,
+        on_reload=None) -> None:
+    """Serve milter connections until SIGTERM or SIGHUP (messages in flight get
+    up to `grace` seconds to finish) or SIGINT (at once); SIGUSR1 calls on_reload.
+
+    The caller has blocked these signals in every thread. libmilter runs in
+    its own thread and would stop on them itself, abandoning the sessions it
+    serves; this (main) thread waits for them instead, and the kernel hands a
+    process signal to the main thread first when it is waiting for it.
+    """
     ListMilter.runtime = runtime
     Milter.factory = ListMilter
     Milter.set_flags(ACTIONS)
-    Milter.runmilter("listmilter", socket, timeout)
+    failed: list[Exception] = []
+
+    def serve() -> None:
+        try:
+            Milter.runmilter("listmilter", socket, timeout)
+        except Exception as e:     # e.g. libmilter could not open its socket
+            failed.append(e)
+
+    thread = threading.Thread(target=serve, name="libmilter", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        info = signal.sigtimedwait(STOP_SIGNALS | {signal.SIGUSR1, signal.SIGINT}, 1.0)
+        if info is None:
+            continue
+        if info.si_signo == signal.SIGUSR1:
+            if on_reload:
+                on_reload()
+            continue
+        if info.si_signo in STOP_SIGNALS:
+            _drain(grace)
+        Milter.milter.stop()     # libmilter notices within 5 s (its own timer)
+        thread.join()
+    kind, _, path = socket.partition(":")
+    if kind in ("unix", "local"):
+        # Gone at once, so nothing mistakes a dead socket for a running milter.
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    if failed:
+        raise failed[0]
+
+
+def _drain(grace: float) -> None:
+    pending = ListMilter.in_flight.count
+    logger.info("stopping: new messages get 4xx; waiting up to %ds for %d messages in flight",
+                grace, pending)
+    left = ListMilter.in_flight.drain(grace)
+    if left:
+        logger.warning("warning: stopping with %d messages unfinished; Postfix answers them 4xx "
+                       "(milter_default_action = tempfail)", left)

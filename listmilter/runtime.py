@@ -12,7 +12,7 @@ import time
 
 from . import config as config_mod
 from . import secret as secret_mod
-from .log import logger
+from .log import logger, setup
 from .store import Store, open_store
 
 CHECK_INTERVAL = 1.0
@@ -52,6 +52,16 @@ class Runtime:
             return
         self.reload(mtime)
 
+    def reload_now(self) -> bool:
+        """Re-read the config at once (SIGUSR1, `systemctl reload`), changed or not."""
+        with self._lock:
+            self._next_check = time.monotonic() + CHECK_INTERVAL
+            ok = self.reload()
+            if ok:
+                # Also reopens a log file, for logrotate.
+                setup(self.config.log_target, self.config.log_facility)
+            return ok
+
     def reload(self, mtime: float | None = None) -> bool:
         try:
             new = config_mod.load(self.path, self.explicit)
@@ -63,6 +73,12 @@ class Runtime:
             self._failed_mtime = mtime if mtime is not None else self._mtime()
             logger.error("warning: config reload failed, still running on the last good config: %s", e)
             return False
+        for key, name in (("milter_socket", "milter.socket"), ("socketmap_socket", "socketmap.socket")):
+            if getattr(new, key) != getattr(self.config, key):
+                logger.warning("warning: %s: %s changed to %s; it takes effect at the next restart",
+                               self.path, name, getattr(new, key))
+        if (new.log_target, new.log_facility) != (self.config.log_target, self.config.log_facility):
+            setup(new.log_target, new.log_facility)
         old, self.config, self.store = self.store, new, store
         self._failed_mtime = None
         if old is not store and old.backend == "sqlite":

@@ -133,3 +133,14 @@ def start(runtime, spec: str) -> socketserver.BaseServer:
     server.runtime = runtime
     threading.Thread(target=server.serve_forever, name="socketmap", daemon=True).start()
     return server
+
+
+def stop(server: socketserver.BaseServer) -> None:
+    """Stop answering and close the listening socket (a unix socket file is removed)."""
+    server.shutdown()
+    server.server_close()
+    if isinstance(server, _UnixServer):
+        try:
+            os.unlink(server.server_address)
+        except OSError:
+            pass

@@ -20,11 +20,21 @@ _names = itertools.count(1)
 class Bed:
     """Sink + listmilter + Postfix, wired as docs/postfix.md says."""
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, unix_sockets: bool = False):
         self.dir = Path(tempfile.mkdtemp(prefix=f"lmbed-{backend}-"))
         self.dir.chmod(0o755)
         self.sink = Sink().start()
-        self.listmilter = ListmilterServer(self.dir / "listmilter", backend)
+        socket_dir = None
+        if unix_sockets:
+            # The production layout: a folder inside Postfix's queue directory
+            # (its chroot), group postfix, setgid so the sockets get that group;
+            # Postfix names it relative to the queue directory.
+            socket_dir = self.dir / "postfix" / "queue" / "listmilter"
+            socket_dir.mkdir(parents=True)
+            shutil.chown(socket_dir, group="postfix")
+            socket_dir.chmod(0o2750)
+        self.listmilter = ListmilterServer(self.dir / "listmilter", backend, socket_dir=socket_dir,
+                                           postfix_socket_dir="listmilter" if unix_sockets else None)
         self.postfix = Postfix(milter=self.listmilter.milter_spec, sink_port=self.sink.port,
                                config_path=self.listmilter.config_path,
                                socketmap=self.listmilter.socketmap_spec, workdir=self.dir / "postfix")

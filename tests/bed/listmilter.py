@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from .postfix import PIPE_USER
-from .net import free_port, wait_for_port, wait_until
+from .net import free_port, wait_for_port, wait_for_unix, wait_until
 
 
 def cli(config: Path, *args: str, input: str | None = None, env: dict | None = None,
@@ -27,9 +27,16 @@ def cli(config: Path, *args: str, input: str | None = None, env: dict | None = N
     return proc
 
 
-def socketmap_query(port: int, request: str) -> str:
+def socketmap_query(where: int | str, request: str) -> str:
+    """One socketmap request to a TCP port on 127.0.0.1, or to a unix socket path."""
     data = request.encode()
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+    if isinstance(where, int):
+        conn = socket.create_connection(("127.0.0.1", where), timeout=5)
+    else:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(5)
+        conn.connect(where)
+    with conn as s:
         s.sendall(b"%d:%s," % (len(data), data))
         reply = b""
         while not reply.endswith(b","):
@@ -44,7 +51,12 @@ class ListmilterServer:
     """A listmilter config folder plus a `listmilter serve` process using it."""
 
     def __init__(self, workdir: Path, backend: str = "sqlite", outgoing_port: int | None = None,
-                 extra: dict | None = None):
+                 extra: dict | None = None, socket_dir: Path | None = None,
+                 postfix_socket_dir: str | None = None):
+        # socket_dir: unix sockets there instead of TCP ports; postfix_socket_dir:
+        # how Postfix names that folder (e.g. relative to its queue directory).
+        self.socket_dir = Path(socket_dir) if socket_dir else None
+        self.postfix_socket_dir = postfix_socket_dir or (str(socket_dir) if socket_dir else None)
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o755)
@@ -63,16 +75,30 @@ class ListmilterServer:
 
     @property
     def milter_spec(self) -> str:       # as Postfix writes it
+        if self.socket_dir:
+            return f"unix:{self.postfix_socket_dir}/milter.sock"
         return f"inet:127.0.0.1:{self.milter_port}"
 
     @property
     def socketmap_spec(self) -> str:    # as Postfix writes it
+        if self.socket_dir:
+            return f"unix:{self.postfix_socket_dir}/socketmap.sock"
         return f"inet:127.0.0.1:{self.socketmap_port}"
 
+    @property
+    def socketmap_address(self) -> int | str:
+        return str(self.socket_dir / "socketmap.sock") if self.socket_dir else self.socketmap_port
+
     def config(self) -> dict:
+        if self.socket_dir:
+            milter = f"unix:{self.socket_dir}/milter.sock"
+            table = f"unix:{self.socket_dir}/socketmap.sock"
+        else:
+            milter = f"inet:{self.milter_port}@127.0.0.1"
+            table = f"inet:{self.socketmap_port}@127.0.0.1"
         cfg = {
-            "milter": {"socket": f"inet:{self.milter_port}@127.0.0.1"},
-            "socketmap": {"socket": f"inet:{self.socketmap_port}@127.0.0.1"},
+            "milter": {"socket": milter},
+            "socketmap": {"socket": table},
             "state_dir": str(self.state_dir),
             "store": {"backend": self.backend},
             "site": {"admin": "admin@example.net"},
@@ -98,9 +124,15 @@ class ListmilterServer:
     def start(self) -> "ListmilterServer":
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "listmilter", "-c", str(self.config_path), "serve"],
-            stdout=subprocess.DEVNULL, stderr=open(self.dir / "serve.stderr", "ab"))
-        wait_for_port(self.milter_port)
-        wait_for_port(self.socketmap_port)
+            stdout=subprocess.DEVNULL, stderr=open(self.dir / "serve.stderr", "ab"),
+            # As systemd's UMask=0007 does: sockets reachable by the folder's group.
+            umask=0o007 if self.socket_dir else -1)
+        if self.socket_dir:
+            wait_for_unix(self.socket_dir / "milter.sock")
+            wait_for_unix(self.socket_dir / "socketmap.sock")
+        else:
+            wait_for_port(self.milter_port)
+            wait_for_port(self.socketmap_port)
         # The pipe transport runs as another user (Postfix refuses root), as the
         # milter would in production; hand it the state folder.
         for path in [self.state_dir, *self.state_dir.rglob("*")]:
@@ -143,4 +175,4 @@ class ListmilterServer:
             cli(self.config_path, "members", "add", address, "-", input="\n".join(members) + "\n")
 
     def knows(self, address: str) -> bool:
-        return socketmap_query(self.socketmap_port, f"recipients {address}").startswith("OK")
+        return socketmap_query(self.socketmap_address, f"recipients {address}").startswith("OK")

@@ -22,6 +22,20 @@ def wait_for_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> 
             time.sleep(0.05)
 
 
+def wait_for_unix(path, timeout: float = 15.0) -> None:
+    """Wait until something accepts connections on a unix socket."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(str(path))
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {path} after {timeout}s")
+            time.sleep(0.05)
+
+
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
     """Poll predicate() until it returns a true value; return that value."""
     deadline = time.monotonic() + timeout

@@ -130,6 +130,11 @@ class Postfix:
                 f" argv=/usr/bin/env PYTHONPATH={runtime} LISTMILTER_LOG={self.pipe_log}"
                 f" /usr/bin/python3 -m listmilter {config}deliver ${{recipient}} ${{sender}}")
 
+    def configure(self) -> "Postfix":
+        """Write main.cf and master.cf without starting (what `postconf` reads)."""
+        self._write_config()
+        return self
+
     def postconf(self, *args: str) -> str:
         return subprocess.run(["postconf", "-c", str(self.dir), *args], check=True,
                               capture_output=True, text=True).stdout
