@@ -23,6 +23,9 @@ from .postfix import PIPE_USER, pipe_runtime
 SENDMAIL_ROOT = Path(os.environ.get("LISTMILTER_SENDMAIL_ROOT", "/opt/listmilter-test/sendmail"))
 SENDMAIL = SENDMAIL_ROOT / "usr/libexec/sendmail/sendmail"
 CF_DIR = SENDMAIL_ROOT / "usr/share/sendmail/cf"
+# Sendmail refuses to build an alias database under a world-writable folder
+# such as /tmp, so instances live here.
+RUN_DIR = SENDMAIL_ROOT.parent / "run"
 
 # The admin's lines (docs/sendmail.md), with this bed's ports and paths filled in.
 LISTMILTER_MC = """\
@@ -56,7 +59,10 @@ class Sendmail:
                  eom_timeout: str = "10m", workdir: Path | None = None):
         if not available():
             raise RuntimeError(f"no Sendmail unpacked under {SENDMAIL_ROOT}: run ./bootstrap")
-        self.dir = Path(workdir or tempfile.mkdtemp(prefix="sendmail-"))
+        if workdir is None:
+            RUN_DIR.mkdir(parents=True, exist_ok=True)
+            workdir = tempfile.mkdtemp(prefix="sendmail-", dir=RUN_DIR)
+        self.dir = Path(workdir)
         self.port = free_port()
         self.milter_port = milter_port
         self.sink_port = sink_port
@@ -83,8 +89,7 @@ define(`confDONT_PROBE_INTERFACES', `True')dnl
 define(`QUEUE_DIR', `{d}/queue')dnl
 define(`STATUS_FILE', `{d}/statistics')dnl
 define(`confPID_FILE', `{d}/sendmail.pid')dnl
-dnl No aliases: listmilter needs none, and sendmail refuses a database under /tmp.
-define(`ALIAS_FILE', `')dnl
+define(`ALIAS_FILE', `{d}/aliases')dnl
 define(`HELP_FILE', `{d}/helpfile')dnl
 define(`confCF_VERSION', `test')dnl
 define(`confTO_QUEUEWARN', `0')dnl
@@ -125,6 +130,7 @@ MAILER(`smtp')dnl
         os.chmod(d / "queue", 0o700)
         (d / "service.switch").write_text("hosts files\naliases files\n")
         (d / "hosts").write_text("127.0.0.1 localhost mx.example.test\n")
+        (d / "aliases").write_text("postmaster: root\n")
         (d / "helpfile").write_text("")
         (d / "statistics").write_text("")
         self.pipe_log.touch()
@@ -135,6 +141,9 @@ MAILER(`smtp')dnl
         if proc.returncode != 0 or proc.stderr.strip():
             raise RuntimeError(f"m4 failed on {d / 'test.mc'}:\n{proc.stderr}")
         self.cf.write_text(proc.stdout)
+        built = self.sendmail_cmd("-bi")     # the alias database, so unknown users get 550
+        if built.returncode != 0:
+            raise RuntimeError(f"sendmail -bi: {built.stderr.decode(errors='replace')}")
 
     def sendmail_cmd(self, *args: str, input: bytes | None = None, timeout: float = 60
                      ) -> subprocess.CompletedProcess:
