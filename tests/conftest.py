@@ -12,7 +12,7 @@ import pytest
 
 from tests.bed.listmilter import ListmilterServer
 from tests.bed.postfix import Postfix
-from tests.bed.sendmail import Sendmail
+from tests.bed.sendmail import Sendmail, run_dir
 from tests.bed.sink import Sink
 
 _names = itertools.count(1)
@@ -59,9 +59,12 @@ class SendmailBed(Bed):
         self.dir = Path(tempfile.mkdtemp(prefix=f"lmbed-sendmail-{backend}-"))
         self.dir.chmod(0o755)
         self.sink = Sink().start()
-        self.listmilter = ListmilterServer(self.dir / "listmilter", backend)
-        self.sendmail = self.mta = Sendmail(
-            milter_port=self.listmilter.milter_port, sink_port=self.sink.port,
+        # Sendmail refuses a milter socket under a world-writable folder such as /tmp.
+        sendmail_dir = run_dir()
+        self.listmilter = ListmilterServer(self.dir / "listmilter", backend,
+                                           milter_path=sendmail_dir / "listmilter.sock")
+        self.sendmail = self.mta = Sendmail(workdir=sendmail_dir,
+            milter=f"local:{self.listmilter.milter_path}", sink_port=self.sink.port,
             config_path=self.listmilter.config_path, socketmap_port=self.listmilter.socketmap_port)
         try:
             self.listmilter.outgoing_port = self.sendmail.port

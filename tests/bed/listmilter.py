@@ -27,6 +27,15 @@ def cli(config: Path, *args: str, input: str | None = None, env: dict | None = N
     return proc
 
 
+def _connects(path: Path) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(path))
+        return True
+    except OSError:
+        return False
+
+
 def socketmap_query(port: int, request: str) -> str:
     data = request.encode()
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -44,12 +53,14 @@ class ListmilterServer:
     """A listmilter config folder plus a `listmilter serve` process using it."""
 
     def __init__(self, workdir: Path, backend: str = "sqlite", outgoing_port: int | None = None,
-                 extra: dict | None = None):
+                 extra: dict | None = None, milter_path: Path | None = None):
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o755)
         self.backend = backend
         self.milter_port = free_port()
+        # A unix socket for the milter instead of the port (what docs/sendmail.md advises).
+        self.milter_path = milter_path
         self.socketmap_port = free_port()
         self.config_path = self.dir / "listmilter.yaml"
         self.log_path = self.dir / "listmilter.log"
@@ -71,7 +82,8 @@ class ListmilterServer:
 
     def config(self) -> dict:
         cfg = {
-            "milter": {"socket": f"inet:{self.milter_port}@127.0.0.1"},
+            "milter": {"socket": f"unix:{self.milter_path}" if self.milter_path
+                       else f"inet:{self.milter_port}@127.0.0.1"},
             "socketmap": {"socket": f"inet:{self.socketmap_port}@127.0.0.1"},
             "state_dir": str(self.state_dir),
             "store": {"backend": self.backend},
@@ -99,7 +111,10 @@ class ListmilterServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "listmilter", "-c", str(self.config_path), "serve"],
             stdout=subprocess.DEVNULL, stderr=open(self.dir / "serve.stderr", "ab"))
-        wait_for_port(self.milter_port)
+        if self.milter_path:
+            wait_until(lambda: _connects(self.milter_path), 15, what=f"a listener on {self.milter_path}")
+        else:
+            wait_for_port(self.milter_port)
         wait_for_port(self.socketmap_port)
         # The pipe transport runs as another user (Postfix refuses root), as the
         # milter would in production; hand it the state folder.

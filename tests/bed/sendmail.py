@@ -30,7 +30,7 @@ RUN_DIR = SENDMAIL_ROOT.parent / "run"
 # The admin's lines (docs/sendmail.md), with this bed's ports and paths filled in.
 LISTMILTER_MC = """\
 dnl listmilter expands posts; F=T: tempfail when it is down; E: time for a big list.
-INPUT_MAIL_FILTER(`listmilter', `S=inet:{milter_port}@127.0.0.1, F=T, T=S:10s;R:1m;E:{eom_timeout}')dnl
+INPUT_MAIL_FILTER(`listmilter', `S={milter_socket}, F=T, T=S:10s;R:1m;E:{eom_timeout}')dnl
 dnl Which addresses are lists or their role addresses: listmilter's socketmap.
 LOCAL_CONFIG
 Ktransport socket -T<TEMP> inet:{socketmap_port}@127.0.0.1
@@ -47,6 +47,14 @@ R$* $| $*		$: $1
 """
 
 
+def run_dir() -> Path:
+    """A fresh folder for one instance, where Sendmail accepts files and sockets as safe."""
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix="sendmail-", dir=RUN_DIR))
+    d.chmod(0o755)
+    return d
+
+
 def available() -> bool:
     return SENDMAIL.exists() and (CF_DIR / "m4" / "cf.m4").exists()
 
@@ -54,22 +62,23 @@ def available() -> bool:
 class Sendmail:
     """One private Sendmail: start(), stop(), queue inspection."""
 
-    def __init__(self, *, milter_port: int | None, sink_port: int, config_path: Path | None = None,
+    def __init__(self, *, milter: str | None, sink_port: int, config_path: Path | None = None,
                  socketmap_port: int | None = None, list_domain: str = "example.org",
-                 eom_timeout: str = "10m", workdir: Path | None = None):
+                 eom_timeout: str = "10m", workdir: Path | None = None,
+                 extra_milters: dict[str, str] | None = None):
         if not available():
             raise RuntimeError(f"no Sendmail unpacked under {SENDMAIL_ROOT}: run ./bootstrap")
-        if workdir is None:
-            RUN_DIR.mkdir(parents=True, exist_ok=True)
-            workdir = tempfile.mkdtemp(prefix="sendmail-", dir=RUN_DIR)
-        self.dir = Path(workdir)
+        self.dir = Path(workdir) if workdir else run_dir()
         self.port = free_port()
-        self.milter_port = milter_port
+        self.milter = milter      # Sendmail's spec: local:/path or inet:PORT@127.0.0.1
         self.sink_port = sink_port
         self.config_path = config_path
         self.socketmap_port = socketmap_port
         self.list_domain = list_domain
         self.eom_timeout = eom_timeout
+        # name -> milter socket: a listener of its own with only that milter (benchmarks).
+        self.extra_milters = dict(extra_milters or {})
+        self.ports = {name: free_port() for name in self.extra_milters}
         self.cf = self.dir / "test.cf"
         self.pipe_log = self.dir / "pipe.log"
         self.proc: subprocess.Popen | None = None
@@ -108,18 +117,20 @@ LOCAL_DOMAIN(`{self.list_domain}')dnl
 MAILER(`local')dnl
 MAILER(`smtp')dnl
 """
-        if self.milter_port and self.socketmap_port:
+        if self.milter and self.socketmap_port:
             runtime = pipe_runtime()
             config = f" -c {self.config_path}" if self.config_path else ""
             argv = (f"env PYTHONPATH={runtime} LISTMILTER_LOG={self.pipe_log}"
                     f" /usr/bin/python3 -m listmilter{config}")
             lines += LISTMILTER_MC.format(
-                milter_port=self.milter_port, socketmap_port=self.socketmap_port,
+                milter_socket=self.milter, socketmap_port=self.socketmap_port,
                 eom_timeout=self.eom_timeout, program="/usr/bin/env", user=f"{PIPE_USER}:nogroup",
                 argv=argv)
-        elif self.milter_port:
-            lines += (f"INPUT_MAIL_FILTER(`bench', `S=inet:{self.milter_port}@127.0.0.1, F=T, "
-                      f"T=S:10s;R:1m;E:{self.eom_timeout}')dnl\n")
+        for name, spec in self.extra_milters.items():
+            # MAIL_FILTER, not INPUT_MAIL_FILTER: only this listener uses it.
+            lines += (f"MAIL_FILTER(`{name}', `S={spec}, F=T, T=S:10s;R:1m;E:{self.eom_timeout}')dnl\n"
+                      f"DAEMON_OPTIONS(`Port={self.ports[name]}, Addr=127.0.0.1, Name={name}, "
+                      f"InputMailFilters={name}')dnl\n")
         return lines
 
     def _write_config(self) -> None:
@@ -164,7 +175,8 @@ MAILER(`smtp')dnl
                                      stderr=open(self.dir / "sendmail.stderr", "ab"),
                                      start_new_session=True)
         try:
-            wait_for_port(self.port, timeout=30)
+            for port in (self.port, *self.ports.values()):
+                wait_for_port(port, timeout=30)
         except TimeoutError:
             self.stop()
             raise RuntimeError(f"sendmail did not start: {(self.dir / 'sendmail.stderr').read_text()}")
