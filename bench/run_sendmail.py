@@ -106,6 +106,11 @@ def wait_delivered(sendmail: Sendmail, timeout: float) -> float:
     return time.perf_counter()
 
 
+def drop_queue(sendmail: Sendmail) -> None:
+    for p in (sendmail.dir / "queue").iterdir():
+        p.unlink()
+
+
 def post(port: int, sendmail: Sendmail, n: int, mode: str, timeout: float) -> dict:
     lst = list_address(n)
     content = message(lst, n)
@@ -134,7 +139,11 @@ def post(port: int, sendmail: Sendmail, n: int, mode: str, timeout: float) -> di
         s.close()
     if code != 250:
         raise RuntimeError(f"{mode} n={n}: end of data answered {code} {text}")
-    t_done = wait_delivered(sendmail, timeout)
+    if sendmail.queue_only:
+        drop_queue(sendmail)
+        t_done = float("nan")
+    else:
+        t_done = wait_delivered(sendmail, timeout)
     del replies
     return {"mode": mode, "members": n, "accept": t_250 - start, "delivered": t_done - t0,
             "queue_id": text.split()[2] if len(text.split()) > 2 else ""}
@@ -163,6 +172,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--modes", default="listmilter,floor,rcpt")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per post (also Sendmail's T=E)")
+    p.add_argument("--accept-only", action="store_true",
+                   help="queue only: time to the 250, then drop the queued post (no delivery)")
     p.add_argument("--inet", action="store_true",
                    help="milters on 127.0.0.1 ports instead of unix sockets (to show what that costs)")
     p.add_argument("--keep", action="store_true", help="keep the work folders (logs) for inspection")
@@ -199,7 +210,8 @@ def main() -> int:
         sendmail = Sendmail(workdir=sendmail_dir,
                             milter=f"inet:{lm.milter_port}@127.0.0.1" if args.inet else f"local:{lm.milter_path}", sink_port=sink.port, config_path=lm.config_path,
                             socketmap_port=lm.socketmap_port, eom_timeout=f"{int(args.timeout)}s",
-                            extra_milters={"floor": floor_spec.replace("unix:", "local:")})
+                            extra_milters={"floor": floor_spec.replace("unix:", "local:")},
+                            queue_only=args.accept_only)
         lm.outgoing_port = sendmail.port
         lm.write_config()
         lm.start()

@@ -174,7 +174,7 @@ def test_a_real_dsn_from_sendmail_reaches_the_bounce_handler(clean_smbed):
 
 @pytest.fixture
 def own_smbed(request):
-    b = SendmailBed("sqlite")
+    b = SendmailBed("sqlite", **getattr(request, "param", {}))
     try:
         yield b
     finally:
@@ -196,3 +196,16 @@ def test_listmilter_down_gives_4xx_then_delivered_exactly_once_after_restart(own
     bed.sink.wait_for_recipients(2)
     _settle(bed)
     assert sorted(bed.sink.recipients()) == ["d1@example.net", "d2@example.net"]
+
+
+@pytest.mark.parametrize("own_smbed", [{"eom_timeout": "1s"}], indirect=True)
+def test_a_list_too_big_for_the_E_timeout_gets_4xx_and_nothing_is_delivered(own_smbed):
+    # Sendmail needs several seconds for 30,000 added recipients (its cost grows
+    # faster than linearly), far past E:1s: the post must be refused for now, whole.
+    bed = own_smbed
+    lst = bed.new_list([f"t{i:05d}@example.net" for i in range(30000)], posting="open")
+    with pytest.raises(smtplib.SMTPDataError) as info:
+        bed.smtp("carol@example.net", [lst], message(to=lst, sender="carol@example.net"))
+    assert 400 <= info.value.smtp_code < 500, info.value
+    time.sleep(2)
+    assert bed.sendmail.queue_empty() and bed.sink.deliveries() == []

@@ -65,7 +65,7 @@ class Sendmail:
     def __init__(self, *, milter: str | None, sink_port: int, config_path: Path | None = None,
                  socketmap_port: int | None = None, list_domain: str = "example.org",
                  eom_timeout: str = "10m", workdir: Path | None = None,
-                 extra_milters: dict[str, str] | None = None):
+                 extra_milters: dict[str, str] | None = None, queue_only: bool = False):
         if not available():
             raise RuntimeError(f"no Sendmail unpacked under {SENDMAIL_ROOT}: run ./bootstrap")
         self.dir = Path(workdir) if workdir else run_dir()
@@ -79,6 +79,7 @@ class Sendmail:
         # name -> milter socket: a listener of its own with only that milter (benchmarks).
         self.extra_milters = dict(extra_milters or {})
         self.ports = {name: free_port() for name in self.extra_milters}
+        self.queue_only = queue_only    # accept and keep in the queue, deliver nothing (benchmarks)
         self.cf = self.dir / "test.cf"
         self.pipe_log = self.dir / "pipe.log"
         self.proc: subprocess.Popen | None = None
@@ -103,7 +104,7 @@ define(`HELP_FILE', `{d}/helpfile')dnl
 define(`confCF_VERSION', `test')dnl
 define(`confTO_QUEUEWARN', `0')dnl
 define(`confMIN_QUEUE_AGE', `0')dnl
-define(`confDELIVERY_MODE', `background')dnl
+define(`confDELIVERY_MODE', `{"queueonly" if self.queue_only else "background"}')dnl
 define(`confMAX_DAEMON_CHILDREN', `40')dnl
 define(`confREFUSE_LA', `100')dnl
 define(`confQUEUE_LA', `100')dnl
@@ -170,7 +171,8 @@ MAILER(`smtp')dnl
         # unshare -u: a host name of its own (an FQDN), set without touching the
         # machine's; with a short one Sendmail waits ~60 s on DNS at start.
         self.proc = subprocess.Popen(["unshare", "-u", "sh", "-c", 'hostname mx.example.test && exec "$@"', "sh",
-                                      str(SENDMAIL), "-C", str(self.cf), "-bD", "-q1s"],
+                                      str(SENDMAIL), "-C", str(self.cf), "-bD",
+                                      *([] if self.queue_only else ["-q1s"])],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=open(self.dir / "sendmail.stderr", "ab"),
                                      start_new_session=True)
@@ -185,23 +187,20 @@ MAILER(`smtp')dnl
     def stop(self) -> None:
         if self.proc is None:
             return
-        pgid = self.proc.pid
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        # SMTP session children call setsid(), so the daemon's process group does
+        # not hold them all: find every descendant while the daemon still lives.
+        procs = [self.proc.pid, *_descendants(self.proc.pid)]
+        for pid in procs:
+            _kill(pid, signal.SIGTERM)
         try:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             pass
-        # Children (SMTP sessions, deliveries, queue runners) share the group.
         deadline = time.monotonic() + 10
-        while _group_alive(pgid) and time.monotonic() < deadline:
+        while any(_alive(pid) for pid in procs[1:]) and time.monotonic() < deadline:
             time.sleep(0.1)
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        for pid in procs:
+            _kill(pid, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.wait()
         self.proc = None
@@ -229,12 +228,35 @@ def _ids(user: str) -> tuple[int, int]:
     return pw.pw_uid, pw.pw_gid
 
 
-def _group_alive(pgid: int) -> bool:
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
     try:
-        os.killpg(pgid, 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     return True
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def queue_ids(listing: str) -> list[str]:
