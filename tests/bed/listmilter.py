@@ -52,16 +52,19 @@ class ListmilterServer:
 
     def __init__(self, workdir: Path, backend: str = "sqlite", outgoing_port: int | None = None,
                  extra: dict | None = None, socket_dir: Path | None = None,
-                 postfix_socket_dir: str | None = None):
+                 postfix_socket_dir: str | None = None, milter_path: Path | None = None):
         # socket_dir: unix sockets there instead of TCP ports; postfix_socket_dir:
         # how Postfix names that folder (e.g. relative to its queue directory).
+        # milter_path: the milter alone on a unix socket (Sendmail's bed).
         self.socket_dir = Path(socket_dir) if socket_dir else None
         self.postfix_socket_dir = postfix_socket_dir or (str(socket_dir) if socket_dir else None)
+        self.milter_path = Path(milter_path) if milter_path else None
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o755)
         self.backend = backend
         self.milter_port = free_port()
+        # A unix socket for the milter instead of the port (what docs/sendmail.md advises).
         self.socketmap_port = free_port()
         self.config_path = self.dir / "listmilter.yaml"
         self.log_path = self.dir / "listmilter.log"
@@ -94,7 +97,7 @@ class ListmilterServer:
             milter = f"unix:{self.socket_dir}/milter.sock"
             table = f"unix:{self.socket_dir}/socketmap.sock"
         else:
-            milter = f"inet:{self.milter_port}@127.0.0.1"
+            milter = f"unix:{self.milter_path}" if self.milter_path else f"inet:{self.milter_port}@127.0.0.1"
             table = f"inet:{self.socketmap_port}@127.0.0.1"
         cfg = {
             "milter": {"socket": milter},
@@ -131,7 +134,10 @@ class ListmilterServer:
             wait_for_unix(self.socket_dir / "milter.sock")
             wait_for_unix(self.socket_dir / "socketmap.sock")
         else:
-            wait_for_port(self.milter_port)
+            if self.milter_path:
+                wait_for_unix(self.milter_path)
+            else:
+                wait_for_port(self.milter_port)
             wait_for_port(self.socketmap_port)
         # The pipe transport runs as another user (Postfix refuses root), as the
         # milter would in production; hand it the state folder.

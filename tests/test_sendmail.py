@@ -1,0 +1,211 @@
+"""listmilter inside a real, private Sendmail (tests/bed/sendmail.py), configured
+with the lines docs/sendmail.md gives. The `smbed` fixture runs every test
+against both stores; assertions are on what the sink and `listmilter deliver` get.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import time
+
+import pytest
+
+from tests.bed.net import wait_until
+from tests.conftest import SendmailBed, message
+
+
+def _by_rcpt(sink) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for rcpt, m in sink.deliveries():
+        out.setdefault(rcpt.lower(), []).append(m)
+    return out
+
+
+def _settle(bed, seconds: float = 1.5):
+    """Wait for the queue to drain, then a little, so extra copies would have arrived."""
+    bed.sendmail.wait_queue_empty(30)
+    time.sleep(seconds)
+
+
+def _pipe_log(bed) -> str:
+    return bed.sendmail.pipe_log.read_text()
+
+
+def test_post_reaches_every_member_once_with_list_envelope_dsn_and_headers(clean_smbed):
+    bed = clean_smbed
+    members = ["m1@example.net", "M2@example.com", "m1@EXAMPLE.NET", "m3@example.net"]
+    lst = bed.new_list(members, posting="open", subject_prefix="[dev] ", description="Dev talk")
+    # The list address matches case-insensitively, local part too.
+    bed.smtp("carol@example.net", [lst.upper()], message("hello", "carol@example.net", lst))
+    bed.sink.wait_for_recipients(3)
+    _settle(bed)
+    got = _by_rcpt(bed.sink)
+    assert sorted(got) == ["m1@example.net", "m2@example.com", "m3@example.net"]
+    assert all(len(v) == 1 for v in got.values()), got
+    for rcpt, received in bed.sink.deliveries():
+        assert received.mail_from == lst.replace("@", "-bounces@")
+        opts = received.rcpt_options[received.rcpt_tos.index(rcpt)]
+        assert "NOTIFY=FAILURE" in opts
+        assert f"ORCPT=RFC822;{rcpt.upper()}" in opts
+        mail_opts = " ".join(received.mail_options)
+        assert "RET=HDRS" in mail_opts
+        assert "ENVID=" in mail_opts and lst.upper() in mail_opts
+    msg = bed.sink.messages[0].message
+    lid = lst.replace("@", ".")
+    assert msg["List-Id"] == f"Dev talk <{lid}>"
+    assert msg["List-Post"] == f"<mailto:{lst}>"
+    assert msg["List-Unsubscribe"] == f"<mailto:{lst.replace('@', '-unsubscribe@')}>"
+    assert msg["Precedence"] == "list"
+    assert msg["Subject"] == "[dev] hello"
+    # The log line is keyed by Sendmail's queue id, as Sendmail's own lines are.
+    line = [l for l in bed.listmilter.log().splitlines() if f"list=<{lst}>" in l][-1]
+    queue_id = line.split(": list=")[0].rsplit(" ", 1)[-1]
+    assert len(queue_id) == 14 and "status=expanded, members=3" in line
+    assert f"ENVID={queue_id}.".upper() in " ".join(bed.sink.messages[0].mail_options)
+
+
+def test_members_only_list_refuses_others_with_550_at_rcpt(clean_smbed):
+    bed = clean_smbed
+    lst = bed.new_list(["member@example.net", "other@example.net"], posting="members")
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
+        bed.smtp("stranger@example.net", [lst], message(to=lst, sender="stranger@example.net"))
+    code, text = info.value.recipients[lst]
+    assert code == 550
+    assert b"5.7.1" in text and b"stranger@example.net is not a member" in text
+    bed.smtp("Member@Example.NET", [lst], message(to=lst, sender="member@example.net"))
+    bed.sink.wait_for_recipients(2)
+    _settle(bed)
+    assert sorted(r.lower() for r in bed.sink.recipients()) == ["member@example.net", "other@example.net"]
+
+
+def test_two_lists_and_a_person_in_one_transaction(clean_smbed):
+    bed = clean_smbed
+    a = bed.new_list(["a1@example.net", "both@example.net"], posting="open", name="alpha")
+    b = bed.new_list(["b1@example.net", "both@example.net"], posting="open", name="beta",
+                     subject_prefix="[beta] ")
+    bed.smtp("carol@example.net", [a, "person@example.net", b],
+             message("split me", "carol@example.net", f"{a}, {b}, person@example.net"))
+    bed.sink.wait_for_recipients(5)
+    _settle(bed)
+    got = _by_rcpt(bed.sink)
+    # Each list's members get one copy with that list's headers and sender;
+    # both@ is on both lists, so it gets one from each.
+    assert sorted((r, len(v)) for r, v in got.items()) == [
+        ("a1@example.net", 1), ("b1@example.net", 1), ("both@example.net", 2), ("person@example.net", 1)]
+    ids = sorted(m.message["List-Id"] for m in got["both@example.net"])
+    assert ids == sorted([f"<{a.replace('@', '.')}>", f"<{b.replace('@', '.')}>"])
+    assert got["a1@example.net"][0].mail_from == a.replace("@", "-bounces@")
+    assert got["b1@example.net"][0].mail_from == b.replace("@", "-bounces@")
+    assert got["b1@example.net"][0].message["Subject"] == "[beta] split me"
+    person = got["person@example.net"][0]
+    assert person.mail_from == "carol@example.net"
+    assert person.message["List-Id"] is None and person.message["Subject"] == "split me"
+    assert "split (re-submitted" in bed.listmilter.log()
+
+
+def test_two_lists_without_a_person_keep_one_in_place(clean_smbed):
+    bed = clean_smbed
+    a = bed.new_list(["x1@example.net"], posting="open", name="alpha")
+    b = bed.new_list(["x2@example.net"], posting="open", name="beta")
+    bed.smtp("carol@example.net", [a, b], message(to=f"{a}, {b}", sender="carol@example.net"))
+    bed.sink.wait_for_recipients(2)
+    _settle(bed)
+    got = _by_rcpt(bed.sink)
+    assert sorted((r, len(v)) for r, v in got.items()) == [("x1@example.net", 1), ("x2@example.net", 1)]
+    assert got["x1@example.net"][0].message["List-Id"] == f"<{a.replace('@', '.')}>"
+    assert got["x2@example.net"][0].message["List-Id"] == f"<{b.replace('@', '.')}>"
+
+
+def test_role_addresses_reach_listmilter_deliver_and_unknown_ones_are_refused(clean_smbed):
+    bed = clean_smbed
+    lst = bed.new_list(["p1@example.net"])
+    request = lst.replace("@", "-request@")
+    confirm = lst.replace("@", "-confirm+abc123@")
+    subscribe = lst.replace("@", "-subscribe@")
+    bed.smtp("carol@example.net", [request, confirm, subscribe],
+             message("subscribe", "carol@example.net", request))
+    wait_until(lambda: _pipe_log(bed).count(f"list=<{lst}>") >= 3, 30, what="listmilter deliver")
+    log = _pipe_log(bed)
+    assert f"to=<{request}>, from=<carol@example.net>" in log and "role=request, status=accepted" in log
+    assert f"to=<{confirm}>" in log and "role=confirm" in log
+    assert f"to=<{subscribe}>" in log and "role=subscribe" in log
+    assert bed.sink.deliveries() == []
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
+        bed.smtp("carol@example.net", ["nolist@example.org"], message(to="nolist@example.org"))
+    assert info.value.recipients["nolist@example.org"][0] == 550
+
+
+def test_owner_address_reaches_the_owners(clean_smbed):
+    bed = clean_smbed
+    lst = bed.new_list(["o1@example.net"], owners=("own1@example.net", "own2@example.com"))
+    owner = lst.replace("@", "-owner@")
+    bed.smtp("stranger@example.net", [owner], message("for the owners", "stranger@example.net", owner))
+    bed.sink.wait_for_recipients(2)
+    _settle(bed)
+    assert sorted(bed.sink.recipients()) == ["own1@example.net", "own2@example.com"]
+    assert bed.sink.messages[0].mail_from == "stranger@example.net"
+
+
+def test_null_sender_is_never_expanded(clean_smbed):
+    bed = clean_smbed
+    lst = bed.new_list(["n1@example.net"], posting="open")
+    bed.smtp("", [lst], message(to=lst, sender="MAILER-DAEMON@example.net"))
+    wait_until(lambda: f"to=<{lst}>" in _pipe_log(bed), 30, what="listmilter deliver")
+    _settle(bed)
+    assert bed.sink.deliveries() == []
+    assert "discarded (not expanded: null sender)" in _pipe_log(bed)
+
+
+def test_a_real_dsn_from_sendmail_reaches_the_bounce_handler(clean_smbed):
+    bed = clean_smbed
+    lst = bed.new_list(["ok@example.net", "dead@example.net"], posting="open")
+    bed.sink.replies["dead@example.net"] = "550 5.1.1 no such user here"
+    bed.smtp("carol@example.net", [lst], message(to=lst, sender="carol@example.net"))
+    wait_until(lambda: "role=bounces" in _pipe_log(bed), 60, what="the DSN at listmilter deliver")
+    line = [l for l in _pipe_log(bed).splitlines() if "role=bounces" in l][-1]
+    bounces = lst.replace("@", "-bounces@")
+    assert f"to=<{bounces}>, from=<>" in line
+    # Sendmail keeps ORCPT and ENVID: the DSN names the member and the post.
+    assert "dsn=<dead@example.net> 5.1.1" in line
+    queue_id = line.split("envid=")[1].split(".")[0]
+    assert f"{queue_id}: list=<{lst}>" in bed.listmilter.log()
+    assert bed.sink.recipients() == ["ok@example.net"]
+
+
+@pytest.fixture
+def own_smbed(request):
+    b = SendmailBed("sqlite", **getattr(request, "param", {}))
+    try:
+        yield b
+    finally:
+        b.stop()
+    if not request.session.testsfailed:
+        b.remove()
+
+
+def test_listmilter_down_gives_4xx_then_delivered_exactly_once_after_restart(own_smbed):
+    bed = own_smbed
+    lst = bed.new_list(["d1@example.net", "d2@example.net"], posting="open")
+    bed.listmilter.stop()
+    with pytest.raises(smtplib.SMTPResponseException) as info:
+        bed.smtp("carol@example.net", [lst], message(to=lst, sender="carol@example.net"))
+    assert 400 <= info.value.smtp_code < 500, info.value
+    assert bed.sendmail.queue_empty()
+    bed.listmilter.start()
+    bed.smtp("carol@example.net", [lst], message(to=lst, sender="carol@example.net"))
+    bed.sink.wait_for_recipients(2)
+    _settle(bed)
+    assert sorted(bed.sink.recipients()) == ["d1@example.net", "d2@example.net"]
+
+
+@pytest.mark.parametrize("own_smbed", [{"eom_timeout": "1s"}], indirect=True)
+def test_a_list_too_big_for_the_E_timeout_gets_4xx_and_nothing_is_delivered(own_smbed):
+    # Sendmail needs several seconds for 30,000 added recipients (its cost grows
+    # faster than linearly), far past E:1s: the post must be refused for now, whole.
+    bed = own_smbed
+    lst = bed.new_list([f"t{i:05d}@example.net" for i in range(30000)], posting="open")
+    with pytest.raises(smtplib.SMTPDataError) as info:
+        bed.smtp("carol@example.net", [lst], message(to=lst, sender="carol@example.net"))
+    assert 400 <= info.value.smtp_code < 500, info.value
+    time.sleep(2)
+    assert bed.sendmail.queue_empty() and bed.sink.deliveries() == []
