@@ -64,7 +64,6 @@ class ListmilterServer:
         os.chmod(self.dir, 0o755)
         self.backend = backend
         self.milter_port = free_port()
-        # A unix socket for the milter instead of the port (what docs/sendmail.md advises).
         self.socketmap_port = free_port()
         self.config_path = self.dir / "listmilter.yaml"
         self.log_path = self.dir / "listmilter.log"
