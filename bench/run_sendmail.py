@@ -126,7 +126,7 @@ def post(port: int, sendmail: Sendmail, n: int, mode: str, timeout: float) -> di
             t0, code, text = s.data_end(content)
             start = t_mail
         else:
-            for c, expect in ((f"MAIL FROM:<alice@example.net>", 250), (f"RCPT TO:<{lst}>", 250),
+            for c, expect in (("MAIL FROM:<alice@example.net>", 250), (f"RCPT TO:<{lst}>", 250),
                               ("DATA", 354)):
                 code, text = s.cmd(c)
                 if code != expect:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import hashlib
+import hmac
 import os
 import threading
 import time
 from dataclasses import dataclass, replace
 
 from . import addresses, bouncedb, bounces, envid, notices, outgoing
+from . import secret as secret_mod
 from .bouncedb import BounceDB, Row
 from .log import fields, logger
 from .store import ACTIVE, DISABLED, MailingList, NoSuchList
@@ -84,7 +86,7 @@ def handle(config, store, secret: bytes, mlist: MailingList, sender: str, data: 
                 row = next((r for r in db.rows(mlist.address)
                             if addresses.key(r.address) == addresses.key(failure.address)), None)
             if row is not None and row.pending:
-                apply_pending(config, store, db, mlist, row, policy, now)
+                apply_pending(config, store, db, mlist, row, policy, now, secret)
         kept = ""
         unused = [v for v in verdicts if v[2] in _FOR_OWNER]
         if not report.failures or unused:
@@ -131,10 +133,11 @@ def _evidence(db: BounceDB, list_address: str, address: str) -> list[tuple]:
 
 
 def apply_pending(config, store, db: BounceDB, mlist: MailingList, row: Row, policy: bounces.Policy,
-                  now: float) -> None:
+                  now: float, secret: bytes) -> None:
     """Carry out the action a score called for; clear it once done."""
     what = row.pending
     owners = config.owners(mlist.settings)
+    keep, remove = (decision_address(mlist.address, row.address, d, secret) for d in ("keep", "remove"))
     detail = f"bounce score {row.score}, last {row.last_status or '-'} {row.last_diagnostic}".strip()
     evidence = _evidence(db, mlist.address, row.address)
     mails = []
@@ -145,7 +148,7 @@ def apply_pending(config, store, db: BounceDB, mlist: MailingList, row: Row, pol
     elif what == "disable":
         store.set_status(mlist.address, row.address, DISABLED, "bounce", detail=detail)
         mails.append((list(owners), notices.bounce_owner(mlist.address, owners, row.address, "disable",
-                                                          row.score, evidence)))
+                                                          row.score, evidence, keep, remove)))
         interval = policy.warning_interval_days * bounces.DAY
         if policy.warnings:
             removal = _removal_date(now, policy.warnings, interval)
@@ -153,7 +156,7 @@ def apply_pending(config, store, db: BounceDB, mlist: MailingList, row: Row, pol
                                                                 policy.warnings, removal)))
     elif what == "notify":
         mails.append((list(owners), notices.bounce_owner(mlist.address, owners, row.address, "notify",
-                                                          row.score, evidence)))
+                                                          row.score, evidence, keep, remove)))
     outgoing.send_many(config.outgoing, [("", rcpts, m) for rcpts, m in mails])
     if what == "remove":
         db.forget(mlist.address, row.address)
@@ -175,6 +178,7 @@ def _removal_date(now: float, warnings_left: int, interval: float) -> str:
 def periodic(config, store, now: float | None = None) -> list[str]:
     """Warn and remove members disabled by bounces, finish pending actions; what was done."""
     now = time.time() if now is None else now
+    secret = secret_mod.load_or_create(config.state_dir)
     done = []
     db = BounceDB(config.state_dir)
     try:
@@ -189,7 +193,7 @@ def periodic(config, store, now: float | None = None) -> list[str]:
                 db.forget(mlist.address, row.address)       # removed by other means
                 continue
             if row.pending:
-                apply_pending(config, store, db, mlist, row, policy, now)
+                apply_pending(config, store, db, mlist, row, policy, now, secret)
                 done.append(f"{row.pending} {row.address} ({mlist.address})")
                 continue
             if not row.acted or row.next_warning == 0 or member.status != DISABLED:
@@ -205,11 +209,56 @@ def periodic(config, store, now: float | None = None) -> list[str]:
                 done.append(f"warned {row.address} ({mlist.address}, {number}/{policy.warnings})")
             elif step == "remove":
                 apply_pending(config, store, db, mlist, replace(row, pending="remove"),
-                              policy, now)
+                              policy, now, secret)
                 done.append(f"removed {row.address} ({mlist.address})")
     finally:
         db.close()
     return done
+
+
+# -- the owner's decision by mail -------------------------------------------------
+# A disable or notify notice carries two addresses, <list>-bounces+keep-TOKEN@
+# and <list>-bounces+remove-TOKEN@. TOKEN is a MAC of list, member and decision
+# under the site secret: it names the member without the address, and only the
+# notice's readers know it. The member is found again among the list's scored
+# members, so nothing needs to be stored.
+DECISIONS = ("keep", "remove")
+
+
+def _decision_token(list_address: str, member: str, decision: str, secret: bytes) -> str:
+    mac = hmac.new(secret, "\0".join(("bounce-decision", addresses.key(list_address),
+                                      addresses.key(member), decision)).encode(), hashlib.sha256)
+    return mac.hexdigest()[:20]
+
+
+def decision_address(list_address: str, member: str, decision: str, secret: bytes) -> str:
+    return addresses.role_address(list_address, "bounces",
+                                  f"{decision}-{_decision_token(list_address, member, decision, secret)}")
+
+
+def decide(config, store, secret: bytes, mlist: MailingList, extension: str, sender: str,
+           data: bytes) -> str:
+    """Mail to <list>-bounces+keep-TOKEN@ or +remove-TOKEN@: the owner's decision. The log status."""
+    decision, _, token = extension.partition("-")
+    msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(data, headersonly=True)
+    if not sender or bounces.is_auto_response(msg):
+        return "ignored (decision from the null sender or an auto-responder)"
+    db = BounceDB(config.state_dir)
+    try:
+        row = next((r for r in db.rows(mlist.address)
+                    if hmac.compare_digest(token, _decision_token(mlist.address, r.address, decision, secret))),
+                   None)
+        if row is None:
+            return f"refused (no bouncing member matches this {decision} token)"
+        who = f"{sender}, {(msg.get('Message-ID') or '').strip()}".rstrip(", ")
+        if decision == "keep":
+            enable(config, store, mlist.address, row.address, "owner", who)
+        else:
+            store.unsubscribe(mlist.address, row.address, "owner", who, "bouncing; the owner replied: remove")
+            db.forget(mlist.address, row.address)
+        return f"{'kept' if decision == 'keep' else 'removed'} <{row.address}> (owner's reply)"
+    finally:
+        db.close()
 
 
 def enable(config, store, list_address: str, address: str, how: str, who: str) -> bool:

@@ -58,8 +58,12 @@ def _evidence(rows: list[tuple]) -> str:
 
 
 def bounce_owner(list_address: str, owners: tuple[str, ...], address: str, what: str, score: int,
-                 evidence: list[tuple]) -> bytes:
-    """To the owners: a member was removed or disabled by bounces, or (notify) is bouncing."""
+                 evidence: list[tuple], keep_address: str = "", remove_address: str = "") -> bytes:
+    """To the owners: a member was removed or disabled by bounces, or (notify) is bouncing.
+
+    For disable and notify, replying decides too: keep_address and
+    remove_address carry a token only this notice knows.
+    """
     owner = addresses.role_address(list_address, "owner")
     subjects = {
         "remove": f"{address} removed from {list_address} (bounces)",
@@ -78,9 +82,15 @@ def bounce_owner(list_address: str, owners: tuple[str, ...], address: str, what:
                   "(keep, and start the score again from 0)\n",
     }
     text = (f"Mail to {address}, a member of {list_address}, failed permanently "
-            f"(bounce score {score}).\nThe member {actions[what]}\n"
-            f"The failures (UTC, status, the remote server's words):\n{_evidence(evidence)}")
-    return _message(owner, ", ".join(owners), subjects[what], text).as_bytes()
+            f"(bounce score {score}).\nThe member {actions[what]}\n")
+    if keep_address and what in ("disable", "notify"):
+        text += (f"Or by mail: reply to this message to keep {address} (re-enabled, score 0),\n"
+                 f"or send any message to\n\n    {remove_address}\n\nto remove them.\n\n")
+    text += f"The failures (UTC, status, the remote server's words):\n{_evidence(evidence)}"
+    msg = _message(owner, ", ".join(owners), subjects[what], text)
+    if keep_address and what in ("disable", "notify"):
+        msg["Reply-To"] = keep_address
+    return msg.as_bytes()
 
 
 def bounce_warning(list_address: str, address: str, number: int, of: int, removal: str) -> bytes:

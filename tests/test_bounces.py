@@ -174,8 +174,8 @@ def _members(bed, lst) -> list[str]:
 
 
 def _bounce_lines(bed, lst) -> list[str]:
-    bounces_addr = lst.replace("@", "-bounces@")
-    return [line for line in bed.postfix.pipe_log.read_text().splitlines() if f"to=<{bounces_addr}>" in line]
+    return [line for line in bed.postfix.pipe_log.read_text().splitlines()
+            if f"list=<{lst}>, role=bounces" in line]
 
 
 def _wait_bounce(bed, lst, count: int = 1, timeout: float = 90) -> list[str]:
@@ -257,27 +257,73 @@ def test_disable_warns_the_member_then_removes_after_the_last_warning(clean_bed)
     assert _members(bed, lst) == ["ok@example.net"]
 
 
-def test_notify_reports_to_the_owner_and_enable_keeps_the_member(clean_bed):
+def _owner_mail(bed, count: int):
+    return wait_until(lambda: len(got := bed.sink.for_recipient("boss@example.com")) >= count and got,
+                      60, what=f"{count} mails to the owner")
+
+
+def test_notify_reports_to_the_owner_who_decides_by_command_or_by_reply(clean_bed):
     bed = clean_bed
     lst = bed.new_list(["ok@example.net", "iffy@example.net"], posting="open", owners=("boss@example.com",),
                        bounce_action="notify", bounce_threshold=1)
     bed.sink.post_replies["iffy@example.net"] = "550 5.7.1 rejected by policy"
     _post(bed, lst)
-    _wait_bounce(bed, lst)
-    report = wait_until(lambda: bed.sink.for_recipient("boss@example.com"), 60, what="the owner's report")
-    text = report[0].message.get_content()
-    assert report[0].message["Subject"] == f"iffy@example.net is bouncing on {lst}"
+    report = _owner_mail(bed, 1)[0].message
+    text = report.get_content()
+    assert report["Subject"] == f"iffy@example.net is bouncing on {lst}"
     assert "rejected by policy" in text and f"listmilter members enable {lst} iffy@example.net" in text
+    keep_address = report["Reply-To"]
+    remove_address = next(w for w in text.split() if w.startswith(lst.split("@")[0] + "-bounces+remove-"))
+    assert keep_address.startswith(lst.split("@")[0] + "-bounces+keep-") and "iffy" not in keep_address
+    assert _members(bed, lst) == ["iffy@example.net", "ok@example.net"]        # notify changes nothing
+
+    # A made-up token is refused and changes nothing.
+    forged = remove_address[:-len("@example.org") - 4] + "0000@example.org"
+    bed.smtp("mallory@example.com", [forged], message("remove", "mallory@example.com", forged))
+    wait_until(lambda: any("refused (no bouncing member" in line for line in _bounce_lines(bed, lst)), 60,
+               what="the refusal")
     assert _members(bed, lst) == ["iffy@example.net", "ok@example.net"]
-    assert "iffy@example.net" in cli(bed.listmilter.config_path, "bounces", lst).stdout
+
+    # The owner keeps the member with the command...
     out = cli(bed.listmilter.config_path, "members", "enable", lst, "iffy@example.net").stdout
     assert "iffy@example.net enabled" in out
     assert "iffy@example.net" not in cli(bed.listmilter.config_path, "bounces", lst).stdout
 
+    # ...and, after the next bounce and report, removes them by mail.
+    _post(bed, lst, "again")
+    second = _owner_mail(bed, 2)[-1].message.get_content()
+    remove_address = next(w for w in second.split() if "-bounces+remove-" in w)
+    bed.smtp("boss@example.com", [remove_address], message("remove", "boss@example.com", remove_address))
+    wait_until(lambda: any("removed <iffy@example.net> (owner's reply)" in line for line in _bounce_lines(bed, lst)),
+               60, what="the removal")
+    assert _members(bed, lst) == ["ok@example.net"]
+    history = cli(bed.listmilter.config_path, "members", "history", lst, "iffy@example.net").stdout
+    assert "iffy@example.net unsubscribed by owner (boss@example.com, <" in history
+
+
+def test_the_owner_keeps_a_disabled_member_by_replying(clean_bed):
+    bed = clean_bed
+    lst = bed.new_list(["back@example.net"], posting="open", owners=("boss@example.com",), bounce_threshold=1)
+    bed.sink.post_replies["back@example.net"] = "452 4.2.2 mailbox full"   # 4xx: Postfix retries...
+    bed.postfix.postconf("-e", "maximal_queue_lifetime=0", "bounce_queue_lifetime=0")  # ...not here: fails now
+    bed.postfix.reload()
+    try:
+        _post(bed, lst)
+        notice = _owner_mail(bed, 1)[0].message
+    finally:
+        bed.postfix.postconf("-e", "maximal_queue_lifetime=5d", "bounce_queue_lifetime=5d")
+        bed.postfix.reload()
+    assert notice["Subject"] == f"back@example.net disabled on {lst} (bounces)"
     bed.sink.clear()
-    _post(bed, lst, "after")
-    bed.sink.wait_for_recipients(2)
-    assert sorted(bed.sink.recipients()) == ["iffy@example.net", "ok@example.net"]
+    bed.smtp("boss@example.com", [notice["Reply-To"]],
+             message("Re: " + notice["Subject"], "boss@example.com", notice["Reply-To"]))
+    wait_until(lambda: any("kept <back@example.net>" in line for line in _bounce_lines(bed, lst)), 60,
+               what="the owner's reply")
+    _post(bed, lst, "welcome back")
+    bed.sink.wait_for_recipients(1)
+    assert bed.sink.recipients() == ["back@example.net"]
+    history = cli(bed.listmilter.config_path, "members", "history", lst, "back@example.net").stdout
+    assert "back@example.net enabled by owner (boss@example.com" in history
 
 
 def _secret(bed) -> bytes:

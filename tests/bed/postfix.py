@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from .net import free_port, wait_for_port, wait_until
@@ -134,6 +135,10 @@ class Postfix:
         """Write main.cf and master.cf without starting (what `postconf` reads)."""
         self._write_config()
         return self
+
+    def reload(self) -> None:
+        subprocess.run(["postfix", "-c", str(self.dir), "reload"], check=True, capture_output=True, text=True)
+        time.sleep(1)   # the master restarts its children lazily
 
     def postconf(self, *args: str) -> str:
         return subprocess.run(["postconf", "-c", str(self.dir), *args], check=True,
