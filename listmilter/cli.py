@@ -213,7 +213,10 @@ def _web(args, path: str, explicit: bool) -> int:
         print(f"listmilter: {e}", file=sys.stderr)
         return EX_TEMPFAIL
     cfg = runtime.config
-    setup(cfg.log_target, cfg.log_facility)
+    try:
+        setup(cfg.log_target, cfg.log_facility, "listmilter/web")
+    except OSError as e:
+        raise Fail(f"cannot open the log: {e}", EX_TEMPFAIL) from None
     listen = args.listen or cfg.web.listen
     if not listen:
         raise Fail("web.listen is not configured (or give --listen HOST:PORT)", EX_CONFIG)

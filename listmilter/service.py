@@ -238,7 +238,8 @@ class Service:
                     "owner": "approved by an owner"}.get(ctx.how, ctx.how),
             "policy_text": _policy_text(eff("subscribe_policy")),
         }
-        batch = []
+        batch: list = []
+        to_owners: list = []
         counted = []
         for mail in mails:
             if mail.to == OWNERS:
@@ -255,12 +256,22 @@ class Service:
             for to in targets:
                 message = notices.command_reply(request, to, subject, text, reply_to,
                                                 ctx.in_reply_to if mail.to != OWNERS else "")
-                batch.append(("", [to], message))
-                if mail.to != OWNERS:
+                if mail.to == OWNERS:
+                    to_owners.append(("", [to], message))
+                else:
+                    batch.append(("", [to], message))
                     counted.append((to, mail.template))
         outgoing.send_many(self.config.outgoing, batch)
         for to, template in counted:
             self.pending.record_sent(mlist.address, to, template)
+        # Owner notices are a courtesy: one that cannot be sent is logged, and the
+        # member's change and mail stand (a retry would repeat the member's mail).
+        for item in to_owners:
+            try:
+                outgoing.send_many(self.config.outgoing, [item])
+            except outgoing.OutgoingError as e:
+                logger.error("%s", fields(list=f"<{mlist.address}>", to=f"<{item[1][0]}>",
+                                          status=f"owner notice not sent ({e})"))
 
 
 def _is_own(list_address: str, sender: str) -> bool:
