@@ -101,4 +101,5 @@ def command_reply(from_addr: str, to_addr: str, subject: str, text: str, reply_t
     if in_reply_to:
         msg["In-Reply-To"] = in_reply_to
         msg["References"] = in_reply_to
-    return msg.as_bytes()
+    # Not folded at 78: a token in the Subject must survive a reply as one word.
+    return msg.as_bytes(policy=email.policy.SMTP.clone(max_line_length=998))

@@ -260,7 +260,8 @@ class Service:
                     to_owners.append(("", [to], message))
                 else:
                     batch.append(("", [to], message))
-                    counted.append((to, mail.template))
+                    if mail.template in subscriptions.LIMITED:
+                        counted.append((to, mail.template))
         outgoing.send_many(self.config.outgoing, batch)
         for to, template in counted:
             self.pending.record_sent(mlist.address, to, template)

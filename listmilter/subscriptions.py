@@ -31,6 +31,13 @@ SENDER = "sender"     # whoever sent the command (may differ for a token reply)
 OWNERS = "owners"
 
 
+# Replies to requests nobody has proven to own the address for: these count toward the
+# daily limits (confirm_limit_per_address, confirm_limit_per_list). Mails that follow a
+# valid token or an owner's decision (welcome, goodbye, rejected) do not.
+LIMITED = frozenset({"confirm_subscribe", "confirm_unsubscribe", "help", "already_member", "not_member",
+                     "token_refused", "moderation_waiting"})
+
+
 @dataclass(frozen=True)
 class Policy:
     subscribe: str = "confirm"

@@ -95,6 +95,9 @@ class App:
         return [body]
 
     def _service(self):
+        # Requests are few: look at the config file's mtime on each one, so a list
+        # made a moment ago is known (the milter checks at most once a second).
+        self.runtime._next_check = 0
         config, store = self.runtime.current()
         return service_mod.Service(config, store, self.runtime.secret), config
 
