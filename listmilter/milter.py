@@ -253,12 +253,16 @@ class ListMilter(Milter.Base):
             # Every copy is queued by the MTA before the original goes; any failure tempfails
             # the whole message (outgoing.OutgoingError -> 451), never a discard.
             started = time.monotonic()
-            outgoing.send_copies(self.config.outgoing, copies.sender, copies.mail_options, copies.envid,
-                                 copies.copies, self._keepalive)
+            refused = outgoing.send_copies(self.config.outgoing, copies.sender, copies.mail_options,
+                                           copies.envid, copies.copies, self._keepalive)
+            for member, reply in refused.items():
+                # In place, the MTA would have bounced it to <list>-bounces@ later; here it says so now.
+                self._log(queue_id, f"member refused ({reply})", split.in_place_list, level=logging.WARNING,
+                          to=f"<{member}>")
             for list_address in split.reinject:
                 self._log(queue_id, "split (re-submitted as a message of its own)", list_address)
             self._log(queue_id, "expanded (personal copies)", split.in_place_list, client=True,
-                      members=len(copies.copies), seconds=f"{time.monotonic() - started:.2f}",
+                      members=len(copies.copies) - len(refused), seconds=f"{time.monotonic() - started:.2f}",
                       envid=copies.envid)
             # Only list recipients were left in this message: nothing more to deliver.
             return Milter.DISCARD

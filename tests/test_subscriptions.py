@@ -307,3 +307,25 @@ def test_moderated_list_owner_approves_with_the_cli_or_by_reply(sbed):
     assert "did not approve" in mail_to(bed, b, "Your request").message.get_content()
     assert cli(bed.listmilter.config_path, "members", "ls", lst).stdout.split() == [a]
     assert admin(bed, "approve", lst, b, check=False).returncode == 1
+
+
+def test_personal_copies_skip_refused_members_and_one_click_off_stays_in_place(sbed):
+    bed = sbed
+    # A member the MTA refuses for good (an unknown local user) is logged and skipped.
+    lst = bed.new_list(["p1@example.net", "nosuchuser@example.org", "p2@example.com"], posting="open")
+    post(bed, lst, "personal")
+    bed.sink.wait_for_recipients(2)
+    settle(bed)
+    assert sorted(bed.sink.recipients()) == ["p1@example.net", "p2@example.com"]
+    assert all(len(m.rcpt_tos) == 1 for m in bed.sink.messages)
+    assert "member refused (550" in bed.listmilter.log() and "to=<nosuchuser@example.org>" in bed.listmilter.log()
+    # one_click: false: one message for all, in place, with the mailto: link only.
+    bed.sink.clear()
+    lst = bed.new_list(["q1@example.net", "q2@example.com"], posting="open", one_click="false")
+    post(bed, lst, "shared")
+    bed.sink.wait_for_recipients(2)
+    settle(bed)
+    (only,) = bed.sink.messages
+    assert sorted(only.rcpt_tos) == ["q1@example.net", "q2@example.com"]
+    assert only.message["List-Unsubscribe"] == f"<mailto:{role(lst, 'unsubscribe')}>"
+    assert only.message["List-Unsubscribe-Post"] is None

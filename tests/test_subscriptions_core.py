@@ -306,3 +306,22 @@ def test_subscription_settings():
                  "defaults:\n  confirm_days: 0\n"):
         with pytest.raises(config.ConfigError):
             config.parse(text)
+
+
+def test_send_copies_skips_permanent_refusals_and_fails_on_temporary_ones():
+    from listmilter import outgoing
+    from listmilter.config import Outgoing
+    from tests.bed.sink import Sink
+    with Sink() as sink:
+        out = Outgoing(smtp_host="127.0.0.1", smtp_port=sink.port)
+        sink.replies["gone@example.net"] = "550 5.1.1 no such user"
+        sink.replies["busy@example.net"] = "450 4.2.1 try later"
+        copy = lambda a: (a, ("NOTIFY=FAILURE", f"ORCPT=rfc822;{a}"), b"Subject: x\r\n\r\nx\r\n")  # noqa: E731
+        refused = outgoing.send_copies(out, "dev-bounces@example.org", ("RET=HDRS", "ENVID=x.y"), "x.y",
+                                       [copy("a@example.net"), copy("gone@example.net"), copy("b@example.net")])
+        assert list(refused) == ["gone@example.net"] and refused["gone@example.net"].startswith("550")
+        assert sink.recipients() == ["a@example.net", "b@example.net"]
+        assert "ENVID=X.Y" in sink.messages[0].mail_options     # aiosmtpd upper-cases parameters
+        assert "NOTIFY=FAILURE" in sink.messages[0].rcpt_options[0]
+        with pytest.raises(outgoing.OutgoingError):
+            outgoing.send_copies(out, "dev-bounces@example.org", (), "x.y", [copy("busy@example.net")])
