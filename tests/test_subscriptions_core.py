@@ -325,3 +325,14 @@ def test_send_copies_skips_permanent_refusals_and_fails_on_temporary_ones():
         assert "NOTIFY=FAILURE" in sink.messages[0].rcpt_options[0]
         with pytest.raises(outgoing.OutgoingError):
             outgoing.send_copies(out, "dev-bounces@example.org", (), "x.y", [copy("busy@example.net")])
+
+
+def test_check_reports_the_web_keys(tmp_path):
+    from listmilter import check
+    path = tmp_path / "c.yaml"
+    path.write_text(f"state_dir: {tmp_path}/s\nweb:\n  listen: 127.0.0.1:8025\n  base_url: http://l.example\n")
+    report = check.run(str(path), True)
+    assert any(n.startswith("web: base_url=http://l.example, listen=127.0.0.1:8025") for n in report.notes)
+    assert any("is not https" in w for w in report.warnings)
+    path.write_text(f"state_dir: {tmp_path}/s\nweb:\n  listen: 127.0.0.1:8025\n")
+    assert any("without web.base_url" in w for w in check.run(str(path), True).warnings)
