@@ -203,8 +203,11 @@ class ListMilter(Milter.Base):
     def _keepalive(self) -> None:
         try:
             self.progress()        # resets Postfix's milter timeouts during a long loop
-        except Exception:
-            pass
+        except Exception as e:
+            if not getattr(self, "_progress_failed", False):
+                self._progress_failed = True
+                logger.warning("%s: milter progress() failed (%s); a very long list may hit "
+                               "milter_content_timeout", self._queue_id(), e)
 
     def _owners(self, list_address: str) -> tuple[str, ...]:
         """Who <list>-owner@ reaches: the owners, or the site admin for a list without."""

@@ -78,7 +78,8 @@ class Service:
         for name, value in msg.items():
             heads.setdefault(name.lower(), []).append(str(value))
         ls = plan.effective_settings(mlist, self.config.effective)
-        base = dict(list=f"<{mlist.address}>", role=role.role, **{"from": f"<{sender}>"})
+        base = {"to": f"<{addresses.role_address(mlist.address, role.role, role.extension)}>",
+                "from": f"<{sender}>", "size": len(data), "list": f"<{mlist.address}>", "role": role.role}
         reason = commands.ignore_reason(sender, heads, ls.list_id)
         if reason is None and _is_own(mlist.address, sender):
             reason = "mail from this list's own addresses"
