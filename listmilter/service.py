@@ -92,6 +92,10 @@ class Service:
         if not addresses.is_valid(cmd.address):
             logger.info("deliver: %s", fields(**base, status=f"ignored (no valid address: {cmd.address!r})"))
             return "ignored"
+        with self.pending.serialized():
+            return self._command(mlist, sender, msg, data, cmd, subject, base)
+
+    def _command(self, mlist, sender, msg, data, cmd, subject, base) -> str:
         self.pending.purge()
         ctx = Context("mail", cmd.message_id or f"<from {sender}>", sender, cmd.address, cmd.name,
                       in_reply_to=cmd.message_id)
@@ -99,15 +103,15 @@ class Service:
             pending = self.pending.lookup(cmd.token) if cmd.token else None
             owners = {addresses.key(o) for o in self.owners(mlist)}
             is_owner = addresses.key(sender) in owners or addresses.key(cmd.address) in owners
+            reject = _says_reject(subject, _body_text(data))
             outcome = subscriptions.on_token(
                 pending, mlist.address, self.policy(mlist), time.time(), sender_is_owner=is_owner,
-                reject=_says_reject(subject, _body_text(data)),
-                state=self.state(mlist, sender))
+                reject=reject, state=self.state(mlist, sender))
             if pending is not None and not outcome.refused:
                 ctx.address, ctx.name, ctx.hash = pending.address, pending.name, pending.hash
                 if pending.kind == tokens.MODERATE:
                     ctx.how, ctx.who = "owner", sender
-                    ctx.detail = f"approved by reply {cmd.message_id}"
+                    ctx.detail = f"{'rejected' if reject else 'approved'} by reply {cmd.message_id}"
                 else:
                     ctx.detail = f"confirmed by reply from {sender}"
         else:

@@ -20,6 +20,8 @@ and cannot be forged or altered.
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import os
@@ -34,6 +36,7 @@ from . import addresses
 from .store import StoreError
 
 FILE_NAME = "pending.sqlite"
+LOCK_NAME = "pending.lock"
 DAY = 86400.0
 MODERATION_DAYS = 30
 KEEP_DAYS = 2          # used and expired rows are kept this long after expiry (refusal replies, counters)
@@ -134,6 +137,25 @@ class PendingDB:
         with self._lock:
             self._conns[threading.get_ident()] = conn
         return conn
+
+    @contextlib.contextmanager
+    def serialized(self):
+        """Hold the lock that makes "look at what is pending and sent, decide, record"
+        one step across processes (the pipe transport runs several deliveries at once)."""
+        path = os.path.join(os.path.dirname(self.path), LOCK_NAME)
+        try:
+            old = os.umask(0o027)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o660)
+            finally:
+                os.umask(old)
+        except OSError as e:
+            raise StoreError(f"pending lock {path}: {e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def _tx(self):
         return _Transaction(self._conn(), self.path)
