@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import commands, tokens
+from . import commands
 from .tokens import CONFIRM, MODERATE, Pending
 
 POLICIES = ("open", "confirm", "moderate", "confirm+moderate")

@@ -13,7 +13,6 @@ import sqlite3
 import subprocess
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 
 import pytest
