@@ -92,7 +92,7 @@ class App:
                                                ("Cache-Control", "no-store"),
                                                ("X-Content-Type-Options", "nosniff"),
                                                ("Referrer-Policy", "no-referrer"), *extra])
-        return [body]
+        return [b""] if method == "HEAD" else [body]
 
     def _service(self):
         # Requests are few: look at the config file's mtime on each one, so a list

@@ -244,6 +244,15 @@ def test_forged_reused_and_expired_tokens_change_nothing(sbed):
     settle(bed, 0.5)
     assert sorted(cli(bed.listmilter.config_path, "members", "ls", lst).stdout.split()) == \
         sorted([joiner, leaver, leaver2, "x@example.net"])
+    # Asked again, leaving works: a reply that lost the +TOKEN (sent to -request@) still
+    # carries the code in its Subject.
+    bed.smtp(leaver, [role(lst, "request")], message("unsubscribe", leaver, role(lst, "request")))
+    confirmation = mail_to(bed, leaver, "Please confirm: leave")
+    bed.smtp(leaver, [role(lst, "request")],
+             message(f"Re: {confirmation.message['Subject']}", leaver, role(lst, "request")))
+    assert "no longer subscribed" in mail_to(bed, leaver, "You have left").message.get_content()
+    assert history(bed, lst, leaver)[-1][2:4] == ["unsubscribed", "mail"]
+    assert leaver not in cli(bed.listmilter.config_path, "members", "ls", lst).stdout.split()
     log = pipe_log(bed)
     for reason in ("token unknown", "token used", "token expired", "token mismatch"):
         assert f"status=refused ({reason})" in log

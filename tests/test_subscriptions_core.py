@@ -279,6 +279,7 @@ def test_web_routes(tmp_path):
     assert _call(app, "GET", f"/confirm/{TOKEN}")[0] == 404
     assert _call(app, "GET", "/")[0] == 404
     assert _call(app, "DELETE", f"/u/{t}")[0] == 405
+    assert _call(app, "HEAD", f"/u/{t}") == (200, "")
     assert _call(app, "POST", f"/u/{t}", b"x" * 5000)[0] == 413
 
 
