@@ -48,6 +48,7 @@ def run(path: str, explicit: bool) -> Report:
         size_limit = postfix.params.get("message_size_limit", "")
         if size_limit.isdigit():
             limit = int(size_limit)
+    _check_web(cfg, report)
     if cfg.backend == "sqlite" and not os.path.exists(cfg.store_path):
         report.warnings.append(f"{cfg.store_path}: sqlite store does not exist yet; "
                                "`listmilter serve` or `listmilter list create` creates it")
@@ -69,6 +70,10 @@ def run(path: str, explicit: bool) -> Report:
                 settings.parse(name, list(value) if isinstance(value, tuple) else value)
             except settings.SettingError as e:
                 report.errors.append(f"{mlist.origin}: list {mlist.address}: {name}: {e}")
+        folder = cfg.effective("templates", mlist.settings).value
+        if folder and not os.path.isdir(folder):
+            report.warnings.append(f"{mlist.origin}: list {mlist.address}: templates folder {folder} "
+                                   "does not exist; the shipped templates are used")
         if not cfg.effective("owners", mlist.settings).value:
             report.warnings.append(f"{mlist.origin}: list {mlist.address} has no owners; "
                                    f"mail to its -owner address goes to {cfg.site_admin}")
@@ -82,3 +87,25 @@ def run(path: str, explicit: bool) -> Report:
                     f"to at least {estimate * 5 // 4} in main.cf")
     store.close()
     return report
+
+
+def _check_web(cfg, report: Report) -> None:
+    """The `web:` keys, and the pending-request database of subscriptions."""
+    from .tokens import PendingDB
+    web = cfg.web
+    if web.base_url:
+        report.notes.append(f"web: base_url={web.base_url}, listen={web.listen or '(not here)'}: posts go out "
+                            "as one copy per member with a one-click List-Unsubscribe (lists with one_click: true)")
+        if web.base_url.startswith("http://"):
+            report.warnings.append(f"web.base_url {web.base_url} is not https: mail providers expect "
+                                   "https one-click unsubscribe URLs (RFC 8058)")
+        if cfg.outgoing.sendmail:
+            report.warnings.append("web.base_url with outgoing.sendmail: every personal copy of a post is "
+                                   "one sendmail process; use outgoing.smtp for lists of any size")
+    else:
+        report.notes.append("web: no base_url: posts carry only a mailto: List-Unsubscribe, "
+                            "confirmation mails have no link")
+        if web.listen:
+            report.warnings.append(f"web.listen {web.listen} without web.base_url: no mail will link to it")
+    problems = PendingDB(cfg.state_dir).check()
+    report.errors.extend(f"{os.path.join(cfg.state_dir, 'pending.sqlite')}: integrity: {p}" for p in problems)

@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("recipient")
     s.add_argument("sender", nargs="?", default=None)
 
+    _subscription_parsers(sub)
+
     lst = sub.add_parser("list", help="create, delete, show and configure lists")
     ls = lst.add_subparsers(dest="action", metavar="ACTION", required=True)
     s = ls.add_parser("create", help="create a list")
@@ -116,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
             return _check(path, explicit)
         if args.command == "bounces":
             args.action = None
+        if args.command == "web":
+            return _web(args, path, explicit)
+        if args.command in ("pending", "approve", "reject"):
+            setup("stderr")
+            return _subscriptions(args, path, explicit)
         setup("stderr")
         return _admin(args, path, explicit)
     except config_mod.ConfigError as e:
@@ -217,6 +224,112 @@ def _check(path: str, explicit: bool) -> int:
     for line in report.errors:
         print(line, file=sys.stderr)      # each names its place: FILE:LINE, the store, the list
     return 1 if report.errors else 0
+
+
+# -- subscriptions: web, pending, approve, reject ------------------------------------
+def _subscription_parsers(sub) -> None:
+    s = sub.add_parser("web", help="run the one-click unsubscribe and confirmation web endpoint (foreground)")
+    s.add_argument("--listen", metavar="HOST:PORT", help="overrides web.listen")
+    s = sub.add_parser("pending", help="subscription requests waiting for a confirmation or an owner")
+    s.add_argument("list", nargs="?", help="one list (default: all)")
+    for name, verb in (("approve", "approve"), ("reject", "reject")):
+        s = sub.add_parser(name, help=f"{verb} requests waiting for an owner (moderated lists)")
+        s.add_argument("list")
+        s.add_argument("addresses", nargs="+")
+
+
+def _web(args, path: str, explicit: bool) -> int:
+    import signal
+    from .log import logger, setup
+    from .runtime import Runtime
+    from .store import StoreError
+    try:
+        runtime = Runtime(path, explicit)
+    except StoreError as e:
+        print(f"listmilter: {e}", file=sys.stderr)
+        return EX_TEMPFAIL
+    cfg = runtime.config
+    try:
+        setup(cfg.log_target, cfg.log_facility, "listmilter/web")
+    except OSError as e:
+        raise Fail(f"cannot open the log: {e}", EX_TEMPFAIL) from None
+    listen = args.listen or cfg.web.listen
+    if not listen:
+        raise Fail("web.listen is not configured (or give --listen HOST:PORT)", EX_CONFIG)
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not port.isdigit():
+        raise Fail(f"--listen must be HOST:PORT (got {listen!r})", EX_USAGE)
+    if not cfg.web.base_url:
+        logger.warning("web: web.base_url is not configured: posts carry no one-click links")
+    from . import web
+    try:
+        server = web.serve(runtime, host, int(port))
+    except OSError as e:
+        print(f"listmilter: cannot listen on {listen}: {e}", file=sys.stderr)
+        return EX_TEMPFAIL
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        runtime.store.close()
+    logger.info("web: stopped")
+    return 0
+
+
+def _subscriptions(args, path: str, explicit: bool) -> int:
+    import time as time_mod
+    from . import config as config_mod
+    from . import secret as secret_mod
+    from .service import Service
+    from .store import StoreError, open_store
+    cfg = config_mod.load(path, explicit)
+    try:
+        store = open_store(cfg)
+        service = Service(cfg, store, secret_mod.load_or_create(cfg.state_dir))
+    except (StoreError, OSError) as e:
+        raise Fail(str(e), EX_TEMPFAIL) from None
+    try:
+        list_address = _list_address(args.list) if args.list else None
+        mlist = store.get_list(list_address) if list_address else None
+        if list_address and mlist is None:
+            raise Fail(f"no such list: {list_address}", EX_NOINPUT)
+        if args.command == "pending":
+            stamp = lambda at: time_mod.strftime("%Y-%m-%d %H:%M", time_mod.localtime(at))  # noqa: E731
+            waiting = service.pending.waiting(list_address)
+            for p in waiting:
+                state = "awaiting-approval" if p.kind == "moderate" else "awaiting-confirmation"
+                print(f"{p.list}\t{p.address}\t{p.action}\t{state}\t{stamp(p.created)}\t"
+                      f"expires {stamp(p.expires)}")
+            if not waiting:
+                print("no pending requests", file=sys.stderr)
+            return 0
+        failed = 0
+        for text in args.addresses:
+            address = _address(text)
+            outcome = service.decide(mlist, address, args.command == "approve", _admin_user())
+            if outcome is None:
+                print(f"warning: no request of {address} waits for approval on {mlist.address}", file=sys.stderr)
+                failed += 1
+            else:
+                print(f"{mlist.address}: {address}: {outcome.status}")
+        return 1 if failed else 0
+    except StoreError as e:
+        raise Fail(str(e), EX_TEMPFAIL) from None
+    except Exception as e:
+        from .outgoing import OutgoingError
+        if isinstance(e, OutgoingError):
+            raise Fail(f"not done, the notice could not be sent: {e}", EX_TEMPFAIL) from None
+        raise
+    finally:
+        service.close()
+        store.close()
 
 
 # -- administration ------------------------------------------------------------

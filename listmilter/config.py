@@ -54,6 +54,19 @@ class Outgoing:
 
 
 @dataclass(frozen=True)
+class Web:
+    """`listmilter web`: where it listens, and the public URL in the links it makes."""
+    listen_host: str | None = None           # None: `listmilter web` has nowhere to listen
+    listen_port: int = 0
+    base_url: str | None = None              # None: no links, posts keep the mailto: List-Unsubscribe
+    trusted_proxies: tuple[str, ...] = ()    # X-Forwarded-For is believed only from these
+
+    @property
+    def listen(self) -> str | None:
+        return f"{self.listen_host}:{self.listen_port}" if self.listen_host else None
+
+
+@dataclass(frozen=True)
 class Config:
     path: str | None = None                       # None: built-in defaults, no file
     milter_socket: str = DEFAULT_MILTER_SOCKET
@@ -69,6 +82,7 @@ class Config:
     site_admin: str = "postmaster@localhost"
     log_target: str = "stderr"
     log_facility: str = "mail"
+    web: Web = Web()
     mtime: float | None = None
 
     def effective(self, name: str, list_settings: dict[str, Any]) -> settings.Effective:
@@ -125,7 +139,7 @@ def _line(node: yaml.Node) -> int:
 class _Builder:
     """Turns the composed YAML tree into a Config, checking every value."""
 
-    TOP = {"milter", "socketmap", "store", "state_dir", "lists", "outgoing", "defaults", "site", "log"}
+    TOP = {"milter", "socketmap", "store", "state_dir", "lists", "outgoing", "defaults", "site", "log", "web"}
 
     def __init__(self, path: str):
         self.path = path
@@ -237,6 +251,8 @@ class _Builder:
                 kw["log_target"] = target
             if "facility" in m:
                 kw["log_facility"] = self.string(m["facility"][1], "log.facility")
+        if "web" in top:
+            kw["web"] = self.web(top["web"][1])
         if "lists" in top:
             kw["lists"] = self.lists(top["lists"][1])
             if kw["lists"] and kw.get("backend", "sqlite") != "yaml":
@@ -257,6 +273,34 @@ class _Builder:
         if not match or not 0 < int(match.group(2)) < 65536:
             raise self.error(m["smtp"][1], f"outgoing.smtp must be HOST:PORT such as 127.0.0.1:25 (got {spec!r})")
         return Outgoing(smtp_host=match.group(1), smtp_port=int(match.group(2)))
+
+    def web(self, node: yaml.Node) -> Web:
+        m = self.mapping(node, "web", {"listen", "base_url", "trusted_proxies"})
+        kw: dict[str, Any] = {}
+        if "listen" in m:
+            spec = str(self.scalar(m["listen"][1], "web.listen"))
+            match = _HOSTPORT.fullmatch(spec)
+            if not match or not 0 < int(match.group(2)) < 65536:
+                raise self.error(m["listen"][1], f"web.listen must be HOST:PORT such as 127.0.0.1:8025 (got {spec!r})")
+            kw["listen_host"], kw["listen_port"] = match.group(1), int(match.group(2))
+        if "base_url" in m:
+            url = self.string(m["base_url"][1], "web.base_url").rstrip("/")
+            if not re.fullmatch(r"https?://[A-Za-z0-9.\-]+(:\d{1,5})?(/[A-Za-z0-9._~/\-]*)?", url):
+                raise self.error(m["base_url"][1], "web.base_url must be an http(s) URL without query, "
+                                 f"such as https://lists.example.org (got {url!r})")
+            kw["base_url"] = url
+        if "trusted_proxies" in m:
+            value = self.value(m["trusted_proxies"][1], "web.trusted_proxies")
+            items = value if isinstance(value, list) else str(value).replace(",", " ").split()
+            import ipaddress
+            for item in items:
+                try:
+                    ipaddress.ip_address(str(item))
+                except ValueError:
+                    raise self.error(m["trusted_proxies"][1],
+                                     f"web.trusted_proxies: not an IP address: {item!r}") from None
+            kw["trusted_proxies"] = tuple(str(i) for i in items)
+        return Web(**kw)
 
     def lists(self, node: yaml.Node) -> dict[str, ListDef]:
         if isinstance(node, yaml.ScalarNode) and node.value in ("", "~", "null"):

@@ -55,6 +55,9 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
             return EX_OK
         raise Deferred(f"mail for {recipient} reached the pipe transport without passing the milter; "
                        "check smtpd_milters and non_smtpd_milters")
+    if role.role in ("request", "subscribe", "unsubscribe", "confirm"):
+        from . import service
+        return service.deliver_command(config, store, mlist, role, sender, data)
     status, extra = "accepted", {}
     if role.role == "bounces":
         from . import bounce_processing, secret

@@ -20,7 +20,10 @@ def list_id(list_address: str, configured: str = "") -> str:
     return configured or list_address.replace("@", ".")
 
 
-def list_headers(list_address: str, lid: str, description: str, posting: str) -> list[tuple[str, str]]:
+def list_headers(list_address: str, lid: str, description: str, posting: str,
+                 unsubscribe_url: str | None = None) -> list[tuple[str, str]]:
+    """The list's headers. With `unsubscribe_url` (a personal copy), List-Unsubscribe offers
+    that https URL first and List-Unsubscribe-Post announces RFC 8058 one-click."""
     def mailto(role: str, query: str = "") -> str:
         return f"<mailto:{addresses.role_address(list_address, role)}{query}>"
 
@@ -30,7 +33,9 @@ def list_headers(list_address: str, lid: str, description: str, posting: str) ->
         ("List-Post", "NO" if posting == "announce" else f"<mailto:{list_address}>"),
         ("List-Help", mailto("request", "?subject=help")),
         ("List-Subscribe", mailto("subscribe")),
-        ("List-Unsubscribe", mailto("unsubscribe")),
+        ("List-Unsubscribe", f"<{unsubscribe_url}>, {mailto('unsubscribe')}" if unsubscribe_url
+         else mailto("unsubscribe")),
+        *([("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")] if unsubscribe_url else []),
         ("List-Owner", mailto("owner")),
         ("Precedence", "list"),
     ]

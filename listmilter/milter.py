@@ -91,6 +91,7 @@ class ListMilter(Milter.Base):
         self.body_chunks: list[bytes] = []
         self.need_body = False
         self.split: plan.Split | None = None
+        self.personal = False      # the in-place list's post goes out as one copy per member
 
     def _tempfail(self, why: str) -> int:
         self.setreply("451", "4.3.0", f"listmilter: {why}; try again later")
@@ -187,7 +188,12 @@ class ListMilter(Milter.Base):
             self._log(queue_id, f"deferred (list store: {e})", level=logging.ERROR)
             return self._tempfail("list store unavailable")
         self.split = plan.split(self.recipients)
-        self.need_body = bool(self.split.reinject)
+        try:
+            self.personal = bool(self.split.in_place_list) and self._personalized(self.split.in_place_list)
+        except StoreError as e:
+            self._log(queue_id, f"deferred (list store: {e})", level=logging.ERROR)
+            return self._tempfail("list store unavailable")
+        self.need_body = bool(self.split.reinject) or self.personal
         return Milter.CONTINUE
 
     def _mark_loops(self, queue_id: str) -> list[Recipient]:
@@ -244,6 +250,25 @@ class ListMilter(Milter.Base):
     def _settings(self, list_address: str) -> plan.ListSettings:
         return plan.effective_settings(self._list(list_address), self.config.effective)
 
+    def _personalized(self, list_address: str) -> bool:
+        """One copy per member, each with its own one-click unsubscribe URL (web.base_url set)?"""
+        return bool(self.config.web.base_url) and \
+            bool(self.config.effective("one_click", self._list(list_address).settings).value)
+
+    def _unsubscribe_url(self, list_address: str):
+        from .tokens import unsubscribe_token
+        base, secret = self.config.web.base_url, self.runtime.secret
+        return lambda member: f"{base}/u/{unsubscribe_token(secret, list_address, member)}"
+
+    def _keepalive(self) -> None:
+        try:
+            self.progress()        # resets Postfix's milter timeouts during a long loop
+        except Exception as e:
+            if not getattr(self, "_progress_failed", False):
+                self._progress_failed = True
+                logger.warning("%s: milter progress() failed (%s); a very long list may hit "
+                               "milter_content_timeout", self._queue_id(), e)
+
     def _owners(self, list_address: str) -> tuple[str, ...]:
         """Who <list>-owner@ reaches: the owners, or the site admin for a list without."""
         return self.config.owners(self._list(list_address).settings)
@@ -257,7 +282,13 @@ class ListMilter(Milter.Base):
         # Everything that can fail comes before the first change to the message.
         edits: list[plan.Edits] = []
         posts: list[tuple[str, int, str]] = []
-        if split.in_place_list:
+        copies: plan.Copies | None = None
+        if split.in_place_list and self.personal:
+            ls = self._settings(split.in_place_list)
+            copies = plan.personal_copies(ls, self.store.recipients(ls.address), self.headers,
+                                          b"".join(self.body_chunks), _post_id(queue_id), self.runtime.secret,
+                                          self._unsubscribe_url(ls.address))
+        elif split.in_place_list:
             ls = self._settings(split.in_place_list)
             members = self.store.recipients(ls.address)
             rcpts = [r.rcpt for r in recipients if r.kind == LIST and r.list_address == ls.address]
@@ -280,6 +311,23 @@ class ListMilter(Milter.Base):
                                                               r.reason, self.headers)))
             edits.append(plan.Edits(del_rcpts=[r.rcpt]))
         outgoing.send_many(self.config.outgoing, resubmit)
+        if copies is not None:
+            # Every copy is queued by the MTA before the original goes; any failure tempfails
+            # the whole message (outgoing.OutgoingError -> 451), never a discard.
+            started = time.monotonic()
+            refused = outgoing.send_copies(self.config.outgoing, copies.sender, copies.mail_options,
+                                           copies.envid, copies.copies, self._keepalive)
+            for member, reply in refused.items():
+                # In place, the MTA would have bounced it to <list>-bounces@ later; here it says so now.
+                self._log(queue_id, f"member refused ({reply})", split.in_place_list, level=logging.WARNING,
+                          to=f"<{member}>")
+            for list_address in split.reinject:
+                self._log(queue_id, "split (re-submitted as a message of its own)", list_address)
+            self._log(queue_id, "expanded (personal copies)", split.in_place_list, client=True,
+                      members=len(copies.copies) - len(refused), seconds=f"{time.monotonic() - started:.2f}",
+                      envid=copies.envid)
+            # Only list recipients were left in this message: nothing more to deliver.
+            return Milter.DISCARD
 
         for e in edits:
             self._apply(e)

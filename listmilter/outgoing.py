@@ -37,12 +37,47 @@ def send_many(outgoing: Outgoing, messages: list[tuple[str, list[str], bytes]]) 
         raise OutgoingError(f"{outgoing.describe()}: {e}") from e
 
 
-def _sendmail(path: str, sender: str, recipients: list[str], message: bytes) -> None:
+def _sendmail(path: str, sender: str, recipients: list[str], message: bytes,
+              options: list[str] | None = None) -> None:
     try:
-        proc = subprocess.run([path, "-i", "-f", sender or "<>", "--", *recipients], input=message,
+        proc = subprocess.run([path, "-i", "-f", sender or "<>", *(options or []), "--", *recipients],
+                              input=message,
                               capture_output=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise OutgoingError(f"sendmail: {path}: {e}") from e
     if proc.returncode != 0:
         raise OutgoingError(f"sendmail: {path} exited {proc.returncode}: "
                             f"{proc.stderr.decode(errors='replace').strip()}")
+
+
+def send_copies(outgoing: Outgoing, sender: str, mail_options: tuple[str, ...], envid: str,
+                copies: list[tuple[str, tuple[str, ...], bytes]], progress=None,
+                every: int = 100) -> dict[str, str]:
+    """One message per recipient, each with its own DSN options, over one SMTP session
+    (many transactions). A recipient the MTA refuses for good (5xx to RCPT) is skipped
+    and returned ({address: reply}); anything else raises OutgoingError."""
+    refused_for_good: dict[str, str] = {}
+    if outgoing.sendmail:
+        for n, (rcpt, _, message) in enumerate(copies, 1):
+            # Postfix's sendmail: -N NOTIFY, -R RET, -V ENVID (ORCPT cannot be given).
+            _sendmail(outgoing.sendmail, sender, [rcpt], message,
+                      ["-N", "failure", "-R", "hdrs", "-V", envid])
+            if progress and n % every == 0:
+                progress()
+        return refused_for_good
+    try:
+        with smtplib.SMTP(outgoing.smtp_host, outgoing.smtp_port, local_hostname="localhost",
+                          timeout=120) as smtp:
+            for n, (rcpt, rcpt_options, message) in enumerate(copies, 1):
+                try:
+                    smtp.sendmail(sender, [rcpt], message, list(mail_options), list(rcpt_options))
+                except smtplib.SMTPRecipientsRefused as e:
+                    code, text = e.recipients.get(rcpt, (0, b""))
+                    if not 500 <= code < 600:
+                        raise
+                    refused_for_good[rcpt] = f"{code} {text.decode(errors='replace')}"
+                if progress and n % every == 0:
+                    progress()
+    except (smtplib.SMTPException, OSError, socket.timeout) as e:
+        raise OutgoingError(f"{outgoing.describe()}: {e}") from e
+    return refused_for_good

@@ -172,3 +172,59 @@ def list_ids(message_headers: list[tuple[str, str]]) -> list[str]:
 
 def loop_reason(sender: str, message_headers: list[tuple[str, str]], ls: ListSettings) -> str | None:
     return policy.not_expanded_reason(sender, list_ids(message_headers), ls.list_id.lower())
+
+
+# -- personal copies (one-click unsubscribe) ------------------------------------------
+def xtext(text: str) -> str:
+    """RFC 3461 xtext, for ORCPT over SMTP."""
+    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}" for c in text)
+
+
+@dataclass(frozen=True)
+class Copies:
+    """A post as one message per member (each with its own List-Unsubscribe URL)."""
+    sender: str                                   # <list>-bounces@
+    mail_options: tuple[str, ...]                 # RET=HDRS ENVID=...
+    envid: str
+    copies: list[tuple[str, tuple[str, ...], bytes]]   # (member, RCPT options, message)
+
+
+def apply_header_edits(message_headers: list[tuple[str, str]], edits: Edits) -> list[tuple[str, str]]:
+    """The header list after `edits` (deletions and changes by 1-based index per name; additions last)."""
+    drop = {(n.lower(), i) for n, i in edits.del_headers}
+    change = {(n.lower(), i): v for n, i, v in edits.change_headers}
+    counts: dict[str, int] = {}
+    out = []
+    for name, value in message_headers:
+        lname = name.lower()
+        counts[lname] = counts.get(lname, 0) + 1
+        key = (lname, counts[lname])
+        if key in drop:
+            continue
+        out.append((name, change.get(key, value)))
+    out.extend(edits.add_headers)
+    return out
+
+
+def _header_bytes(items: list[tuple[str, str]]) -> bytes:
+    text = "".join(f"{n}: {v}\r\n" for n, v in items).replace("\r\n", "\n").replace("\n", "\r\n")
+    return text.encode("utf-8", "surrogateescape")
+
+
+def personal_copies(ls: ListSettings, members: list[str], message_headers: list[tuple[str, str]],
+                    body: bytes, post_id: str, secret: bytes, url_for: Callable[[str], str]) -> Copies:
+    """One message per member: the same edits as expand_list, plus a personal List-Unsubscribe."""
+    edits = expand_list(ls, [], members, message_headers, post_id, secret)
+    unsubscribe = {"list-unsubscribe", "list-unsubscribe-post"}
+    edits.add_headers = [(n, v) for n, v in edits.add_headers if n.lower() not in unsubscribe]
+    head = _header_bytes(apply_header_edits(message_headers, edits))
+    mailto = f"<mailto:{addresses.role_address(ls.address, 'unsubscribe')}>"
+    envid_value = edits.sender[1].partition("ENVID=")[2]
+    copies = []
+    for member, _ in edits.add_rcpts:
+        personal = _header_bytes([("List-Unsubscribe", f"<{url_for(member)}>, {mailto}"),
+                                  ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")])
+        copies.append((member, ("NOTIFY=FAILURE", f"ORCPT=rfc822;{xtext(member)}"),
+                       head + personal + b"\r\n" + body))
+    return Copies(addresses.strip_brackets(edits.sender[0]), ("RET=HDRS", f"ENVID={envid_value}"),
+                  envid_value, copies)

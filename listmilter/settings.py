@@ -74,6 +74,13 @@ def _list_id(value: Any) -> str:
     return value
 
 
+def _folder(value: Any) -> str:
+    value = _text(value)
+    if value and not value.startswith("/"):
+        raise SettingError(f"must be an absolute folder path, or empty (got {value!r})")
+    return value
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -93,6 +100,27 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "one line describing the list; shown in List-Id and help replies"),
     Setting("list_id", "", _list_id,
             "the RFC 2919 List-Id (empty: the list address with @ turned into a dot)"),
+    # Subscriptions (mail to <list>-request@, -subscribe@, -unsubscribe@, -confirm+TOKEN@; the web).
+    Setting("subscribe_policy", "confirm", _choice("open", "confirm", "moderate", "confirm+moderate"),
+            "joining: open (at once), confirm (the address confirms first), moderate (an owner approves), "
+            "confirm+moderate (both)"),
+    Setting("unsubscribe_confirm", True, _flag,
+            "leaving by mail needs a confirmation (true) or happens at once (false); one-click "
+            "unsubscribe on the web is always at once"),
+    Setting("owner_notices", False, _flag,
+            "mail the owners when someone joins or leaves"),
+    Setting("confirm_days", 3, _count(1),
+            "days a confirmation code stays valid"),
+    Setting("confirm_limit_per_address", 3, _count(1),
+            "at most this many replies to commands (confirmations, help...) per address and list per day"),
+    Setting("confirm_limit_per_list", 100, _count(1),
+            "at most this many replies to commands per list per day"),
+    Setting("templates", "", _folder,
+            "a folder with your own NAME.txt notice templates (empty: the shipped ones); "
+            "a missing file falls back to the shipped one"),
+    Setting("one_click", True, _flag,
+            "with web.base_url configured: send every member a copy of their own carrying a "
+            "personal RFC 8058 one-click List-Unsubscribe URL (false: one copy for all, mailto only)"),
     # Bounce processing (listmilter deliver for <list>-bounces@).
     Setting("bounce_action", "disable", _choice("remove", "disable", "notify"),
             "what a bouncing member's score leads to: remove (and tell the owner), disable (warn, "

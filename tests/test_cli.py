@@ -143,11 +143,18 @@ def test_check_warns_when_a_list_exceeds_postfix_message_size_limit(cfg, tmp_pat
 
 
 def test_deliver_exit_codes(cfg, tmp_path):
+    from tests.bed.net import free_port
+    with open(cfg, "a") as f:      # an outgoing: where nothing listens
+        f.write(f"outgoing:\n  smtp: 127.0.0.1:{free_port()}\n")
     cli(cfg, "list", "create", "dev@example.org")
     run = lambda *a, data=b"Subject: x\n\nbody\n": subprocess.run(  # noqa: E731
         [sys.executable, "-m", "listmilter", "-c", str(cfg), "deliver", *a], input=data,
         capture_output=True, env={"LISTMILTER_LOG": str(tmp_path / "d.log"), "PATH": "/usr/bin:/bin"})
-    assert run("dev-request@example.org", "a@example.net").returncode == 0
+    # A command from the null sender is ignored (0); one that must be answered while
+    # outgoing: is unreachable waits: 75.
+    assert run("dev-request@example.org", "").returncode == 0
+    answered = run("dev-request@example.org", "a@example.net")
+    assert answered.returncode == 75 and b"Traceback" not in answered.stderr
     assert run("nobody@example.org", "a@example.net").returncode == 67
     # A post that reached the pipe without the milter is kept queued, never dropped.
     assert run("dev@example.org", "a@example.net").returncode == 75

@@ -1,0 +1,345 @@
+"""Subscriptions, applied: the thin edge between listmilter.subscriptions (decisions)
+and the store, the pending database, templates and `outgoing:`.
+
+Used by the pipe transport (`deliver`, for -request@, -subscribe@,
+-unsubscribe@, -confirm+TOKEN@), by `listmilter web` (one-click unsubscribe,
+confirmation links) and by the CLI (approve, reject). Store and outgoing
+errors propagate (the pipe transport exits 75 and Postfix retries); what was
+claimed or created for a failed attempt is undone first, so the retry finds
+the same state.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import logging
+import time
+from dataclasses import dataclass
+
+from . import addresses, commands, notices, outgoing, plan, subscriptions, tokens
+from .log import fields, logger
+from .store import MailingList, Member
+from .subscriptions import MEMBER, OWNERS, SENDER, Outcome, State
+
+MAX_BODY = 64 * 1024        # of a command message, read for the command words
+
+
+@dataclass
+class Context:
+    """Who and how, for one command."""
+    how: str                      # mail, web, cli, owner
+    who: str                      # Message-ID, client IP, admin user
+    sender: str | None            # where SENDER mails go (None: nowhere, e.g. the web)
+    address: str                  # the member address concerned
+    name: str = ""
+    hash: str | None = None       # the pending request being used
+    in_reply_to: str = ""
+    detail: str = ""
+
+
+class Service:
+    def __init__(self, config, store, secret: bytes, pending: tokens.PendingDB | None = None):
+        self.config, self.store, self.secret = config, store, secret
+        self.pending = pending or tokens.PendingDB(config.state_dir)
+
+    def close(self) -> None:
+        self.pending.close()
+
+    # -- list facts ------------------------------------------------------------
+    def _eff(self, mlist: MailingList):
+        return lambda name: self.config.effective(name, mlist.settings).value
+
+    def policy(self, mlist: MailingList) -> subscriptions.Policy:
+        return subscriptions.policy_from(self._eff(mlist))
+
+    def owners(self, mlist: MailingList) -> tuple[str, ...]:
+        return tuple(self._eff(mlist)("owners")) or (self.config.site_admin,)
+
+    def unsubscribe_url(self, list_address: str, address: str) -> str:
+        base = self.config.web.base_url
+        return f"{base}/u/{tokens.unsubscribe_token(self.secret, list_address, address)}" if base else ""
+
+    def confirm_url(self, token: str) -> str:
+        base = self.config.web.base_url
+        return f"{base}/confirm/{token}" if base and token else ""
+
+    def state(self, mlist: MailingList, address: str) -> State:
+        return State(is_member=self.store.member(mlist.address, address) is not None,
+                     pending=self.pending.open_request(mlist.address, address),
+                     sent_address=self.pending.sent_today(mlist.address, address),
+                     sent_list=self.pending.sent_today(mlist.address))
+
+    # -- mail to a role address --------------------------------------------------
+    def handle_mail(self, mlist: MailingList, role: addresses.RoleAddress, sender: str, data: bytes) -> str:
+        """A message to -request@, -subscribe@, -unsubscribe@ or -confirm+TOKEN@; the log status."""
+        msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(data)
+        heads: dict[str, list[str]] = {}
+        for name, value in msg.items():
+            heads.setdefault(name.lower(), []).append(str(value))
+        ls = plan.effective_settings(mlist, self.config.effective)
+        base = {"to": f"<{addresses.role_address(mlist.address, role.role, role.extension)}>",
+                "from": f"<{sender}>", "size": len(data), "list": f"<{mlist.address}>", "role": role.role}
+        reason = commands.ignore_reason(sender, heads, ls.list_id)
+        if reason is None and _is_own(mlist.address, sender):
+            reason = "mail from this list's own addresses"
+        if reason:
+            logger.info("deliver: %s", fields(**base, status=f"ignored ({reason})"))
+            return "ignored"
+        subject = _header_text(msg.get("Subject"))
+        cmd = commands.parse(role.role, role.extension, sender, _header_text(msg.get("From")), subject,
+                             _body_text(data), (msg.get("Message-ID") or "").strip())
+        if not addresses.is_valid(cmd.address):
+            logger.info("deliver: %s", fields(**base, status=f"ignored (no valid address: {cmd.address!r})"))
+            return "ignored"
+        with self.pending.serialized():
+            return self._command(mlist, sender, msg, data, cmd, subject, base)
+
+    def _command(self, mlist, sender, msg, data, cmd, subject, base) -> str:
+        self.pending.purge()
+        ctx = Context("mail", cmd.message_id or f"<from {sender}>", sender, cmd.address, cmd.name,
+                      in_reply_to=cmd.message_id)
+        if cmd.kind == commands.CONFIRM:
+            pending = self.pending.lookup(cmd.token) if cmd.token else None
+            owners = {addresses.key(o) for o in self.owners(mlist)}
+            is_owner = addresses.key(sender) in owners or addresses.key(cmd.address) in owners
+            reject = _says_reject(subject, _body_text(data))
+            outcome = subscriptions.on_token(
+                pending, mlist.address, self.policy(mlist), time.time(), sender_is_owner=is_owner,
+                reject=reject, state=self.state(mlist, sender))
+            if pending is not None and not outcome.refused:
+                ctx.address, ctx.name, ctx.hash = pending.address, pending.name, pending.hash
+                if pending.kind == tokens.MODERATE:
+                    ctx.how, ctx.who = "owner", sender
+                    ctx.detail = f"{'rejected' if reject else 'approved'} by reply {cmd.message_id}"
+                else:
+                    ctx.detail = f"confirmed by reply from {sender}"
+        else:
+            outcome = subscriptions.on_command(cmd.kind, self.policy(mlist), self.state(mlist, cmd.address))
+            ctx.detail = f"{cmd.kind} by mail from {sender}"
+        self.apply(mlist, outcome, ctx)
+        level = logging.WARNING if outcome.refused else logging.INFO
+        logger.log(level, "deliver: %s", fields(**base, command=cmd.kind, address=f"<{ctx.address}>",
+                                                 status=outcome.status))
+        return outcome.status
+
+    # -- the web -------------------------------------------------------------------
+    def one_click(self, token: str, client: str) -> tuple[int, str, str]:
+        """RFC 8058 POST: (HTTP status, list address or "", what happened)."""
+        found = tokens.read_unsubscribe_token(self.secret, token)
+        if found is None:
+            logger.warning("web: %s", fields(client=client, status="refused (forged or damaged unsubscribe link)"))
+            return 400, "", "This unsubscribe link is not valid."
+        list_key, address = found
+        mlist = self.store.get_list(list_key)
+        if mlist is None:
+            logger.warning("web: %s", fields(list=f"<{list_key}>", client=client, status="refused (no such list)"))
+            return 404, list_key, "This mailing list does not exist (any more)."
+        removed = self.store.unsubscribe(mlist.address, address, "web", client, "one-click unsubscribe")
+        status = "unsubscribed (one-click)" if removed else "not a member (one-click)"
+        logger.info("web: %s", fields(list=f"<{mlist.address}>", address=f"<{address}>", client=client,
+                                       status=status))
+        if removed:
+            ctx = Context("web", client, None, address, detail="one-click unsubscribe")
+            pol = self.policy(mlist)
+            mails = (subscriptions.Mail("goodbye", MEMBER),) + \
+                ((subscriptions.Mail("owner_left", OWNERS),) if pol.owner_notices else ())
+            try:
+                self._send(mlist, mails, ctx, None)
+            except outgoing.OutgoingError as e:   # the unsubscription stands; only the notice is lost
+                logger.error("web: %s", fields(list=f"<{mlist.address}>", status=f"goodbye not sent ({e})"))
+            return 200, mlist.address, "You have been unsubscribed."
+        return 200, mlist.address, "This address is not subscribed (any more)."
+
+    def confirm_info(self, token: str) -> tokens.Pending | None:
+        """A usable confirmation request for the web page (None: not usable)."""
+        pending = self.pending.lookup(token) if tokens.TOKEN_RE.fullmatch(token or "") else None
+        if pending is None or pending.kind != tokens.CONFIRM or pending.state(time.time()) != "pending":
+            return None
+        return pending
+
+    def web_confirm(self, token: str, client: str) -> tuple[int, str]:
+        pending = self.pending.lookup(token) if tokens.TOKEN_RE.fullmatch(token or "") else None
+        mlist = self.store.get_list(pending.list) if pending else None
+        if pending is None or mlist is None:
+            logger.warning("web: %s", fields(client=client, status="refused (token unknown)"))
+            return 404, subscriptions.REFUSAL_TEXT["unknown"]
+        outcome = subscriptions.on_token(pending, mlist.address, self.policy(mlist), time.time())
+        if pending.kind == tokens.MODERATE:      # the web cannot tell an owner; owners reply by mail
+            outcome = Outcome("refused (approval on the web)", refused=True, reason="not owner")
+        ctx = Context("web", client, None, pending.address, pending.name, pending.hash,
+                      detail="confirmed by link")
+        self.apply(mlist, outcome, ctx)
+        level = logging.WARNING if outcome.refused else logging.INFO
+        logger.log(level, "web: %s", fields(list=f"<{mlist.address}>", address=f"<{pending.address}>",
+                                             client=client, status=outcome.status))
+        if outcome.refused:
+            return 400, subscriptions.REFUSAL_TEXT.get(outcome.reason, "This request cannot be confirmed here.")
+        return 200, _done_text(outcome, mlist.address)
+
+    # -- the CLI -------------------------------------------------------------------
+    def decide(self, mlist: MailingList, address: str, approve: bool, who: str) -> Outcome | None:
+        """An owner's approve/reject of a waiting request; None if there is none."""
+        pending = self.pending.open_request(mlist.address, address, kind=tokens.MODERATE)
+        if pending is None:
+            return None
+        outcome = subscriptions.on_decision(pending, self.policy(mlist), approve)
+        ctx = Context("owner", who, None, pending.address, pending.name, pending.hash,
+                      detail="approved with the CLI" if approve else "rejected with the CLI")
+        self.apply(mlist, outcome, ctx)
+        logger.info("cli: %s", fields(list=f"<{mlist.address}>", address=f"<{pending.address}>",
+                                       status=outcome.status, by=who))
+        return outcome
+
+    # -- applying an outcome ---------------------------------------------------------
+    def apply(self, mlist: MailingList, outcome: Outcome, ctx: Context) -> None:
+        if outcome.ignored:
+            return
+        claimed = False
+        new_token = None
+        if outcome.close and ctx.hash:
+            if not self.pending.claim(ctx.hash, outcome.close):
+                # Someone used it a moment ago (a reply and a click at once): nothing more to do.
+                logger.info("%s", fields(list=f"<{mlist.address}>", address=f"<{ctx.address}>",
+                                         status="ignored (request used meanwhile)"))
+                return
+            claimed = True
+        try:
+            if outcome.create:
+                kind, action = outcome.create
+                days = tokens.MODERATION_DAYS if kind == tokens.MODERATE else self.policy(mlist).confirm_days
+                new_token = self.pending.create(kind, mlist.address, ctx.address, action, days, ctx.name,
+                                                ctx.how, ctx.who)
+            if outcome.change == "subscribe":
+                self.store.subscribe(mlist.address, Member(ctx.address, ctx.name), ctx.how, ctx.who, ctx.detail)
+            elif outcome.change == "unsubscribe":
+                self.store.unsubscribe(mlist.address, ctx.address, ctx.how, ctx.who, ctx.detail)
+            self._send(mlist, outcome.mails, ctx, new_token, reason=outcome.reason)
+        except BaseException:
+            if new_token:
+                self.pending.drop(new_token)
+            if claimed:
+                self.pending.release(ctx.hash)
+            raise
+
+    def _send(self, mlist: MailingList, mails, ctx: Context, token: str | None, reason: str = "") -> None:
+        request = addresses.role_address(mlist.address, "request")
+        eff = self._eff(mlist)
+        owners = self.owners(mlist)
+        values = {
+            "list": mlist.address, "address": ctx.address, "name": ctx.name,
+            "description": eff("description"),
+            "request_address": request,
+            "subscribe_address": addresses.role_address(mlist.address, "subscribe"),
+            "unsubscribe_address": addresses.role_address(mlist.address, "unsubscribe"),
+            "owner_address": addresses.role_address(mlist.address, "owner"),
+            "token": token or "", "confirm_url": self.confirm_url(token or ""),
+            "confirm_address": addresses.role_address(mlist.address, "confirm", token) if token else "",
+            "unsubscribe_url": self.unsubscribe_url(mlist.address, ctx.address),
+            "days": str(tokens.MODERATION_DAYS if any(m.template == "moderation_request" for m in mails)
+                        else eff("confirm_days")),
+            "reason": subscriptions.REFUSAL_TEXT.get(reason, ""),
+            "how": {"mail": "by mail", "web": "on the web", "cli": "by the admin",
+                    "owner": "approved by an owner"}.get(ctx.how, ctx.how),
+            "policy_text": _policy_text(eff("subscribe_policy")),
+        }
+        batch: list = []
+        to_owners: list = []
+        counted = []
+        for mail in mails:
+            if mail.to == OWNERS:
+                targets = list(owners)
+            elif mail.to == SENDER:
+                if not ctx.sender:
+                    continue
+                targets = [ctx.sender]
+            else:
+                targets = [ctx.address]
+            subject, text = notices.render(notices.template_text(mail.template, eff("templates")), values)
+            reply_to = values["confirm_address"] if token and mail.template in (
+                "confirm_subscribe", "confirm_unsubscribe", "moderation_request") else None
+            for to in targets:
+                message = notices.command_reply(request, to, subject, text, reply_to,
+                                                ctx.in_reply_to if mail.to != OWNERS else "")
+                if mail.to == OWNERS:
+                    to_owners.append(("", [to], message))
+                else:
+                    batch.append(("", [to], message))
+                    if mail.template in subscriptions.LIMITED:
+                        counted.append((to, mail.template))
+        outgoing.send_many(self.config.outgoing, batch)
+        for to, template in counted:
+            self.pending.record_sent(mlist.address, to, template)
+        # Owner notices are a courtesy: one that cannot be sent is logged, and the
+        # member's change and mail stand (a retry would repeat the member's mail).
+        for item in to_owners:
+            try:
+                outgoing.send_many(self.config.outgoing, [item])
+            except outgoing.OutgoingError as e:
+                logger.error("%s", fields(list=f"<{mlist.address}>", to=f"<{item[1][0]}>",
+                                          status=f"owner notice not sent ({e})"))
+
+
+def _is_own(list_address: str, sender: str) -> bool:
+    if not sender:
+        return False
+    if addresses.key(sender) == addresses.key(list_address):
+        return True
+    return any(role and role.list_key == addresses.key(list_address)
+               for _, role in addresses.candidates(sender))
+
+
+def _header_text(value) -> str:
+    if value is None:
+        return ""
+    from .headers import decode
+    return decode(str(value))
+
+
+def _body_text(data: bytes) -> str:
+    """The first text/plain part, decoded (best effort, at most MAX_BODY)."""
+    try:
+        msg = email.parser.BytesParser(policy=email.policy.default).parsebytes(data[:MAX_BODY * 2])
+        part = msg.get_body(preferencelist=("plain",))
+        if part is None:
+            return ""
+        return part.get_content()[:MAX_BODY]
+    except Exception:      # a broken MIME structure is no command
+        return ""
+
+
+def _says_reject(subject: str, body: str) -> bool:
+    lines = commands.body_lines(body)
+    first = lines[0].split()[0].lower().strip(".,!:") if lines and lines[0].split() else ""
+    return first in ("reject", "deny", "no")
+
+
+def _policy_text(policy: str) -> str:
+    return {
+        "open": "Anyone may join at once.",
+        "confirm": "Joining needs a confirmation from the address that joins.",
+        "moderate": "Joining needs the approval of a list owner.",
+        "confirm+moderate": "Joining needs a confirmation from the address, then an owner's approval.",
+    }.get(policy, "")
+
+
+def _done_text(outcome: Outcome, list_address: str) -> str:
+    if outcome.change == "subscribe":
+        return f"You are now subscribed to {list_address}."
+    if outcome.change == "unsubscribe":
+        return f"You have been unsubscribed from {list_address}."
+    if outcome.create and outcome.create[0] == tokens.MODERATE:
+        return f"Thank you. Your request to join {list_address} now waits for the owners' approval."
+    return outcome.status
+
+
+def deliver_command(config, store, mlist: MailingList, role: addresses.RoleAddress, sender: str,
+                    data: bytes) -> int:
+    """The pipe transport's part: 0 when handled (answered or ignored); errors propagate (exit 75)."""
+    from . import secret as secret_mod
+    service = Service(config, store, secret_mod.load_or_create(config.state_dir))
+    try:
+        service.handle_mail(mlist, role, sender, data)
+    finally:
+        service.close()
+    return 0

@@ -1,0 +1,337 @@
+"""Confirmation tokens, moderation requests and rate-limit counters: state_dir/pending.sqlite.
+
+Both store backends use this one database. A token is 120 random bits,
+written as 24 lower-case base32 characters (mail addresses are compared
+case-insensitively, so dev-confirm+TOKEN@ must survive lower-casing); only
+its SHA-256 is stored. Each row binds the token to one list, one address and
+one action; a token is used at most once and expires (settings
+`confirm_days`; moderation requests MODERATION_DAYS).
+
+Every write is one transaction (BEGIN IMMEDIATE): the pipe transport, the
+web endpoint and the CLI may run at the same time.
+
+The one-click unsubscribe token (`unsubscribe_token`) needs no row: it is
+the list and the member's address, encrypted and authenticated under the
+site secret (a deterministic SIV-like construction with HMAC-SHA256 as the
+PRF), so a URL identifies one member of one list without showing the address
+and cannot be forged or altered.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+
+from . import addresses
+from .store import StoreError
+from .store.sqlite import adopt_owner
+
+FILE_NAME = "pending.sqlite"
+LOCK_NAME = "pending.lock"
+DAY = 86400.0
+MODERATION_DAYS = 30
+KEEP_DAYS = 2          # used and expired rows are kept this long after expiry (refusal replies, counters)
+
+CONFIRM = "confirm"      # kind: waiting for the address's owner
+MODERATE = "moderate"    # kind: waiting for a list owner
+
+TOKEN_RE = re.compile(r"[a-z2-7]{24}")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS pending (
+    hash     TEXT PRIMARY KEY,       -- sha256 of the token, hex
+    kind     TEXT NOT NULL,          -- confirm | moderate
+    list     TEXT NOT NULL,          -- list key
+    key      TEXT NOT NULL,          -- address key
+    address  TEXT NOT NULL,          -- as given
+    name     TEXT NOT NULL DEFAULT '',
+    action   TEXT NOT NULL,          -- subscribe | unsubscribe
+    how      TEXT NOT NULL DEFAULT '',   -- how the request came (mail, web, cli)
+    who      TEXT NOT NULL DEFAULT '',   -- e.g. the requesting Message-ID
+    created  REAL NOT NULL,
+    expires  REAL NOT NULL,
+    done     REAL,                   -- when used (confirmed, approved, rejected)
+    outcome  TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS pending_member ON pending(list, key);
+CREATE TABLE IF NOT EXISTS sent (    -- replies sent to commands: the rate-limit counters
+    list     TEXT NOT NULL,
+    key      TEXT NOT NULL,
+    what     TEXT NOT NULL,
+    at       REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sent_list ON sent(list, at);
+"""
+
+
+@dataclass(frozen=True)
+class Pending:
+    kind: str
+    list: str
+    address: str
+    name: str
+    action: str
+    how: str
+    who: str
+    created: float
+    expires: float
+    done: float | None
+    outcome: str
+    hash: str = ""
+
+    def state(self, now: float) -> str:
+        """pending, used or expired."""
+        if self.done is not None:
+            return "used"
+        if now >= self.expires:
+            return "expired"
+        return "pending"
+
+
+def new_token() -> str:
+    return base64.b32encode(secrets.token_bytes(15)).decode().lower()
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.lower().encode()).hexdigest()
+
+
+def find_token(text: str) -> str | None:
+    """A token in free text, e.g. the Subject of a reply: "Re: ... (confirm TOKEN)"."""
+    m = re.search(r"confirm[\s:+=-]+([A-Za-z2-7]{24})\b", text or "", re.IGNORECASE)
+    return m.group(1).lower() if m else None
+
+
+class PendingDB:
+    def __init__(self, state_dir: str):
+        self.path = os.path.join(state_dir, FILE_NAME)
+        self._conns: dict[int, sqlite3.Connection] = {}
+        self._lock = threading.Lock()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = self._conns.get(threading.get_ident())
+        if conn is not None:
+            return conn
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o750, exist_ok=True)
+            old = os.umask(0o027)
+            try:
+                conn = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+                                       check_same_thread=False)
+            finally:
+                os.umask(old)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(SCHEMA)
+            adopt_owner(self.path)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"pending database {self.path}: {e}") from e
+        with self._lock:
+            self._conns[threading.get_ident()] = conn
+        return conn
+
+    @contextlib.contextmanager
+    def serialized(self):
+        """Hold the lock that makes "look at what is pending and sent, decide, record"
+        one step across processes (the pipe transport runs several deliveries at once)."""
+        path = os.path.join(os.path.dirname(self.path), LOCK_NAME)
+        try:
+            old = os.umask(0o027)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o660)
+            finally:
+                os.umask(old)
+            adopt_owner(path)
+        except OSError as e:
+            raise StoreError(f"pending lock {path}: {e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _tx(self):
+        return _Transaction(self._conn(), self.path)
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._conns.values():
+                conn.close()
+            self._conns.clear()
+
+    # -- requests ------------------------------------------------------------
+    def create(self, kind: str, list_address: str, address: str, action: str, days: float,
+               name: str = "", how: str = "", who: str = "", now: float | None = None) -> str:
+        """A new pending request; returns its token (shown once, stored hashed)."""
+        now = time.time() if now is None else now
+        token = new_token()
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO pending(hash, kind, list, key, address, name, action, how, who, created, expires) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (token_hash(token), kind, addresses.key(list_address), addresses.key(address), address,
+                 name, action, how, who, now, now + days * DAY))
+        return token
+
+    def drop(self, token: str) -> None:
+        """Forget a request (its mail could not be sent)."""
+        with self._tx() as conn:
+            conn.execute("DELETE FROM pending WHERE hash=?", (token_hash(token),))
+
+    def lookup(self, token: str) -> Pending | None:
+        row = self._conn().execute(self._SELECT + "WHERE hash=?", (token_hash(token),)).fetchone()
+        return self._row(row) if row else None
+
+    _SELECT = ("SELECT kind, list, address, name, action, how, who, created, expires, done, outcome, hash "
+               "FROM pending ")
+
+    @staticmethod
+    def _row(row) -> Pending:
+        return Pending(*row)
+
+    def claim(self, hash_: str, outcome: str, now: float | None = None) -> bool:
+        """Use a request (by token_hash): True for the one caller that marks it done (single use)."""
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            row = conn.execute("UPDATE pending SET done=?, outcome=? WHERE hash=? AND done IS NULL "
+                               "AND expires>? RETURNING hash", (now, outcome, hash_, now)).fetchone()
+        return row is not None
+
+    def release(self, hash_: str) -> None:
+        """Undo claim() when what it allowed could not be done; the token works again."""
+        with self._tx() as conn:
+            conn.execute("UPDATE pending SET done=NULL, outcome='' WHERE hash=?", (hash_,))
+
+    def open_request(self, list_address: str, address: str, kind: str | None = None,
+                     action: str | None = None, now: float | None = None) -> Pending | None:
+        """The newest unused, unexpired request for this list and address."""
+        now = time.time() if now is None else now
+        query = self._SELECT + "WHERE list=? AND key=? AND done IS NULL AND expires>?"
+        params: tuple = (addresses.key(list_address), addresses.key(address), now)
+        if kind:
+            query += " AND kind=?"
+            params += (kind,)
+        if action:
+            query += " AND action=?"
+            params += (action,)
+        row = self._conn().execute(query + " ORDER BY created DESC LIMIT 1", params).fetchone()
+        return self._row(row) if row else None
+
+    def waiting(self, list_address: str | None = None, now: float | None = None) -> list[Pending]:
+        """Unused, unexpired requests (of one list, or all), oldest first."""
+        now = time.time() if now is None else now
+        query = self._SELECT + "WHERE done IS NULL AND expires>?"
+        params: tuple = (now,)
+        if list_address:
+            query += " AND list=?"
+            params += (addresses.key(list_address),)
+        return [self._row(r) for r in self._conn().execute(query + " ORDER BY created", params)]
+
+    # -- rate limits -----------------------------------------------------------
+    def sent_today(self, list_address: str, address: str | None = None, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        query = "SELECT count(*) FROM sent WHERE list=? AND at>?"
+        params: tuple = (addresses.key(list_address), now - DAY)
+        if address is not None:
+            query += " AND key=?"
+            params += (addresses.key(address),)
+        return self._conn().execute(query, params).fetchone()[0]
+
+    def record_sent(self, list_address: str, address: str, what: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            conn.execute("INSERT INTO sent(list, key, what, at) VALUES (?, ?, ?, ?)",
+                         (addresses.key(list_address), addresses.key(address), what, now))
+
+    def purge(self, now: float | None = None) -> None:
+        """Drop what no limit and no refusal reply needs any more."""
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            conn.execute("DELETE FROM pending WHERE expires<?", (now - KEEP_DAYS * DAY,))
+            conn.execute("DELETE FROM sent WHERE at<?", (now - DAY,))
+
+    def check(self) -> list[str]:
+        if not os.path.exists(self.path):
+            return []
+        try:
+            rows = self._conn().execute("PRAGMA quick_check").fetchall()
+        except sqlite3.Error as e:
+            return [str(e)]
+        return [r[0] for r in rows if r[0] != "ok"]
+
+
+class _Transaction:
+    def __init__(self, conn: sqlite3.Connection, path: str):
+        self.conn, self.path = conn, path
+
+    def __enter__(self) -> sqlite3.Connection:
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            raise StoreError(f"pending database {self.path}: {e}") from e
+        return self.conn
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        except sqlite3.Error as e:
+            raise StoreError(f"pending database {self.path}: {e}") from e
+        if isinstance(exc, sqlite3.Error):
+            raise StoreError(f"pending database {self.path}: {exc}") from exc
+
+
+# -- one-click unsubscribe tokens ---------------------------------------------------
+_UNSUB_VERSION = b"u1"
+_TAG = 16
+
+
+def _key(secret: bytes, label: bytes) -> bytes:
+    return hmac.new(secret, b"listmilter unsubscribe " + label, hashlib.sha256).digest()
+
+
+def _stream(key: bytes, iv: bytes, length: int) -> bytes:
+    out = b""
+    counter = 0
+    while len(out) < length:
+        out += hmac.new(key, iv + counter.to_bytes(4, "big"), hashlib.sha256).digest()
+        counter += 1
+    return out[:length]
+
+
+def unsubscribe_token(secret: bytes, list_address: str, address: str) -> str:
+    """URL-safe text naming one member of one list; unreadable and unforgeable without the secret."""
+    plain = f"{addresses.key(list_address)}\0{address}".encode()
+    tag = hmac.new(_key(secret, b"mac"), _UNSUB_VERSION + plain, hashlib.sha256).digest()[:_TAG]
+    cipher = bytes(a ^ b for a, b in zip(plain, _stream(_key(secret, b"enc"), tag, len(plain))))
+    return base64.urlsafe_b64encode(tag + cipher).decode().rstrip("=")
+
+
+def read_unsubscribe_token(secret: bytes, token: str) -> tuple[str, str] | None:
+    """(list key, address) if `token` is one we made, else None."""
+    if not token or len(token) > 800 or not re.fullmatch(r"[A-Za-z0-9_-]+", token):
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (ValueError, TypeError):
+        return None
+    if len(raw) <= _TAG:
+        return None
+    tag, cipher = raw[:_TAG], raw[_TAG:]
+    plain = bytes(a ^ b for a, b in zip(cipher, _stream(_key(secret, b"enc"), tag, len(cipher))))
+    expected = hmac.new(_key(secret, b"mac"), _UNSUB_VERSION + plain, hashlib.sha256).digest()[:_TAG]
+    if not hmac.compare_digest(tag, expected):
+        return None
+    list_key, sep, address = plain.decode("utf-8", "replace").partition("\0")
+    if not sep:
+        return None
+    return list_key, address

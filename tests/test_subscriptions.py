@@ -1,0 +1,339 @@
+"""Subscriptions through the real Postfix and a real `listmilter web`, on both stores.
+
+The bed's listmilter gets a `web:` section, so list posts go out as personal
+copies with one-click List-Unsubscribe URLs pointing at the `listmilter web`
+this module starts (as the pipe transport's user, as in production).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sqlite3
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.bed.listmilter import cli
+from tests.bed.net import free_port, wait_for_port, wait_until
+from tests.bed.postfix import PIPE_USER, pipe_runtime
+from tests.conftest import message
+
+
+@pytest.fixture(scope="module")
+def web(bed):
+    """`listmilter web` on a free 127.0.0.1 port, configured as web.listen and web.base_url."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    bed.listmilter.extra["web"] = {"listen": f"127.0.0.1:{port}", "base_url": base}
+    bed.listmilter.write_config()
+    time.sleep(1.5)                       # `serve` re-reads its config within a second
+    stderr = open(bed.listmilter.dir / "web.stderr", "ab")
+    bed.web_log = bed.listmilter.dir / "web.log"
+    bed.web_log.touch()
+    shutil.chown(bed.web_log, PIPE_USER)
+    proc = subprocess.Popen(
+        ["/usr/bin/env", f"PYTHONPATH={pipe_runtime()}", f"LISTMILTER_LOG={bed.web_log}",
+         "/usr/bin/python3", "-m", "listmilter", "-c", str(bed.listmilter.config_path), "web"],
+        user=PIPE_USER, cwd="/", stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        wait_for_port(port, timeout=20)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        stderr.close()
+        del bed.listmilter.extra["web"]
+        bed.listmilter.write_config()
+
+
+@pytest.fixture
+def sbed(clean_bed, web):
+    clean_bed.web = web
+    return clean_bed
+
+
+def admin(bed, *args, check=True):
+    """The CLI as root, then the state folder handed back to the pipe/web user."""
+    proc = cli(bed.listmilter.config_path, *args, check=check)
+    for path in [bed.listmilter.state_dir, *bed.listmilter.state_dir.rglob("*")]:
+        shutil.chown(path, PIPE_USER)
+    return proc
+
+
+def role(lst: str, name: str) -> str:
+    return lst.replace("@", f"-{name}@")
+
+
+def mail_to(bed, address: str, subject: str = "", timeout: float = 60):
+    """Wait for a message at the sink for `address` whose Subject contains `subject`
+    and that no earlier call returned; return it."""
+    seen = bed.__dict__.setdefault("seen", set())
+
+    def find():
+        for m in bed.sink.for_recipient(address):
+            if hash(m.content) not in seen and subject in str(m.message["Subject"]):
+                return m
+        return None
+    found = wait_until(find, timeout, what=f"mail for {address} with {subject!r} in the subject")
+    seen.add(hash(found.content))
+    return found
+
+
+def pipe_log(bed) -> str:
+    return bed.postfix.pipe_log.read_text()
+
+
+def wait_log(bed, text: str, timeout: float = 60):
+    wait_until(lambda: text in pipe_log(bed), timeout, what=f"{text!r} in the pipe log")
+
+
+def settle(bed, seconds: float = 1.5):
+    wait_until(bed.postfix.queue_empty, 30, what="the Postfix queue to drain")
+    time.sleep(seconds)
+
+
+def http(url: str, data: bytes | None = None) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=20) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def post(bed, lst: str, subject: str, sender: str = "carol@example.net"):
+    bed.smtp(sender, [lst], message(subject, sender, lst))
+
+
+def one_click_url(received) -> str:
+    value = received.message["List-Unsubscribe"]
+    return re.match(r"<(https?://[^>]+)>", value).group(1)
+
+
+def _token(received) -> str:
+    return re.search(r"confirm ([a-z2-7]{24})", str(received.message["Subject"])).group(1)
+
+
+def history(bed, lst: str, address: str) -> list[list[str]]:
+    out = cli(bed.listmilter.config_path, "members", "history", lst, address, "--csv").stdout
+    return [line.split(",") for line in out.splitlines()[1:]]
+
+
+ONE_CLICK = b"List-Unsubscribe=One-Click"
+
+
+def test_subscribe_by_mail_confirm_by_reply_then_one_click_unsubscribe(sbed):
+    bed = sbed
+    lst = bed.new_list(["old@example.net"], posting="open", owner_notices="true", owners=("boss@example.com",))
+    new = "new@example.net"
+
+    # 1. Any message to -subscribe@: a confirmation, and no change yet (double opt-in).
+    bed.smtp(new, [role(lst, "subscribe")], message("please", new, role(lst, "subscribe")))
+    confirmation = mail_to(bed, new, "Please confirm")
+    subject = str(confirmation.message["Subject"])
+    token = re.search(r"confirm ([a-z2-7]{24})", subject).group(1)
+    assert confirmation.message["Reply-To"] == role(lst, f"confirm+{token}")
+    assert confirmation.message["Auto-Submitted"] == "auto-replied"
+    assert f"{bed.web}/confirm/{token}" in confirmation.message.get_content()
+    assert "new@example.net" not in cli(bed.listmilter.config_path, "members", "ls", lst).stdout
+    assert f"{lst}\t{new}\tsubscribe\tawaiting-confirmation" in \
+        cli(bed.listmilter.config_path, "pending", lst).stdout
+
+    # 2. A plain reply (to the Reply-To, subject kept) subscribes; welcome and owner notice follow.
+    reply = message(f"Re: {subject}", new, role(lst, f"confirm+{token}"), body="> quoted\n")
+    bed.smtp(new, [role(lst, f"confirm+{token}")], reply)
+    welcome = mail_to(bed, new, "Welcome")
+    assert str(welcome.message["Subject"]) == f"Welcome to {lst}"
+    assert "/u/" in welcome.message.get_content()          # their own one-click link
+    mail_to(bed, "boss@example.com", f"{new} joined")
+    record = history(bed, lst, new)
+    assert record[-1][2:4] == ["subscribed", "mail"] and record[-1][4].startswith("<")
+
+    # 3. The next post reaches them: a copy of their own, with a one-click URL of their own.
+    post(bed, lst, "first post")
+    got = mail_to(bed, new, "first post")
+    old = mail_to(bed, "old@example.net", "first post")
+    assert got.message["Subject"] == "first post"
+    assert got.rcpt_tos == [new] and old.rcpt_tos == ["old@example.net"]
+    assert got.mail_from == role(lst, "bounces")
+    assert "NOTIFY=FAILURE" in got.rcpt_options[0] and f"ORCPT=RFC822;{new.upper()}" in got.rcpt_options[0]
+    assert "RET=HDRS" in got.mail_options and any(o.startswith("ENVID=") for o in got.mail_options)
+    assert got.message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert got.message["List-Unsubscribe"].endswith(f"<mailto:{role(lst, 'unsubscribe')}>")
+    url = one_click_url(got)
+    assert url.startswith(f"{bed.web}/u/") and "new" not in url and "example.net" not in url
+    assert url != one_click_url(old)
+    assert "expanded (personal copies)" in bed.listmilter.log()
+
+    # 4. GET (a link scanner) shows a button and unsubscribes nobody.
+    status, body = http(url)
+    assert status == 200 and 'method="post"' in body and "One-Click" in body
+    assert new in cli(bed.listmilter.config_path, "members", "ls", lst).stdout
+
+    # 5. The RFC 8058 POST unsubscribes at once; the next post does not reach them.
+    status, body = http(url, ONE_CLICK)
+    assert status == 200 and "unsubscribed" in body
+    assert new not in cli(bed.listmilter.config_path, "members", "ls", lst).stdout
+    assert history(bed, lst, new)[-1][2:5] == ["unsubscribed", "web", "127.0.0.1"]
+    assert http(url, ONE_CLICK)[0] == 200               # again: nothing left to do, no error
+    bed.sink.clear()
+    post(bed, lst, "second post")
+    mail_to(bed, "old@example.net", "second post")
+    settle(bed)
+    assert [r for r in bed.sink.recipients() if r != "boss@example.com"] == ["old@example.net"]
+
+
+def test_forged_reused_and_expired_tokens_change_nothing(sbed):
+    bed = sbed
+    lst = bed.new_list(["x@example.net", "leaver@example.net", "leaver2@example.net"], posting="open")
+    # The web: a forged and a tampered one-click link, a made-up confirmation link.
+    assert http(f"{bed.web}/u/not-a-real-token", ONE_CLICK)[0] == 400
+    post(bed, lst, "for a real link")
+    url = one_click_url(mail_to(bed, "x@example.net", "for a real link"))
+    tampered = url[:-3] + ("AAA" if not url.endswith("AAA") else "BBB")
+    assert http(tampered, ONE_CLICK)[0] == 400
+    assert http(f"{bed.web}/confirm/{'a' * 24}", b"")[0] == 404
+    assert http(f"{bed.web}/confirm/{'a' * 24}")[0] == 404
+    assert "x@example.net" in cli(bed.listmilter.config_path, "members", "ls", lst).stdout
+
+    # Mail: a made-up token is refused with a clear reply.
+    f = "forger@example.net"
+    bed.smtp(f, [role(lst, "confirm+" + "b" * 24)], message("confirm", f, role(lst, "confirm")))
+    refusal = mail_to(bed, f, "Not confirmed")
+    assert "not one we issued" in refusal.message.get_content()
+
+    # A real token: used once (on the web this time), then refused as reused.
+    joiner = "joiner@example.net"
+    bed.smtp(joiner, [role(lst, "request")], message("subscribe", joiner, role(lst, "request")))
+    token = _token(mail_to(bed, joiner, "Please confirm: join"))
+    status, body = http(f"{bed.web}/confirm/{token}")           # GET: a button, no change
+    assert status == 200 and "join" in body
+    assert joiner not in cli(bed.listmilter.config_path, "members", "ls", lst).stdout
+    status, body = http(f"{bed.web}/confirm/{token}", b"")
+    assert status == 200 and "now subscribed" in body
+    assert history(bed, lst, joiner)[-1][2:5] == ["subscribed", "web", "127.0.0.1"]
+    mail_to(bed, joiner, "Welcome")                                         # welcome
+    bed.smtp(joiner, [role(lst, f"confirm+{token}")], message(f"Re: confirm {token}", joiner, lst))
+    assert "already used" in mail_to(bed, joiner, "Not confirmed").message.get_content()
+    assert http(f"{bed.web}/confirm/{token}", b"")[0] == 400
+
+    # An expired token (made old in pending.sqlite) is refused; the leave does not happen.
+    leaver = "leaver@example.net"
+    bed.smtp(leaver, [role(lst, "unsubscribe")], message("bye", leaver, role(lst, "unsubscribe")))
+    token = _token(mail_to(bed, leaver, "Please confirm: leave"))
+    db = sqlite3.connect(bed.listmilter.state_dir / "pending.sqlite", timeout=10)
+    with db:
+        db.execute("UPDATE pending SET expires=? WHERE done IS NULL AND key=?", (time.time() - 1, leaver))
+    db.close()
+    bed.smtp(leaver, [role(lst, f"confirm+{token}")], message(f"Re: confirm {token}", leaver, lst))
+    assert "expired" in mail_to(bed, leaver, "Not confirmed").message.get_content()
+    # A token of this list used at another list's confirm address is refused too.
+    other = bed.new_list([], posting="open")
+    leaver2 = "leaver2@example.net"
+    bed.smtp(leaver2, [role(lst, "unsubscribe")], message("bye", leaver2, role(lst, "unsubscribe")))
+    token = _token(mail_to(bed, leaver2, "Please confirm: leave"))
+    bed.smtp(leaver2, [role(other, f"confirm+{token}")], message(f"Re: confirm {token}", leaver2, other))
+    assert "does not belong to this list" in mail_to(bed, leaver2, "Not confirmed").message.get_content()
+    settle(bed, 0.5)
+    assert sorted(cli(bed.listmilter.config_path, "members", "ls", lst).stdout.split()) == \
+        sorted([joiner, leaver, leaver2, "x@example.net"])
+    # Asked again, leaving works: a reply that lost the +TOKEN (sent to -request@) still
+    # carries the code in its Subject.
+    bed.smtp(leaver, [role(lst, "request")], message("unsubscribe", leaver, role(lst, "request")))
+    confirmation = mail_to(bed, leaver, "Please confirm: leave")
+    bed.smtp(leaver, [role(lst, "request")],
+             message(f"Re: {confirmation.message['Subject']}", leaver, role(lst, "request")))
+    assert "no longer subscribed" in mail_to(bed, leaver, "You have left").message.get_content()
+    assert history(bed, lst, leaver)[-1][2:4] == ["unsubscribed", "mail"]
+    assert leaver not in cli(bed.listmilter.config_path, "members", "ls", lst).stdout.split()
+    log = pipe_log(bed)
+    for reason in ("token unknown", "token used", "token expired", "token mismatch"):
+        assert f"status=refused ({reason})" in log
+    assert "refused (forged or damaged unsubscribe link)" in bed.web_log.read_text()
+
+
+def test_bombing_limits_and_ignored_senders(sbed):
+    bed = sbed
+    lst = bed.new_list([], posting="open", confirm_limit_per_address="2")
+    victim = "victim@example.net"
+    # Three requests: one confirmation, the others wait for it (no new one while pending).
+    for _ in range(3):
+        bed.smtp(victim, [role(lst, "subscribe")], message("join", victim, role(lst, "subscribe")))
+    wait_until(lambda: pipe_log(bed).count("ignored (confirmation already pending)") >= 2, 60,
+               what="the repeated requests")
+    # Help requests: the second reply reaches the per-address limit of 2; the third is not sent.
+    for _ in range(2):
+        bed.smtp(victim, [role(lst, "request")], message("help", victim, role(lst, "request")))
+    wait_log(bed, "ignored (limit: 2 replies to this address today)")
+    # Null sender, auto-responders, bulk mail and our own list's mail: ignored, not answered.
+    bed.smtp("", [role(lst, "subscribe")], message("join", "mailer-daemon@example.net", role(lst, "subscribe")))
+    bed.smtp("vacation@example.net", [role(lst, "subscribe")],
+             message("Re: join", "vacation@example.net", role(lst, "subscribe"),
+                     extra="Auto-Submitted: auto-replied\r\n"))
+    bed.smtp("bulk@example.net", [role(lst, "request")],
+             message("subscribe", "bulk@example.net", role(lst, "request"), extra="Precedence: bulk\r\n"))
+    bed.smtp("loop@example.net", [role(lst, "request")],
+             message("subscribe", "loop@example.net", role(lst, "request"),
+                     extra=f"List-Id: <{lst.replace('@', '.')}>\r\n"))
+    for reason in ("null sender", "auto-submitted: auto-replied", "precedence: bulk", "mail loop"):
+        wait_log(bed, f"status=ignored ({reason}")
+    settle(bed)
+    got = sorted(str(m.message["Subject"]).split(":")[0] for m in bed.sink.for_recipient(victim))
+    assert got == ["Help for " + lst, "Please confirm"], got
+    assert not [r for r in bed.sink.recipients() if r != victim]
+    assert "victim@example.net" not in cli(bed.listmilter.config_path, "members", "ls", lst).stdout
+
+
+def test_moderated_list_owner_approves_with_the_cli_or_by_reply(sbed):
+    bed = sbed
+    lst = bed.new_list([], posting="open", subscribe_policy="moderate", owners=("boss@example.com",))
+    a, b = "a@example.net", "b@example.net"
+    for who in (a, b):
+        bed.smtp(who, [role(lst, "subscribe")], message("join", who, role(lst, "subscribe")))
+        assert "awaits approval" in str(mail_to(bed, who, "awaits approval").message["Subject"])
+    wait_until(lambda: len(bed.sink.for_recipient("boss@example.com")) >= 2, 60, what="two owner notices")
+    notices = {re.search(r"Approve: (\S+)", str(m.message["Subject"])).group(1): m
+               for m in bed.sink.for_recipient("boss@example.com")}
+    out = cli(bed.listmilter.config_path, "pending", lst).stdout
+    assert f"{a}\tsubscribe\tawaiting-approval" in out and f"{b}\tsubscribe\tawaiting-approval" in out
+    # The CLI approves a.
+    proc = admin(bed, "approve", lst, a)
+    assert "subscribed (approved)" in proc.stdout
+    assert str(mail_to(bed, a, "Welcome").message["Subject"]) == f"Welcome to {lst}"
+    assert history(bed, lst, a)[-1][2:4] == ["subscribed", "owner"]
+    # The owner rejects b by replying to the notice.
+    reply_to = notices[b].message["Reply-To"]
+    bed.smtp("boss@example.com", [reply_to],
+             message(f"Re: {notices[b].message['Subject']}", "boss@example.com", reply_to, body="reject\n"))
+    assert "did not approve" in mail_to(bed, b, "Your request").message.get_content()
+    assert cli(bed.listmilter.config_path, "members", "ls", lst).stdout.split() == [a]
+    assert admin(bed, "approve", lst, b, check=False).returncode == 1
+
+
+def test_personal_copies_skip_refused_members_and_one_click_off_stays_in_place(sbed):
+    bed = sbed
+    # A member the MTA refuses for good (an unknown local user) is logged and skipped.
+    lst = bed.new_list(["p1@example.net", "nosuchuser@example.org", "p2@example.com"], posting="open")
+    post(bed, lst, "personal")
+    bed.sink.wait_for_recipients(2)
+    settle(bed)
+    assert sorted(bed.sink.recipients()) == ["p1@example.net", "p2@example.com"]
+    assert all(len(m.rcpt_tos) == 1 for m in bed.sink.messages)
+    assert "member refused (550" in bed.listmilter.log() and "to=<nosuchuser@example.org>" in bed.listmilter.log()
+    # one_click: false: one message for all, in place, with the mailto: link only.
+    bed.sink.clear()
+    lst = bed.new_list(["q1@example.net", "q2@example.com"], posting="open", one_click="false")
+    post(bed, lst, "shared")
+    bed.sink.wait_for_recipients(2)
+    settle(bed)
+    (only,) = bed.sink.messages
+    assert sorted(only.rcpt_tos) == ["q1@example.net", "q2@example.com"]
+    assert only.message["List-Unsubscribe"] == f"<mailto:{role(lst, 'unsubscribe')}>"
+    assert only.message["List-Unsubscribe-Post"] is None
