@@ -166,7 +166,7 @@ def test_a_real_dsn_from_sendmail_reaches_the_bounce_handler(clean_smbed):
     bounces = lst.replace("@", "-bounces@")
     assert f"to=<{bounces}>, from=<>" in line
     # Sendmail keeps ORCPT and ENVID: the DSN names the member and the post.
-    assert "dsn=<dead@example.net> 5.1.1" in line
+    assert "status=dsn: <dead@example.net> 5.1.1 scored" in line
     queue_id = line.split("envid=")[1].split(".")[0]
     assert f"{queue_id}: list=<{lst}>" in bed.listmilter.log()
     assert bed.sink.recipients() == ["ok@example.net"]
