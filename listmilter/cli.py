@@ -138,18 +138,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # -- serve / deliver / check ------------------------------------------------
-def _serve(args, path: str, explicit: bool) -> int:
-    from .log import logger, setup
+def _runtime(path: str, explicit: bool):
+    """The running config and store for `serve` and `web`; Fail (75) if the store cannot open."""
     from .runtime import Runtime
     from .store import StoreError
     try:
-        runtime = Runtime(path, explicit)
+        return Runtime(path, explicit)
     except StoreError as e:
-        print(f"listmilter: {e}", file=sys.stderr)
-        return EX_TEMPFAIL
+        raise Fail(str(e), EX_TEMPFAIL) from None
     except OSError as e:    # the state folder, e.g. made by root before the service user ran
-        print(f"listmilter: state folder: {e}", file=sys.stderr)
-        return EX_TEMPFAIL
+        raise Fail(f"state folder: {e}", EX_TEMPFAIL) from None
+
+
+def _serve(args, path: str, explicit: bool) -> int:
+    from .log import logger, setup
+    runtime = _runtime(path, explicit)
     cfg = runtime.config
     setup(cfg.log_target, cfg.log_facility)
     from . import milter, socketmap
@@ -241,13 +244,7 @@ def _subscription_parsers(sub) -> None:
 def _web(args, path: str, explicit: bool) -> int:
     import signal
     from .log import logger, setup
-    from .runtime import Runtime
-    from .store import StoreError
-    try:
-        runtime = Runtime(path, explicit)
-    except StoreError as e:
-        print(f"listmilter: {e}", file=sys.stderr)
-        return EX_TEMPFAIL
+    runtime = _runtime(path, explicit)
     cfg = runtime.config
     try:
         setup(cfg.log_target, cfg.log_facility, "listmilter/web")
