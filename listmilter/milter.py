@@ -287,7 +287,7 @@ class ListMilter(Milter.Base):
             ls = self._settings(split.in_place_list)
             copies = plan.personal_copies(ls, self.store.recipients(ls.address), self.headers,
                                           b"".join(self.body_chunks), _post_id(queue_id), self.runtime.secret,
-                                          self._unsubscribe_url(ls.address))
+                                          self._unsubscribe_url(ls.address), time.time())
         elif split.in_place_list:
             ls = self._settings(split.in_place_list)
             members = self.store.recipients(ls.address)

@@ -212,9 +212,10 @@ def _header_bytes(items: list[tuple[str, str]]) -> bytes:
 
 
 def personal_copies(ls: ListSettings, members: list[str], message_headers: list[tuple[str, str]],
-                    body: bytes, post_id: str, secret: bytes, url_for: Callable[[str], str]) -> Copies:
+                    body: bytes, post_id: str, secret: bytes, url_for: Callable[[str], str],
+                    posted_at: float) -> Copies:
     """One message per member: the same edits as expand_list, plus a personal List-Unsubscribe."""
-    edits = expand_list(ls, [], members, message_headers, post_id, secret)
+    edits = expand_list(ls, [], members, message_headers, post_id, secret, posted_at)
     unsubscribe = {"list-unsubscribe", "list-unsubscribe-post"}
     edits.add_headers = [(n, v) for n, v in edits.add_headers if n.lower() not in unsubscribe]
     head = _header_bytes(apply_header_edits(message_headers, edits))

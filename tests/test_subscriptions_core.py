@@ -222,7 +222,7 @@ def test_personal_copies():
     head = [("From", "carol@example.net"), ("Subject", "hi"), ("List-Unsubscribe", "<mailto:x@y.z>"),
             ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")]
     copies = plan.personal_copies(ls, ["a+b@example.net", "A+B@example.net", "c@example.com", LIST],
-                                  head, b"body\r\n", "QID1", SECRET, lambda m: f"https://l/u/{m}")
+                                  head, b"body\r\n", "QID1", SECRET, lambda m: f"https://l/u/{m}", 1e9)
     assert copies.sender == "dev-bounces@example.org"
     assert copies.mail_options[0] == "RET=HDRS" and copies.mail_options[1] == f"ENVID={copies.envid}"
     assert [c[0] for c in copies.copies] == ["a+b@example.net", "c@example.com"]     # once each, never the list
