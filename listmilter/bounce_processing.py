@@ -83,8 +83,7 @@ def handle(config, store, secret: bytes, mlist: MailingList, sender: str, data: 
             verdicts.append((failure.address, failure.status, final))
             if final == bouncedb.DUPLICATE:
                 # A retry: finish whatever the first delivery left pending.
-                row = next((r for r in db.rows(mlist.address)
-                            if addresses.key(r.address) == addresses.key(failure.address)), None)
+                row = db.row(mlist.address, failure.address)
             if row is not None and row.pending:
                 apply_pending(config, store, db, mlist, row, policy, now, secret)
         kept = ""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from . import addresses
 from .bounces import Failure, Policy, Score, add_bounce
 from .store import StoreError
-from .store.sqlite import Transaction, adopt_owner
+from .store.sqlite import Transaction, adopt_owner, sqlite_errors
 
 NAME = "bounces.sqlite"
 SCHEMA = """
@@ -87,6 +87,7 @@ class Row:
 class BounceDB:
     def __init__(self, state_dir: str):
         self.path = os.path.join(state_dir, NAME)
+        self.describe = f"bounce database {self.path}"
         try:
             os.makedirs(state_dir, mode=0o750, exist_ok=True)
             self.conn = sqlite3.connect(self.path, timeout=15, isolation_level=None)
@@ -99,7 +100,7 @@ class BounceDB:
                             self.conn.execute(statement)
             adopt_owner(self.path)
         except (OSError, sqlite3.Error) as e:
-            raise StoreError(f"bounce database {self.path}: {e}") from e
+            raise StoreError(f"{self.describe}: {e}") from e
 
     def _write(self):
         return Transaction(self.conn)
@@ -108,6 +109,7 @@ class BounceDB:
         self.conn.close()
 
     # -- recording -------------------------------------------------------------
+    @sqlite_errors
     def record(self, list_address: str, failure: Failure, verdict: str, envid: str = "",
                post_id: str = "", policy: Policy | None = None, now: float | None = None,
                kept: str = "") -> tuple[str, Row | None]:
@@ -120,53 +122,49 @@ class BounceDB:
         now = time.time() if now is None else now
         list_key = addresses.key(list_address)
         key = addresses.key(failure.address)
-        try:
-            with self._write() as conn:
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO bounces(at, list, key, address, permanent, status, diagnostic, "
-                    "envid, post_id, verdict, kept) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (now, list_key, key, failure.address, int(failure.permanent), failure.status,
-                     failure.diagnostic, envid, post_id, verdict, kept))
-                if cur.rowcount == 0:
-                    return DUPLICATE, None
-                bounce_id = cur.lastrowid
-                if verdict != SCORED:
-                    return verdict, None
-                row = self._row(conn, list_key, key)
-                current = Score(row.score, row.last_scored, row.last_bounce) if row else Score()
-                new, counted = add_bounce(current, now, policy)
-                pending = row.pending if row else ""
-                acted = row.acted if row else 0.0
-                if counted and new.score >= policy.threshold and not pending and not acted:
-                    pending = policy.action
-                conn.execute(
-                    "INSERT INTO scores(list, key, address, score, last_scored, last_bounce, last_status, "
-                    "last_diagnostic, pending) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT(list, key) DO UPDATE SET address=excluded.address, score=excluded.score, "
-                    "last_scored=excluded.last_scored, last_bounce=excluded.last_bounce, "
-                    "last_status=excluded.last_status, last_diagnostic=excluded.last_diagnostic, "
-                    "pending=excluded.pending",
-                    (list_key, key, failure.address, new.score, new.last_scored, new.last_bounce,
-                     failure.status, failure.diagnostic, pending))
-                if not counted:
-                    conn.execute("UPDATE bounces SET verdict=? WHERE id=?", (COUNTED_TODAY, bounce_id))
-                return (SCORED if counted else COUNTED_TODAY), self._row(conn, list_key, key)
-        except sqlite3.Error as e:
-            raise StoreError(f"bounce database {self.path}: {e}") from e
+        with self._write() as conn:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO bounces(at, list, key, address, permanent, status, diagnostic, "
+                "envid, post_id, verdict, kept) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (now, list_key, key, failure.address, int(failure.permanent), failure.status,
+                 failure.diagnostic, envid, post_id, verdict, kept))
+            if cur.rowcount == 0:
+                return DUPLICATE, None
+            bounce_id = cur.lastrowid
+            if verdict != SCORED:
+                return verdict, None
+            row = self._row(conn, list_key, key)
+            current = Score(row.score, row.last_scored, row.last_bounce) if row else Score()
+            new, counted = add_bounce(current, now, policy)
+            pending = row.pending if row else ""
+            acted = row.acted if row else 0.0
+            if counted and new.score >= policy.threshold and not pending and not acted:
+                pending = policy.action
+            conn.execute(
+                "INSERT INTO scores(list, key, address, score, last_scored, last_bounce, last_status, "
+                "last_diagnostic, pending) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(list, key) DO UPDATE SET address=excluded.address, score=excluded.score, "
+                "last_scored=excluded.last_scored, last_bounce=excluded.last_bounce, "
+                "last_status=excluded.last_status, last_diagnostic=excluded.last_diagnostic, "
+                "pending=excluded.pending",
+                (list_key, key, failure.address, new.score, new.last_scored, new.last_bounce,
+                 failure.status, failure.diagnostic, pending))
+            if not counted:
+                conn.execute("UPDATE bounces SET verdict=? WHERE id=?", (COUNTED_TODAY, bounce_id))
+            return (SCORED if counted else COUNTED_TODAY), self._row(conn, list_key, key)
+
+    _SCORES = ("SELECT list, address, score, last_scored, last_bounce, last_status, last_diagnostic, "
+               "pending, acted, warnings_sent, next_warning FROM scores")
 
     def _row(self, conn, list_key: str, key: str) -> Row | None:
-        row = conn.execute("SELECT list, address, score, last_scored, last_bounce, last_status, "
-                           "last_diagnostic, pending, acted, warnings_sent, next_warning FROM scores "
-                           "WHERE list=? AND key=?", (list_key, key)).fetchone()
+        row = conn.execute(self._SCORES + " WHERE list=? AND key=?", (list_key, key)).fetchone()
         return Row(*row) if row else None
 
     # -- after an action -------------------------------------------------------
-    def _update(self, sql: str, params: tuple) -> None:
-        try:
-            with self._write() as conn:
-                conn.execute(sql, params)
-        except sqlite3.Error as e:
-            raise StoreError(f"bounce database {self.path}: {e}") from e
+    @sqlite_errors
+    def _update(self, sql: str, params: tuple) -> int:
+        with self._write() as conn:
+            return conn.execute(sql, params).rowcount
 
     def mark_disabled(self, list_address: str, address: str, now: float, next_warning: float,
                       warnings_sent: int) -> None:
@@ -184,27 +182,25 @@ class BounceDB:
 
     def forget(self, list_address: str, address: str) -> bool:
         """Drop a member's score (removed, or kept by the owner: they start again from 0)."""
-        try:
-            with self._write() as conn:
-                cur = conn.execute("DELETE FROM scores WHERE list=? AND key=?",
-                                   (addresses.key(list_address), addresses.key(address)))
-                return cur.rowcount > 0
-        except sqlite3.Error as e:
-            raise StoreError(f"bounce database {self.path}: {e}") from e
+        return self._update("DELETE FROM scores WHERE list=? AND key=?",
+                            (addresses.key(list_address), addresses.key(address))) > 0
 
     # -- reading ---------------------------------------------------------------
-    def rows(self, list_address: str | None = None) -> list[Row]:
-        query = ("SELECT list, address, score, last_scored, last_bounce, last_status, last_diagnostic, "
-                 "pending, acted, warnings_sent, next_warning FROM scores")
-        params: tuple = ()
-        if list_address:
-            query += " WHERE list=?"
-            params = (addresses.key(list_address),)
-        try:
-            return [Row(*r) for r in self.conn.execute(query + " ORDER BY list, key", params)]
-        except sqlite3.Error as e:
-            raise StoreError(f"bounce database {self.path}: {e}") from e
+    @sqlite_errors
+    def row(self, list_address: str, address: str) -> Row | None:
+        """One member's score, or None."""
+        return self._row(self.conn, addresses.key(list_address), addresses.key(address))
 
+    @sqlite_errors
+    def rows(self, list_address: str | None = None) -> list[Row]:
+        if list_address:
+            cur = self.conn.execute(self._SCORES + " WHERE list=? ORDER BY list, key",
+                                    (addresses.key(list_address),))
+        else:
+            cur = self.conn.execute(self._SCORES + " ORDER BY list, key")
+        return [Row(*r) for r in cur]
+
+    @sqlite_errors
     def records(self, list_address: str, address: str | None = None, verdict: str | None = None
                 ) -> list[tuple]:
         """(at, address, permanent, status, diagnostic, envid, verdict, kept), oldest first."""
@@ -217,8 +213,4 @@ class BounceDB:
         if verdict:
             query += " AND verdict=?"
             params += (verdict,)
-        try:
-            return self.conn.execute(query + " ORDER BY at, id", params).fetchall()
-        except sqlite3.Error as e:
-            raise StoreError(f"bounce database {self.path}: {e}") from e
-
+        return self.conn.execute(query + " ORDER BY at, id", params).fetchall()

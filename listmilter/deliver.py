@@ -58,17 +58,17 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
     if role.role in ("request", "subscribe", "unsubscribe", "confirm"):
         from . import service
         return service.deliver_command(config, store, mlist, role, sender, data)
-    status, extra = "accepted", {}
-    if role.role == "bounces":
-        from . import bounce_processing, secret
-        site_secret = secret.load_or_create(config.state_dir)
-        if role.extension.partition("-")[0] in bounce_processing.DECISIONS:
-            status = bounce_processing.decide(config, store, site_secret, mlist, role.extension, sender, data)
-        else:
-            outcome = bounce_processing.handle(config, store, site_secret, mlist, sender, data)
-            status = outcome.summary()
-            if outcome.envid:
-                extra["envid"] = outcome.envid
+    # What is left is <list>-bounces@ (addresses.ROLES).
+    from . import bounce_processing, secret
+    site_secret = secret.load_or_create(config.state_dir)
+    extra = {}
+    if role.extension.partition("-")[0] in bounce_processing.DECISIONS:
+        status = bounce_processing.decide(config, store, site_secret, mlist, role.extension, sender, data)
+    else:
+        outcome = bounce_processing.handle(config, store, site_secret, mlist, sender, data)
+        status = outcome.summary()
+        if outcome.envid:
+            extra["envid"] = outcome.envid
     logger.info("deliver: %s", fields(**base, list=f"<{mlist.address}>", role=role.role,
                                        status=status, **extra))
     return EX_OK

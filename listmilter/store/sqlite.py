@@ -86,12 +86,13 @@ def adopt_owner(path: str) -> None:
             pass
 
 
-def _wrap(fn):
-    def wrapper(*args, **kw):
+def sqlite_errors(fn):
+    """A method whose sqlite3 errors become StoreError, named by the object's `describe`."""
+    def wrapper(self, *args, **kw):
         try:
-            return fn(*args, **kw)
+            return fn(self, *args, **kw)
         except sqlite3.Error as e:
-            raise StoreError(f"sqlite store: {e}") from e
+            raise StoreError(f"{self.describe}: {e}") from e
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
@@ -99,6 +100,7 @@ def _wrap(fn):
 
 class SQLiteStore:
     backend = "sqlite"
+    describe = "sqlite store"
 
     def __init__(self, path: str, create: bool = True):
         self.path = path
@@ -166,7 +168,7 @@ class SQLiteStore:
         return row[0]
 
     # -- reading -----------------------------------------------------------
-    @_wrap
+    @sqlite_errors
     def get_list(self, address: str) -> MailingList | None:
         conn = self._conn()
         row = conn.execute("SELECT id, address FROM lists WHERE address=?",
@@ -183,20 +185,20 @@ class SQLiteStore:
                 list_settings[name] = tuple(value)
         return MailingList(address, list_settings, f"{self.path}")
 
-    @_wrap
+    @sqlite_errors
     def all_lists(self) -> list[MailingList]:
         conn = self._conn()
         rows = conn.execute("SELECT id, address FROM lists ORDER BY address").fetchall()
         return [self._mailing_list(conn, *row) for row in rows]
 
-    @_wrap
+    @sqlite_errors
     def recipients(self, list_address: str) -> list[str]:
         conn = self._conn()
         list_id = self._list_id(conn, list_address)
         return [r[0] for r in conn.execute(
             "SELECT address FROM members WHERE list_id=? AND status='active'", (list_id,))]
 
-    @_wrap
+    @sqlite_errors
     def is_member(self, list_address: str, address: str) -> bool:
         conn = self._conn()
         row = conn.execute(
@@ -212,14 +214,14 @@ class SQLiteStore:
         address, name, attrs, status, added = row
         return Member(address, name, json.loads(attrs), status, added)
 
-    @_wrap
+    @sqlite_errors
     def members(self, list_address: str) -> list[Member]:
         conn = self._conn()
         list_id = self._list_id(conn, list_address)
         return [self._member(row) for row in conn.execute(
             self._MEMBER + "WHERE list_id=? ORDER BY key", (list_id,))]
 
-    @_wrap
+    @sqlite_errors
     def member(self, list_address: str, address: str) -> Member | None:
         conn = self._conn()
         list_id = self._list_id(conn, list_address)
@@ -227,7 +229,7 @@ class SQLiteStore:
                            (list_id, addresses.key(address))).fetchone()
         return self._member(row) if row else None
 
-    @_wrap
+    @sqlite_errors
     def history(self, list_address: str, address: str | None = None) -> list[Event]:
         query = "SELECT at, list, address, action, how, who, detail FROM events WHERE list=?"
         params: tuple = (addresses.key(list_address),)
@@ -236,7 +238,7 @@ class SQLiteStore:
             params += (addresses.key(address),)
         return [Event(*row) for row in self._conn().execute(query + " ORDER BY at, id", params)]
 
-    @_wrap
+    @sqlite_errors
     def member_count(self, list_address: str) -> int:
         conn = self._conn()
         list_id = self._list_id(conn, list_address)
@@ -246,7 +248,7 @@ class SQLiteStore:
     def _write(self):
         return Transaction(self._conn())
 
-    @_wrap
+    @sqlite_errors
     def create_list(self, address: str, list_settings: dict[str, Any]) -> MailingList:
         key = addresses.key(address)
         with self._write() as conn:
@@ -258,20 +260,20 @@ class SQLiteStore:
                              [(cur.lastrowid, n, json.dumps(v)) for n, v in list_settings.items()])
         return self.get_list(key)
 
-    @_wrap
+    @sqlite_errors
     def delete_list(self, address: str) -> None:
         with self._write() as conn:
             list_id = self._list_id(conn, address)
             conn.execute("DELETE FROM lists WHERE id=?", (list_id,))
 
-    @_wrap
+    @sqlite_errors
     def set_setting(self, address: str, name: str, value: Any) -> None:
         with self._write() as conn:
             list_id = self._list_id(conn, address)
             conn.execute("INSERT OR REPLACE INTO list_settings(list_id, name, value) VALUES (?, ?, ?)",
                          (list_id, name, json.dumps(value)))
 
-    @_wrap
+    @sqlite_errors
     def unset_setting(self, address: str, name: str) -> None:
         with self._write() as conn:
             list_id = self._list_id(conn, address)
@@ -285,7 +287,7 @@ class SQLiteStore:
                      (addresses.key(list_address), addresses.key(address), address, action, how,
                       who, detail, at))
 
-    @_wrap
+    @sqlite_errors
     def add_members(self, list_address: str, members: Iterable[Member],
                     how: str = "cli", who: str = "", detail: str = "") -> tuple[int, int]:
         """Add in one transaction, recording each addition; returns (added, already members)."""
@@ -308,7 +310,7 @@ class SQLiteStore:
                          (addresses.key(list_address), how, who, detail, list_id, now))
         return added, len(rows) - added
 
-    @_wrap
+    @sqlite_errors
     def remove_members(self, list_address: str, addrs: Iterable[str],
                        how: str = "cli", who: str = "", detail: str = "") -> tuple[int, list[str]]:
         """Remove in one transaction, recording each removal; returns (removed, not members)."""
@@ -338,7 +340,7 @@ class SQLiteStore:
         """End a membership; False if `address` was no member."""
         return self.remove_members(list_address, [address], how, who, detail)[0] == 1
 
-    @_wrap
+    @sqlite_errors
     def set_status(self, list_address: str, address: str, status: str, how: str,
                    who: str = "", detail: str = "") -> bool:
         """Enable or disable delivery to a member; False if no member or no change."""
@@ -353,7 +355,7 @@ class SQLiteStore:
                             how, who, detail, time.time())
         return row is not None
 
-    @_wrap
+    @sqlite_errors
     def set_overlay(self, list_address: str, member: Member, status: str, action: str,
                     how: str, who: str, detail: str) -> None:
         """Yaml backend: record a member's run-time status (creating the list row on demand)."""
@@ -370,7 +372,7 @@ class SQLiteStore:
                  json.dumps(member.attributes) if member.attributes else "{}", status, member.added or now))
             self._event(conn, key, member.address, action, how, who, detail, now)
 
-    @_wrap
+    @sqlite_errors
     def overlay(self, list_address: str) -> dict[str, Member]:
         """Yaml backend: run-time statuses of a list's members, by key."""
         rows = self._conn().execute(
@@ -378,7 +380,7 @@ class SQLiteStore:
             "JOIN lists ON lists.id = m.list_id WHERE lists.address=?", (addresses.key(list_address),))
         return {addresses.key(m.address): m for m in map(self._member, rows)}
 
-    @_wrap
+    @sqlite_errors
     def check(self) -> list[str]:
         """Problems found by sqlite's own integrity check (empty when all is well)."""
         rows = self._conn().execute("PRAGMA quick_check").fetchall()
