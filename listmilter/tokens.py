@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from . import addresses
 from .store import StoreError
-from .store.sqlite import adopt_owner
+from .store.sqlite import Transaction, adopt_owner, sqlite_errors
 
 FILE_NAME = "pending.sqlite"
 LOCK_NAME = "pending.lock"
@@ -115,6 +115,7 @@ def find_token(text: str) -> str | None:
 class PendingDB:
     def __init__(self, state_dir: str):
         self.path = os.path.join(state_dir, FILE_NAME)
+        self.describe = f"pending database {self.path}"
         self._conns: dict[int, sqlite3.Connection] = {}
         self._lock = threading.Lock()
 
@@ -135,7 +136,7 @@ class PendingDB:
             conn.executescript(SCHEMA)
             adopt_owner(self.path)
         except (OSError, sqlite3.Error) as e:
-            raise StoreError(f"pending database {self.path}: {e}") from e
+            raise StoreError(f"{self.describe}: {e}") from e
         with self._lock:
             self._conns[threading.get_ident()] = conn
         return conn
@@ -161,7 +162,7 @@ class PendingDB:
             os.close(fd)
 
     def _tx(self):
-        return _Transaction(self._conn(), self.path)
+        return Transaction(self._conn())
 
     def close(self) -> None:
         with self._lock:
@@ -170,6 +171,7 @@ class PendingDB:
             self._conns.clear()
 
     # -- requests ------------------------------------------------------------
+    @sqlite_errors
     def create(self, kind: str, list_address: str, address: str, action: str, days: float,
                name: str = "", how: str = "", who: str = "", now: float | None = None) -> str:
         """A new pending request; returns its token (shown once, stored hashed)."""
@@ -183,11 +185,13 @@ class PendingDB:
                  name, action, how, who, now, now + days * DAY))
         return token
 
+    @sqlite_errors
     def drop(self, token: str) -> None:
         """Forget a request (its mail could not be sent)."""
         with self._tx() as conn:
             conn.execute("DELETE FROM pending WHERE hash=?", (token_hash(token),))
 
+    @sqlite_errors
     def lookup(self, token: str) -> Pending | None:
         row = self._conn().execute(self._SELECT + "WHERE hash=?", (token_hash(token),)).fetchone()
         return self._row(row) if row else None
@@ -199,6 +203,7 @@ class PendingDB:
     def _row(row) -> Pending:
         return Pending(*row)
 
+    @sqlite_errors
     def claim(self, hash_: str, outcome: str, now: float | None = None) -> bool:
         """Use a request (by token_hash): True for the one caller that marks it done (single use)."""
         now = time.time() if now is None else now
@@ -207,11 +212,13 @@ class PendingDB:
                                "AND expires>? RETURNING hash", (now, outcome, hash_, now)).fetchone()
         return row is not None
 
+    @sqlite_errors
     def release(self, hash_: str) -> None:
         """Undo claim() when what it allowed could not be done; the token works again."""
         with self._tx() as conn:
             conn.execute("UPDATE pending SET done=NULL, outcome='' WHERE hash=?", (hash_,))
 
+    @sqlite_errors
     def open_request(self, list_address: str, address: str, kind: str | None = None,
                      action: str | None = None, now: float | None = None) -> Pending | None:
         """The newest unused, unexpired request for this list and address."""
@@ -227,6 +234,7 @@ class PendingDB:
         row = self._conn().execute(query + " ORDER BY created DESC LIMIT 1", params).fetchone()
         return self._row(row) if row else None
 
+    @sqlite_errors
     def waiting(self, list_address: str | None = None, now: float | None = None) -> list[Pending]:
         """Unused, unexpired requests (of one list, or all), oldest first."""
         now = time.time() if now is None else now
@@ -238,6 +246,7 @@ class PendingDB:
         return [self._row(r) for r in self._conn().execute(query + " ORDER BY created", params)]
 
     # -- rate limits -----------------------------------------------------------
+    @sqlite_errors
     def sent_today(self, list_address: str, address: str | None = None, now: float | None = None) -> int:
         now = time.time() if now is None else now
         query = "SELECT count(*) FROM sent WHERE list=? AND at>?"
@@ -247,12 +256,14 @@ class PendingDB:
             params += (addresses.key(address),)
         return self._conn().execute(query, params).fetchone()[0]
 
+    @sqlite_errors
     def record_sent(self, list_address: str, address: str, what: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._tx() as conn:
             conn.execute("INSERT INTO sent(list, key, what, at) VALUES (?, ?, ?, ?)",
                          (addresses.key(list_address), addresses.key(address), what, now))
 
+    @sqlite_errors
     def purge(self, now: float | None = None) -> None:
         """Drop what no limit and no refusal reply needs any more."""
         now = time.time() if now is None else now
@@ -268,26 +279,6 @@ class PendingDB:
         except sqlite3.Error as e:
             return [str(e)]
         return [r[0] for r in rows if r[0] != "ok"]
-
-
-class _Transaction:
-    def __init__(self, conn: sqlite3.Connection, path: str):
-        self.conn, self.path = conn, path
-
-    def __enter__(self) -> sqlite3.Connection:
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as e:
-            raise StoreError(f"pending database {self.path}: {e}") from e
-        return self.conn
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
-        except sqlite3.Error as e:
-            raise StoreError(f"pending database {self.path}: {e}") from e
-        if isinstance(exc, sqlite3.Error):
-            raise StoreError(f"pending database {self.path}: {exc}") from exc
 
 
 # -- one-click unsubscribe tokens ---------------------------------------------------
