@@ -3,12 +3,15 @@
 N DSNs (one per member, each with a genuine ENVID, so each is scored) are
 submitted over SMTP to <list>-bounces@; Postfix runs `listmilter deliver` once
 per DSN, as user nobody, exactly as in the tests. The clock runs from the
-first MAIL to the N-th `deliver:` line in the pipe log.
+first MAIL to the N-th `deliver:` line (in serve's log when deliver handed
+the DSN to serve, in the pipe's log when it worked alone).
 
-Baselines, the same N messages through the same Postfix, to pipe transports
-that do nothing but read stdin:
-  - floor-sh:     /bin/cat > /dev/null  (Postfix's own pipe cost)
-  - floor-python: /usr/bin/python3 -c 'read stdin'  (plus a Python start-up)
+Rows:
+  - floor-sh:      /bin/cat > /dev/null  (Postfix's own pipe cost)
+  - floor-python:  /usr/bin/python3 -c 'read stdin'  (plus a Python start-up)
+  - listmilter deliver:          handed to the running serve (the normal case)
+  - listmilter deliver (alone):  serve's socket removed, so every deliver
+                                 loads the config and the core itself
 
     .venv/bin/python bench/run_dsn.py [--dsns 1000] [--repeat 2]
 """
@@ -26,7 +29,7 @@ from pathlib import Path
 
 from common import RESULTS  # common puts the repo on sys.path
 
-from listmilter import envid  # noqa: E402
+from listmilter import envid, handoff  # noqa: E402
 from tests.bed.listmilter import ListmilterServer  # noqa: E402
 from tests.bed.net import wait_until  # noqa: E402
 from tests.bed.postfix import PIPE_USER, Postfix  # noqa: E402
@@ -38,6 +41,7 @@ FLOORS = {
     "floor-sh": "/bin/sh -c { cat >/dev/null }",
     "floor-python": "/usr/bin/python3 -c { import sys; sys.stdin.buffer.read() }",
 }
+DELIVER_ROWS = ("listmilter deliver", "listmilter deliver (alone)")
 
 
 class BenchPostfix(Postfix):
@@ -103,14 +107,16 @@ def main() -> int:
         lm.write_config()
         lm.start()
         postfix.start()
-        members = [f"m{i:06d}@example.net" for i in range(n * args.repeat)]
+        members = [f"m{i:06d}@example.net" for i in range(n * args.repeat * len(DELIVER_ROWS))]
         lm.create_list(LIST, members, posting="open", bounce_action="notify", bounce_threshold=1000)
         secret = (lm.state_dir / "secret").read_bytes()
         bounces_addr = LIST.replace("@", "-bounces@")
 
+        def deliver_log() -> list[str]:
+            return (lm.log() + postfix.pipe_log.read_text()).splitlines()
+
         def deliver_lines() -> int:
-            return sum(1 for line in postfix.pipe_log.read_text().splitlines()
-                       if f"to=<{bounces_addr}>" in line and "role=bounces" in line)
+            return sum(1 for line in deliver_log() if f"to=<{bounces_addr}>" in line and "role=bounces" in line)
 
         def floor_lines() -> int:
             return sum(1 for line in postfix.log().splitlines()
@@ -121,28 +127,37 @@ def main() -> int:
                 to = f"{name}@{name}.example"
                 msgs = [dsn(to, members[i], "x") for i in range(n)]
                 results.setdefault(name, []).append(run_once(postfix, to, msgs, floor_lines))
-            chunk = members[r * n:(r + 1) * n]
-            msgs = [dsn(bounces_addr, m, envid.make(f"B{r}x{i}", LIST, secret, time.time()))
-                    for i, m in enumerate(chunk)]
-            results.setdefault("listmilter deliver", []).append(
-                run_once(postfix, bounces_addr, msgs, deliver_lines))
-        scored = sum(1 for line in postfix.pipe_log.read_text().splitlines() if " scored" in line)
+            for k, name in enumerate(DELIVER_ROWS):
+                chunk = members[(2 * r + k) * n:(2 * r + k + 1) * n]
+                msgs = [dsn(bounces_addr, m, envid.make(f"B{r}x{k}x{i}", LIST, secret, time.time()))
+                        for i, m in enumerate(chunk)]
+                sock = lm.state_dir / handoff.SOCKET_NAME
+                if name.endswith("(alone)"):
+                    sock.rename(sock.with_name("deliver.sock.off"))
+                try:
+                    results.setdefault(name, []).append(run_once(postfix, bounces_addr, msgs, deliver_lines))
+                finally:
+                    if name.endswith("(alone)"):
+                        sock.with_name("deliver.sock.off").rename(sock)
+        scored = sum(1 for line in deliver_log() if " scored" in line)
+        alone = sum(1 for line in postfix.pipe_log.read_text().splitlines() if " scored" in line)
     finally:
         postfix.stop()
         lm.stop()
         sink.stop()
 
-    print(f"{n} DSNs per run, {args.repeat} runs; {scored} scored of {n * args.repeat}")
-    print(f"{'pipe command':<22} {'best s':>8} {'DSNs/s':>8}")
+    total = n * args.repeat * len(DELIVER_ROWS)
+    print(f"{n} DSNs per run, {args.repeat} runs; {scored} scored of {total}, {alone} of them without serve")
+    print(f"{'pipe command':<28} {'best s':>8} {'DSNs/s':>8}")
     out = {}
     for name, times in results.items():
         best = min(times)
         out[name] = {"times": times, "per_second": n / best}
-        print(f"{name:<22} {best:>8.2f} {n / best:>8.0f}   (runs: {', '.join(f'{t:.2f}' for t in times)})")
+        print(f"{name:<28} {best:>8.2f} {n / best:>8.0f}   (runs: {', '.join(f'{t:.2f}' for t in times)})")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "dsn.json").write_text(json.dumps({"dsns": n, "results": out}, indent=2))
     shutil.rmtree(work, ignore_errors=True)
-    if scored != n * args.repeat:
+    if scored != total or alone != n * args.repeat:
         print("error: not every DSN was scored", file=sys.stderr)
         return 1
     return 0

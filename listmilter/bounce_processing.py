@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
-from . import addresses, bouncedb, bounces, envid, notices, outgoing
+from . import addresses, bouncedb, bounces, envid, notices, outgoing, statedir
 from . import secret as secret_mod
 from .bouncedb import BounceDB, Row
 from .log import fields, logger
@@ -116,6 +116,7 @@ def keep_for_owner(config, db: BounceDB, mlist: MailingList, data: bytes, why: s
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    statedir.adopt(config.state_dir, os.path.dirname(folder), folder, path)
     db.record(mlist.address, bounces.Failure("", False, "", why[:300]), bouncedb.UNRECOGNISED,
               now=now, kept=path)
     if config.effective("bounce_unrecognised", mlist.settings).value == "forward":

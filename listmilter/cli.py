@@ -7,11 +7,7 @@ exit, never a traceback.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import os
-import pwd
-import signal
 import sys
 
 from . import __version__
@@ -30,7 +26,8 @@ class Fail(Exception):
         self.code = code
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser():
+    import argparse
     p = argparse.ArgumentParser(prog="listmilter", description="Mailing lists inside your MTA.")
     p.add_argument("-c", "--config", metavar="CONFIG",
                    help="config file (default: $LISTMILTER_CONFIG or /etc/listmilter/listmilter.yaml)")
@@ -105,10 +102,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Postfix starts `deliver` once per message: hand it to the running serve
+    # before paying for argparse, the config and the core (listmilter.handoff).
+    from . import handoff, paths
+    code = handoff.deliver(argv)
+    if code is not None:
+        return code
     args = _parser().parse_args(argv)
     from . import config as config_mod
     from .log import setup
-    path, explicit = config_mod.path_from_environment(args.config)
+    path, explicit = paths.path_from_environment(args.config)
     try:
         if args.command == "deliver":
             return _deliver(args, path, explicit)
@@ -166,14 +170,23 @@ def _serve(args, path: str, explicit: bool) -> int:
     # Signals are taken by threads waiting for them (milter.run), so block
     # them before any thread starts: threads inherit the mask, and one
     # without the block would die of SIGTERM's default action.
+    import signal
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM, signal.SIGHUP, signal.SIGINT})
     try:
         table = socketmap.start(runtime, cfg.socketmap_socket)
     except OSError as e:
         print(f"listmilter: cannot listen on socketmap socket {cfg.socketmap_socket}: {e}", file=sys.stderr)
         return EX_TEMPFAIL
-    logger.info("starting listmilter %s: milter=%s, socketmap=%s, config=%s, store=%s %s, lists=%d",
-                __version__, socket, cfg.socketmap_socket, cfg.path or "built-in defaults",
+    from . import handoff
+    try:
+        deliveries = handoff.start(runtime)
+    except OSError as e:    # `deliver` then works in its own process: slower, still correct
+        logger.warning("warning: cannot listen on %s: %s; `listmilter deliver` works without serve",
+                       os.path.join(cfg.state_dir, handoff.SOCKET_NAME), e)
+        deliveries = None
+    logger.info("starting listmilter %s: milter=%s, socketmap=%s, deliver=%s, config=%s, store=%s %s, lists=%d",
+                __version__, socket, cfg.socketmap_socket, deliveries.path if deliveries else "(none)",
+                cfg.path or "built-in defaults",
                 cfg.backend, cfg.path if cfg.backend == "yaml" else cfg.store_path,
                 len(runtime.store.all_lists()))
     from . import bounce_processing
@@ -184,6 +197,8 @@ def _serve(args, path: str, explicit: bool) -> int:
         logger.error("fatal: milter: %s", e)
         return EX_TEMPFAIL
     finally:
+        if deliveries:
+            handoff.stop(deliveries)
         socketmap.stop(table)
     logger.info("stopping listmilter")
     return 0
@@ -377,6 +392,7 @@ def _setting(name: str, value):
 def _admin_user() -> str:
     user = os.environ.get("SUDO_USER")
     try:
+        import pwd
         me = pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
         me = str(os.getuid())
@@ -527,6 +543,7 @@ def _progress(total: int):
 
 
 def _members_export(args, cfg, store):
+    import csv
     members = store.members(_list_address(args.list))
     extra = sorted({k for m in members for k in m.attributes})
     writer = csv.writer(sys.stdout, lineterminator="\n")
@@ -591,6 +608,7 @@ def _bounces(args, cfg, store):
 
 
 def _members_history(args, cfg, store):
+    import csv
     import time as time_mod
     address = _list_address(args.list)
     if store.get_list(address) is None:

@@ -14,9 +14,8 @@ from typing import Any
 import yaml
 
 from . import addresses, settings
+from .paths import DEFAULT_STATE_DIR
 
-DEFAULT_PATH = "/etc/listmilter/listmilter.yaml"
-DEFAULT_STATE_DIR = "/var/lib/listmilter"
 DEFAULT_MILTER_SOCKET = "inet:8899@127.0.0.1"
 DEFAULT_SOCKETMAP_SOCKET = "inet:8898@127.0.0.1"
 SQLITE_NAME = "listmilter.sqlite"
@@ -91,16 +90,6 @@ class Config:
     def owners(self, list_settings: dict[str, Any]) -> tuple[str, ...]:
         """Who gets a list's owner mail: its owners, or the site admin for a list without."""
         return tuple(self.effective("owners", list_settings).value) or (self.site_admin,)
-
-
-def path_from_environment(cli_path: str | None) -> tuple[str, bool]:
-    """(path, explicit): -c wins over LISTMILTER_CONFIG over the default path."""
-    if cli_path:
-        return cli_path, True
-    env = os.environ.get("LISTMILTER_CONFIG")
-    if env:
-        return env, True
-    return DEFAULT_PATH, False
 
 
 def load(path: str | None, explicit: bool = True) -> Config:

@@ -6,6 +6,9 @@ Postfix's pipe(8) understands: 0 done, 67 no such list (bounce), 75 try
 again later. Any internal error is 75, so Postfix keeps the message.
 
 Mail to <list>-bounces@ goes to bounce processing (listmilter.bounce_processing).
+The `deliver` process normally hands the message to the running `listmilter
+serve`, which runs `run` below (listmilter.handoff); `main` is the same work
+done in the pipe's own process when serve cannot take it.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ def sender_of(sender_arg: str | None, message_head) -> str:
     return addresses.strip_brackets(message_head.get("Return-Path", "") or "")
 
 
-def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes) -> int:
+def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes) -> tuple[int, str]:
+    """(exit code, text for Postfix's log and bounce) for one message to a role address."""
     head = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
     sender = sender_of(sender_arg, head)
     recipient = addresses.strip_brackets(recipient)
@@ -42,8 +46,7 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
     base = dict(to=f"<{recipient}>", **{"from": f"<{sender}>"}, size=len(data))
     if mlist is None:
         logger.info("deliver: %s", fields(**base, status="bounced (no such list)"))
-        print(f"listmilter: {recipient}: no such mailing list", file=sys.stderr)
-        return EX_NOUSER
+        return EX_NOUSER, f"{recipient}: no such mailing list"
     if role is None or role.role == "owner":
         # Only mail the milter chose not to expand may reach the pipe for the
         # list address itself; anything else means the milter was bypassed.
@@ -52,12 +55,12 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
         if role is None and reason:
             logger.info("deliver: %s", fields(**base, list=f"<{mlist.address}>",
                                                status=f"discarded (not expanded: {reason})"))
-            return EX_OK
+            return EX_OK, ""
         raise Deferred(f"mail for {recipient} reached the pipe transport without passing the milter; "
                        "check smtpd_milters and non_smtpd_milters")
     if role.role in ("request", "subscribe", "unsubscribe", "confirm"):
         from . import service
-        return service.deliver_command(config, store, mlist, role, sender, data)
+        return service.deliver_command(config, store, mlist, role, sender, data), ""
     # What is left is <list>-bounces@ (addresses.ROLES).
     from . import bounce_processing, secret
     site_secret = secret.load_or_create(config.state_dir)
@@ -71,18 +74,29 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
             extra["envid"] = outcome.envid
     logger.info("deliver: %s", fields(**base, list=f"<{mlist.address}>", role=role.role,
                                        status=status, **extra))
-    return EX_OK
+    return EX_OK, ""
 
 
-def main(runtime_factory, recipient: str, sender: str | None) -> int:
+def run(runtime_factory, recipient: str, sender: str | None, data: bytes) -> tuple[int, str]:
+    """`deliver`, with every failure turned into 75 and a reason: never raises."""
     try:
-        data = sys.stdin.buffer.read()
         return deliver(runtime_factory, recipient, sender, data)
     except Deferred as e:
         logger.error("deliver: %s", fields(to=f"<{recipient}>", status=f"deferred ({e})"))
-        print(f"listmilter: {e}", file=sys.stderr)
-        return EX_TEMPFAIL
+        return EX_TEMPFAIL, str(e)
     except Exception as e:  # never lose mail: Postfix retries on 75
         logger.exception("deliver: to=<%s>, status=deferred (internal error)", recipient)
-        print(f"listmilter: internal error, will retry: {e.__class__.__name__}: {e}", file=sys.stderr)
+        return EX_TEMPFAIL, f"internal error, will retry: {e.__class__.__name__}: {e}"
+
+
+def main(runtime_factory, recipient: str, sender: str | None) -> int:
+    """The pipe transport's work in this process: stdin in, exit code out."""
+    try:
+        data = sys.stdin.buffer.read()
+    except OSError as e:
+        print(f"listmilter: cannot read the message: {e}", file=sys.stderr)
         return EX_TEMPFAIL
+    code, text = run(runtime_factory, recipient, sender, data)
+    if text:
+        print(f"listmilter: {text}", file=sys.stderr)
+    return code

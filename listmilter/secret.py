@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import secrets
 
+from . import statedir
+
 FILE_NAME = "secret"
 
 
@@ -35,4 +37,5 @@ def load_or_create(state_dir: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     os.unlink(tmp)
+    statedir.adopt(state_dir, path)
     return data

@@ -17,6 +17,7 @@ import socket
 import socketserver
 import threading
 
+from . import netstring as netstrings
 from . import plan
 from .log import logger
 from .store import StoreError
@@ -42,36 +43,12 @@ def answer(request: str, get_list, transport: str) -> str:
 
 
 def netstring(text: str) -> bytes:
-    data = text.encode("utf-8", "surrogateescape")
-    return b"%d:%s," % (len(data), data)
+    return netstrings.encode(text.encode("utf-8", "surrogateescape"))
 
 
 def read_netstring(f) -> str | None:
-    length = b""
-    while True:
-        c = f.read(1)
-        if not c:
-            if length:
-                raise _Bad("connection closed inside a request")
-            return None
-        if c == b":":
-            if not length:
-                raise _Bad("malformed netstring length")
-            break
-        if not c.isdigit() or len(length) > 6:
-            raise _Bad("malformed netstring length")
-        length += c
-    n = int(length)
-    if n > MAX_REQUEST:
-        raise _Bad("request too long")
-    data = f.read(n + 1)
-    if len(data) != n + 1 or data[-1:] != b",":
-        raise _Bad("malformed netstring")
-    return data[:-1].decode("utf-8", "surrogateescape")
-
-
-class _Bad(Exception):
-    pass
+    data = netstrings.read(f, MAX_REQUEST)
+    return None if data is None else data.decode("utf-8", "surrogateescape")
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -80,7 +57,7 @@ class _Handler(socketserver.StreamRequestHandler):
         while True:
             try:
                 request = read_netstring(self.rfile)
-            except _Bad as e:
+            except netstrings.Malformed as e:
                 logger.warning("warning: socketmap: %s; closing the connection", e)
                 return
             except OSError:

@@ -36,7 +36,7 @@ class Bed:
             socket_dir.chmod(0o2750)
         self.listmilter = ListmilterServer(self.dir / "listmilter", backend, socket_dir=socket_dir,
                                            postfix_socket_dir="listmilter" if unix_sockets else None)
-        self.postfix = Postfix(milter=self.listmilter.milter_spec, sink_port=self.sink.port,
+        self.postfix = self.mta = Postfix(milter=self.listmilter.milter_spec, sink_port=self.sink.port,
                                config_path=self.listmilter.config_path,
                                socketmap=self.listmilter.socketmap_spec, workdir=self.dir / "postfix")
         # listmilter re-submits split-off copies through this Postfix.
@@ -51,6 +51,10 @@ class Bed:
                 stop()
             except Exception:
                 pass
+
+    def deliver_log(self) -> str:
+        """What `listmilter deliver` did: serve's log (handed off) and the pipe's own (worked alone)."""
+        return self.listmilter.log() + self.mta.pipe_log.read_text()
 
     def new_list(self, members=(), name: str = "list", **list_settings) -> str:
         address = f"{name}{next(_names)}@example.org"

@@ -174,7 +174,7 @@ def _members(bed, lst) -> list[str]:
 
 
 def _bounce_lines(bed, lst) -> list[str]:
-    return [line for line in bed.postfix.pipe_log.read_text().splitlines()
+    return [line for line in bed.deliver_log().splitlines()
             if f"list=<{lst}>, role=bounces" in line]
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 
-from listmilter import config, importer
+from listmilter import config, importer, paths
 from tests.bed.listmilter import cli
 
 
@@ -48,7 +46,7 @@ def test_check_reports_errors_and_exits_non_zero(tmp_path):
 def test_missing_explicit_config_is_an_error_but_default_path_means_built_in(tmp_path):
     proc = cli(tmp_path / "nope.yaml", "list", "ls", check=False)
     assert proc.returncode == 78 and "nope.yaml: no such file" in proc.stderr
-    assert config.load(config.DEFAULT_PATH + ".absent", explicit=False).path is None
+    assert config.load(paths.DEFAULT_PATH + ".absent", explicit=False).path is None
 
 
 def test_list_lifecycle_and_show_says_where_values_come_from(cfg):
@@ -140,30 +138,3 @@ def test_check_warns_when_a_list_exceeds_postfix_message_size_limit(cfg, tmp_pat
     assert "message_size_limit = 100000" in proc.stderr
     (pf / "main.cf").write_text("message_size_limit = 1000000000\n")
     assert "message_size_limit" not in cli(cfg, "check", env={"MAIL_CONFIG": str(pf)}, check=False).stderr
-
-
-def test_deliver_exit_codes(cfg, tmp_path):
-    from tests.bed.net import free_port
-    with open(cfg, "a") as f:      # an outgoing: where nothing listens
-        f.write(f"outgoing:\n  smtp: 127.0.0.1:{free_port()}\n")
-    cli(cfg, "list", "create", "dev@example.org")
-    run = lambda *a, data=b"Subject: x\n\nbody\n": subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "listmilter", "-c", str(cfg), "deliver", *a], input=data,
-        capture_output=True, env={"LISTMILTER_LOG": str(tmp_path / "d.log"), "PATH": "/usr/bin:/bin"})
-    # A command from the null sender is ignored (0); one that must be answered while
-    # outgoing: is unreachable waits: 75.
-    assert run("dev-request@example.org", "").returncode == 0
-    answered = run("dev-request@example.org", "a@example.net")
-    assert answered.returncode == 75 and b"Traceback" not in answered.stderr
-    assert run("nobody@example.org", "a@example.net").returncode == 67
-    # A post that reached the pipe without the milter is kept queued, never dropped.
-    assert run("dev@example.org", "a@example.net").returncode == 75
-    assert run("dev@example.org", "").returncode == 0
-    # Sendmail aliases pass no sender: Return-Path is used.
-    assert run("dev@example.org", data=b"Return-Path: <>\nSubject: x\n\nb\n").returncode == 0
-    broken = tmp_path / "broken.yaml"
-    broken.write_text("store: [\n")
-    proc = subprocess.run([sys.executable, "-m", "listmilter", "-c", str(broken), "deliver",
-                           "dev-bounces@example.org", ""], input=b"x", capture_output=True,
-                          env={"LISTMILTER_LOG": str(tmp_path / "d.log"), "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 75 and b"Traceback" not in proc.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from listmilter import addresses, envid, headers, plan, policy, socketmap
+from listmilter import addresses, envid, headers, plan, netstring, policy, socketmap
 from listmilter.plan import LIST, OWNER, PLAIN, REFUSED, Recipient
 from listmilter.store import MailingList
 
@@ -154,7 +154,7 @@ def test_socketmap_answers():
 @pytest.mark.parametrize("wire", [b":x,", b"3:abc;", b"99999999:", b"12x:", b"5:ab"])
 def test_socketmap_refuses_malformed_netstrings(wire):
     import io
-    with pytest.raises(socketmap._Bad):
+    with pytest.raises(netstring.Malformed):
         socketmap.read_netstring(io.BytesIO(wire))
 
 

@@ -192,10 +192,10 @@ def test_null_sender_is_never_expanded(clean_bed):
     bed = clean_bed
     lst = bed.new_list(["n1@example.net"], posting="open")
     bed.smtp("", [lst], message(to=lst, sender="MAILER-DAEMON@example.net"))
-    wait_until(lambda: f"to=<{lst}>" in bed.postfix.pipe_log.read_text(), 30, what="the pipe transport")
+    wait_until(lambda: f"to=<{lst}>" in bed.deliver_log(), 30, what="the pipe transport")
     _settle(bed)
     assert bed.sink.deliveries() == []
-    assert "discarded (not expanded: null sender)" in bed.postfix.pipe_log.read_text()
+    assert "discarded (not expanded: null sender)" in bed.deliver_log()
 
 
 def test_message_carrying_the_lists_own_list_id_is_not_expanded(clean_bed):
@@ -203,7 +203,7 @@ def test_message_carrying_the_lists_own_list_id_is_not_expanded(clean_bed):
     lst = bed.new_list(["l1@example.net"], posting="open")
     looped = message(to=lst, sender="l1@example.net", extra=f"List-Id: <{lst.replace('@', '.')}>\r\n")
     bed.smtp("l1@example.net", [lst], looped)
-    wait_until(lambda: f"to=<{lst}>" in bed.postfix.pipe_log.read_text(), 30, what="the pipe transport")
+    wait_until(lambda: f"to=<{lst}>" in bed.deliver_log(), 30, what="the pipe transport")
     _settle(bed)
     assert bed.sink.deliveries() == []
     assert "not expanded (mail loop" in bed.listmilter.log()
@@ -250,9 +250,9 @@ def test_role_addresses_reach_the_pipe_transport_and_unknown_ones_are_refused(cl
     request = lst.replace("@", "-request@")
     confirm = lst.replace("@", "-confirm+abc123@")
     bed.smtp("carol@example.net", [request, confirm], message("subscribe", "carol@example.net", request))
-    wait_until(lambda: f"to=<{request}>" in (log := bed.postfix.pipe_log.read_text()) and f"to=<{confirm}>" in log,
+    wait_until(lambda: f"to=<{request}>" in (log := bed.deliver_log()) and f"to=<{confirm}>" in log,
                30, what="both deliveries through the pipe transport")
-    log = bed.postfix.pipe_log.read_text()
+    log = bed.deliver_log()
     assert f"to=<{request}>, from=<carol@example.net>" in log and "role=request, command=subscribe" in log
     assert f"to=<{confirm}>" in log
     # Both are answered (a confirmation; a refusal of the made-up token): wait for them here.

@@ -27,10 +27,6 @@ def _settle(bed, seconds: float = 1.5):
     time.sleep(seconds)
 
 
-def _pipe_log(bed) -> str:
-    return bed.sendmail.pipe_log.read_text()
-
-
 def test_post_reaches_every_member_once_with_list_envelope_dsn_and_headers(clean_smbed):
     bed = clean_smbed
     members = ["m1@example.net", "M2@example.com", "m1@EXAMPLE.NET", "m3@example.net"]
@@ -124,8 +120,8 @@ def test_role_addresses_reach_listmilter_deliver_and_unknown_ones_are_refused(cl
     subscribe = lst.replace("@", "-subscribe@")
     bed.smtp("carol@example.net", [request, confirm, subscribe],
              message("subscribe", "carol@example.net", request))
-    wait_until(lambda: _pipe_log(bed).count(f"list=<{lst}>") >= 3, 30, what="listmilter deliver")
-    log = _pipe_log(bed)
+    wait_until(lambda: bed.deliver_log().count(f"list=<{lst}>") >= 3, 30, what="listmilter deliver")
+    log = bed.deliver_log()
     lines = {to: next(line for line in log.splitlines() if f"to=<{to}>" in line)
              for to in (request, confirm, subscribe)}
     assert "from=<carol@example.net>" in lines[request] and "command=subscribe" in lines[request]
@@ -154,10 +150,10 @@ def test_null_sender_is_never_expanded(clean_smbed):
     bed = clean_smbed
     lst = bed.new_list(["n1@example.net"], posting="open")
     bed.smtp("", [lst], message(to=lst, sender="MAILER-DAEMON@example.net"))
-    wait_until(lambda: f"to=<{lst}>" in _pipe_log(bed), 30, what="listmilter deliver")
+    wait_until(lambda: f"to=<{lst}>" in bed.deliver_log(), 30, what="listmilter deliver")
     _settle(bed)
     assert bed.sink.deliveries() == []
-    assert "discarded (not expanded: null sender)" in _pipe_log(bed)
+    assert "discarded (not expanded: null sender)" in bed.deliver_log()
 
 
 def test_a_real_dsn_from_sendmail_reaches_the_bounce_handler(clean_smbed):
@@ -165,8 +161,8 @@ def test_a_real_dsn_from_sendmail_reaches_the_bounce_handler(clean_smbed):
     lst = bed.new_list(["ok@example.net", "dead@example.net"], posting="open")
     bed.sink.replies["dead@example.net"] = "550 5.1.1 no such user here"
     bed.smtp("carol@example.net", [lst], message(to=lst, sender="carol@example.net"))
-    wait_until(lambda: "role=bounces" in _pipe_log(bed), 60, what="the DSN at listmilter deliver")
-    line = [l for l in _pipe_log(bed).splitlines() if "role=bounces" in l][-1]
+    wait_until(lambda: "role=bounces" in bed.deliver_log(), 60, what="the DSN at listmilter deliver")
+    line = [l for l in bed.deliver_log().splitlines() if "role=bounces" in l][-1]
     bounces = lst.replace("@", "-bounces@")
     assert f"to=<{bounces}>, from=<>" in line
     # Sendmail keeps ORCPT and ENVID: the DSN names the member and the post.

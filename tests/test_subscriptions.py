@@ -87,12 +87,8 @@ def mail_to(bed, address: str, subject: str = "", timeout: float = 60):
     return found
 
 
-def pipe_log(bed) -> str:
-    return bed.postfix.pipe_log.read_text()
-
-
 def wait_log(bed, text: str, timeout: float = 60):
-    wait_until(lambda: text in pipe_log(bed), timeout, what=f"{text!r} in the pipe log")
+    wait_until(lambda: text in bed.deliver_log(), timeout, what=f"{text!r} in the deliver log")
 
 
 def settle(bed, seconds: float = 1.5):
@@ -253,7 +249,7 @@ def test_forged_reused_and_expired_tokens_change_nothing(sbed):
     assert "no longer subscribed" in mail_to(bed, leaver, "You have left").message.get_content()
     assert history(bed, lst, leaver)[-1][2:4] == ["unsubscribed", "mail"]
     assert leaver not in cli(bed.listmilter.config_path, "members", "ls", lst).stdout.split()
-    log = pipe_log(bed)
+    log = bed.deliver_log()
     for reason in ("token unknown", "token used", "token expired", "token mismatch"):
         assert f"status=refused ({reason})" in log
     assert "refused (forged or damaged unsubscribe link)" in bed.web_log.read_text()
@@ -266,7 +262,7 @@ def test_bombing_limits_and_ignored_senders(sbed):
     # Three requests: one confirmation, the others wait for it (no new one while pending).
     for _ in range(3):
         bed.smtp(victim, [role(lst, "subscribe")], message("join", victim, role(lst, "subscribe")))
-    wait_until(lambda: pipe_log(bed).count("ignored (confirmation already pending)") >= 2, 60,
+    wait_until(lambda: bed.deliver_log().count("ignored (confirmation already pending)") >= 2, 60,
                what="the repeated requests")
     # Help requests: the second reply reaches the per-address limit of 2; the third is not sent.
     for _ in range(2):

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any, Iterable
 
-from .. import addresses
+from .. import addresses, statedir
 from . import ACTIVE, DISABLED, Event, ListExists, MailingList, Member, NoSuchList, StoreError
 
 SCHEMA_VERSION = 2
@@ -63,27 +63,8 @@ UNSUBSCRIBED = "unsubscribed"
 
 
 def adopt_owner(path: str) -> None:
-    """Root (an admin's CLI) gives the database files it touched to the state folder's owner.
-
-    SQLite creates the -wal and -shm files as whoever opens the database
-    first; root-owned ones would lock the milter and the pipe transport
-    (their own users) out of it.
-    """
-    if os.geteuid() != 0:
-        return
-    try:
-        folder = os.stat(os.path.dirname(os.path.abspath(path)))
-    except OSError:
-        return
-    if folder.st_uid == 0:
-        return
-    for name in (path, path + "-wal", path + "-shm"):
-        try:
-            st = os.stat(name)
-            if (st.st_uid, st.st_gid) != (folder.st_uid, folder.st_gid):
-                os.chown(name, folder.st_uid, folder.st_gid)
-        except OSError:
-            pass
+    """A database and the -wal and -shm files SQLite creates as whoever opens it first."""
+    statedir.adopt(os.path.dirname(os.path.abspath(path)), path, path + "-wal", path + "-shm")
 
 
 def sqlite_errors(fn):

@@ -9,6 +9,7 @@ socketmap table and pipe transport wired in exactly as docs/postfix.md says.
 from __future__ import annotations
 
 import atexit
+import compileall
 import os
 import shutil
 import subprocess
@@ -40,6 +41,9 @@ def pipe_runtime() -> Path:
             if origin.exists():
                 shutil.copytree(origin, root / name,
                                 ignore=shutil.ignore_patterns("__pycache__", "tests"))
+        # Byte-compiled as pip does at install: the pipe user cannot write
+        # __pycache__ here and would compile every module on every delivery.
+        compileall.compile_dir(root, quiet=1)
         for path in [root, *root.rglob("*")]:
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
         atexit.register(shutil.rmtree, root, True)

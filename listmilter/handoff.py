@@ -1,0 +1,259 @@
+"""`listmilter deliver` hands its message to the running `listmilter serve`.
+
+Postfix starts one `deliver` process per message (a DSN storm is hundreds a
+second). Loading listmilter's core, parsing the YAML config and opening the
+databases costs a process about 70 ms of CPU; `serve` already holds all of
+it. So `deliver` connects to serve's socket, `STATE_DIR/deliver.sock`, sends
+the envelope and the message, and exits with serve's answer. Serve does
+exactly what `deliver` would have done (listmilter.deliver.run) and logs it.
+When serve cannot take the message (not running, stopping, serving another
+config file), `deliver` does the work in its own process: slower, same result.
+
+The client side runs before anything else in the process, so it imports only
+`os`, `sys`, `_socket` and two dependency-free modules. The server side
+imports what it needs inside `start`.
+
+Protocol, netstrings over a unix stream socket (mode 0600, owned by the
+state folder's owner, who is also the pipe transport's user):
+
+    deliver: "listmilter-deliver/1" NUL CONFIG NUL RECIPIENT [NUL SENDER]
+    serve:   "go"  or  "no REASON"          (after "no", deliver works alone)
+    deliver: MESSAGE
+    serve:   "CODE TEXT"                    (exit code, text for Postfix)
+
+Nothing is done before the message has arrived whole; a connection lost
+after it was sent exits 75, and Postfix retries (bounce processing and list
+commands are safe to repeat).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# socket.py costs 4 ms of imports (enum, selectors), a third of what a bare
+# Python start costs; _socket is the C module it wraps.
+import _socket
+
+from . import netstring, paths
+
+SOCKET_NAME = "deliver.sock"
+MAGIC = b"listmilter-deliver/1"
+MAX_HEADER = 10000
+MAX_MESSAGE = 1 << 30
+CONNECT_TIMEOUT = 2.0
+GO_TIMEOUT = 10.0          # serve answers "go" at once unless wedged; then work alone
+ANSWER_TIMEOUT = 600.0     # outgoing mail and a busy database each have their own, shorter limits
+EX_TEMPFAIL = 75
+
+
+# -- the client: `listmilter deliver` ---------------------------------------------
+def parse_argv(argv: list[str]) -> tuple[str | None, str, str | None] | None:
+    """(config, recipient, sender) for exactly `[-c CONFIG] deliver RECIPIENT [SENDER]`.
+
+    Anything else (--help, an option after `deliver`, a typo) gives None and
+    goes to the full command-line parser.
+    """
+    config = None
+    rest = list(argv)
+    if rest[:1] in (["-c"], ["--config"]) and len(rest) >= 2:
+        config, rest = rest[1], rest[2:]
+    elif rest and rest[0].startswith("--config="):
+        config, rest = rest[0][len("--config="):], rest[1:]
+    elif rest and rest[0].startswith("-c") and len(rest[0]) > 2:
+        config, rest = rest[0][2:], rest[1:]
+    if len(rest) not in (2, 3) or rest[0] != "deliver" or any(a.startswith("-") for a in rest[1:]):
+        return None
+    return config, rest[1], rest[2] if len(rest) == 3 else None
+
+
+def state_dir_of(config_path: str) -> str:
+    """The config file's top-level `state_dir:`, read without a YAML parser.
+
+    A value written in a way this does not read gives the wrong folder: no
+    socket there, or a serve that answers "no", and deliver works alone.
+    Never the wrong result, only a slower one.
+    """
+    try:
+        with open(config_path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return paths.DEFAULT_STATE_DIR
+    for line in text.splitlines():
+        if line.startswith("state_dir:"):
+            value = line[len("state_dir:"):].split(" #", 1)[0].strip()
+            if len(value) >= 2 and value[0] in "'\"" and value[-1] == value[0]:
+                value = value[1:-1]
+            return value or paths.DEFAULT_STATE_DIR
+    return paths.DEFAULT_STATE_DIR
+
+
+class _Reader:
+    """read(n) over a socket, for netstring.read."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = b""
+
+    def read(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(max(65536, n - len(self.buffer)))
+            if not chunk:
+                break
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def deliver(argv: list[str]) -> int | None:
+    """Hand the delivery to serve: its exit code, or None when this process must do it."""
+    parsed = parse_argv(argv)
+    if parsed is None:
+        return None
+    config, recipient, sender = parsed
+    config_path, _ = paths.path_from_environment(config)
+    socket_path = os.path.join(state_dir_of(config_path), SOCKET_NAME)
+    header = b"\0".join([MAGIC, _encode(os.path.abspath(config_path)), _encode(recipient)]
+                        + ([] if sender is None else [_encode(sender)]))
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        try:
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.connect(socket_path)
+            sock.sendall(netstring.encode(header))
+            sock.settimeout(GO_TIMEOUT)
+            reader = _Reader(sock)
+            if netstring.read(reader, MAX_HEADER) != b"go":
+                return None
+        except (OSError, netstring.Malformed):
+            return None      # no serve, or one that cannot take it: nothing was done yet
+        try:
+            data = sys.stdin.buffer.read()
+        except OSError as e:
+            print(f"listmilter: cannot read the message: {e}", file=sys.stderr)
+            return EX_TEMPFAIL
+        try:
+            sock.settimeout(ANSWER_TIMEOUT)
+            sock.sendall(netstring.encode(data))
+            answer = netstring.read(reader, MAX_HEADER)
+        except (OSError, netstring.Malformed) as e:
+            answer, why = None, str(e)
+        else:
+            why = "connection closed"
+        if answer is None:
+            print(f"listmilter: listmilter serve did not answer ({why}); will retry", file=sys.stderr)
+            return EX_TEMPFAIL
+    finally:
+        sock.close()
+    code, _, text = answer.partition(b" ")
+    if text:
+        print(f"listmilter: {text.decode('utf-8', 'replace')}", file=sys.stderr)
+    return int(code) if code.isdigit() else EX_TEMPFAIL
+
+
+# -- the server: inside `listmilter serve` ------------------------------------------
+def start(runtime):
+    """Listen on STATE_DIR/deliver.sock in a background thread; returns the server for `stop`."""
+    import socketserver
+    import threading
+
+    from .log import logger
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            with server.lock:
+                server.active += 1
+            try:
+                serve_one(self.request, runtime, server.config_path)
+            except Exception:   # one broken request must not stop the server; deliver retries
+                logger.exception("deliver: hand-off failed")
+            finally:
+                with server.lock:
+                    server.active -= 1
+                    server.lock.notify_all()
+
+    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        daemon_threads = True
+        # Postfix runs up to default_process_limit (100) pipe processes at
+        # once; a unix socket refuses a connect at once when the backlog is
+        # full, and that deliver would then work alone.
+        request_queue_size = 256
+
+    path = os.path.join(runtime.config.state_dir, SOCKET_NAME)
+    # Bound under a temporary name and renamed into place: the socket never
+    # exists with a wider mode, and a stale one from a crash is replaced.
+    tmp = f"{path}.{os.getpid()}"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    server = Server(tmp, Handler)
+    os.chmod(tmp, 0o600)
+    from . import statedir
+    statedir.adopt(runtime.config.state_dir, tmp)
+    os.rename(tmp, path)
+    server.path = path
+    server.inode = os.stat(path).st_ino
+    server.config_path = os.path.realpath(runtime.path) if runtime.path else None
+    server.lock = threading.Condition()
+    server.active = 0
+    threading.Thread(target=server.serve_forever, name="deliver-socket", daemon=True).start()
+    return server
+
+
+def serve_one(sock, runtime, config_path: str | None) -> None:
+    """One hand-off: check the request, say go, take the message, run it, answer."""
+    from . import deliver
+    from .log import fields, logger
+    sock.settimeout(GO_TIMEOUT)
+    f = sock.makefile("rb")
+    try:
+        header = netstring.read(f, MAX_HEADER)
+        if header is None:
+            return
+        parts = [p.decode("utf-8", "surrogateescape") for p in header.split(b"\0")]
+        if header.split(b"\0", 1)[0] != MAGIC or len(parts) not in (3, 4):
+            logger.warning("warning: deliver socket: not a deliver request; ignored")
+            sock.sendall(netstring.encode(b"no protocol"))
+            return
+        client_config, recipient = parts[1], parts[2]
+        sender = parts[3] if len(parts) == 4 else None
+        if config_path is None or os.path.realpath(client_config) != config_path:
+            logger.warning("warning: deliver socket: %s uses config %s, this serve runs %s; "
+                           "the pipe process delivers it itself", recipient, client_config, config_path)
+            sock.sendall(netstring.encode(b"no other config"))
+            return
+        sock.sendall(netstring.encode(b"go"))
+        sock.settimeout(ANSWER_TIMEOUT)
+        data = netstring.read(f, MAX_MESSAGE)
+    except (OSError, netstring.Malformed) as e:
+        logger.warning("warning: deliver socket: %s; nothing delivered, the pipe process retries", e)
+        return
+    if data is None:
+        return      # the pipe process went away before sending the message
+    code, text = deliver.run(runtime.current, recipient, sender, data)
+    try:
+        sock.sendall(netstring.encode(b"%d %s" % (code, _encode(text))))
+    except OSError as e:
+        logger.warning("warning: deliver: %s; Postfix retries a message already handled",
+                       fields(to=f"<{recipient}>", status=f"no answer to the pipe process ({e})"))
+
+
+def stop(server, timeout: float = 10.0) -> None:
+    """Refuse new hand-offs (deliver then works alone), wait for those in flight, close."""
+    import time
+    try:
+        if os.stat(server.path).st_ino == server.inode:    # not a newer serve's socket
+            os.unlink(server.path)
+    except OSError:
+        pass
+    server.shutdown()
+    server.server_close()
+    deadline = time.monotonic() + timeout
+    with server.lock:
+        while server.active and time.monotonic() < deadline:
+            server.lock.wait(deadline - time.monotonic())
