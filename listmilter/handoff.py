@@ -2,7 +2,7 @@
 
 Postfix starts one `deliver` process per message (a DSN storm is hundreds a
 second). Loading listmilter's core, parsing the YAML config and opening the
-databases costs a process about 70 ms of CPU; `serve` already holds all of
+databases costs a process about 60 ms of CPU; `serve` already holds all of
 it. So `deliver` connects to serve's socket, `STATE_DIR/deliver.sock`, sends
 the envelope and the message, and exits with serve's answer. Serve does
 exactly what `deliver` would have done (listmilter.deliver.run) and logs it.

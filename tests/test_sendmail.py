@@ -165,6 +165,7 @@ def test_a_real_dsn_from_sendmail_reaches_the_bounce_handler(clean_smbed):
     line = [l for l in bed.deliver_log().splitlines() if "role=bounces" in l][-1]
     bounces = lst.replace("@", "-bounces@")
     assert f"to=<{bounces}>, from=<>" in line
+    assert line in bed.listmilter.log()       # Sendmail's mailer handed it to serve, too
     # Sendmail keeps ORCPT and ENVID: the DSN names the member and the post.
     assert "status=dsn: <dead@example.net> 5.1.1 scored" in line
     queue_id = line.split("envid=")[1].split(".")[0]

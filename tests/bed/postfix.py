@@ -44,8 +44,15 @@ def pipe_runtime() -> Path:
         # Byte-compiled as pip does at install: the pipe user cannot write
         # __pycache__ here and would compile every module on every delivery.
         compileall.compile_dir(root, quiet=1)
+        # The command, as pip writes a console script (docs/install.md's
+        # /usr/local/bin/listmilter), so the pipe starts as in production.
+        (root / "bin").mkdir()
+        (root / "bin" / "listmilter").write_text(
+            "#!/usr/bin/python3\nimport sys\nfrom listmilter.cli import main\n"
+            "if __name__ == '__main__':\n    sys.argv[0] = sys.argv[0].removesuffix('.exe')\n"
+            "    sys.exit(main())\n")
         for path in [root, *root.rglob("*")]:
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+            os.chmod(path, 0o755 if path.is_dir() or path.parent.name == "bin" else 0o644)
         atexit.register(shutil.rmtree, root, True)
         _pipe_runtime = root
     return _pipe_runtime
@@ -133,7 +140,7 @@ class Postfix:
                 "listmilter/unix = listmilter unix - n n - - pipe"
                 f" flags=Rq user={PIPE_USER} null_sender="
                 f" argv=/usr/bin/env PYTHONPATH={runtime} LISTMILTER_LOG={self.pipe_log}"
-                f" /usr/bin/python3 -m listmilter {config}deliver ${{recipient}} ${{sender}}")
+                f" {runtime}/bin/listmilter {config}deliver ${{recipient}} ${{sender}}")
 
     def configure(self) -> "Postfix":
         """Write main.cf and master.cf without starting (what `postconf` reads)."""

@@ -122,7 +122,7 @@ MAILER(`smtp')dnl
             runtime = pipe_runtime()
             config = f" -c {self.config_path}" if self.config_path else ""
             argv = (f"env PYTHONPATH={runtime} LISTMILTER_LOG={self.pipe_log}"
-                    f" /usr/bin/python3 -m listmilter{config}")
+                    f" {runtime}/bin/listmilter{config}")
             lines += LISTMILTER_MC.format(
                 milter_socket=self.milter, socketmap_port=self.socketmap_port,
                 eom_timeout=self.eom_timeout, program="/usr/bin/env", user=f"{PIPE_USER}:nogroup",
