@@ -19,7 +19,6 @@ Rows:
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import smtplib
 import sys
@@ -27,13 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS  # common puts the repo on sys.path
+from common import machine, save  # common puts the repo on sys.path
 
 from listmilter import envid, handoff  # noqa: E402
 from tests.bed.listmilter import ListmilterServer  # noqa: E402
 from tests.bed.net import wait_until  # noqa: E402
 from tests.bed.postfix import PIPE_USER, Postfix  # noqa: E402
 from tests.bed.sink import Sink  # noqa: E402
+from tests.conftest import dsn_message  # noqa: E402
 
 LIST = "bench@example.org"
 FLOORS = {
@@ -66,15 +66,13 @@ class BenchPostfix(Postfix):
 
 
 def dsn(to: str, member: str, env: str) -> bytes:
-    return (f"From: MAILER-DAEMON@mx.example.test\r\nTo: {to}\r\nSubject: Undelivered Mail\r\n"
-            "Auto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\n"
-            "Content-Type: multipart/report; report-type=delivery-status; boundary=B\r\n\r\n"
-            "--B\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n\r\n"
-            "--B\r\nContent-Type: message/delivery-status\r\n\r\n"
-            f"Reporting-MTA: dns; mx.example.test\r\nOriginal-Envelope-Id: {env}\r\n\r\n"
-            f"Original-Recipient: rfc822;{member}\r\nFinal-Recipient: rfc822; {member}\r\n"
-            "Action: failed\r\nStatus: 5.1.1\r\nDiagnostic-Code: smtp; 550 5.1.1 no such user\r\n\r\n"
-            "--B--\r\n").encode()
+    return dsn_message(env, f"""
+        Original-Recipient: rfc822;{member}
+        Final-Recipient: rfc822; {member}
+        Action: failed
+        Status: 5.1.1
+        Diagnostic-Code: smtp; 550 5.1.1 no such user
+        """, to=to)
 
 
 def run_once(postfix: Postfix, to: str, messages: list[bytes], count_lines) -> float:
@@ -154,8 +152,8 @@ def main() -> int:
         best = min(times)
         out[name] = {"times": times, "per_second": n / best}
         print(f"{name:<28} {best:>8.2f} {n / best:>8.0f}   (runs: {', '.join(f'{t:.2f}' for t in times)})")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "dsn.json").write_text(json.dumps({"dsns": n, "results": out}, indent=2))
+    path = save("dsn", {"machine": machine(), "args": vars(args), "results": out})
+    print(f"wrote {path}")
     shutil.rmtree(work, ignore_errors=True)
     if scored != total or alone != n * args.repeat:
         print("error: not every DSN was scored", file=sys.stderr)

@@ -6,11 +6,14 @@ import itertools
 import shutil
 import smtplib
 import tempfile
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.bed.listmilter import ListmilterServer
+from tests.bed.net import wait_until
 from tests.bed.postfix import Postfix
 from tests.bed.sendmail import Sendmail, run_dir
 from tests.bed.sink import Sink
@@ -51,6 +54,11 @@ class Bed:
                 stop()
             except Exception:
                 pass
+
+    def settle(self, seconds: float = 1.5) -> None:
+        """Wait for the MTA's queue to drain, then a little, so extra copies would have arrived."""
+        wait_until(self.mta.queue_empty, 30, interval=0.2, what="the queue to drain")
+        time.sleep(seconds)
 
     def deliver_log(self) -> str:
         """What `listmilter deliver` did: serve's log (handed off) and the pipe's own (worked alone)."""
@@ -112,6 +120,30 @@ def message(subject: str = "hello", sender: str = "alice@example.net", to: str =
             extra: str = "", body: str = "Hello, list.\n") -> bytes:
     return (f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n"
             f"Message-ID: <{next(_names)}.test@example.net>\r\n{extra}\r\n{body}").encode()
+
+
+def dsn_message(envid_text: str, *blocks: str, to: str = "dev-bounces@example.org") -> bytes:
+    """An RFC 3464 DSN as an MTA writes one: one per-recipient block each (dedented)."""
+    per_rcpt = "".join("\n" + textwrap.dedent(b).strip() + "\n" for b in blocks)
+    return textwrap.dedent(f"""\
+        From: MAILER-DAEMON@mx.example.test (Mail Delivery System)
+        To: {to}
+        Subject: Undelivered Mail Returned to Sender
+        Auto-Submitted: auto-replied
+        MIME-Version: 1.0
+        Content-Type: multipart/report; report-type=delivery-status; boundary="B"
+
+        --B
+        Content-Type: text/plain
+
+        I'm sorry to have to inform you that your message could not be delivered.
+
+        --B
+        Content-Type: message/delivery-status
+
+        Reporting-MTA: dns; mx.example.test
+        Original-Envelope-Id: {envid_text}
+        """).encode() + per_rcpt.encode() + b"\n--B--\n"
 
 
 @pytest.fixture(scope="module", params=["sqlite", "yaml"])

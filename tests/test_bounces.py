@@ -12,7 +12,6 @@ import email
 import email.policy
 import multiprocessing
 import subprocess
-import textwrap
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from listmilter.bouncedb import BounceDB
 from tests.bed.listmilter import cli
 from tests.bed.net import wait_until
 from tests.bed.postfix import PIPE_USER, pipe_runtime
-from tests.conftest import message
+from tests.conftest import dsn_message, message
 
 DATA = Path(__file__).parent / "data" / "flufl-bounce"
 POLICY = bounces.Policy("remove", 3, 7, 3, 7)
@@ -32,35 +31,12 @@ DAY = bounces.DAY
 
 
 # -- the pure core ----------------------------------------------------------------
-def _dsn(envid_text: str, *blocks: str) -> bytes:
-    per_rcpt = "".join("\n" + textwrap.dedent(b).strip() + "\n" for b in blocks)
-    return textwrap.dedent(f"""\
-        From: MAILER-DAEMON@mx.example.test (Mail Delivery System)
-        To: dev-bounces@example.org
-        Subject: Undelivered Mail Returned to Sender
-        Auto-Submitted: auto-replied
-        MIME-Version: 1.0
-        Content-Type: multipart/report; report-type=delivery-status; boundary="B"
-
-        --B
-        Content-Type: text/plain
-
-        I'm sorry to have to inform you that your message could not be delivered.
-
-        --B
-        Content-Type: message/delivery-status
-
-        Reporting-MTA: dns; mx.example.test
-        Original-Envelope-Id: {envid_text}
-        """).encode() + per_rcpt.encode() + b"\n--B--\n"
-
-
 def _read(data: bytes, null_sender: bool = True) -> bounces.Report:
     return bounces.read(email.message_from_bytes(data, policy=email.policy.compat32), null_sender)
 
 
 def test_a_dsn_names_members_by_orcpt_and_tells_permanent_from_temporary():
-    report = _read(_dsn("Q1.abc.def", """
+    report = _read(dsn_message("Q1.abc.def", """
         Final-Recipient: rfc822; forwarded@elsewhere.example
         Original-Recipient: rfc822;Bob@example.net
         Action: failed
@@ -347,7 +323,7 @@ def test_forged_and_unprovable_bounces_score_nobody_and_go_to_the_owner(clean_be
         # in the yaml file have no join time, so this check needs the sqlite store.)
         envids.append(envid.make("OLD1", lst, _secret(bed), time.time() - 10 * DAY))
     for text in envids:
-        bed.smtp("", [bounces_addr], _dsn(text, block).replace(b"dev-bounces@example.org", bounces_addr.encode()))
+        bed.smtp("", [bounces_addr], dsn_message(text, block, to=bounces_addr))
     lines = _wait_bounce(bed, lst, len(envids))
     assert all("scored" not in line for line in lines)
     assert sum("unverified" in line for line in lines) == 2
@@ -365,7 +341,7 @@ def test_a_dsn_delivered_twice_scores_once_and_vacation_replies_are_ignored(clea
     bed = clean_bed
     lst = bed.new_list(["twice@example.net"], posting="open", owners=("boss@example.com",))
     bounces_addr = lst.replace("@", "-bounces@")
-    dsn = _dsn(envid.make("TWICE1", lst, _secret(bed), time.time()), """
+    dsn = dsn_message(envid.make("TWICE1", lst, _secret(bed), time.time()), """
         Original-Recipient: rfc822;twice@example.net
         Final-Recipient: rfc822; twice@example.net
         Action: failed
@@ -393,7 +369,7 @@ def test_a_temporary_failure_is_recorded_not_scored(clean_bed):
     bed = clean_bed
     lst = bed.new_list(["slow@example.net"], posting="open")
     bounces_addr = lst.replace("@", "-bounces@")
-    bed.smtp("", [bounces_addr], _dsn(envid.make("SLOW1", lst, _secret(bed), time.time()), """
+    bed.smtp("", [bounces_addr], dsn_message(envid.make("SLOW1", lst, _secret(bed), time.time()), """
         Final-Recipient: rfc822; slow@example.net
         Action: delayed
         Status: 4.2.2

@@ -16,7 +16,7 @@ from listmilter import envid, handoff, netstring, paths
 from tests.bed.listmilter import ListmilterServer, cli
 from tests.bed.net import free_port, wait_until
 from tests.bed.postfix import PIPE_USER, pipe_runtime
-from tests.conftest import Bed, message
+from tests.conftest import Bed, dsn_message, message
 
 
 # -- the client's own decisions --------------------------------------------------
@@ -187,12 +187,12 @@ def test_a_deliver_for_another_config_is_not_taken_by_serve(own_bed):
     shutil.copy(bed.listmilter.config_path, other)
     secret = (bed.listmilter.state_dir / "secret").read_bytes()
     env = envid.make("Q1", lst, secret, time.time())
-    dsn = (f"From: MAILER-DAEMON@x.test\nTo: {lst}\nSubject: failed\nMIME-Version: 1.0\n"
-           "Content-Type: multipart/report; report-type=delivery-status; boundary=B\n\n"
-           "--B\nContent-Type: text/plain\n\nfailed\n\n--B\nContent-Type: message/delivery-status\n\n"
-           f"Reporting-MTA: dns; x.test\nOriginal-Envelope-Id: {env}\n\n"
-           "Final-Recipient: rfc822; m@example.net\nAction: failed\nStatus: 5.1.1\n\n--B--\n").encode()
     bounces = lst.replace("@", "-bounces@")
+    dsn = dsn_message(env, """
+        Final-Recipient: rfc822; m@example.net
+        Action: failed
+        Status: 5.1.1
+        """, to=bounces)
     proc = _deliver(other, bounces, "", dsn, bed.postfix.pipe_log, user=PIPE_USER)
     assert proc.returncode == 0, proc.stderr
     assert _scored(bed.postfix.pipe_log.read_text(), lst, "m@example.net")

@@ -11,52 +11,18 @@ import time
 
 import pytest
 
+from tests import scenarios
 from tests.bed.net import wait_until
 from tests.conftest import message
 
 
-def _by_rcpt(sink) -> dict[str, list]:
-    out: dict[str, list] = {}
-    for rcpt, m in sink.deliveries():
-        out.setdefault(rcpt.lower(), []).append(m)
-    return out
-
-
-def _settle(bed, seconds: float = 1.5):
-    """Wait for the queue to drain, then a little, so extra copies would have arrived."""
-    wait_until(bed.postfix.queue_empty, 30, what="the Postfix queue to drain")
-    time.sleep(seconds)
-
-
 def test_post_reaches_every_member_once_with_list_envelope_and_headers(clean_bed):
     bed = clean_bed
-    members = ["m1@example.net", "M2@example.com", "m1@EXAMPLE.NET", "m3@example.net"]
-    lst = bed.new_list(members, posting="open", subject_prefix="[dev] ", description="Dev talk")
-    # The list address matches case-insensitively, local part too.
-    bed.smtp("carol@example.net", [lst.upper()], message("hello", "carol@example.net", lst))
-    bed.sink.wait_for_recipients(3)
-    _settle(bed)
-    got = _by_rcpt(bed.sink)
-    assert sorted(got) == ["m1@example.net", "m2@example.com", "m3@example.net"]
-    assert all(len(v) == 1 for v in got.values()), got
-    for rcpt, received in bed.sink.deliveries():
-        assert received.mail_from == lst.replace("@", "-bounces@")
-        opts = received.rcpt_options[received.rcpt_tos.index(rcpt)]
-        assert "NOTIFY=FAILURE" in opts
-        assert f"ORCPT=RFC822;{rcpt.upper()}" in opts
-        mail_opts = " ".join(received.mail_options)
-        assert "RET=HDRS" in mail_opts
-        assert "ENVID=" in mail_opts and lst.upper() in mail_opts
+    lst = scenarios.post_reaches_every_member_once(bed)
     msg = bed.sink.messages[0].message
-    lid = lst.replace("@", ".")
-    assert msg["List-Id"] == f"Dev talk <{lid}>"
-    assert msg["List-Post"] == f"<mailto:{lst}>"
     assert msg["List-Help"] == f"<mailto:{lst.replace('@', '-request@')}?subject=help>"
     assert msg["List-Subscribe"] == f"<mailto:{lst.replace('@', '-subscribe@')}>"
-    assert msg["List-Unsubscribe"] == f"<mailto:{lst.replace('@', '-unsubscribe@')}>"
     assert msg["List-Owner"] == f"<mailto:{lst.replace('@', '-owner@')}>"
-    assert msg["Precedence"] == "list"
-    assert msg["Subject"] == "[dev] hello"
     assert "expanded, members=3" in bed.listmilter.log()
 
 
@@ -77,16 +43,8 @@ def test_subject_prefix_once_on_replies_and_encoded_subjects(clean_bed):
 
 def test_members_only_list_refuses_others_with_550_and_takes_members(clean_bed):
     bed = clean_bed
-    lst = bed.new_list(["member@example.net", "other@example.net"], posting="members")
-    with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
-        bed.smtp("stranger@example.net", [lst], message(to=lst, sender="stranger@example.net"))
-    code, text = info.value.recipients[lst]
-    assert code == 550
-    assert b"5.7.1" in text and b"only members" in text and b"stranger@example.net is not a member" in text
-    bed.smtp("Member@Example.NET", [lst], message(to=lst, sender="member@example.net"))
-    bed.sink.wait_for_recipients(2)
-    _settle(bed)
-    assert sorted(r.lower() for r in bed.sink.recipients()) == ["member@example.net", "other@example.net"]
+    text = scenarios.members_only_list_refuses_others_with_550(bed)
+    assert b"only members" in text
     assert "rejected (only members" in bed.listmilter.log()
 
 
@@ -103,64 +61,21 @@ def test_announce_list_takes_only_owners(clean_bed):
     assert bed.sink.messages[0].message["List-Post"] == "NO"
 
 
-def _assert_two_lists_and_person(bed, a, b, subject):
-    bed.sink.wait_for_recipients(5)
-    _settle(bed)
-    got = _by_rcpt(bed.sink)
-    # Every member of each list gets exactly one copy with that list's headers;
-    # both@ is on both lists and so gets one copy from each.
-    assert sorted((r, len(v)) for r, v in got.items()) == [
-        ("a1@example.net", 1), ("b1@example.net", 1), ("both@example.net", 2), ("person@example.net", 1)]
-    ids = sorted(m.message["List-Id"] for m in got["both@example.net"])
-    assert ids == sorted([f"<{a.replace('@', '.')}>", f"<{b.replace('@', '.')}>"])
-    assert got["a1@example.net"][0].message["List-Id"] == f"<{a.replace('@', '.')}>"
-    assert got["a1@example.net"][0].mail_from == a.replace("@", "-bounces@")
-    assert got["b1@example.net"][0].message["List-Id"] == f"<{b.replace('@', '.')}>"
-    assert got["b1@example.net"][0].mail_from == b.replace("@", "-bounces@")
-    # The person gets the message as sent: no list headers, original subject and sender.
-    person = got["person@example.net"][0]
-    assert person.mail_from == "carol@example.net"
-    assert person.message["List-Id"] is None
-    assert person.message["Subject"] == subject
-    for copies in got.values():
-        for m in copies:
-            assert m.message.get_content().strip() == "Hello, list."
-
-
 def test_two_lists_and_a_person_over_smtp(clean_bed):
-    bed = clean_bed
-    a = bed.new_list(["a1@example.net", "both@example.net"], posting="open", name="alpha")
-    b = bed.new_list(["b1@example.net", "both@example.net"], posting="open", name="beta",
-                     subject_prefix="[beta] ")
-    bed.smtp("carol@example.net", [a, "person@example.net", b],
-             message("split me", "carol@example.net", f"{a}, {b}, person@example.net"))
-    _assert_two_lists_and_person(bed, a, b, "split me")
-    beta = [m for r, m in bed.sink.deliveries() if r == "b1@example.net"][0]
-    assert beta.message["Subject"] == "[beta] split me"
-    assert "split (re-submitted" in bed.listmilter.log()
+    scenarios.two_lists_and_a_person_in_one_smtp_transaction(clean_bed)
 
 
 def test_two_lists_and_a_person_with_the_sendmail_command(clean_bed):
     bed = clean_bed
-    a = bed.new_list(["a1@example.net", "both@example.net"], posting="open", name="alpha")
-    b = bed.new_list(["b1@example.net", "both@example.net"], posting="open", name="beta")
+    a, b = scenarios.new_two_lists(bed)
     proc = bed.postfix.sendmail(message("local split", "carol@example.net", f"{a}, {b}"),
                                 "carol@example.net", [b, "person@example.net", a])
     assert proc.returncode == 0, proc.stderr
-    _assert_two_lists_and_person(bed, a, b, "local split")
+    scenarios.assert_two_lists_and_person(bed, a, b, "local split")
 
 
 def test_two_lists_without_a_person_keep_one_in_place(clean_bed):
-    bed = clean_bed
-    a = bed.new_list(["x1@example.net"], posting="open", name="alpha")
-    b = bed.new_list(["x2@example.net"], posting="open", name="beta")
-    bed.smtp("carol@example.net", [a, b], message(to=f"{a}, {b}", sender="carol@example.net"))
-    bed.sink.wait_for_recipients(2)
-    _settle(bed)
-    got = _by_rcpt(bed.sink)
-    assert sorted((r, len(v)) for r, v in got.items()) == [("x1@example.net", 1), ("x2@example.net", 1)]
-    assert got["x1@example.net"][0].message["List-Id"] == f"<{a.replace('@', '.')}>"
-    assert got["x2@example.net"][0].message["List-Id"] == f"<{b.replace('@', '.')}>"
+    scenarios.two_lists_without_a_person_keep_one_in_place(clean_bed)
 
 
 def test_refused_post_with_the_sendmail_command_is_told_to_the_sender(clean_bed):
@@ -179,8 +94,8 @@ def test_refused_post_with_the_sendmail_command_is_told_to_the_sender(clean_bed)
                                 [lst, "person@example.net"])
     assert proc.returncode == 0
     bed.sink.wait_for_recipients(2)
-    _settle(bed)
-    got = _by_rcpt(bed.sink)
+    bed.settle()
+    got = bed.sink.by_recipient()
     assert sorted(got) == ["outsider@example.net", "person@example.net"]
     assert got["person@example.net"][0].message["Subject"] == "mixed"
     notice = got["outsider@example.net"][0]
@@ -189,13 +104,7 @@ def test_refused_post_with_the_sendmail_command_is_told_to_the_sender(clean_bed)
 
 
 def test_null_sender_is_never_expanded(clean_bed):
-    bed = clean_bed
-    lst = bed.new_list(["n1@example.net"], posting="open")
-    bed.smtp("", [lst], message(to=lst, sender="MAILER-DAEMON@example.net"))
-    wait_until(lambda: f"to=<{lst}>" in bed.deliver_log(), 30, what="the pipe transport")
-    _settle(bed)
-    assert bed.sink.deliveries() == []
-    assert "discarded (not expanded: null sender)" in bed.deliver_log()
+    scenarios.null_sender_is_never_expanded(clean_bed)
 
 
 def test_message_carrying_the_lists_own_list_id_is_not_expanded(clean_bed):
@@ -204,7 +113,7 @@ def test_message_carrying_the_lists_own_list_id_is_not_expanded(clean_bed):
     looped = message(to=lst, sender="l1@example.net", extra=f"List-Id: <{lst.replace('@', '.')}>\r\n")
     bed.smtp("l1@example.net", [lst], looped)
     wait_until(lambda: f"to=<{lst}>" in bed.deliver_log(), 30, what="the pipe transport")
-    _settle(bed)
+    bed.settle()
     assert bed.sink.deliveries() == []
     assert "not expanded (mail loop" in bed.listmilter.log()
 
@@ -224,15 +133,7 @@ def test_other_lists_headers_are_replaced_not_stacked(clean_bed):
 
 
 def test_owner_address_reaches_the_owners(clean_bed):
-    bed = clean_bed
-    lst = bed.new_list(["o1@example.net"], owners=("own1@example.net", "own2@example.com"))
-    owner = lst.replace("@", "-owner@")
-    bed.smtp("stranger@example.net", [owner], message("for the owners", "stranger@example.net", owner))
-    bed.sink.wait_for_recipients(2)
-    _settle(bed)
-    assert sorted(bed.sink.recipients()) == ["own1@example.net", "own2@example.com"]
-    m = bed.sink.messages[0]
-    assert m.mail_from == "stranger@example.net" and m.message["List-Id"] is None
+    scenarios.owner_address_reaches_the_owners(clean_bed)
 
 
 def test_owner_address_of_a_list_without_owners_reaches_the_site_admin(clean_bed):

@@ -10,49 +10,14 @@ import time
 
 import pytest
 
+from tests import scenarios
 from tests.bed.net import wait_until
 from tests.conftest import SendmailBed, message
 
 
-def _by_rcpt(sink) -> dict[str, list]:
-    out: dict[str, list] = {}
-    for rcpt, m in sink.deliveries():
-        out.setdefault(rcpt.lower(), []).append(m)
-    return out
-
-
-def _settle(bed, seconds: float = 1.5):
-    """Wait for the queue to drain, then a little, so extra copies would have arrived."""
-    bed.sendmail.wait_queue_empty(30)
-    time.sleep(seconds)
-
-
 def test_post_reaches_every_member_once_with_list_envelope_dsn_and_headers(clean_smbed):
     bed = clean_smbed
-    members = ["m1@example.net", "M2@example.com", "m1@EXAMPLE.NET", "m3@example.net"]
-    lst = bed.new_list(members, posting="open", subject_prefix="[dev] ", description="Dev talk")
-    # The list address matches case-insensitively, local part too.
-    bed.smtp("carol@example.net", [lst.upper()], message("hello", "carol@example.net", lst))
-    bed.sink.wait_for_recipients(3)
-    _settle(bed)
-    got = _by_rcpt(bed.sink)
-    assert sorted(got) == ["m1@example.net", "m2@example.com", "m3@example.net"]
-    assert all(len(v) == 1 for v in got.values()), got
-    for rcpt, received in bed.sink.deliveries():
-        assert received.mail_from == lst.replace("@", "-bounces@")
-        opts = received.rcpt_options[received.rcpt_tos.index(rcpt)]
-        assert "NOTIFY=FAILURE" in opts
-        assert f"ORCPT=RFC822;{rcpt.upper()}" in opts
-        mail_opts = " ".join(received.mail_options)
-        assert "RET=HDRS" in mail_opts
-        assert "ENVID=" in mail_opts and lst.upper() in mail_opts
-    msg = bed.sink.messages[0].message
-    lid = lst.replace("@", ".")
-    assert msg["List-Id"] == f"Dev talk <{lid}>"
-    assert msg["List-Post"] == f"<mailto:{lst}>"
-    assert msg["List-Unsubscribe"] == f"<mailto:{lst.replace('@', '-unsubscribe@')}>"
-    assert msg["Precedence"] == "list"
-    assert msg["Subject"] == "[dev] hello"
+    lst = scenarios.post_reaches_every_member_once(bed)
     # The log line is keyed by Sendmail's queue id, as Sendmail's own lines are.
     line = [l for l in bed.listmilter.log().splitlines() if f"list=<{lst}>" in l][-1]
     queue_id = line.split(": list=")[0].rsplit(" ", 1)[-1]
@@ -61,55 +26,15 @@ def test_post_reaches_every_member_once_with_list_envelope_dsn_and_headers(clean
 
 
 def test_members_only_list_refuses_others_with_550_at_rcpt(clean_smbed):
-    bed = clean_smbed
-    lst = bed.new_list(["member@example.net", "other@example.net"], posting="members")
-    with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
-        bed.smtp("stranger@example.net", [lst], message(to=lst, sender="stranger@example.net"))
-    code, text = info.value.recipients[lst]
-    assert code == 550
-    assert b"5.7.1" in text and b"stranger@example.net is not a member" in text
-    bed.smtp("Member@Example.NET", [lst], message(to=lst, sender="member@example.net"))
-    bed.sink.wait_for_recipients(2)
-    _settle(bed)
-    assert sorted(r.lower() for r in bed.sink.recipients()) == ["member@example.net", "other@example.net"]
+    scenarios.members_only_list_refuses_others_with_550(clean_smbed)
 
 
 def test_two_lists_and_a_person_in_one_transaction(clean_smbed):
-    bed = clean_smbed
-    a = bed.new_list(["a1@example.net", "both@example.net"], posting="open", name="alpha")
-    b = bed.new_list(["b1@example.net", "both@example.net"], posting="open", name="beta",
-                     subject_prefix="[beta] ")
-    bed.smtp("carol@example.net", [a, "person@example.net", b],
-             message("split me", "carol@example.net", f"{a}, {b}, person@example.net"))
-    bed.sink.wait_for_recipients(5)
-    _settle(bed)
-    got = _by_rcpt(bed.sink)
-    # Each list's members get one copy with that list's headers and sender;
-    # both@ is on both lists, so it gets one from each.
-    assert sorted((r, len(v)) for r, v in got.items()) == [
-        ("a1@example.net", 1), ("b1@example.net", 1), ("both@example.net", 2), ("person@example.net", 1)]
-    ids = sorted(m.message["List-Id"] for m in got["both@example.net"])
-    assert ids == sorted([f"<{a.replace('@', '.')}>", f"<{b.replace('@', '.')}>"])
-    assert got["a1@example.net"][0].mail_from == a.replace("@", "-bounces@")
-    assert got["b1@example.net"][0].mail_from == b.replace("@", "-bounces@")
-    assert got["b1@example.net"][0].message["Subject"] == "[beta] split me"
-    person = got["person@example.net"][0]
-    assert person.mail_from == "carol@example.net"
-    assert person.message["List-Id"] is None and person.message["Subject"] == "split me"
-    assert "split (re-submitted" in bed.listmilter.log()
+    scenarios.two_lists_and_a_person_in_one_smtp_transaction(clean_smbed)
 
 
 def test_two_lists_without_a_person_keep_one_in_place(clean_smbed):
-    bed = clean_smbed
-    a = bed.new_list(["x1@example.net"], posting="open", name="alpha")
-    b = bed.new_list(["x2@example.net"], posting="open", name="beta")
-    bed.smtp("carol@example.net", [a, b], message(to=f"{a}, {b}", sender="carol@example.net"))
-    bed.sink.wait_for_recipients(2)
-    _settle(bed)
-    got = _by_rcpt(bed.sink)
-    assert sorted((r, len(v)) for r, v in got.items()) == [("x1@example.net", 1), ("x2@example.net", 1)]
-    assert got["x1@example.net"][0].message["List-Id"] == f"<{a.replace('@', '.')}>"
-    assert got["x2@example.net"][0].message["List-Id"] == f"<{b.replace('@', '.')}>"
+    scenarios.two_lists_without_a_person_keep_one_in_place(clean_smbed)
 
 
 def test_role_addresses_reach_listmilter_deliver_and_unknown_ones_are_refused(clean_smbed):
@@ -136,24 +61,11 @@ def test_role_addresses_reach_listmilter_deliver_and_unknown_ones_are_refused(cl
 
 
 def test_owner_address_reaches_the_owners(clean_smbed):
-    bed = clean_smbed
-    lst = bed.new_list(["o1@example.net"], owners=("own1@example.net", "own2@example.com"))
-    owner = lst.replace("@", "-owner@")
-    bed.smtp("stranger@example.net", [owner], message("for the owners", "stranger@example.net", owner))
-    bed.sink.wait_for_recipients(2)
-    _settle(bed)
-    assert sorted(bed.sink.recipients()) == ["own1@example.net", "own2@example.com"]
-    assert bed.sink.messages[0].mail_from == "stranger@example.net"
+    scenarios.owner_address_reaches_the_owners(clean_smbed)
 
 
 def test_null_sender_is_never_expanded(clean_smbed):
-    bed = clean_smbed
-    lst = bed.new_list(["n1@example.net"], posting="open")
-    bed.smtp("", [lst], message(to=lst, sender="MAILER-DAEMON@example.net"))
-    wait_until(lambda: f"to=<{lst}>" in bed.deliver_log(), 30, what="listmilter deliver")
-    _settle(bed)
-    assert bed.sink.deliveries() == []
-    assert "discarded (not expanded: null sender)" in bed.deliver_log()
+    scenarios.null_sender_is_never_expanded(clean_smbed)
 
 
 def test_a_real_dsn_from_sendmail_reaches_the_bounce_handler(clean_smbed):
@@ -195,7 +107,7 @@ def test_listmilter_down_gives_4xx_then_delivered_exactly_once_after_restart(own
     bed.listmilter.start()
     bed.smtp("carol@example.net", [lst], message(to=lst, sender="carol@example.net"))
     bed.sink.wait_for_recipients(2)
-    _settle(bed)
+    bed.settle()
     assert sorted(bed.sink.recipients()) == ["d1@example.net", "d2@example.net"]
 
 

@@ -91,11 +91,6 @@ def wait_log(bed, text: str, timeout: float = 60):
     wait_until(lambda: text in bed.deliver_log(), timeout, what=f"{text!r} in the deliver log")
 
 
-def settle(bed, seconds: float = 1.5):
-    wait_until(bed.postfix.queue_empty, 30, what="the Postfix queue to drain")
-    time.sleep(seconds)
-
-
 def http(url: str, data: bytes | None = None) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=20) as r:
@@ -182,7 +177,7 @@ def test_subscribe_by_mail_confirm_by_reply_then_one_click_unsubscribe(sbed):
     bed.sink.clear()
     post(bed, lst, "second post")
     mail_to(bed, "old@example.net", "second post")
-    settle(bed)
+    bed.settle()
     assert [r for r in bed.sink.recipients() if r != "boss@example.com"] == ["old@example.net"]
 
 
@@ -237,7 +232,7 @@ def test_forged_reused_and_expired_tokens_change_nothing(sbed):
     token = _token(mail_to(bed, leaver2, "Please confirm: leave"))
     bed.smtp(leaver2, [role(other, f"confirm+{token}")], message(f"Re: confirm {token}", leaver2, other))
     assert "does not belong to this list" in mail_to(bed, leaver2, "Not confirmed").message.get_content()
-    settle(bed, 0.5)
+    bed.settle(0.5)
     assert sorted(cli(bed.listmilter.config_path, "members", "ls", lst).stdout.split()) == \
         sorted([joiner, leaver, leaver2, "x@example.net"])
     # Asked again, leaving works: a reply that lost the +TOKEN (sent to -request@) still
@@ -280,7 +275,7 @@ def test_bombing_limits_and_ignored_senders(sbed):
                      extra=f"List-Id: <{lst.replace('@', '.')}>\r\n"))
     for reason in ("null sender", "auto-submitted: auto-replied", "precedence: bulk", "mail loop"):
         wait_log(bed, f"status=ignored ({reason}")
-    settle(bed)
+    bed.settle()
     got = sorted(str(m.message["Subject"]).split(":")[0] for m in bed.sink.for_recipient(victim))
     assert got == ["Help for " + lst, "Please confirm"], got
     assert not [r for r in bed.sink.recipients() if r != victim]
@@ -319,7 +314,7 @@ def test_personal_copies_skip_refused_members_and_one_click_off_stays_in_place(s
     lst = bed.new_list(["p1@example.net", "nosuchuser@example.org", "p2@example.com"], posting="open")
     post(bed, lst, "personal")
     bed.sink.wait_for_recipients(2)
-    settle(bed)
+    bed.settle()
     assert sorted(bed.sink.recipients()) == ["p1@example.net", "p2@example.com"]
     assert all(len(m.rcpt_tos) == 1 for m in bed.sink.messages)
     assert "member refused (550" in bed.listmilter.log() and "to=<nosuchuser@example.org>" in bed.listmilter.log()
@@ -328,7 +323,7 @@ def test_personal_copies_skip_refused_members_and_one_click_off_stays_in_place(s
     lst = bed.new_list(["q1@example.net", "q2@example.com"], posting="open", one_click="false")
     post(bed, lst, "shared")
     bed.sink.wait_for_recipients(2)
-    settle(bed)
+    bed.settle()
     (only,) = bed.sink.messages
     assert sorted(only.rcpt_tos) == ["q1@example.net", "q2@example.com"]
     assert only.message["List-Unsubscribe"] == f"<mailto:{role(lst, 'unsubscribe')}>"

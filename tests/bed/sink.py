@@ -130,6 +130,13 @@ class Sink:
         """One (recipient, message) pair per delivered recipient."""
         return [(r, m) for m in self.messages for r in m.rcpt_tos]
 
+    def by_recipient(self) -> dict[str, list[Received]]:
+        """The messages each recipient (lower-cased) got."""
+        out: dict[str, list[Received]] = {}
+        for rcpt, m in self.deliveries():
+            out.setdefault(rcpt.lower(), []).append(m)
+        return out
+
     def recipients(self) -> list[str]:
         return [r for r, _ in self.deliveries()]
 
