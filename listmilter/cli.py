@@ -10,14 +10,10 @@ from __future__ import annotations
 import os
 import sys
 
-from . import __version__
+# Exit codes from sysexits.h, which Postfix's pipe(8) and Sendmail understand.
+from os import EX_CONFIG, EX_DATAERR, EX_NOINPUT, EX_TEMPFAIL, EX_USAGE
 
-EX_USAGE = 64
-EX_DATAERR = 65
-EX_NOINPUT = 66
-EX_SOFTWARE = 70
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
+from . import __version__
 
 
 class Fail(Exception):

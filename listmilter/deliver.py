@@ -16,13 +16,10 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import sys
+from os import EX_NOUSER, EX_OK, EX_TEMPFAIL  # sysexits.h, as the docstring says
 
 from . import addresses, plan, policy
 from .log import fields, logger
-
-EX_OK = 0
-EX_NOUSER = 67
-EX_TEMPFAIL = 75
 
 
 class Deferred(Exception):

@@ -44,7 +44,6 @@ MAX_MESSAGE = 1 << 30
 CONNECT_TIMEOUT = 2.0
 GO_TIMEOUT = 10.0          # serve answers "go" at once unless wedged; then work alone
 ANSWER_TIMEOUT = 600.0     # outgoing mail and a busy database each have their own, shorter limits
-EX_TEMPFAIL = 75
 
 
 # -- the client: `listmilter deliver` ---------------------------------------------
@@ -89,7 +88,7 @@ def state_dir_of(config_path: str) -> str:
 
 
 class _Reader:
-    """read(n) over a socket, for netstring.read."""
+    """read(n) over a socket, for netstring.read (_socket has no makefile)."""
 
     def __init__(self, sock):
         self.sock = sock
@@ -135,7 +134,7 @@ def deliver(argv: list[str]) -> int | None:
             data = sys.stdin.buffer.read()
         except OSError as e:
             print(f"listmilter: cannot read the message: {e}", file=sys.stderr)
-            return EX_TEMPFAIL
+            return os.EX_TEMPFAIL
         try:
             sock.settimeout(ANSWER_TIMEOUT)
             sock.sendall(netstring.encode(data))
@@ -146,13 +145,13 @@ def deliver(argv: list[str]) -> int | None:
             why = "connection closed"
         if answer is None:
             print(f"listmilter: listmilter serve did not answer ({why}); will retry", file=sys.stderr)
-            return EX_TEMPFAIL
+            return os.EX_TEMPFAIL
     finally:
         sock.close()
     code, _, text = answer.partition(b" ")
     if text:
         print(f"listmilter: {text.decode('utf-8', 'replace')}", file=sys.stderr)
-    return int(code) if code.isdigit() else EX_TEMPFAIL
+    return int(code) if code.isdigit() else os.EX_TEMPFAIL
 
 
 # -- the server: inside `listmilter serve` ------------------------------------------
@@ -215,13 +214,13 @@ def serve_one(sock, runtime, config_path: str | None) -> None:
         header = netstring.read(f, MAX_HEADER)
         if header is None:
             return
-        parts = [p.decode("utf-8", "surrogateescape") for p in header.split(b"\0")]
-        if header.split(b"\0", 1)[0] != MAGIC or len(parts) not in (3, 4):
+        magic, *parts = header.split(b"\0")
+        if magic != MAGIC or len(parts) not in (2, 3):
             logger.warning("warning: deliver socket: not a deliver request; ignored")
             sock.sendall(netstring.encode(b"no protocol"))
             return
-        client_config, recipient = parts[1], parts[2]
-        sender = parts[3] if len(parts) == 4 else None
+        client_config, recipient, *sender_part = (p.decode("utf-8", "surrogateescape") for p in parts)
+        sender = sender_part[0] if sender_part else None
         if config_path is None or os.path.realpath(client_config) != config_path:
             logger.warning("warning: deliver socket: %s uses config %s, this serve runs %s; "
                            "the pipe process delivers it itself", recipient, client_config, config_path)

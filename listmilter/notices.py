@@ -9,7 +9,7 @@ import os
 import re
 import string
 
-from . import addresses
+from . import addresses, bounces
 
 
 def _message(from_addr: str, to_addr: str, subject: str, text: str) -> email.message.EmailMessage:
@@ -55,9 +55,8 @@ def list_created(list_address: str, admin: str, owners: tuple[str, ...], posting
 # -- bounce processing ---------------------------------------------------------
 def _evidence(rows: list[tuple]) -> str:
     """Lines of (at, status, diagnostic) for a notice."""
-    import time as time_mod
-    return "".join(f"    {time_mod.strftime('%Y-%m-%d %H:%M', time_mod.gmtime(at))} UTC  "
-                   f"{status or '-'}  {diagnostic or ''}\n" for at, status, diagnostic in rows)
+    return "".join(f"    {bounces.fmt_time(at)}  {status or '-'}  {diagnostic or ''}\n"
+                   for at, status, diagnostic in rows)
 
 
 def bounce_owner(list_address: str, owners: tuple[str, ...], address: str, what: str, score: int,
