@@ -49,7 +49,7 @@ class Bed:
         self.postfix.start()
 
     def stop(self) -> None:
-        for stop in (self.postfix.stop, self.listmilter.stop, self.sink.stop):
+        for stop in (self.mta.stop, self.listmilter.stop, self.sink.stop):
             try:
                 stop()
             except Exception:
@@ -97,13 +97,6 @@ class SendmailBed(Bed):
         except BaseException:
             self.stop()
             raise
-
-    def stop(self) -> None:
-        for stop in (self.sendmail.stop, self.listmilter.stop, self.sink.stop):
-            try:
-                stop()
-            except Exception:
-                pass
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
