@@ -28,7 +28,8 @@ from pathlib import Path
 
 from common import machine, save  # common puts the repo on sys.path
 
-from listmilter import envid, handoff  # noqa: E402
+from listmilter.core import envid  # noqa: E402
+from listmilter.mta import handoff  # noqa: E402
 from tests.bed.listmilter import ListmilterServer  # noqa: E402
 from tests.bed.net import wait_until  # noqa: E402
 from tests.bed.postfix import PIPE_USER, Postfix  # noqa: E402

@@ -21,8 +21,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (BIG_LIMITS, BenchPostfix, MaillogTail, SmtpSink, free_port, machine, median,
-                    members, post, rss, save, wait_for_port, wait_queue_empty, write_members)
+from common import (
+    BIG_LIMITS,
+    BenchPostfix,
+    MaillogTail,
+    SmtpSink,
+    free_port,
+    machine,
+    median,
+    members,
+    post,
+    rss,
+    save,
+    wait_for_port,
+    wait_queue_empty,
+    write_members,
+)
 
 from tests.bed.listmilter import ListmilterServer, cli
 

@@ -16,11 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from common import machine, median, members, save, write_members
 
-import yaml
-
-from listmilter import config as config_mod
+from listmilter.core import config as config_mod
 from listmilter.store import open_store
 
 

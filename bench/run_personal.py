@@ -23,8 +23,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (BIG_LIMITS, MaillogTail, SmtpSink, machine, median, members, message, rss, save,
-                    wait_queue_empty, write_members)
+from common import (
+    BIG_LIMITS,
+    MaillogTail,
+    SmtpSink,
+    machine,
+    median,
+    members,
+    message,
+    rss,
+    save,
+    wait_queue_empty,
+    write_members,
+)
 
 from tests.bed.listmilter import ListmilterServer, cli
 from tests.bed.postfix import Postfix

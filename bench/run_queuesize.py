@@ -1,6 +1,6 @@
 """Queue-file size of a list post: how many bytes each milter-added recipient
 (NOTIFY=FAILURE, ORCPT=rfc822;ADDR) costs in a Postfix queue file, against
-listmilter.check.queue_file_estimate().
+listmilter.cli.check.queue_file_estimate().
 
     /work/main/.venv/bin/python bench/run_queuesize.py [--sizes 1000,10000] [--lengths 20,60]
 
@@ -14,18 +14,24 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import smtplib
 import sys
 import tempfile
 from pathlib import Path
 
-from common import BIG_LIMITS, SmtpSink, machine, save, write_members
+from common import (
+    BIG_LIMITS,
+    SmtpSink,
+    machine,
+    message,  # noqa: E402
+    save,
+    write_members,
+)
 
-from listmilter import check
+from listmilter.cli import check
 from tests.bed.listmilter import ListmilterServer, cli
 from tests.bed.net import wait_until
 from tests.bed.postfix import Postfix
-from common import message  # noqa: E402
-import smtplib
 
 
 def addrs(n: int, length: int) -> list[str]:

@@ -1,7 +1,7 @@
 """Where listmilter looks for its config by default.
 
 Imports nothing heavy: `listmilter deliver` needs it before deciding whether
-to load the config at all (listmilter.handoff).
+to load the config at all (listmilter.mta.handoff).
 """
 
 from __future__ import annotations

@@ -25,10 +25,10 @@ import threading
 import urllib.parse
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from . import service as service_mod
-from . import secret as secret_mod
-from .log import fields, logger
-from .store import StoreError
+from listmilter.app import subscription_service as service_mod
+from listmilter.log import fields, logger
+from listmilter.store import StoreError
+from listmilter.store import secret as secret_mod
 
 MAX_BODY = 4096
 
@@ -133,7 +133,7 @@ class App:
         return dict(urllib.parse.parse_qsl(raw.decode("latin-1"), keep_blank_values=True))
 
     def unsubscribe(self, service, method: str, token: str, client: str, form: dict):
-        from . import tokens
+        from listmilter.core import tokens
         found = tokens.read_unsubscribe_token(service.secret, token)
         if found is None:
             logger.warning("web: %s", fields(client=client, method=method,

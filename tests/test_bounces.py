@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from listmilter import bouncedb, bounces, envid
-from listmilter.bouncedb import BounceDB
+from listmilter.core import bounces, envid
+from listmilter.store import bounce_records as bouncedb
+from listmilter.store.bounce_records import BounceDB
 from tests.bed.listmilter import cli
 from tests.bed.net import wait_until
 from tests.bed.postfix import PIPE_USER, pipe_runtime
@@ -161,7 +162,8 @@ def _wait_bounce(bed, lst, count: int = 1, timeout: float = 90) -> list[str]:
 
 def _as_pipe_user(bed, code: str) -> str:
     """Run Python as the pipe transport's user, with the bed's config (for the periodic run's clock)."""
-    script = ("from listmilter import config, bounce_processing\nfrom listmilter.store import open_store\n"
+    script = ("from listmilter.core import config\nfrom listmilter.app import bounce_processing\n"
+              "from listmilter.store import open_store\n"
               f"cfg = config.load({str(bed.listmilter.config_path)!r})\nstore = open_store(cfg)\n" + code)
     proc = subprocess.run(["runuser", "-u", PIPE_USER, "--", "/usr/bin/env", f"PYTHONPATH={pipe_runtime()}",
                            f"LISTMILTER_LOG={bed.postfix.pipe_log}", "/usr/bin/python3", "-c", script],

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
 
-from listmilter import config, importer, paths
+from listmilter import paths
+from listmilter.core import config, importer
 from tests.bed.listmilter import cli
 
 

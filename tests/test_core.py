@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from listmilter import addresses, envid, headers, plan, netstring, policy, socketmap
-from listmilter.plan import LIST, OWNER, PLAIN, REFUSED, Recipient
-from listmilter.store import MailingList
+from listmilter.core import addresses, envid, headers, plan, policy
+from listmilter.core.model import MailingList
+from listmilter.core.plan import LIST, OWNER, PLAIN, REFUSED, Recipient
+from listmilter.mta import netstring, socketmap
 
 SECRET = b"s" * 32
 

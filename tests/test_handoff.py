@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from listmilter import envid, handoff, netstring, paths
+from listmilter import paths
+from listmilter.core import envid
+from listmilter.mta import handoff, netstring
 from tests.bed.listmilter import ListmilterServer, cli
 from tests.bed.net import free_port, wait_until
 from tests.bed.postfix import PIPE_USER, pipe_runtime

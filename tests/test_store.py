@@ -6,8 +6,9 @@ import sqlite3
 
 import pytest
 
-from listmilter import config
-from listmilter.store import ACTIVE, DISABLED, Member, open_store
+from listmilter.core import config
+from listmilter.core.model import ACTIVE, DISABLED, Member
+from listmilter.store import open_store
 from listmilter.store.sqlite import SQLiteStore
 from tests.bed.listmilter import cli
 

@@ -10,9 +10,12 @@ import time
 
 import pytest
 
-from listmilter import commands, config, headers, notices, plan, subscriptions, tokens, web
-from listmilter.subscriptions import MEMBER, OWNERS, SENDER, Policy, State
-from listmilter.tokens import Pending
+from listmilter import web
+from listmilter.app import notices
+from listmilter.core import commands, config, headers, plan, subscriptions, tokens
+from listmilter.core.subscriptions import MEMBER, OWNERS, SENDER, Policy, State
+from listmilter.core.tokens import Pending
+from listmilter.store.pending import PendingDB
 
 SECRET = b"k" * 32
 LIST = "dev@example.org"
@@ -150,7 +153,7 @@ def test_tokens_accepted():
 
 # -- the pending database ----------------------------------------------------------------
 def test_pending_tokens_single_use_expiry_and_counters(tmp_path):
-    db = tokens.PendingDB(str(tmp_path))
+    db = PendingDB(str(tmp_path))
     token = db.create(tokens.CONFIRM, "Dev@Example.org", "A@example.net", "subscribe", 3, "Ann")
     assert tokens.TOKEN_RE.fullmatch(token)
     p = db.lookup(token.upper())
@@ -310,8 +313,8 @@ def test_subscription_settings():
 
 
 def test_send_copies_skips_permanent_refusals_and_fails_on_temporary_ones():
-    from listmilter import outgoing
-    from listmilter.config import Outgoing
+    from listmilter.app import outgoing
+    from listmilter.core.config import Outgoing
     from tests.bed.sink import Sink
     with Sink() as sink:
         out = Outgoing(smtp_host="127.0.0.1", smtp_port=sink.port)
@@ -329,7 +332,7 @@ def test_send_copies_skips_permanent_refusals_and_fails_on_temporary_ones():
 
 
 def test_check_reports_the_web_keys(tmp_path):
-    from listmilter import check
+    from listmilter.cli import check
     path = tmp_path / "c.yaml"
     path.write_text(f"state_dir: {tmp_path}/s\nweb:\n  listen: 127.0.0.1:8025\n  base_url: http://l.example\n")
     report = check.run(str(path), True)

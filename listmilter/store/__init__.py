@@ -13,58 +13,18 @@ is recorded with who, what, when and how (the consent record).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
+from listmilter.core.errors import PermanentError, TemporaryError
+from listmilter.core.model import Event, MailingList, Member
 
-class StoreError(Exception):
+
+class StoreError(TemporaryError):
     """The store cannot answer now (locked, missing, corrupt): callers tempfail."""
 
 
-class ReadOnlyStore(StoreError):
+class ReadOnlyStore(PermanentError):
     """A write was asked of a store that the admin edits by hand."""
-
-
-class NoSuchList(LookupError):
-    pass
-
-
-class ListExists(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class MailingList:
-    address: str                       # canonical, lower case: dev@example.org
-    settings: dict[str, Any] = field(default_factory=dict)   # the list's own settings only
-    origin: str = ""                   # where it is defined, for `list show`
-
-
-# Member status: who receives posts.
-ACTIVE = "active"          # receives posts
-DISABLED = "disabled"      # a member who receives nothing (bounces; may still post)
-STATUSES = (ACTIVE, DISABLED)
-
-
-@dataclass(frozen=True)
-class Member:
-    address: str
-    name: str = ""
-    attributes: dict[str, str] = field(default_factory=dict)
-    status: str = ACTIVE
-    added: float = 0.0       # Unix time the member joined (0: unknown)
-
-
-@dataclass(frozen=True)
-class Event:
-    """One line of the consent record: a membership change and how it was made."""
-    at: float
-    list: str
-    address: str
-    action: str     # subscribed, unsubscribed, disabled, enabled
-    how: str        # cli, config, mail, web, bounce
-    who: str = ""   # the admin user, the confirming Message-ID, the client address...
-    detail: str = ""
 
 
 class Store(Protocol):
@@ -99,7 +59,7 @@ class Store(Protocol):
 
 def open_store(config) -> Store:
     if config.backend == "yaml":
-        from .yamlstore import YAMLStore
+        from listmilter.store.yamlstore import YAMLStore
         return YAMLStore(config)
-    from .sqlite import SQLiteStore
+    from listmilter.store.sqlite import SQLiteStore
     return SQLiteStore(config.store_path)

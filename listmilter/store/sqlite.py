@@ -15,8 +15,17 @@ import threading
 import time
 from typing import Any, Iterable
 
-from .. import addresses, statedir
-from . import ACTIVE, DISABLED, Event, ListExists, MailingList, Member, NoSuchList, StoreError
+from listmilter.core import addresses
+from listmilter.core.model import (
+    ACTIVE,
+    DISABLED,
+    Event,
+    ListExists,
+    MailingList,
+    Member,
+    NoSuchList,
+)
+from listmilter.store import StoreError, statedir
 
 SCHEMA_VERSION = 2
 SCHEMA = """

@@ -1,7 +1,7 @@
 """The yaml store: lists and members as written under `lists:` in the config file.
 
 It is a read-only view of one loaded Config for the admin's tools; the milter
-swaps in a new one when the file changes (see listmilter.runtime).
+swaps in a new one when the file changes (see listmilter.app.runtime).
 
 What people and bounces change at run time (someone subscribes by mail,
 leaves by one click, is disabled by bounces) goes to an overlay database,
@@ -15,9 +15,17 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable
 
-from .. import addresses
-from . import ACTIVE, DISABLED, Event, MailingList, Member, NoSuchList, ReadOnlyStore
-from .sqlite import UNSUBSCRIBED, SQLiteStore
+from listmilter.core import addresses
+from listmilter.core.model import (
+    ACTIVE,
+    DISABLED,
+    Event,
+    MailingList,
+    Member,
+    NoSuchList,
+)
+from listmilter.store import ReadOnlyStore
+from listmilter.store.sqlite import UNSUBSCRIBED, SQLiteStore
 
 OVERLAY_NAME = "state.sqlite"
 

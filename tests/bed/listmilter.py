@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from .postfix import PIPE_USER
 from .net import free_port, wait_for_port, wait_for_unix, wait_until
+from .postfix import PIPE_USER
 
 
 def cli(config: Path, *args: str, input: str | None = None, env: dict | None = None,

@@ -30,8 +30,9 @@ def pipe_runtime() -> Path:
     """A world-readable copy of listmilter and its run-time packages (once per process)."""
     global _pipe_runtime
     if _pipe_runtime is None:
-        import listmilter
         import yaml
+
+        import listmilter
         site = Path(yaml.__file__).resolve().parent.parent
         src = Path(listmilter.__file__).resolve().parent
         root = Path(tempfile.mkdtemp(prefix="listmilter-pipe-"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import addresses
+from listmilter.core import addresses
 
 NULL_SENDER = ""
 

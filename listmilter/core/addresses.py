@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from listmilter.core.errors import PermanentError
+
 ROLES = ("bounces", "request", "subscribe", "unsubscribe", "confirm", "owner")
 DELIMITER = "+"
 
@@ -21,7 +23,7 @@ _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})+"
 _ADDRESS = re.compile(rf"({_LOCAL})@({_DOMAIN})")
 
 
-class AddressError(ValueError):
+class AddressError(PermanentError, ValueError):
     pass
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import addresses
+from listmilter.core import addresses
+from listmilter.core.errors import PermanentError
 
 
-class SettingError(ValueError):
+class SettingError(PermanentError, ValueError):
     pass
 
 

@@ -1,4 +1,4 @@
-"""Subscriptions, applied: the thin edge between listmilter.subscriptions (decisions)
+"""Subscriptions, applied: the thin edge between listmilter.core.subscriptions (decisions)
 and the store, the pending database, templates and `outgoing:`.
 
 Used by the pipe transport (`deliver`, for -request@, -subscribe@,
@@ -17,10 +17,12 @@ import logging
 import time
 from dataclasses import dataclass
 
-from . import addresses, commands, notices, outgoing, plan, subscriptions, tokens
-from .log import fields, logger
-from .store import MailingList, Member
-from .subscriptions import MEMBER, OWNERS, SENDER, Outcome, State
+from listmilter.app import notices, outgoing
+from listmilter.core import addresses, commands, plan, subscriptions, tokens
+from listmilter.core.model import MailingList, Member
+from listmilter.core.subscriptions import MEMBER, OWNERS, SENDER, Outcome, State
+from listmilter.log import fields, logger
+from listmilter.store.pending import PendingDB
 
 MAX_BODY = 64 * 1024        # of a command message, read for the command words
 
@@ -39,9 +41,9 @@ class Context:
 
 
 class Service:
-    def __init__(self, config, store, secret: bytes, pending: tokens.PendingDB | None = None):
+    def __init__(self, config, store, secret: bytes, pending: PendingDB | None = None):
         self.config, self.store, self.secret = config, store, secret
-        self.pending = pending or tokens.PendingDB(config.state_dir)
+        self.pending = pending or PendingDB(config.state_dir)
 
     def close(self) -> None:
         self.pending.close()
@@ -292,7 +294,7 @@ def _is_own(list_address: str, sender: str) -> bool:
 def _header_text(value) -> str:
     if value is None:
         return ""
-    from .headers import decode
+    from listmilter.core.headers import decode
     return decode(str(value))
 
 
@@ -336,7 +338,7 @@ def _done_text(outcome: Outcome, list_address: str) -> str:
 def deliver_command(config, store, mlist: MailingList, role: addresses.RoleAddress, sender: str,
                     data: bytes) -> int:
     """The pipe transport's part: 0 when handled (answered or ignored); errors propagate (exit 75)."""
-    from . import secret as secret_mod
+    from listmilter.store import secret as secret_mod
     service = Service(config, store, secret_mod.load_or_create(config.state_dir))
     try:
         service.handle_mail(mlist, role, sender, data)

@@ -13,8 +13,9 @@ from typing import Any
 
 import yaml
 
-from . import addresses, settings
-from .paths import DEFAULT_STATE_DIR
+from listmilter.core import addresses, settings
+from listmilter.core.errors import TemporaryError
+from listmilter.paths import DEFAULT_STATE_DIR
 
 DEFAULT_MILTER_SOCKET = "inet:8899@127.0.0.1"
 DEFAULT_SOCKETMAP_SOCKET = "inet:8898@127.0.0.1"
@@ -24,7 +25,7 @@ _SOCKET = re.compile(r"(inet:\d{1,5}(@[\w.\-]+)?|inet6:\d{1,5}(@[\w.:\-\[\]]+)?|
 _HOSTPORT = re.compile(r"\[?([\w.\-:]+?)\]?:(\d{1,5})")
 
 
-class ConfigError(Exception):
+class ConfigError(TemporaryError):
     """A problem in the config file, with its place."""
 
     def __init__(self, path: str | None, line: int | None, message: str):

@@ -5,7 +5,7 @@ second). Loading listmilter's core, parsing the YAML config and opening the
 databases costs a process about 60 ms of CPU; `serve` already holds all of
 it. So `deliver` connects to serve's socket, `STATE_DIR/deliver.sock`, sends
 the envelope and the message, and exits with serve's answer. Serve does
-exactly what `deliver` would have done (listmilter.deliver.run) and logs it.
+exactly what `deliver` would have done (listmilter.mta.deliver.run) and logs it.
 When serve cannot take the message (not running, stopping, serving another
 config file), `deliver` does the work in its own process: slower, same result.
 
@@ -28,14 +28,14 @@ commands are safe to repeat).
 
 from __future__ import annotations
 
-import os
-import sys
-
 # socket.py costs 4 ms of imports (enum, selectors), a third of what a bare
 # Python start costs; _socket is the C module it wraps.
 import _socket
+import os
+import sys
 
-from . import netstring, paths
+from listmilter import paths
+from listmilter.mta import netstring
 
 SOCKET_NAME = "deliver.sock"
 MAGIC = b"listmilter-deliver/1"
@@ -160,7 +160,7 @@ def start(runtime):
     import socketserver
     import threading
 
-    from .log import logger
+    from listmilter.log import logger
 
     class Handler(socketserver.BaseRequestHandler):
         def handle(self) -> None:
@@ -192,7 +192,7 @@ def start(runtime):
         pass
     server = Server(tmp, Handler)
     os.chmod(tmp, 0o600)
-    from . import statedir
+    from listmilter.store import statedir
     statedir.adopt(runtime.config.state_dir, tmp)
     os.rename(tmp, path)
     server.path = path
@@ -206,8 +206,8 @@ def start(runtime):
 
 def serve_one(sock, runtime, config_path: str | None) -> None:
     """One hand-off: check the request, say go, take the message, run it, answer."""
-    from . import deliver
-    from .log import fields, logger
+    from listmilter.log import fields, logger
+    from listmilter.mta import deliver
     sock.settimeout(GO_TIMEOUT)
     f = sock.makefile("rb")
     try:

@@ -1,4 +1,4 @@
-"""The milter: a thin adapter between libmilter callbacks and listmilter.plan.
+"""The milter: a thin adapter between libmilter callbacks and listmilter.core.plan.
 
 Decisions that can be refused per recipient (who may post) are made at
 RCPT time, so SMTP clients get a 550 for that recipient only. Everything
@@ -16,11 +16,12 @@ import time
 
 import Milter
 
-from . import addresses, notices, outgoing, plan, policy
-from .log import fields, logger
-from .plan import LIST, OWNER, PLAIN, REFUSED, Recipient
-from .runtime import Runtime
-from .store import StoreError
+from listmilter.app import notices, outgoing
+from listmilter.app.runtime import Runtime
+from listmilter.core import addresses, plan, policy
+from listmilter.core.plan import LIST, OWNER, PLAIN, REFUSED, Recipient
+from listmilter.log import fields, logger
+from listmilter.store import StoreError
 
 ACTIONS = (Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.ADDRCPT_PAR
            | Milter.DELRCPT | Milter.CHGFROM)
@@ -256,7 +257,7 @@ class ListMilter(Milter.Base):
             bool(self.config.effective("one_click", self._list(list_address).settings).value)
 
     def _unsubscribe_url(self, list_address: str):
-        from .tokens import unsubscribe_token
+        from listmilter.core.tokens import unsubscribe_token
         base, secret = self.config.web.base_url, self.runtime.secret
         return lambda member: f"{base}/u/{unsubscribe_token(secret, list_address, member)}"
 

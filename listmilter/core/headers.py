@@ -5,7 +5,7 @@ from __future__ import annotations
 import email.header
 import re
 
-from . import addresses
+from listmilter.core import addresses
 
 # Headers a list owns: any earlier copies (from another list upstream) are
 # replaced by this list's own.

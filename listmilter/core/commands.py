@@ -18,7 +18,7 @@ import email.utils
 import re
 from dataclasses import dataclass
 
-from . import addresses, tokens
+from listmilter.core import addresses, tokens
 
 SUBSCRIBE = "subscribe"
 UNSUBSCRIBE = "unsubscribe"

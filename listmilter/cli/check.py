@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
-from . import config as config_mod
-from . import mta, settings
-from .store import StoreError, open_store
+from listmilter.core import config as config_mod
+from listmilter.core import settings
+from listmilter.mta import postfix_check as mta
+from listmilter.store import StoreError, open_store
 
 # Bytes a milter-added recipient with NOTIFY=FAILURE and ORCPT takes in a
 # Postfix queue file: 3 x its length + 60 (measured with Postfix 3.7.11 by
@@ -91,7 +93,7 @@ def run(path: str, explicit: bool) -> Report:
 
 def _check_web(cfg, report: Report) -> None:
     """The `web:` keys, and the pending-request database of subscriptions."""
-    from .tokens import PendingDB
+    from listmilter.store.pending import PendingDB
     web = cfg.web
     if web.base_url:
         report.notes.append(f"web: base_url={web.base_url}, listen={web.listen or '(not here)'}: posts go out "
@@ -109,3 +111,19 @@ def _check_web(cfg, report: Report) -> None:
             report.warnings.append(f"web.listen {web.listen} without web.base_url: no mail will link to it")
     problems = PendingDB(cfg.state_dir).check()
     report.errors.extend(f"{os.path.join(cfg.state_dir, 'pending.sqlite')}: integrity: {p}" for p in problems)
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("check", help="check the config file and the store; exit non-zero on errors")
+    s.set_defaults(run=main)
+
+
+def main(args, path: str, explicit: bool) -> int:
+    report = run(path, explicit)
+    for line in report.notes:
+        print(line)
+    for line in report.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    for line in report.errors:
+        print(line, file=sys.stderr)      # each names its place: FILE:LINE, the store, the list
+    return 1 if report.errors else 0

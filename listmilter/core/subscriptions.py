@@ -5,7 +5,7 @@ was already sent today, `on_command` decides what a subscribe, unsubscribe
 or help request does, `on_token` what a confirmation token does (a reply by
 mail, a click on the confirmation link, or an owner's approval), and
 `on_decision` what an owner's approve/reject from the CLI does. The caller
-(listmilter.service) applies the Outcome: store changes, pending requests,
+(listmilter.app.subscription_service) applies the Outcome: store changes, pending requests,
 mails through `outgoing:`.
 
 Policies (setting `subscribe_policy`):
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import commands
-from .tokens import CONFIRM, MODERATE, Pending
+from listmilter.core import commands
+from listmilter.core.tokens import CONFIRM, MODERATE, Pending
 
 POLICIES = ("open", "confirm", "moderate", "confirm+moderate")
 

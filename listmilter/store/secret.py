@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import secrets
 
-from . import statedir
+from listmilter.store import statedir
 
 FILE_NAME = "secret"
 

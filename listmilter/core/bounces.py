@@ -1,6 +1,6 @@
 """What a message to <list>-bounces@ says, and what it does to a member's score.
 
-Plain functions over plain data; listmilter.bounce_processing applies them.
+Plain functions over plain data; listmilter.app.bounce_processing applies them.
 
 A message to the bounce address is one of:
 - a DSN (RFC 3464 multipart/report): each per-recipient block names the
@@ -21,7 +21,7 @@ import re
 import time
 from dataclasses import dataclass, replace
 
-from . import addresses
+from listmilter.core import addresses
 
 DSN = "dsn"
 HEURISTIC = "heuristic"

@@ -5,9 +5,9 @@ with the whole message on stdin. Exit codes follow sysexits.h, which
 Postfix's pipe(8) understands: 0 done, 67 no such list (bounce), 75 try
 again later. Any internal error is 75, so Postfix keeps the message.
 
-Mail to <list>-bounces@ goes to bounce processing (listmilter.bounce_processing).
+Mail to <list>-bounces@ goes to bounce processing (listmilter.app.bounce_processing).
 The `deliver` process normally hands the message to the running `listmilter
-serve`, which runs `run` below (listmilter.handoff); `main` is the same work
+serve`, which runs `run` below (listmilter.mta.handoff); `main` is the same work
 done in the pipe's own process when serve cannot take it.
 """
 
@@ -18,11 +18,12 @@ import email.policy
 import sys
 from os import EX_NOUSER, EX_OK, EX_TEMPFAIL  # sysexits.h, as the docstring says
 
-from . import addresses, plan, policy
-from .log import fields, logger
+from listmilter.core import addresses, plan, policy
+from listmilter.core.errors import TemporaryError
+from listmilter.log import fields, logger
 
 
-class Deferred(Exception):
+class Deferred(TemporaryError):
     """Keep the message queued; the text is what the admin sees in the Postfix log."""
 
 
@@ -56,10 +57,11 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
         raise Deferred(f"mail for {recipient} reached the pipe transport without passing the milter; "
                        "check smtpd_milters and non_smtpd_milters")
     if role.role in ("request", "subscribe", "unsubscribe", "confirm"):
-        from . import service
+        from listmilter.app import subscription_service as service
         return service.deliver_command(config, store, mlist, role, sender, data), ""
     # What is left is <list>-bounces@ (addresses.ROLES).
-    from . import bounce_processing, secret
+    from listmilter.app import bounce_processing
+    from listmilter.store import secret
     site_secret = secret.load_or_create(config.state_dir)
     extra = {}
     if role.extension.partition("-")[0] in bounce_processing.DECISIONS:

@@ -9,7 +9,7 @@ import os
 import re
 import string
 
-from . import addresses, bounces
+from listmilter.core import addresses, bounces
 
 
 def _message(from_addr: str, to_addr: str, subject: str, text: str) -> email.message.EmailMessage:
@@ -118,7 +118,7 @@ def unrecognised_bounce(list_address: str, owners: tuple[str, ...], why: str, or
 
 
 # -- subscription notices: templates ---------------------------------------------
-# Shipped as package data (listmilter/templates/NAME.txt); a list's `templates`
+# Shipped as package data (listmilter/app/templates/NAME.txt); a list's `templates`
 # setting names a folder whose NAME.txt, if present, is used instead.
 # Format: a "Subject: ..." line, an empty line, the text. $name is replaced
 # (string.Template; unknown names stay as written). A line starting with

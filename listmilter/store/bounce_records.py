@@ -18,10 +18,10 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-from . import addresses
-from .bounces import Failure, Policy, Score, add_bounce
-from .store import StoreError
-from .store.sqlite import Transaction, adopt_owner, sqlite_errors
+from listmilter.core import addresses
+from listmilter.core.bounces import Failure, Policy, Score, add_bounce
+from listmilter.store import StoreError
+from listmilter.store.sqlite import Transaction, adopt_owner, sqlite_errors
 
 NAME = "bounces.sqlite"
 SCHEMA = """

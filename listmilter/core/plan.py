@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import addresses, envid, headers, policy
-from .store import MailingList
+from listmilter.core import addresses, envid, headers, policy
+from listmilter.core.model import MailingList
 
 # Recipient kinds
 LIST = "list"          # a post to expand

@@ -6,11 +6,12 @@ import smtplib
 import socket
 import subprocess
 
-from .config import Outgoing
+from listmilter.core.config import Outgoing
+from listmilter.core.errors import TemporaryError
 
 
-class OutgoingError(Exception):
-    pass
+class OutgoingError(TemporaryError):
+    """The MTA did not take a message now."""
 
 
 def send(outgoing: Outgoing, sender: str, recipients: list[str], message: bytes) -> None:

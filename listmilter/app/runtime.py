@@ -10,10 +10,10 @@ import os
 import threading
 import time
 
-from . import config as config_mod
-from . import secret as secret_mod
-from .log import logger, setup
-from .store import Store, open_store
+from listmilter.core import config as config_mod
+from listmilter.log import logger, setup
+from listmilter.store import Store, open_store
+from listmilter.store import secret as secret_mod
 
 CHECK_INTERVAL = 1.0
 

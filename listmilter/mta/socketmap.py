@@ -17,10 +17,10 @@ import socket
 import socketserver
 import threading
 
-from . import netstring as netstrings
-from . import plan
-from .log import logger
-from .store import StoreError
+from listmilter.core import plan
+from listmilter.log import logger
+from listmilter.mta import netstring as netstrings
+from listmilter.store import StoreError
 
 MAX_REQUEST = 10000
 MAPS = ("recipients", "transport")

@@ -17,8 +17,8 @@ import io
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from . import addresses
-from .store import Member
+from listmilter.core import addresses
+from listmilter.core.model import Member
 
 ADDRESS_COLUMNS = ("address", "email", "e-mail", "mail")
 

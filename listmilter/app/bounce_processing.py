@@ -1,7 +1,7 @@
 """Bounce processing: what `listmilter deliver` does with mail to <list>-bounces@,
 and the periodic run that warns and removes disabled members.
 
-The decisions are in listmilter.bounces (pure); this module looks members up
+The decisions are in listmilter.core.bounces (pure); this module looks members up
 in the store, records in the bounce database, changes memberships and sends
 the notices, through the local MTA.
 """
@@ -17,11 +17,14 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
-from . import addresses, bouncedb, bounces, envid, notices, outgoing, statedir
-from . import secret as secret_mod
-from .bouncedb import BounceDB, Row
-from .log import fields, logger
-from .store import ACTIVE, DISABLED, MailingList, NoSuchList
+from listmilter.app import notices, outgoing
+from listmilter.core import addresses, bounces, envid
+from listmilter.core.model import ACTIVE, DISABLED, MailingList, NoSuchList
+from listmilter.log import fields, logger
+from listmilter.store import bounce_records as bouncedb
+from listmilter.store import secret as secret_mod
+from listmilter.store import statedir
+from listmilter.store.bounce_records import BounceDB, Row
 
 KEPT_FOLDER = "bounces"
 
