@@ -113,10 +113,12 @@ def test_sdist_and_wheel_install_into_a_fresh_venv_and_serve(tmp_path):
         t.extractall(tmp_path / "unpacked")
     for needed in ("conf/listmilter.yaml", "man/listmilter.8", "man/listmilter.yaml.5",
                    "systemd/listmilter.service", "systemd/listmilter-web.service",
-                   "systemd/listmilter.tmpfiles", "docs/install.md", "listmilter/cli.py"):
+                   "systemd/listmilter.tmpfiles", "docs/install.md", "listmilter/cli/__init__.py",
+                   "listmilter/core/plan.py", "listmilter/mta/handoff.py", "listmilter/app/notices.py"):
         assert needed in names, needed
-    templates = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "listmilter/templates").rglob("*")
-                       if p.is_file()) if (ROOT / "listmilter/templates").is_dir() else []
+    templates = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "listmilter/app/templates").rglob("*")
+                       if p.is_file())
+    assert templates, "no templates found: the package data moved?"
     for t in templates:
         assert t in names, t
 

@@ -7,7 +7,7 @@ from listmilter.cli.common import admin, existing_list
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("bounces", help="bouncing members: scores, last DSN status and diagnostic")
-    s.set_defaults(run=admin(_bounces))
+    s.set_defaults(handler=admin(_bounces))
     s.add_argument("list", nargs="?", help="one list (default: all)")
     s.add_argument("--kept", action="store_true",
                    help="list the bounce-address mail that scored nobody, kept for the owner")

@@ -115,7 +115,7 @@ def _check_web(cfg, report: Report) -> None:
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("check", help="check the config file and the store; exit non-zero on errors")
-    s.set_defaults(run=main)
+    s.set_defaults(handler=main)
 
 
 def main(args, path: str, explicit: bool) -> int:
