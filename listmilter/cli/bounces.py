@@ -28,7 +28,7 @@ def _bounces(args, cfg, store):
     try:
         if args.kept:
             for address in lists:
-                for at, _, _, _, why, _, _, kept in db.records(address, verdict=bouncedb.UNRECOGNISED):
+                for at, _, _, _, why, _, _, kept in db.records(address, verdict=bounces.Verdict.UNRECOGNISED):
                     print(f"{bounces.fmt_time(at)}  {address}  {kept}\n    {why}")
             return 0
         print(f"{'LIST':<28} {'MEMBER':<32} {'STATE':<9} SCORE  {'LAST BOUNCE':<21} STATUS  DIAGNOSTIC")

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from listmilter.core import addresses
-from listmilter.core.bounces import Failure, Policy, Score, add_bounce
+from listmilter.core.bounces import Failure, Policy, Score, Verdict, score_bounce
 from listmilter.store import StoreError
 from listmilter.store.sqlite import Transaction, adopt_owner, sqlite_errors
 
@@ -57,17 +57,6 @@ CREATE TABLE IF NOT EXISTS bounces (
 CREATE UNIQUE INDEX IF NOT EXISTS bounces_once ON bounces(list, post_id, key, permanent) WHERE post_id != '';
 CREATE INDEX IF NOT EXISTS bounces_member ON bounces(list, key);
 """
-
-# Verdicts of a recorded failure
-SCORED = "scored"
-COUNTED_TODAY = "counted-today"   # permanent, but the member scored already today
-TEMPORARY = "temporary"
-NOT_MEMBER = "not-member"
-NOT_RECIPIENT = "not-recipient"   # a member, but not one the post went to (joined later, disabled)
-UNVERIFIED = "unverified"         # no ENVID we issued: cannot be tied to a post
-DUPLICATE = "duplicate"           # the same failure of the same post, seen before
-UNRECOGNISED = "unrecognised"     # nothing recognisable: the message is kept for the owner
-
 
 @dataclass(frozen=True)
 class Row:
@@ -113,9 +102,9 @@ class BounceDB:
     def record(self, list_address: str, failure: Failure, verdict: str, envid: str = "",
                post_id: str = "", policy: Policy | None = None, now: float | None = None,
                kept: str = "") -> tuple[str, Row | None]:
-        """Record one failure; score it if `verdict` is SCORED.
+        """Record one failure; score it if `verdict` is Verdict.SCORED.
 
-        Returns the final verdict (DUPLICATE, COUNTED_TODAY or the one given)
+        Returns the final verdict (Verdict.DUPLICATE, Verdict.COUNTED_TODAY or the one given)
         and, for a scored failure, the member's row after it (with `pending`
         set if the score reached the threshold just now).
         """
@@ -129,17 +118,15 @@ class BounceDB:
                 (now, list_key, key, failure.address, int(failure.permanent), failure.status,
                  failure.diagnostic, envid, post_id, verdict, kept))
             if cur.rowcount == 0:
-                return DUPLICATE, None
+                return Verdict.DUPLICATE, None
             bounce_id = cur.lastrowid
-            if verdict != SCORED:
+            if verdict != Verdict.SCORED:
                 return verdict, None
             row = self._row(conn, list_key, key)
             current = Score(row.score, row.last_scored, row.last_bounce) if row else Score()
-            new, counted = add_bounce(current, now, policy)
-            pending = row.pending if row else ""
-            acted = row.acted if row else 0.0
-            if counted and new.score >= policy.threshold and not pending and not acted:
-                pending = policy.action
+            assert policy is not None
+            new, counted, pending = score_bounce(current, now, policy, row.pending if row else "",
+                                                 bool(row and row.acted))
             conn.execute(
                 "INSERT INTO scores(list, key, address, score, last_scored, last_bounce, last_status, "
                 "last_diagnostic, pending) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -150,8 +137,8 @@ class BounceDB:
                 (list_key, key, failure.address, new.score, new.last_scored, new.last_bounce,
                  failure.status, failure.diagnostic, pending))
             if not counted:
-                conn.execute("UPDATE bounces SET verdict=? WHERE id=?", (COUNTED_TODAY, bounce_id))
-            return (SCORED if counted else COUNTED_TODAY), self._row(conn, list_key, key)
+                conn.execute("UPDATE bounces SET verdict=? WHERE id=?", (Verdict.COUNTED_TODAY, bounce_id))
+            return (Verdict.SCORED if counted else Verdict.COUNTED_TODAY), self._row(conn, list_key, key)
 
     _SCORES = ("SELECT list, address, score, last_scored, last_bounce, last_status, last_diagnostic, "
                "pending, acted, warnings_sent, next_warning FROM scores")
