@@ -61,6 +61,10 @@ def test_service_unit_runs_hardened_as_its_own_user_and_reloads_with_sigusr1():
     for line in ("ExecStart=/usr/local/bin/listmilter web", "User=listmilter", "ProtectSystem=strict",
                  "ReadWritePaths=/var/lib/listmilter"):
         assert line in web, line
+    # Room for the web server's connections besides its other files (listmilter/web.py).
+    from listmilter import web as web_mod
+    [limit] = [int(x.split("=")[1]) for x in web if x.startswith("LimitNOFILE=")]
+    assert limit >= web_mod.CONNECTION_LIMIT + web_mod.SPARE_FILES
 
 
 @pytest.mark.skipif(not shutil.which("systemd-tmpfiles"), reason="systemd-tmpfiles not installed")

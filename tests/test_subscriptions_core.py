@@ -257,6 +257,9 @@ class _Runtime:
         class Store:
             def get_list(self, address):
                 return None
+
+            def release(self):
+                pass
         self.store = Store()
 
     def current(self):

@@ -145,11 +145,11 @@ def web(args, path: str, explicit: bool) -> int:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop)
     try:
-        server.serve_forever(poll_interval=0.5)
+        server.run()    # returns on SIGTERM/SIGINT once the requests at work are answered (5 s at most)
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        server.close()
         runtime.store.close()
     logger.info("web: stopped")
     return 0

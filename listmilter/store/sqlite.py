@@ -376,6 +376,13 @@ class SQLiteStore:
         rows = self._conn().execute("PRAGMA quick_check").fetchall()
         return [r[0] for r in rows if r[0] != "ok"]
 
+    def release(self) -> None:
+        """Close the calling thread's connection; its next call opens a new one. For
+        threads that outlive their work, such as the web server's workers."""
+        conn = self._conns.pop(threading.get_ident(), None)
+        if conn is not None:
+            conn.close()
+
     def close(self) -> None:
         """Close every thread's connection (call when no thread uses the store any more)."""
         for conn in list(self._conns.values()):

@@ -158,6 +158,10 @@ class YAMLStore:
         state = self._overlay_store(create=False)
         return state.check() if state else []
 
+    def release(self) -> None:
+        if self._state is not None:
+            self._state.release()
+
     def close(self) -> None:
         if self._state is not None:
             self._state.close()
