@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 from listmilter.core import addresses
 from listmilter.core.bounces import Failure, Policy, Score, Verdict, score_bounce
-from listmilter.store import StoreError
-from listmilter.store.sqlite import Transaction, adopt_owner, sqlite_errors
+from listmilter.store.db import Database, sqlite_errors
 
 NAME = "bounces.sqlite"
-SCHEMA = """
+# The schema, step by step (listmilter.store.db). 0.1.0 wrote step 1 without a version.
+MIGRATIONS = ("""
 CREATE TABLE IF NOT EXISTS scores (
     list          TEXT NOT NULL,
     key           TEXT NOT NULL,
@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS bounces (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS bounces_once ON bounces(list, post_id, key, permanent) WHERE post_id != '';
 CREATE INDEX IF NOT EXISTS bounces_member ON bounces(list, key);
-"""
+""",)
 
 @dataclass(frozen=True)
 class Row:
@@ -76,26 +76,28 @@ class Row:
 class BounceDB:
     def __init__(self, state_dir: str):
         self.path = os.path.join(state_dir, NAME)
-        self.describe = f"bounce database {self.path}"
-        try:
-            os.makedirs(state_dir, mode=0o750, exist_ok=True)
-            self.conn = sqlite3.connect(self.path, timeout=15, isolation_level=None)
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
-            if not self.conn.execute("SELECT 1 FROM sqlite_master WHERE name='bounces'").fetchone():
-                with self._write():
-                    for statement in SCHEMA.split(";"):
-                        if statement.strip():
-                            self.conn.execute(statement)
-            adopt_owner(self.path)
-        except (OSError, sqlite3.Error) as e:
-            raise StoreError(f"{self.describe}: {e}") from e
+        self.db = Database(self.path, "bounce database", MIGRATIONS, timeout=15)
+        self.describe = self.db.describe
+        self.db.conn()      # fail now if it cannot be opened
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The calling thread's connection."""
+        return self.db.conn()
 
     def _write(self):
-        return Transaction(self.conn)
+        return self.db.transaction()
+
+    def check(self) -> list[str]:
+        """Problems SQLite's quick_check finds (empty when all is well)."""
+        return self.db.quick_check()
+
+    def release(self) -> None:
+        """Close the calling thread's connection (see listmilter.store.db)."""
+        self.db.release()
 
     def close(self) -> None:
-        self.conn.close()
+        self.db.close()
 
     # -- recording -------------------------------------------------------------
     @sqlite_errors

@@ -13,18 +13,18 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-import threading
 import time
 
 from listmilter.core import addresses
 from listmilter.core.tokens import DAY, KEEP_DAYS, Pending, new_token, token_hash
 from listmilter.store import StoreError
-from listmilter.store.sqlite import Transaction, adopt_owner, sqlite_errors
+from listmilter.store.db import Database, adopt_owner, sqlite_errors
 
 FILE_NAME = "pending.sqlite"
 LOCK_NAME = "pending.lock"
 
-SCHEMA = """
+# The schema, step by step (listmilter.store.db). 0.1.0 wrote step 1 without a version.
+MIGRATIONS = ("""
 CREATE TABLE IF NOT EXISTS pending (
     hash     TEXT PRIMARY KEY,       -- sha256 of the token, hex
     kind     TEXT NOT NULL,          -- confirm | moderate
@@ -48,37 +48,17 @@ CREATE TABLE IF NOT EXISTS sent (    -- replies sent to commands: the rate-limit
     at       REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sent_list ON sent(list, at);
-"""
+""",)
 
 
 class PendingDB:
     def __init__(self, state_dir: str):
         self.path = os.path.join(state_dir, FILE_NAME)
-        self.describe = f"pending database {self.path}"
-        self._conns: dict[int, sqlite3.Connection] = {}
-        self._lock = threading.Lock()
+        self.db = Database(self.path, "pending database", MIGRATIONS)
+        self.describe = self.db.describe
 
     def _conn(self) -> sqlite3.Connection:
-        conn = self._conns.get(threading.get_ident())
-        if conn is not None:
-            return conn
-        try:
-            os.makedirs(os.path.dirname(self.path), mode=0o750, exist_ok=True)
-            old = os.umask(0o027)
-            try:
-                conn = sqlite3.connect(self.path, timeout=10, isolation_level=None,
-                                       check_same_thread=False)
-            finally:
-                os.umask(old)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(SCHEMA)
-            adopt_owner(self.path)
-        except (OSError, sqlite3.Error) as e:
-            raise StoreError(f"{self.describe}: {e}") from e
-        with self._lock:
-            self._conns[threading.get_ident()] = conn
-        return conn
+        return self.db.conn()
 
     @contextlib.contextmanager
     def serialized(self):
@@ -101,13 +81,10 @@ class PendingDB:
             os.close(fd)
 
     def _tx(self):
-        return Transaction(self._conn())
+        return self.db.transaction()
 
     def close(self) -> None:
-        with self._lock:
-            for conn in self._conns.values():
-                conn.close()
-            self._conns.clear()
+        self.db.close()
 
     # -- requests ------------------------------------------------------------
     @sqlite_errors
@@ -211,10 +188,5 @@ class PendingDB:
             conn.execute("DELETE FROM sent WHERE at<?", (now - DAY,))
 
     def check(self) -> list[str]:
-        if not os.path.exists(self.path):
-            return []
-        try:
-            rows = self._conn().execute("PRAGMA quick_check").fetchall()
-        except sqlite3.Error as e:
-            return [str(e)]
-        return [r[0] for r in rows if r[0] != "ok"]
+        """Problems SQLite's quick_check finds (none if there is no database yet)."""
+        return self.db.quick_check()
