@@ -17,6 +17,7 @@ import threading
 import time
 
 from listmilter.core import addresses
+from listmilter.core.subscriptions import OWN, Request, Sent
 from listmilter.core.tokens import DAY, KEEP_DAYS, Pending, new_token, token_hash
 from listmilter.store import StoreError
 from listmilter.store.sqlite import Transaction, adopt_owner, sqlite_errors
@@ -43,12 +44,18 @@ CREATE TABLE IF NOT EXISTS pending (
 CREATE INDEX IF NOT EXISTS pending_member ON pending(list, key);
 CREATE TABLE IF NOT EXISTS sent (    -- replies sent to commands: the rate-limit counters
     list     TEXT NOT NULL,
-    key      TEXT NOT NULL,
+    key      TEXT NOT NULL,          -- address key of the recipient
     what     TEXT NOT NULL,
-    at       REAL NOT NULL
+    at       REAL NOT NULL,
+    budget   TEXT NOT NULL DEFAULT 'own',   -- own | unverified (core.subscriptions)
+    sender   TEXT NOT NULL DEFAULT '',      -- address key of the envelope sender who asked
+    client   TEXT NOT NULL DEFAULT ''       -- the SMTP client's IP address, if known
 );
 CREATE INDEX IF NOT EXISTS sent_list ON sent(list, at);
 """
+# Columns added to `sent` after its first release; older databases get them on open.
+SENT_COLUMNS = {"budget": "TEXT NOT NULL DEFAULT 'own'", "sender": "TEXT NOT NULL DEFAULT ''",
+                "client": "TEXT NOT NULL DEFAULT ''"}
 
 
 class PendingDB:
@@ -73,6 +80,7 @@ class PendingDB:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(SCHEMA)
+            _add_columns(conn)
             adopt_owner(self.path)
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"{self.describe}: {e}") from e
@@ -196,11 +204,28 @@ class PendingDB:
         return self._conn().execute(query, params).fetchone()[0]
 
     @sqlite_errors
-    def record_sent(self, list_address: str, address: str, what: str, now: float | None = None) -> None:
+    def sent_counts(self, list_address: str, request: Request, now: float | None = None) -> Sent:
+        """What the daily limits count for one request (core.subscriptions.Sent), in one query."""
+        now = time.time() if now is None else now
+        sender, address = addresses.key(request.sender), addresses.key(request.address)
+        row = self._conn().execute(
+            "SELECT total(budget='own' AND key=:sender), total(budget='own' AND key=:address), "
+            "total(budget='unverified' AND key=:address), total(budget='unverified' AND sender=:sender), "
+            "total(budget='unverified' AND client=:client AND client!=''), total(budget='unverified') "
+            "FROM sent WHERE list=:list AND at>:since",
+            {"sender": sender, "address": address, "client": request.client,
+             "list": addresses.key(list_address), "since": now - DAY}).fetchone()
+        return Sent(*(int(n) for n in row))
+
+    @sqlite_errors
+    def record_sent(self, list_address: str, address: str, what: str, now: float | None = None,
+                    budget: str = OWN, sender: str = "", client: str = "") -> None:
         now = time.time() if now is None else now
         with self._tx() as conn:
-            conn.execute("INSERT INTO sent(list, key, what, at) VALUES (?, ?, ?, ?)",
-                         (addresses.key(list_address), addresses.key(address), what, now))
+            conn.execute("INSERT INTO sent(list, key, what, at, budget, sender, client) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (addresses.key(list_address), addresses.key(address), what, now, budget,
+                          addresses.key(sender), client))
 
     @sqlite_errors
     def purge(self, now: float | None = None) -> None:
@@ -218,3 +243,14 @@ class PendingDB:
         except sqlite3.Error as e:
             return [str(e)]
         return [r[0] for r in rows if r[0] != "ok"]
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    def missing():
+        have = {row[1] for row in conn.execute("PRAGMA table_info(sent)")}
+        return [name for name in SENT_COLUMNS if name not in have]
+    if not missing():
+        return
+    with Transaction(conn):     # BEGIN IMMEDIATE: of two processes opening an old file, one adds them
+        for name in missing():
+            conn.execute(f"ALTER TABLE sent ADD COLUMN {name} {SENT_COLUMNS[name]}")
