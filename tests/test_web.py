@@ -25,8 +25,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from listmilter import secret as secret_mod
-from listmilter import tokens, web
+from listmilter import web
+from listmilter.core import tokens
+from listmilter.store import secret as secret_mod
 from tests.bed.listmilter import cli
 from tests.bed.net import free_port, wait_for_port, wait_until
 from tests.bed.sink import Sink
@@ -478,7 +479,7 @@ def test_any_body_gives_a_form_or_badform(content_type, body):
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """The WSGI app in this process, on a real store with a list that has no members."""
-    from listmilter.runtime import Runtime
+    from listmilter.app.runtime import Runtime
     folder = tmp_path_factory.mktemp("app")
     config = folder / "listmilter.yaml"
     config.write_text(f"state_dir: {folder}/state\nlog: {{target: {folder}/log}}\n"

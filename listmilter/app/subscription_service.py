@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from listmilter.app import notices, outgoing
 from listmilter.core import addresses, commands, plan, subscriptions, tokens
 from listmilter.core.model import MailingList, Member
-from listmilter.core.subscriptions import MEMBER, OWNERS, SENDER, Outcome, State
+from listmilter.core.subscriptions import MEMBER, OWNERS, SENDER, Outcome, Request, State
 from listmilter.log import fields, logger
 from listmilter.store.pending import PendingDB
 
@@ -38,6 +38,7 @@ class Context:
     hash: str | None = None       # the pending request being used
     in_reply_to: str = ""
     detail: str = ""
+    client: str = ""              # the SMTP client's IP address, for the rate-limit counters
 
 
 class Service:
@@ -66,22 +67,27 @@ class Service:
         base = self.config.web.base_url
         return f"{base}/confirm/{token}" if base and token else ""
 
-    def state(self, mlist: MailingList, address: str) -> State:
-        return State(is_member=self.store.member(mlist.address, address) is not None,
-                     pending=self.pending.open_request(mlist.address, address),
-                     sent_address=self.pending.sent_today(mlist.address, address),
-                     sent_list=self.pending.sent_today(mlist.address))
+    def state(self, mlist: MailingList, request: Request) -> State:
+        return State(is_member=self.store.member(mlist.address, request.address) is not None,
+                     pending=self.pending.open_request(mlist.address, request.address),
+                     sent=self.pending.sent_counts(mlist.address, request))
 
     # -- mail to a role address --------------------------------------------------
-    def handle_mail(self, mlist: MailingList, role: addresses.RoleAddress, sender: str, data: bytes) -> str:
-        """A message to -request@, -subscribe@, -unsubscribe@ or -confirm+TOKEN@; the log status."""
+    def handle_mail(self, mlist: MailingList, role: addresses.RoleAddress, sender: str, data: bytes,
+                    dmarc_pass: bool = False) -> str:
+        """A message to -request@, -subscribe@, -unsubscribe@ or -confirm+TOKEN@; the log status.
+
+        `dmarc_pass`: the message passed DMARC for its From: domain, so From: may act
+        as the envelope sender would (core.subscriptions.Request); no edge checks DMARC yet."""
         msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(data)
         heads: dict[str, list[str]] = {}
         for name, value in msg.items():
             heads.setdefault(name.lower(), []).append(str(value))
         ls = plan.effective_settings(mlist, self.config.effective)
+        client = commands.received_client(data)
         base = {"to": f"<{addresses.role_address(mlist.address, role.role, role.extension)}>",
-                "from": f"<{sender}>", "size": len(data), "list": f"<{mlist.address}>", "role": role.role}
+                "from": f"<{sender}>", "size": len(data), "list": f"<{mlist.address}>", "role": role.role,
+                "client": client or "unknown"}
         reason = commands.ignore_reason(sender, heads, ls.list_id)
         if reason is None and _is_own(mlist.address, sender):
             reason = "mail from this list's own addresses"
@@ -94,13 +100,14 @@ class Service:
         if not addresses.is_valid(cmd.address):
             logger.info("deliver: %s", fields(**base, status=f"ignored (no valid address: {cmd.address!r})"))
             return "ignored"
+        request = Request(sender, cmd.address, client, dmarc_pass)
         with self.pending.serialized():
-            return self._command(mlist, sender, msg, data, cmd, subject, base)
+            return self._command(mlist, sender, msg, data, cmd, subject, base, request)
 
-    def _command(self, mlist, sender, msg, data, cmd, subject, base) -> str:
+    def _command(self, mlist, sender, msg, data, cmd, subject, base, request: Request) -> str:
         self.pending.purge()
         ctx = Context("mail", cmd.message_id or f"<from {sender}>", sender, cmd.address, cmd.name,
-                      in_reply_to=cmd.message_id)
+                      in_reply_to=cmd.message_id, client=request.client)
         if cmd.kind == commands.CONFIRM:
             pending = self.pending.lookup(cmd.token) if cmd.token else None
             owners = {addresses.key(o) for o in self.owners(mlist)}
@@ -108,7 +115,7 @@ class Service:
             reject = _says_reject(subject, _body_text(data))
             outcome = subscriptions.on_token(
                 pending, mlist.address, self.policy(mlist), time.time(), sender_is_owner=is_owner,
-                reject=reject, state=self.state(mlist, sender))
+                reject=reject, state=self.state(mlist, request), request=request)
             if pending is not None and not outcome.refused:
                 ctx.address, ctx.name, ctx.hash = pending.address, pending.name, pending.hash
                 if pending.kind == tokens.MODERATE:
@@ -117,10 +124,10 @@ class Service:
                 else:
                     ctx.detail = f"confirmed by reply from {sender}"
         else:
-            outcome = subscriptions.on_command(cmd.kind, self.policy(mlist), self.state(mlist, cmd.address))
+            outcome = subscriptions.on_command(cmd.kind, self.policy(mlist), self.state(mlist, request), request)
             ctx.detail = f"{cmd.kind} by mail from {sender}"
         self.apply(mlist, outcome, ctx)
-        level = logging.WARNING if outcome.refused else logging.INFO
+        level = logging.WARNING if outcome.refused or outcome.limit else logging.INFO
         logger.log(level, "deliver: %s", fields(**base, command=cmd.kind, address=f"<{ctx.address}>",
                                                  status=outcome.status))
         return outcome.status
@@ -216,7 +223,7 @@ class Service:
                 self.store.subscribe(mlist.address, Member(ctx.address, ctx.name), ctx.how, ctx.who, ctx.detail)
             elif outcome.change == "unsubscribe":
                 self.store.unsubscribe(mlist.address, ctx.address, ctx.how, ctx.who, ctx.detail)
-            self._send(mlist, outcome.mails, ctx, new_token, reason=outcome.reason)
+            self._send(mlist, outcome.mails, ctx, new_token, reason=outcome.reason, budget=outcome.budget)
         except BaseException:
             if new_token:
                 self.pending.drop(new_token)
@@ -224,7 +231,8 @@ class Service:
                 self.pending.release(ctx.hash)
             raise
 
-    def _send(self, mlist: MailingList, mails, ctx: Context, token: str | None, reason: str = "") -> None:
+    def _send(self, mlist: MailingList, mails, ctx: Context, token: str | None, reason: str = "",
+              budget: str | None = None) -> None:
         request = addresses.role_address(mlist.address, "request")
         eff = self._eff(mlist)
         owners = self.owners(mlist)
@@ -267,11 +275,12 @@ class Service:
                     to_owners.append(("", [to], message))
                 else:
                     batch.append(("", [to], message))
-                    if mail.template in subscriptions.LIMITED:
+                    if budget:
                         counted.append((to, mail.template))
         outgoing.send_many(self.config.outgoing, batch)
         for to, template in counted:
-            self.pending.record_sent(mlist.address, to, template)
+            self.pending.record_sent(mlist.address, to, template, budget=budget, sender=ctx.sender or "",
+                                     client=ctx.client)
         # Owner notices are a courtesy: one that cannot be sent is logged, and the
         # member's change and mail stand (a retry would repeat the member's mail).
         for item in to_owners:

@@ -113,9 +113,15 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("confirm_days", 3, _count(1),
             "days a confirmation code stays valid"),
     Setting("confirm_limit_per_address", 3, _count(1),
-            "at most this many replies to commands (confirmations, help...) per address and list per day"),
+            "at most this many replies to commands (confirmations, help...) per address and list per day, "
+            "counted apart for requests from the address itself and for requests others made for it"),
     Setting("confirm_limit_per_list", 100, _count(1),
-            "at most this many replies to commands per list per day"),
+            "at most this many mails to others (a confirmation to an address that is not the envelope "
+            "sender) per list per day"),
+    Setting("confirm_limit_per_sender", 3, _count(1),
+            "at most this many mails to others that one envelope sender may cause per list per day"),
+    Setting("confirm_limit_per_client", 10, _count(1),
+            "at most this many mails to others that one SMTP client address may cause per list per day"),
     Setting("templates", "", _folder,
             "a folder with your own NAME.txt notice templates (empty: the shipped ones); "
             "a missing file falls back to the shipped one"),

@@ -16,6 +16,7 @@ import sqlite3
 import time
 
 from listmilter.core import addresses
+from listmilter.core.subscriptions import OWN, Request, Sent
 from listmilter.core.tokens import DAY, KEEP_DAYS, Pending, new_token, token_hash
 from listmilter.store import StoreError
 from listmilter.store.db import Database, adopt_owner, sqlite_errors
@@ -43,12 +44,18 @@ CREATE TABLE IF NOT EXISTS pending (
 CREATE INDEX IF NOT EXISTS pending_member ON pending(list, key);
 CREATE TABLE IF NOT EXISTS sent (    -- replies sent to commands: the rate-limit counters
     list     TEXT NOT NULL,
-    key      TEXT NOT NULL,
+    key      TEXT NOT NULL,          -- address key of the recipient
     what     TEXT NOT NULL,
     at       REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sent_list ON sent(list, at);
-""",)
+""", """
+-- Who asked for each reply, so the limits count per sender and per client, and
+-- replies to third parties (unverified) apart from replies to the sender (own).
+ALTER TABLE sent ADD COLUMN budget TEXT NOT NULL DEFAULT 'own';   -- own | unverified (core.subscriptions)
+ALTER TABLE sent ADD COLUMN sender TEXT NOT NULL DEFAULT '';      -- address key of the envelope sender
+ALTER TABLE sent ADD COLUMN client TEXT NOT NULL DEFAULT '';      -- the SMTP client's IP address, if known
+""")
 
 
 class PendingDB:
@@ -173,11 +180,28 @@ class PendingDB:
         return self._conn().execute(query, params).fetchone()[0]
 
     @sqlite_errors
-    def record_sent(self, list_address: str, address: str, what: str, now: float | None = None) -> None:
+    def sent_counts(self, list_address: str, request: Request, now: float | None = None) -> Sent:
+        """What the daily limits count for one request (core.subscriptions.Sent), in one query."""
+        now = time.time() if now is None else now
+        sender, address = addresses.key(request.sender), addresses.key(request.address)
+        row = self._conn().execute(
+            "SELECT total(budget='own' AND key=:sender), total(budget='own' AND key=:address), "
+            "total(budget='unverified' AND key=:address), total(budget='unverified' AND sender=:sender), "
+            "total(budget='unverified' AND client=:client AND client!=''), total(budget='unverified') "
+            "FROM sent WHERE list=:list AND at>:since",
+            {"sender": sender, "address": address, "client": request.client,
+             "list": addresses.key(list_address), "since": now - DAY}).fetchone()
+        return Sent(*(int(n) for n in row))
+
+    @sqlite_errors
+    def record_sent(self, list_address: str, address: str, what: str, now: float | None = None,
+                    budget: str = OWN, sender: str = "", client: str = "") -> None:
         now = time.time() if now is None else now
         with self._tx() as conn:
-            conn.execute("INSERT INTO sent(list, key, what, at) VALUES (?, ?, ?, ?)",
-                         (addresses.key(list_address), addresses.key(address), what, now))
+            conn.execute("INSERT INTO sent(list, key, what, at, budget, sender, client) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (addresses.key(list_address), addresses.key(address), what, now, budget,
+                          addresses.key(sender), client))
 
     @sqlite_errors
     def purge(self, now: float | None = None) -> None:
