@@ -36,8 +36,7 @@ import waitress.server
 
 from listmilter.app import subscription_service as service_mod
 from listmilter.log import fields, logger
-from listmilter.store import StoreError
-from listmilter.store import secret as secret_mod
+from listmilter.store import StoreError, site_secret
 
 # The server's limits (docs/subscriptions.md, "The web server").
 THREADS = 4                 # requests worked on at once; SQLite serialises the writes anyway
@@ -268,7 +267,7 @@ def connection_limit(wanted: int = CONNECTION_LIMIT) -> int:
 
 def serve(runtime, host: str, port: int):
     """A bound waitress server: run() serves until SIGINT/SIGTERM (a KeyboardInterrupt)."""
-    runtime.secret = getattr(runtime, "secret", None) or secret_mod.load_or_create(runtime.config.state_dir)
+    runtime.secret = getattr(runtime, "secret", None) or site_secret(runtime.config)
     own = logging.getLogger("waitress")
     if not any(isinstance(h, _WaitressLog) for h in own.handlers):
         own.addHandler(_WaitressLog())

@@ -18,6 +18,9 @@ from tests.bed.postfix import Postfix
 from tests.bed.sendmail import Sendmail, run_dir
 from tests.bed.sink import Sink
 
+# A private PostgreSQL server (pg_server, pg_database): tests/bed/postgres.py.
+pytest_plugins = ("tests.bed.postgres",)
+
 _names = itertools.count(1)
 
 

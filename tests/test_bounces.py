@@ -103,8 +103,8 @@ def test_scores_count_once_a_day_and_go_stale():
     assert not bounces.was_recipient(T0 - 5, False, T0)
 
 
-def test_bounce_database_scores_reach_the_threshold_once_and_duplicates_do_not_count(tmp_path):
-    db = BounceDB(str(tmp_path))
+def test_bounce_database_scores_reach_the_threshold_once_and_duplicates_do_not_count(state):
+    db = state.bounces()
     fail = bounces.Failure("dead@example.net", True, "5.1.1", "gone")
     verdicts = [db.record("dev@example.org", fail, bounces.Verdict.SCORED, f"P{day}.x", f"P{day}", POLICY,
                           T0 + day * DAY) for day in range(3)]
@@ -118,24 +118,24 @@ def test_bounce_database_scores_reach_the_threshold_once_and_duplicates_do_not_c
     db.close()
 
 
-def _record_many(state_dir: str, worker: int, count: int) -> None:
-    db = BounceDB(state_dir)
+def _record_many(state, worker: int, count: int) -> None:
+    db = state.bounces()
     for i in range(count):
         db.record("dev@example.org", bounces.Failure(f"m{i}@example.net", True, "5.1.1"), bounces.Verdict.SCORED,
                   f"W{worker}.x", f"W{worker}", POLICY, T0 + worker * DAY)
     db.close()
 
 
-def test_concurrent_deliveries_lose_no_update(tmp_path):
-    BounceDB(str(tmp_path)).close()
+def test_concurrent_deliveries_lose_no_update(state):
+    state.bounces().close()
     ctx = multiprocessing.get_context("fork")
-    workers = [ctx.Process(target=_record_many, args=(str(tmp_path), w, 200)) for w in range(6)]
+    workers = [ctx.Process(target=_record_many, args=(state, w, 200)) for w in range(6)]
     for w in workers:
         w.start()
     for w in workers:
         w.join(60)
         assert w.exitcode == 0
-    db = BounceDB(str(tmp_path))
+    db = state.bounces()
     rows = db.rows("dev@example.org")
     assert len(rows) == 200
     # Each worker is a different post on a different day: every one of them scored.

@@ -15,7 +15,6 @@ from listmilter.app import notices
 from listmilter.core import commands, config, headers, plan, subscriptions, tokens
 from listmilter.core.subscriptions import MEMBER, OWNERS, SENDER, Policy, Request, Sent, State
 from listmilter.core.tokens import Pending
-from listmilter.store.pending import PendingDB
 
 SECRET = b"k" * 32
 LIST = "dev@example.org"
@@ -154,8 +153,8 @@ def test_tokens_accepted():
 
 
 # -- the pending database ----------------------------------------------------------------
-def test_pending_tokens_single_use_expiry_and_counters(tmp_path):
-    db = PendingDB(str(tmp_path))
+def test_pending_tokens_single_use_expiry_and_counters(state):
+    db = state.pending()
     token = db.create(tokens.CONFIRM, "Dev@Example.org", "A@example.net", "subscribe", 3, "Ann")
     assert tokens.TOKEN_RE.fullmatch(token)
     p = db.lookup(token.upper())

@@ -22,8 +22,7 @@ from listmilter.core import addresses, bounces, envid
 from listmilter.core.bounces import Verdict
 from listmilter.core.model import ACTIVE, DISABLED, MailingList, NoSuchList
 from listmilter.log import fields, logger
-from listmilter.store import secret as secret_mod
-from listmilter.store import statedir
+from listmilter.store import open_bounces, site_secret, statedir
 from listmilter.store.bounce_records import BounceDB, Row
 
 KEPT_FOLDER = "bounces"
@@ -58,7 +57,7 @@ def handle(config, store, secret: bytes, mlist: MailingList, sender: str, data: 
         return Outcome(report.kind, ())
     policy = policy_of(config, mlist)
     post = envid.parse(report.envid, mlist.address, secret) if report.envid else None
-    db = BounceDB(config.state_dir)
+    db = open_bounces(config)
     try:
         verdicts = []
         for failure in report.failures:
@@ -150,42 +149,50 @@ def _removal_date(now: float, warnings_left: int, interval: float) -> str:
 def periodic(config, store, now: float | None = None) -> list[str]:
     """Warn and remove members disabled by bounces, finish pending actions; what was done."""
     now = time.time() if now is None else now
-    secret = secret_mod.load_or_create(config.state_dir)
-    done = []
-    db = BounceDB(config.state_dir)
+    secret = site_secret(config)
+    done: list[str] = []
+    db = open_bounces(config)
     try:
-        for row in db.rows():
-            mlist = store.get_list(row.list)
-            if mlist is None:
-                db.forget(row.list, row.address)
-                continue
-            policy = policy_of(config, mlist)
-            member = store.member(mlist.address, row.address)
-            if member is None:
-                db.forget(mlist.address, row.address)       # removed by other means
-                continue
-            if row.pending:
-                apply_pending(config, store, db, mlist, row, policy, now, secret)
-                done.append(f"{row.pending} {row.address} ({mlist.address})")
-                continue
-            if not row.acted or row.next_warning == 0 or member.status != DISABLED:
-                continue
-            step = bounces.next_step(row.warnings_sent, row.next_warning, now, policy)
-            interval = policy.warning_interval_days * bounces.DAY
-            if step == "warn":
-                number = row.warnings_sent + 1
-                outgoing.send(config.outgoing, "", [row.address], notices.bounce_warning(
-                    mlist.address, row.address, number, policy.warnings,
-                    _removal_date(now, policy.warnings - row.warnings_sent, interval)))
-                db.mark_warned(mlist.address, row.address, number, now + interval)
-                done.append(f"warned {row.address} ({mlist.address}, {number}/{policy.warnings})")
-            elif step == "remove":
-                apply_pending(config, store, db, mlist, replace(row, pending="remove"),
-                              policy, now, secret)
-                done.append(f"removed {row.address} ({mlist.address})")
+        with db.periodic_turn() as mine:
+            if not mine:     # several hosts share the database: one of them does it
+                return ["skipped: another host is doing the periodic run now"]
+            _periodic(config, store, db, secret, now, done)
     finally:
         db.close()
     return done
+
+
+def _periodic(config, store, db, secret: bytes, now: float, done: list[str]) -> None:
+    """One periodic run's work, appended to `done`."""
+    for row in db.rows():
+        mlist = store.get_list(row.list)
+        if mlist is None:
+            db.forget(row.list, row.address)
+            continue
+        policy = policy_of(config, mlist)
+        member = store.member(mlist.address, row.address)
+        if member is None:
+            db.forget(mlist.address, row.address)       # removed by other means
+            continue
+        if row.pending:
+            apply_pending(config, store, db, mlist, row, policy, now, secret)
+            done.append(f"{row.pending} {row.address} ({mlist.address})")
+            continue
+        if not row.acted or row.next_warning == 0 or member.status != DISABLED:
+            continue
+        step = bounces.next_step(row.warnings_sent, row.next_warning, now, policy)
+        interval = policy.warning_interval_days * bounces.DAY
+        if step == "warn":
+            number = row.warnings_sent + 1
+            outgoing.send(config.outgoing, "", [row.address], notices.bounce_warning(
+                mlist.address, row.address, number, policy.warnings,
+                _removal_date(now, policy.warnings - row.warnings_sent, interval)))
+            db.mark_warned(mlist.address, row.address, number, now + interval)
+            done.append(f"warned {row.address} ({mlist.address}, {number}/{policy.warnings})")
+        elif step == "remove":
+            apply_pending(config, store, db, mlist, replace(row, pending="remove"),
+                          policy, now, secret)
+            done.append(f"removed {row.address} ({mlist.address})")
 
 
 # -- the owner's decision by mail -------------------------------------------------
@@ -215,7 +222,7 @@ def decide(config, store, secret: bytes, mlist: MailingList, extension: str, sen
     msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(data, headersonly=True)
     if not sender or bounces.is_auto_response(msg):
         return "ignored (decision from the null sender or an auto-responder)"
-    db = BounceDB(config.state_dir)
+    db = open_bounces(config)
     try:
         row = next((r for r in db.rows(mlist.address)
                     if hmac.compare_digest(token, _decision_token(mlist.address, r.address, decision, secret))),
@@ -238,7 +245,7 @@ def enable(config, store, list_address: str, address: str, how: str, who: str) -
     if store.get_list(list_address) is None:
         raise NoSuchList(list_address)
     changed = store.set_status(list_address, address, ACTIVE, how, who)
-    db = BounceDB(config.state_dir)
+    db = open_bounces(config)
     try:
         forgot = db.forget(list_address, address)
     finally:

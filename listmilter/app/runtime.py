@@ -12,8 +12,7 @@ import time
 
 from listmilter.core import config as config_mod
 from listmilter.log import logger, setup
-from listmilter.store import Store, open_store
-from listmilter.store import secret as secret_mod
+from listmilter.store import Store, open_store, site_secret
 
 CHECK_INTERVAL = 1.0
 
@@ -24,7 +23,7 @@ class Runtime:
         self.explicit = explicit
         self.config = config_mod.load(path, explicit)
         self.store: Store = open_store(self.config)
-        self.secret = secret_mod.load_or_create(self.config.state_dir)
+        self.secret = site_secret(self.config)
         self._lock = threading.Lock()
         self._next_check = time.monotonic() + CHECK_INTERVAL
         self._failed_mtime: float | None = None
@@ -66,8 +65,8 @@ class Runtime:
         try:
             new = config_mod.load(self.path, self.explicit)
             store = self.store
-            if (new.backend, new.store_path) != (self.config.backend, self.config.store_path) \
-                    or new.backend == "yaml":
+            where = lambda c: (c.backend, c.store_path, c.dsn, c.password_file)  # noqa: E731
+            if where(new) != where(self.config) or new.backend == "yaml":
                 store = open_store(new)
         except Exception as e:  # a broken edit must never stop the running milter
             self._failed_mtime = mtime if mtime is not None else self._mtime()

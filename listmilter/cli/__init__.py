@@ -6,6 +6,7 @@
     members.py        members add|remove|ls|import|export|enable|disable|history
     bounces.py        bounces
     subscriptions.py  pending, approve, reject
+    db.py             db upgrade, migrate (the state databases; SQLite to PostgreSQL)
 
 Each adds its parsers with a `handler` default; every subcommand is a thin
 adapter: parse arguments, call the core and the application, print. Errors
@@ -19,7 +20,7 @@ import sys
 
 from listmilter import __version__
 
-GROUPS = ("serve", "check", "subscriptions", "lists", "members", "bounces")
+GROUPS = ("serve", "check", "subscriptions", "lists", "members", "bounces", "db")
 
 
 def _parser():

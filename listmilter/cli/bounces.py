@@ -18,13 +18,13 @@ def add_parsers(sub) -> None:
 def _bounces(args, cfg, store):
     from listmilter.app import bounce_processing
     from listmilter.core import bounces
-    from listmilter.store import bounce_records as bouncedb
+    from listmilter.store import open_bounces
     if args.run:
         for line in bounce_processing.periodic(cfg, store):
             print(line)
         return 0
     lists = [existing_list(store, args.list).address] if args.list else [m.address for m in store.all_lists()]
-    db = bouncedb.BounceDB(cfg.state_dir)
+    db = open_bounces(cfg)
     try:
         if args.kept:
             for address in lists:

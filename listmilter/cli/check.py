@@ -51,7 +51,11 @@ def run(path: str, explicit: bool) -> Report:
         if size_limit.isdigit():
             limit = int(size_limit)
     _check_web(cfg, report)
-    _check_databases(cfg, report)
+    if cfg.dsn:
+        if not _check_postgresql(cfg, report):
+            return report       # the store cannot open either: one line says why
+    else:
+        _check_databases(cfg, report)
     if cfg.backend == "sqlite" and not os.path.exists(cfg.store_path):
         report.warnings.append(f"{cfg.store_path}: sqlite store does not exist yet; "
                                "`listmilter serve` or `listmilter list create` creates it")
@@ -64,8 +68,8 @@ def run(path: str, explicit: bool) -> Report:
         report.errors.append(str(e))
         return report
     report.errors.extend(f"{cfg.store_path}: integrity: {p}" for p in problems)
-    report.notes.append(f"store: {cfg.backend} ({cfg.path if cfg.backend == 'yaml' else cfg.store_path}), "
-                        f"{len(lists)} lists")
+    where = {"yaml": cfg.path, "postgresql": getattr(store, "path", "")}.get(cfg.backend, cfg.store_path)
+    report.notes.append(f"store: {cfg.backend} ({where}), {len(lists)} lists")
 
     for mlist in lists:
         for name, value in mlist.settings.items():
@@ -129,6 +133,53 @@ def _check_databases(cfg, report: Report) -> None:
             report.errors.append(str(e))
             continue
         report.errors.extend(f"{path}: integrity: {p}" for p in problems)
+
+
+def _check_postgresql(cfg, report: Report) -> bool:
+    """The database of store.dsn: reachable, its schema this version's. False if it cannot be used."""
+    from listmilter.store.postgresql import db as pgdb
+    from listmilter.store.postgresql.schema import MIGRATIONS
+    target = pgdb.target_of(cfg)
+    try:
+        version = pgdb.version_of(target)
+    except StoreError as e:
+        report.errors.append(str(e))
+        return False
+    where = f"postgresql database {target.describe}"
+    if version == 0:
+        report.errors.append(f"{where} has no listmilter tables: run `listmilter db upgrade`")
+        return False
+    if version < len(MIGRATIONS):
+        report.errors.append(f"{where} has schema version {version}, this listmilter needs {len(MIGRATIONS)}: "
+                             "run `listmilter db upgrade`")
+        return False
+    if version > len(MIGRATIONS):
+        report.errors.append(f"{where} has schema version {version}, this listmilter needs {len(MIGRATIONS)}: "
+                             "it was written by a newer listmilter; upgrade listmilter on this host")
+        return False
+    report.notes.append(f"state: {where}, schema version {version}")
+    _check_local_secret(cfg, target, report)
+    return True
+
+
+def _check_local_secret(cfg, target, report: Report) -> None:
+    """A `secret` file left in state_dir that the database does not know: what was signed with it
+    (ENVIDs of posts in flight, links in old mail) no longer verifies."""
+    from listmilter.store.postgresql.stores import PgKeys
+    path = os.path.join(cfg.state_dir, "secret")
+    try:
+        with open(path, "rb") as f:
+            local = f.read()
+    except OSError:
+        return
+    try:
+        keys = PgKeys(target).keys()
+    except StoreError as e:
+        report.errors.append(str(e))
+        return
+    if keys and all(secret != local for _, secret, _, _ in keys):
+        report.warnings.append(f"{path} is not one of the database's keys: envelope ids and links made with it "
+                               "no longer verify; `listmilter migrate` copies it (docs/upgrade.md), or remove it")
 
 
 def add_parsers(sub) -> None:

@@ -70,7 +70,7 @@ def serve(args, path: str, explicit: bool) -> int:
     logger.info("starting listmilter %s: milter=%s, socketmap=%s, deliver=%s, config=%s, store=%s %s, lists=%d",
                 __version__, socket, cfg.socketmap_socket, deliveries.path if deliveries else "(none)",
                 cfg.path or "built-in defaults",
-                cfg.backend, cfg.path if cfg.backend == "yaml" else cfg.store_path,
+                cfg.backend, runtime.store.path,
                 len(runtime.store.all_lists()))
     from listmilter.app import bounce_processing
     bounce_processing.start_periodic(runtime)

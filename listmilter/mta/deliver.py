@@ -61,8 +61,8 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
         return service.deliver_command(config, store, mlist, role, sender, data), ""
     # What is left is <list>-bounces@ (addresses.ROLES).
     from listmilter.app import bounce_processing
-    from listmilter.store import secret
-    site_secret = secret.load_or_create(config.state_dir)
+    from listmilter.store import site_secret as secret_of
+    site_secret = secret_of(config)
     extra = {}
     if role.extension.partition("-")[0] in bounce_processing.DECISIONS:
         status = bounce_processing.decide(config, store, site_secret, mlist, role.extension, sender, data)

@@ -7,7 +7,8 @@ What people and bounces change at run time (someone subscribes by mail,
 leaves by one click, is disabled by bounces) goes to an overlay database,
 state_dir/state.sqlite, laid over the file's members: the file says who is
 invited, the overlay says who joined, left or is disabled since, with the
-consent record for each change.
+consent record for each change. With `store.dsn` the overlay lives in that
+PostgreSQL database instead (the same tables), so every host sees it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class YAMLStore:
         self._member_keys = {key: {addresses.key(m): m for m in d.members} for key, d in config.lists.items()}
         self.overlay_path = os.path.join(config.state_dir, OVERLAY_NAME)
         self._state: SQLiteStore | None = None
+        if config.dsn:     # the overlay in the PostgreSQL database every host shares
+            from listmilter.store.postgresql import db, stores
+            self._state = stores.PgStore(db.target_of(config), stores.LISTS_YAML, "yaml overlay")
+            self.overlay_path = self._state.describe
 
     def _overlay_store(self, create: bool) -> SQLiteStore | None:
         if self._state is None and (create or os.path.exists(self.overlay_path)):

@@ -23,7 +23,8 @@ PIPE_USER = "nobody"
 # What `listmilter deliver` (and `listmilter web`: waitress) needs at run time;
 # copied where the pipe user can read it, because a checkout may sit under a
 # folder only root can enter.
-_PIPE_PACKAGES = ("listmilter", "yaml", "flufl", "public", "dns", "waitress")
+_PIPE_PACKAGES = ("listmilter", "yaml", "flufl", "public", "dns", "waitress",
+                  "psycopg", "psycopg_c", "psycopg_pool", "typing_extensions.py")
 _pipe_runtime: Path | None = None
 
 
@@ -40,7 +41,9 @@ def pipe_runtime() -> Path:
         os.chmod(root, 0o755)
         for name in _PIPE_PACKAGES:
             origin = src if name == "listmilter" else site / name
-            if origin.exists():
+            if origin.is_file():       # a module of one file
+                shutil.copy(origin, root / name)
+            elif origin.exists():
                 shutil.copytree(origin, root / name,
                                 ignore=shutil.ignore_patterns("__pycache__", "tests"))
         # Byte-compiled as pip does at install: the pipe user cannot write
