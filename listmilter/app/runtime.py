@@ -22,6 +22,8 @@ class Runtime:
         self.path = path
         self.explicit = explicit
         self.config = config_mod.load(path, explicit)
+        # The hand-off socket and kept bounces live here, also when the state is in PostgreSQL.
+        os.makedirs(self.config.state_dir, mode=0o750, exist_ok=True)
         self.store: Store = open_store(self.config)
         self.secret = site_secret(self.config)
         self._lock = threading.Lock()

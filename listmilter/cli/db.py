@@ -125,5 +125,7 @@ def _without_password(dsn: str) -> str:
         d = conninfo.conninfo_to_dict(dsn)
     except Exception:
         return dsn
-    d.pop("password", None)
+    if "password" not in d:
+        return dsn
+    d.pop("password")
     return conninfo.make_conninfo(**d)

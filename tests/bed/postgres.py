@@ -83,6 +83,7 @@ class PostgreSQL:
                               cwd=self.dir, timeout=120, **kw)
 
     def _init(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o755)
         shutil.chown(self.dir, USER, USER)
         self.socket_dir.mkdir(exist_ok=True)

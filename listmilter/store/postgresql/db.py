@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import logging
 import os
 import re
 import threading
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 
 import psycopg
 from psycopg import conninfo as pg_conninfo
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from listmilter.store import StoreError
 from listmilter.store.db import statements
@@ -126,6 +127,26 @@ def sql(query: str) -> str:
 
 
 # -- pools -------------------------------------------------------------------------
+# The pool retries failed connections by itself and logs each failure; what a
+# caller that waited in vain needs is the last reason, in its own StoreError.
+logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
+_last_failure: dict[str, str] = {}
+
+
+class _Connection(psycopg.Connection):
+    """Remembers why the last attempt to connect to a DSN failed (a wrong password, no server)."""
+
+    @classmethod
+    def connect(cls, conninfo: str = "", **kwargs):
+        try:
+            conn = super().connect(conninfo, **kwargs)
+        except psycopg.Error as e:
+            _last_failure[conninfo] = one_line(e)
+            raise
+        _last_failure.pop(conninfo, None)
+        return conn
+
+
 _pools: dict[tuple, ConnectionPool] = {}
 _locks: dict[tuple, threading.Lock] = {}
 _pools_lock = threading.Lock()
@@ -146,7 +167,8 @@ def pool(target: Target) -> ConnectionPool:
         if p is None:
             # Check the DSN now: a broken one is a clear error, not WAIT seconds of retries.
             target.connect_kwargs()
-            p = ConnectionPool(target.dsn, kwargs=target.connect_kwargs, min_size=1, max_size=POOL_MAX,
+            p = ConnectionPool(target.dsn, connection_class=_Connection, kwargs=target.connect_kwargs,
+                               min_size=1, max_size=POOL_MAX,
                                timeout=WAIT, reconnect_timeout=60.0, max_idle=300.0,
                                check=ConnectionPool.check_connection, name=f"listmilter {target.describe}",
                                open=True)
@@ -235,6 +257,9 @@ class Database:
         """psycopg's errors (the pool's timeout included) as StoreError naming this database."""
         try:
             yield
+        except PoolTimeout as e:
+            why = _last_failure.get(self.target.dsn)
+            raise StoreError(f"{self.describe}: {why + ' (retried for ' + str(WAIT) + ' s)' if why else e}") from e
         except psycopg.Error as e:
             raise StoreError(f"{self.describe}: {one_line(e) or e.__class__.__name__}") from e
 
