@@ -79,8 +79,11 @@ class PostgreSQL:
 
     def _run(self, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
         # initdb and postgres refuse to run as root; the folder is postgres's.
-        return subprocess.run(list(args), user=USER, check=check, capture_output=True, text=True,
+        proc = subprocess.run(list(args), user=USER, check=False, capture_output=True, text=True,
                               cwd=self.dir, timeout=120, **kw)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
+        return proc
 
     def _init(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
