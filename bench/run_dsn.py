@@ -13,7 +13,9 @@ Rows:
   - listmilter deliver (alone):  serve's socket removed, so every deliver
                                  loads the config and the core itself
 
-    .venv/bin/python bench/run_dsn.py [--dsns 1000] [--repeat 2]
+    .venv/bin/python bench/run_dsn.py [--dsns 1000] [--repeat 2] [--backend sqlite|postgresql]
+
+--backend postgresql: the state in a private PostgreSQL server here (fsync on).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine, save  # common puts the repo on sys.path
+from common import machine, save, start_postgresql, store_config  # common puts the repo on sys.path
 
+from listmilter.core import config as config_mod  # noqa: E402
 from listmilter.core import envid  # noqa: E402
 from listmilter.mta import handoff  # noqa: E402
+from listmilter.store import site_secret  # noqa: E402
 from tests.bed.listmilter import ListmilterServer  # noqa: E402
 from tests.bed.net import wait_until  # noqa: E402
 from tests.bed.postfix import PIPE_USER, Postfix  # noqa: E402
@@ -91,12 +95,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dsns", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
     args = ap.parse_args()
     n = args.dsns
     work = Path(tempfile.mkdtemp(prefix="bench-dsn-"))
     work.chmod(0o755)
+    pg, db = start_postgresql(work) if args.backend == "postgresql" else (None, None)
     sink = Sink().start()
-    lm = ListmilterServer(work / "listmilter", "sqlite")
+    lm = ListmilterServer(work / "listmilter", args.backend, extra={"store": store_config(args.backend, db)})
     postfix = BenchPostfix(milter=lm.milter_spec, sink_port=sink.port, config_path=lm.config_path,
                            socketmap=lm.socketmap_spec, workdir=work / "postfix",
                            main_cf={"default_process_limit": "100"})
@@ -108,7 +114,7 @@ def main() -> int:
         postfix.start()
         members = [f"m{i:06d}@example.net" for i in range(n * args.repeat * len(DELIVER_ROWS))]
         lm.create_list(LIST, members, posting="open", bounce_action="notify", bounce_threshold=1000)
-        secret = (lm.state_dir / "secret").read_bytes()
+        secret = site_secret(config_mod.load(str(lm.config_path)))
         bounces_addr = LIST.replace("@", "-bounces@")
 
         def deliver_log() -> list[str]:
@@ -144,16 +150,20 @@ def main() -> int:
         postfix.stop()
         lm.stop()
         sink.stop()
+        if pg:
+            pg.stop()
 
     total = n * args.repeat * len(DELIVER_ROWS)
-    print(f"{n} DSNs per run, {args.repeat} runs; {scored} scored of {total}, {alone} of them without serve")
+    print(f"{args.backend}: {n} DSNs per run, {args.repeat} runs; {scored} scored of {total}, "
+          f"{alone} of them without serve")
     print(f"{'pipe command':<28} {'best s':>8} {'DSNs/s':>8}")
     out = {}
     for name, times in results.items():
         best = min(times)
         out[name] = {"times": times, "per_second": n / best}
         print(f"{name:<28} {best:>8.2f} {n / best:>8.0f}   (runs: {', '.join(f'{t:.2f}' for t in times)})")
-    path = save("dsn", {"machine": machine(), "args": vars(args), "results": out})
+    path = save(f"dsn-{args.backend}" if args.backend != "sqlite" else "dsn",
+                {"machine": machine(), "args": vars(args), "results": out})
     print(f"wrote {path}")
     shutil.rmtree(work, ignore_errors=True)
     if scored != total or alone != n * args.repeat:

@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass
 
 import psycopg
@@ -148,6 +149,8 @@ class _Connection(psycopg.Connection):
 
 
 _pools: dict[tuple, ConnectionPool] = {}
+_version_checked: dict[tuple, float] = {}
+VERSION_CHECK_INTERVAL = 60.0
 _locks: dict[tuple, threading.Lock] = {}
 _pools_lock = threading.Lock()
 
@@ -187,6 +190,8 @@ def close_pools() -> None:
     with _pools_lock:
         mine = [k for k in _pools if k[0] == os.getpid()]
         pools = [_pools.pop(k) for k in mine]
+        for k in mine:
+            _version_checked.pop(k, None)
     for p in pools:
         p.close(timeout=2)
 
@@ -249,8 +254,13 @@ class Database:
         self.describe = f"{name} {target.describe}"
         self.pool = pool(target)
         self.reads = Reads(self)
-        with self.errors(), self.pool.connection() as raw:
-            self._check_version(schema_version(raw))
+        # The schema is checked once per process and minute, not for each object: `deliver`
+        # opens the bounce records for every DSN, the web the pending requests for every click.
+        key = _pool_key(target)
+        if time.monotonic() - _version_checked.get(key, -VERSION_CHECK_INTERVAL) >= VERSION_CHECK_INTERVAL:
+            with self.errors(), self.pool.connection() as raw:
+                self._check_version(schema_version(raw))
+            _version_checked[key] = time.monotonic()
 
     @contextlib.contextmanager
     def errors(self):
