@@ -20,8 +20,16 @@ import pytest
 
 from listmilter.core import bounces, config, tokens
 from listmilter.core.model import DISABLED, Member
-from listmilter.store import StoreError, open_bounces, open_pending, open_store, site_secret
-from listmilter.store import bounce_records, pending, sqlite
+from listmilter.store import (
+    StoreError,
+    bounce_records,
+    open_bounces,
+    open_pending,
+    open_store,
+    pending,
+    site_secret,
+    sqlite,
+)
 from listmilter.store.postgresql import db as pgdb
 from listmilter.store.postgresql.schema import MIGRATIONS
 from listmilter.store.postgresql.stores import PgBounceDB, PgPendingDB, PgStore
@@ -265,7 +273,7 @@ def test_database_down_is_a_store_error_and_it_recovers_by_itself(own_server, tm
     started = time.monotonic()
     for call in (lambda: store.recipients(LIST), lambda: store.subscribe(LIST, Member("b@example.net"), "mail"),
                  lambda: pend.create(tokens.CONFIRM, LIST, "c@example.net", "subscribe", 3),
-                 lambda: open_bounces(cfg)):
+                 lambda: open_bounces(cfg).rows(LIST)):
         with pytest.raises(StoreError, match=r"postgresql://listmilter@127\.0\.0\.1"):
             call()
     assert time.monotonic() - started < 4 * (pgdb.WAIT + 2)      # waits are bounded

@@ -135,7 +135,7 @@ class Site:
         for host in self.hosts:
             wait_until(host.drained, timeout, interval=0.2, what=f"host {host.name}'s queue to drain")
         for line in lines:
-            wait_until(lambda: any(line in h.log() for h in self.hosts), timeout, interval=0.2,
+            wait_until(lambda line=line: any(line in h.log() for h in self.hosts), timeout, interval=0.2,
                        what=f"{line!r} in a host's log")
         for host in self.hosts:
             wait_until(host.drained, timeout, interval=0.2, what=f"host {host.name}'s queue to drain")

@@ -39,11 +39,10 @@ def upgrade(args, path: str, explicit: bool) -> int:
         if cfg.dsn:
             from listmilter.store.postgresql import db as pgdb
             target = pgdb.target_of(cfg)
-            before, after = pgdb.upgrade(target)
-            print(_line(target.describe, before, after))
+            print(_line(target.describe, *pgdb.upgrade(target)))
             return 0
-        for where, before, after in _upgrade_sqlite(cfg):
-            print(_line(where, before, after))
+        for where, was, now in _upgrade_sqlite(cfg):
+            print(_line(where, was, now))
     except StoreError as e:
         raise Fail(str(e), EX_TEMPFAIL) from None
     return 0
@@ -128,4 +127,4 @@ def _without_password(dsn: str) -> str:
     if "password" not in d:
         return dsn
     d.pop("password")
-    return conninfo.make_conninfo(**d)
+    return conninfo.make_conninfo("", **{k: str(v) for k, v in d.items() if v is not None})

@@ -77,7 +77,13 @@ def _columns(raw: psycopg.Connection, table: str) -> list[str]:
 
 
 def counts(raw: psycopg.Connection) -> dict[str, int]:
-    return {t: raw.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in DATA_TABLES}
+    return {t: _one(raw, f"SELECT count(*) FROM {t}") for t in DATA_TABLES}
+
+
+def _one(raw: psycopg.Connection, query: str) -> int:
+    row = raw.execute(query).fetchone()
+    assert row is not None        # an aggregate always has a row
+    return int(row[0])
 
 
 def copy_state(config, target: pgdb.Target, replace: bool = False) -> list[Counted]:

@@ -75,10 +75,10 @@ class Target:
             d = pg_conninfo.conninfo_to_dict(self.dsn)
         except psycopg.Error:
             return "postgresql (unreadable store.dsn)"
-        host = d.get("host") or os.environ.get("PGHOST") or "localhost"
-        port = d.get("port") or os.environ.get("PGPORT") or "5432"
-        user = d.get("user") or os.environ.get("PGUSER") or ""
-        name = d.get("dbname") or os.environ.get("PGDATABASE") or user
+        host = str(d.get("host") or os.environ.get("PGHOST") or "localhost")
+        port = str(d.get("port") or os.environ.get("PGPORT") or "5432")
+        user = str(d.get("user") or os.environ.get("PGUSER") or "")
+        name = str(d.get("dbname") or os.environ.get("PGDATABASE") or user)
         return f"postgresql://{user + '@' if user else ''}{host}:{port}/{name}"
 
     def connect_kwargs(self) -> dict:
@@ -289,7 +289,8 @@ class Database:
                 raw.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, what))
                 got = True
             else:
-                got = raw.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, what)).fetchone()[0]
+                row = raw.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, what)).fetchone()
+                got = bool(row and row[0])
             try:
                 yield got
             finally:
@@ -324,7 +325,8 @@ class Database:
 
 
 def schema_version(raw: psycopg.Connection) -> int:
-    if raw.execute("SELECT to_regclass('meta')").fetchone()[0] is None:
+    found = raw.execute("SELECT to_regclass('meta')").fetchone()
+    if found is None or found[0] is None:
         return 0
     row = raw.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
     return int(row[0]) if row else 0

@@ -52,9 +52,10 @@ class PgStore(SQLiteStore):
     backend = "postgresql"
 
     def __init__(self, target: Target, lists: str = LISTS_POSTGRESQL, name: str = "postgresql store"):
-        self.db = Database(target, name)
+        self.pg = Database(target, name)
+        self.db = self.pg          # type: ignore[assignment]  # release() and close() are the base's
         self.path = target.describe
-        self.describe = self.db.describe
+        self.describe = self.pg.describe
         self._claim(lists)
 
     def _claim(self, lists: str) -> None:
@@ -68,10 +69,10 @@ class PgStore(SQLiteStore):
                 "give each its own database (docs/configuration.md)")
 
     def _conn(self):
-        return self.db.reads
+        return self.pg.reads
 
     def _write(self):
-        return self.db.transaction()
+        return self.pg.transaction()
 
     def add_members(self, list_address: str, members: Iterable[Member],
                     how: str = "cli", who: str = "", detail: str = "") -> tuple[int, int]:
@@ -134,50 +135,52 @@ class PgStore(SQLiteStore):
         return len(removed), missing
 
     def check(self) -> list[str]:
-        return self.db.check()
+        return self.pg.check()
 
 
 class PgPendingDB(PendingDB):
     """Pending requests and reply counters (pending.sqlite's tables)."""
 
     def __init__(self, target: Target):
-        self.db = Database(target, "pending requests")
+        self.pg = Database(target, "pending requests")
+        self.db = self.pg          # type: ignore[assignment]
         self.path = target.describe
-        self.describe = self.db.describe
+        self.describe = self.pg.describe
         self._target = target
 
     def _conn(self):
-        return self.db.reads
+        return self.pg.reads
 
     def _tx(self):
-        return self.db.transaction()
+        return self.pg.transaction()
 
     @contextlib.contextmanager
     def serialized(self):
         """"Look at what is pending and sent, decide, record" as one step across hosts: a session
         advisory lock. The threads of one process queue on a lock of their own first, so
         those waiting hold no pooled connection (the holder needs one for its work)."""
-        with process_lock(self._target), self.db.advisory_lock(PENDING_LOCK):
+        with process_lock(self._target), self.pg.advisory_lock(PENDING_LOCK):
             yield
 
     def check(self) -> list[str]:
-        return self.db.check()
+        return self.pg.check()
 
 
 class PgBounceDB(BounceDB):
     """Bounce scores and records (bounces.sqlite's tables)."""
 
     def __init__(self, target: Target):
-        self.db = Database(target, "bounce records")
+        self.pg = Database(target, "bounce records")
+        self.db = self.pg          # type: ignore[assignment]
         self.path = target.describe
-        self.describe = self.db.describe
+        self.describe = self.pg.describe
 
     @property
     def conn(self):
-        return self.db.reads
+        return self.pg.reads
 
     def _write(self):
-        return self.db.transaction()
+        return self.pg.transaction()
 
     def _lock_member(self, conn, list_key: str, key: str) -> None:
         # Two DSNs for one member at once (two hosts, or two pipe processes) read the
@@ -187,11 +190,11 @@ class PgBounceDB(BounceDB):
     @contextlib.contextmanager
     def periodic_turn(self):
         """One host does the periodic run at a time; the others skip theirs."""
-        with self.db.advisory_lock(PERIODIC_LOCK, wait=False) as got:
+        with self.pg.advisory_lock(PERIODIC_LOCK, wait=False) as got:
             yield got
 
     def check(self) -> list[str]:
-        return self.db.check()
+        return self.pg.check()
 
 
 # -- the site's keys -----------------------------------------------------------------
@@ -199,18 +202,18 @@ class PgKeys:
     """The site's keys (site_keys), for every host alike: the highest id is current."""
 
     def __init__(self, target: Target):
-        self.db = Database(target, "site keys")
+        self.pg = Database(target, "site keys")
 
     def keys(self) -> list[tuple[int, bytes, float | None, float | None]]:
         """(id, secret, created, until), the current key first."""
-        return [(kid, bytes(secret), created, until) for kid, secret, created, until in self.db.reads.execute(
+        return [(kid, bytes(secret), created, until) for kid, secret, created, until in self.pg.reads.execute(
             "SELECT id, secret, created, until FROM site_keys ORDER BY id DESC")]
 
     def load_or_create(self) -> bytes:
         """The current key; key 0 is made on first use (the first host to ask wins)."""
         keys = self.keys()
         if not keys:
-            with self.db.transaction() as conn:
+            with self.pg.transaction() as conn:
                 conn.execute("INSERT INTO site_keys(id, secret, created) VALUES (0, ?, ?) ON CONFLICT DO NOTHING",
                              (secrets_mod.token_bytes(32), time.time()))
             keys = self.keys()
