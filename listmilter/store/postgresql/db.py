@@ -170,7 +170,7 @@ def pool(target: Target) -> ConnectionPool:
         if p is None:
             # Check the DSN now: a broken one is a clear error, not WAIT seconds of retries.
             target.connect_kwargs()
-            p = ConnectionPool(target.dsn, connection_class=_Connection, kwargs=target.connect_kwargs,
+            p = ConnectionPool(target.dsn, connection_class=_Connection, kwargs=lambda: _kwargs(target),
                                min_size=1, max_size=POOL_MAX,
                                timeout=WAIT, reconnect_timeout=60.0, max_idle=300.0,
                                check=ConnectionPool.check_connection, name=f"listmilter {target.describe}",
@@ -178,6 +178,15 @@ def pool(target: Target) -> ConnectionPool:
             _pools[key] = p
             _locks[key] = threading.Lock()
     return p
+
+
+def _kwargs(target: Target) -> dict:
+    """connect_kwargs for the pool, whose failure (an unreadable password file) is remembered too."""
+    try:
+        return target.connect_kwargs()
+    except StoreError as e:
+        _last_failure[target.dsn] = str(e)
+        raise
 
 
 def process_lock(target: Target) -> threading.Lock:
