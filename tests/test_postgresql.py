@@ -383,3 +383,19 @@ def test_migrate_refuses_a_newer_sqlite_file_and_copies_nothing(pg_database, tmp
                check=False)
     assert proc.returncode == 75 and "schema version 9" in proc.stderr
     assert pg_database.psql("SELECT count(*) FROM members") == "0"
+
+
+# -- db upgrade on SQLite -------------------------------------------------------------------
+def test_db_upgrade_on_sqlite_makes_and_reports_every_file(tmp_path):
+    from listmilter.store.db import Database
+    path = tmp_path / "listmilter.yaml"
+    path.write_text(f"state_dir: {tmp_path}/state\n")
+    state = tmp_path / "state"
+    old = Database(str(state / "pending.sqlite"), "pending database", pending.MIGRATIONS[:1])   # as 0.1 wrote it
+    old.conn()
+    old.close()
+    out = cli(path, "db", "upgrade").stdout.splitlines()
+    assert out == [f"{state}/listmilter.sqlite: created, schema version {len(sqlite.MIGRATIONS)}",
+                   f"{state}/pending.sqlite: schema version 1 -> {len(pending.MIGRATIONS)}",
+                   f"{state}/bounces.sqlite: created, schema version {len(bounce_records.MIGRATIONS)}"]
+    assert all(line.endswith("nothing to do") for line in cli(path, "db", "upgrade").stdout.splitlines())
