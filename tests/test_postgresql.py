@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from listmilter.core import bounces, config, tokens
-from listmilter.core.model import DISABLED, Member
+from listmilter.core.model import DISABLED, Member, NoSuchList
 from listmilter.store import (
     StoreError,
     bounce_records,
@@ -399,3 +399,17 @@ def test_db_upgrade_on_sqlite_makes_and_reports_every_file(tmp_path):
                    f"{state}/pending.sqlite: schema version 1 -> {len(pending.MIGRATIONS)}",
                    f"{state}/bounces.sqlite: created, schema version {len(bounce_records.MIGRATIONS)}"]
     assert all(line.endswith("nothing to do") for line in cli(path, "db", "upgrade").stdout.splitlines())
+
+
+def test_deleting_a_list_deletes_its_members_and_settings(pg_database):
+    store = PgStore(_target(pg_database))
+    store.create_list(LIST, {"subject_prefix": "[dev]"})
+    store.add_members(LIST, [Member("ann@example.net"), Member("bob@example.net")])
+    store.delete_list(LIST)
+    assert pg_database.psql("SELECT count(*) FROM members") == "0"
+    assert pg_database.psql("SELECT count(*) FROM list_settings") == "0"
+    store.create_list(LIST, {})
+    assert store.members(LIST) == [] and store.get_list(LIST).settings == {}
+    assert [e.action for e in store.history(LIST)] == ["subscribed", "subscribed"]    # the record stays
+    with pytest.raises(NoSuchList):
+        store.delete_list("nothing@example.org")

@@ -112,6 +112,15 @@ class PgStore(SQLiteStore):
                             copy.write_row((list_key, key, address, "subscribed", how, who, detail, now))
         return len(new), given - len(new)
 
+    def delete_list(self, address: str) -> None:
+        """The list, its settings and its members (no foreign key cascades members here: schema.py)."""
+        with self._write() as conn:
+            found = conn.execute("SELECT id FROM lists WHERE address=? FOR UPDATE", (addresses.key(address),)).fetchone()
+            if found is None:
+                raise NoSuchList(address)
+            conn.execute("DELETE FROM members WHERE list_id=?", (found[0],))
+            conn.execute("DELETE FROM lists WHERE id=?", (found[0],))
+
     def remove_members(self, list_address: str, addrs: Iterable[str],
                        how: str = "cli", who: str = "", detail: str = "") -> tuple[int, list[str]]:
         """Remove in one transaction, recording each removal; returns (removed, not members)."""
