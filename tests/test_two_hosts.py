@@ -13,6 +13,7 @@ import re
 import shutil
 import smtplib
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -27,8 +28,6 @@ from tests.bed.postgres import PostgreSQL
 from tests.bed.sink import Sink
 from tests.conftest import dsn_message, message
 
-WEB_PORT = free_port()
-BASE_URL = f"http://127.0.0.1:{WEB_PORT}"
 # What Postfix answers for a list address while the database is down: the
 # socketmap lookup (local_recipient_maps) fails before the milter is asked.
 LOOKUP_FAILED = "451 4.3.0 <{rcpt}>: Temporary lookup failure"
@@ -77,12 +76,14 @@ class Host:
 
 class Site:
     def __init__(self) -> None:
-        self.root = Path(__import__("tempfile").mkdtemp(prefix="lm2mx-"))
+        self.root = Path(tempfile.mkdtemp(prefix="lm2mx-"))
         self.root.chmod(0o755)
         self.pg = PostgreSQL(self.root / "postgresql")
         self.sink = Sink()
         self.hosts: list[Host] = []
         self.web: subprocess.Popen | None = None
+        self.web_port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.web_port}"
 
     def start(self) -> None:
         self.pg.start()
@@ -90,8 +91,9 @@ class Site:
         self.sink.start()
         # The lines docs/install.md gives both hosts.
         store = {"backend": "postgresql", "dsn": self.db.dsn, "password_file": self.db.password_file}
-        self.a = Host("a", self.root, self.sink, store, {"base_url": BASE_URL})
-        self.b = Host("b", self.root, self.sink, store, {"base_url": BASE_URL, "listen": f"127.0.0.1:{WEB_PORT}"})
+        self.a = Host("a", self.root, self.sink, store, {"base_url": self.base_url})
+        self.b = Host("b", self.root, self.sink, store,
+                      {"base_url": self.base_url, "listen": f"127.0.0.1:{self.web_port}"})
         self.hosts = [self.a, self.b]
         # Once, from either host, before the first serve: the schema.
         assert "schema version 0 -> 1" in self.a.cli("db", "upgrade").stdout
@@ -109,7 +111,7 @@ class Site:
             ["/usr/bin/env", f"PYTHONPATH={pipe_runtime()}", f"LISTMILTER_LOG={log}",
              "/usr/bin/python3", "-m", "listmilter", "-c", str(self.b.config), "web"],
             user=PIPE_USER, cwd="/", stdout=subprocess.DEVNULL, stderr=self.web_stderr)
-        wait_for_port(WEB_PORT, timeout=20)
+        wait_for_port(self.web_port, timeout=20)
 
     def _stop_web(self) -> None:
         if self.web:
@@ -183,7 +185,7 @@ def test_subscribe_through_a_confirm_through_b_one_click_on_b(site):
     a.smtp(new, [role(lst, "subscribe")], message("join", new, role(lst, "subscribe")))
     confirmation = mail_for(site, new, "Please confirm")
     token = re.search(r"confirm ([a-z2-7]{24})", str(confirmation.message["Subject"])).group(1)
-    assert f"{BASE_URL}/confirm/{token}" in confirmation.message.get_content()
+    assert f"{site.base_url}/confirm/{token}" in confirmation.message.get_content()
     assert f"{lst}\t{new}\tsubscribe\tawaiting-confirmation" in b.cli("pending", lst).stdout
 
     # The reply reaches the other MX: the same pending request, used there.
@@ -193,14 +195,14 @@ def test_subscribe_through_a_confirm_through_b_one_click_on_b(site):
     assert f"to=<{reply}>" in b.log() and f"to=<{reply}>" not in a.log()
     assert members(a, lst) == ["new@example.net", "old@example.net"]
     link = re.search(r"(http://\S+/u/\S+)", welcome.message.get_content()).group(1)
-    assert link.startswith(f"{BASE_URL}/u/")
+    assert link.startswith(f"{site.base_url}/u/")
 
     # A post through A reaches them; its one-click link (made on A) works on B's web.
     a.cli("list", "set", lst, "one_click", "true")
     a.smtp("carol@example.net", [lst], message("first post", "carol@example.net", lst))
     got = mail_for(site, new, "first post")
     url = re.match(r"<(https?://[^>]+)>", got.message["List-Unsubscribe"]).group(1)
-    assert url.startswith(f"{BASE_URL}/u/")
+    assert url.startswith(f"{site.base_url}/u/")
     with urllib.request.urlopen(urllib.request.Request(url, data=b"List-Unsubscribe=One-Click"),
                                 timeout=20) as r:
         assert r.status == 200 and "unsubscribed" in r.read().decode()
