@@ -124,7 +124,11 @@ def keep_for_owner(config, db: BounceDB, mlist: MailingList, data: bytes, why: s
               now=now, kept=path)
     if config.effective("bounce_unrecognised", mlist.settings).value == "forward":
         owners = config.owners(mlist.settings)
-        outgoing.send(config.outgoing, "", list(owners),
+        # From the list's own <list>-owner@, so the owners' providers check SPF against
+        # this host. Not -bounces@: a forward that failed would come back there,
+        # score nobody and be forwarded again, forever; a failure to -owner@ reaches
+        # the owners once, as a bounce from the null sender, and stops there.
+        outgoing.send(config.outgoing, addresses.role_address(mlist.address, "owner"), list(owners),
                       notices.unrecognised_bounce(mlist.address, owners, why, data))
     return path
 
@@ -179,7 +183,8 @@ def _removal_date(now: float, warnings_left: int, interval: float) -> str:
 
 
 def periodic(config, store, now: float | None = None) -> list[str]:
-    """Warn and remove members disabled by bounces, finish pending actions; what was done."""
+    """Warn and remove members disabled by bounces, finish pending actions, act on scores
+    that reached a lowered threshold; what was done."""
     now = time.time() if now is None else now
     secret = secret_mod.load_or_create(config.state_dir)
     done = []
@@ -198,6 +203,14 @@ def periodic(config, store, now: float | None = None) -> list[str]:
             if row.pending:
                 apply_pending(config, store, db, mlist, row, policy, now, secret)
                 done.append(f"{row.pending} {row.address} ({mlist.address})")
+                continue
+            if not row.acted and member.status == ACTIVE \
+                    and bounces.due(bounces.Score(row.score, row.last_scored, row.last_bounce), now, policy) \
+                    and db.set_pending(mlist.address, row.address, policy.action):
+                # The threshold was lowered after this member scored.
+                apply_pending(config, store, db, mlist, replace(row, pending=policy.action), policy, now, secret)
+                done.append(f"{policy.action} {row.address} ({mlist.address}): bounce score {row.score} "
+                            f"reached bounce_threshold {policy.threshold}")
                 continue
             if not row.acted or row.next_warning == 0 or member.status != DISABLED:
                 continue

@@ -40,6 +40,17 @@ class Runtime:
                 self._lock.release()
         return self.config, self.store
 
+    def watch(self) -> threading.Thread:
+        """Look at the config file every CHECK_INTERVAL in the background (`serve`), so a
+        change is picked up and logged within a second, not only at the next message."""
+        def loop() -> None:
+            while True:
+                time.sleep(CHECK_INTERVAL)
+                self.current()      # a failed reload is logged there and never raises
+        thread = threading.Thread(target=loop, name="config-watch", daemon=True)
+        thread.start()
+        return thread
+
     def _mtime(self) -> float | None:
         try:
             return os.stat(self.path).st_mtime if self.path else None

@@ -5,6 +5,8 @@
     lists.py          list create|delete|show|ls|set|unset
     members.py        members add|remove|ls|import|export|enable|disable|history
     bounces.py        bounces
+    trace.py          trace
+    archive.py        archive
     subscriptions.py  pending, approve, reject
 
 Each adds its parsers and a `run` default; every subcommand is a thin
@@ -19,7 +21,7 @@ import sys
 
 from listmilter import __version__
 
-GROUPS = ("serve", "check", "subscriptions", "lists", "members", "bounces")
+GROUPS = ("serve", "check", "subscriptions", "lists", "members", "bounces", "trace", "archive")
 
 
 def _parser():

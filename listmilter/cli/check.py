@@ -6,6 +6,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from listmilter.cli.common import plural
 from listmilter.core import config as config_mod
 from listmilter.core import settings
 from listmilter.mta import postfix_check as mta
@@ -64,7 +65,7 @@ def run(path: str, explicit: bool) -> Report:
         return report
     report.errors.extend(f"{cfg.store_path}: integrity: {p}" for p in problems)
     report.notes.append(f"store: {cfg.backend} ({cfg.path if cfg.backend == 'yaml' else cfg.store_path}), "
-                        f"{len(lists)} lists")
+                        f"{plural(len(lists), 'list')}")
 
     for mlist in lists:
         for name, value in mlist.settings.items():

@@ -74,6 +74,7 @@ def serve(args, path: str, explicit: bool) -> int:
                 len(runtime.store.all_lists()))
     from listmilter.app import bounce_processing
     bounce_processing.start_periodic(runtime)
+    runtime.watch()
     try:
         milter.run(runtime, socket, grace=grace, on_reload=lambda: _reload(runtime))
     except Exception as e:   # libmilter could not open its socket, for one

@@ -196,6 +196,18 @@ def add_bounce(current: Score, now: float, policy: Policy) -> tuple[Score, bool]
     return Score(score.score + 1, now, max(now, score.last_bounce)), True
 
 
+def due(score: Score, now: float, policy: Policy) -> bool:
+    """Does a score call for the list's bounce_action now?
+
+    Checked at every bounce and by the hourly run, so a threshold lowered
+    after a member scored applies to the score they have; a stale score
+    (no bounce for stale_days) does not count.
+    """
+    if score.last_bounce and now - score.last_bounce > policy.stale_days * DAY:
+        return False
+    return score.score >= policy.threshold
+
+
 def was_recipient(member_added: float, member_active: bool, posted_at: float | None) -> bool:
     """Could the member have received the post a DSN refers to?
 

@@ -114,9 +114,14 @@ def parse(text: str, path: str = "<string>", mtime: float | None = None) -> Conf
     try:
         root = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.MarkedYAMLError as e:
+        problem = e.problem or e.context
         mark = e.problem_mark or e.context_mark
-        raise ConfigError(path, mark.line + 1 if mark else None,
-                          f"YAML syntax error: {e.problem or e.context}") from None
+        if mark and e.context_mark and mark.line >= len(text.splitlines()):
+            # The file ended inside something (a quote, a bracket): name where that began,
+            # not the line after the last one.
+            problem = f"{problem} ({e.context} that begins here)"
+            mark = e.context_mark
+        raise ConfigError(path, mark.line + 1 if mark else None, f"YAML syntax error: {problem}") from None
     except yaml.YAMLError as e:
         raise ConfigError(path, None, f"YAML error: {e}") from None
     return _Builder(path).build(root, mtime)

@@ -229,3 +229,13 @@ def personal_copies(ls: ListSettings, members: list[str], message_headers: list[
                        head + personal + b"\r\n" + body))
     return Copies(addresses.strip_brackets(edits.sender[0]), ("RET=HDRS", f"ENVID={envid_value}"),
                   envid_value, copies)
+
+
+# -- the archive -----------------------------------------------------------------------
+def archived_copy(ls: ListSettings, message_headers: list[tuple[str, str]], body: bytes,
+                  post_id: str, secret: bytes, posted_at: float) -> bytes:
+    """The post as its members got it (List-* headers, prefixed Subject; the shared mailto:
+    List-Unsubscribe, never a member's personal link), with Unix line ends for a Maildir."""
+    edits = expand_list(ls, [], [], message_headers, post_id, secret, posted_at)
+    data = _header_bytes(apply_header_edits(message_headers, edits)) + b"\r\n" + body
+    return data.replace(b"\r\n", b"\n")

@@ -21,7 +21,7 @@ from listmilter.app.runtime import Runtime
 from listmilter.core import addresses, plan, policy
 from listmilter.core.plan import LIST, OWNER, PLAIN, REFUSED, Recipient
 from listmilter.log import fields, logger
-from listmilter.store import StoreError
+from listmilter.store import StoreError, archive
 
 ACTIONS = (Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.ADDRCPT_PAR
            | Milter.DELRCPT | Milter.CHGFROM)
@@ -93,6 +93,7 @@ class ListMilter(Milter.Base):
         self.need_body = False
         self.split: plan.Split | None = None
         self.personal = False      # the in-place list's post goes out as one copy per member
+        self.archive = False       # the in-place list keeps its posts (setting `archive`)
 
     def _tempfail(self, why: str) -> int:
         self.setreply("451", "4.3.0", f"listmilter: {why}; try again later")
@@ -116,7 +117,10 @@ class ListMilter(Milter.Base):
         port = hostaddr[1] if isinstance(hostaddr, tuple) and len(hostaddr) > 1 else None
         self.non_smtp = port == 0
         ip = hostaddr[0] if isinstance(hostaddr, tuple) and hostaddr else hostaddr
-        self.client = f"{hostname}[{ip}]"
+        # The MTA passes "[IP]" as the name of a client without a verified name;
+        # Postfix itself logs that client as unknown[IP].
+        name = hostname if hostname and hostname != f"[{ip}]" else "unknown"
+        self.client = f"{name}[{ip}]"
         return Milter.CONTINUE
 
     def envfrom(self, mailfrom, *params):
@@ -190,11 +194,14 @@ class ListMilter(Milter.Base):
             return self._tempfail("list store unavailable")
         self.split = plan.split(self.recipients)
         try:
-            self.personal = bool(self.split.in_place_list) and self._personalized(self.split.in_place_list)
+            in_place = self.split.in_place_list
+            self.personal = bool(in_place) and self._personalized(in_place)
+            self.archive = bool(in_place) and \
+                bool(self.config.effective("archive", self._list(in_place).settings).value)
         except StoreError as e:
             self._log(queue_id, f"deferred (list store: {e})", level=logging.ERROR)
             return self._tempfail("list store unavailable")
-        self.need_body = bool(self.split.reinject) or self.personal
+        self.need_body = bool(self.split.reinject) or self.personal or self.archive
         return Milter.CONTINUE
 
     def _mark_loops(self, queue_id: str) -> list[Recipient]:
@@ -311,33 +318,69 @@ class ListMilter(Milter.Base):
             resubmit.append(("", [self.sender], notices.refusal(r.list_address, self.sender,
                                                               r.reason, self.headers)))
             edits.append(plan.Edits(del_rcpts=[r.rcpt]))
-        outgoing.send_many(self.config.outgoing, resubmit)
+        resubmitted: list[str] = []     # queue ids, in the order of `resubmit`
+        outgoing.send_many(self.config.outgoing, resubmit, resubmitted)
         if copies is not None:
             # Every copy is queued by the MTA before the original goes; any failure tempfails
             # the whole message (outgoing.OutgoingError -> 451), never a discard.
             started = time.monotonic()
+            queued: list[str] = []
             refused = outgoing.send_copies(self.config.outgoing, copies.sender, copies.mail_options,
-                                           copies.envid, copies.copies, self._keepalive)
+                                           copies.envid, copies.copies, self._keepalive, queue_ids=queued)
             for member, reply in refused.items():
                 # In place, the MTA would have bounced it to <list>-bounces@ later; here it says so now.
                 self._log(queue_id, f"member refused ({reply})", split.in_place_list, level=logging.WARNING,
                           to=f"<{member}>")
-            for list_address in split.reinject:
-                self._log(queue_id, "split (re-submitted as a message of its own)", list_address)
+            self._log_resubmitted(queue_id, split, resubmitted)
             self._log(queue_id, "expanded (personal copies)", split.in_place_list, client=True,
                       members=len(copies.copies) - len(refused), seconds=f"{time.monotonic() - started:.2f}",
                       envid=copies.envid)
+            self._log_copies(queue_id, split.in_place_list, queued)
+            self._archive(queue_id, split.in_place_list)
             # Only list recipients were left in this message: nothing more to deliver.
             return Milter.DISCARD
 
         for e in edits:
             self._apply(e)
-        for list_address in split.reinject:
-            self._log(queue_id, "split (re-submitted as a message of its own)", list_address)
+        self._log_resubmitted(queue_id, split, resubmitted)
         for list_address, count, params in posts:
             self._log(queue_id, "expanded", list_address, client=True, members=count,
                       envid=params.partition("ENVID=")[2])
+            self._archive(queue_id, list_address)
         return Milter.ACCEPT
+
+    def _archive(self, queue_id: str, list_address: str) -> None:
+        """Keep the post in its list's archive; a failure is logged and never holds the post up."""
+        if not self.archive:
+            return
+        try:
+            data = plan.archived_copy(self._settings(list_address), self.headers, b"".join(self.body_chunks),
+                                      _post_id(queue_id), self.runtime.secret, time.time())
+            archive.add(self.config.state_dir, list_address, data, _post_id(queue_id))
+        except Exception as e:      # a full disk, a folder of the wrong owner: the post goes all the same
+            self._log(queue_id, f"not archived ({e.__class__.__name__}: {e}); the post went out",
+                      list_address, level=logging.ERROR)
+
+    # Queue ids on one log line: a syslog line stays well under the 8 KB rsyslog keeps.
+    IDS_PER_LINE = 100
+
+    def _log_resubmitted(self, queue_id: str, split: plan.Split, ids: list[str]) -> None:
+        """The queue id each split-off copy and refusal notice got (`listmilter trace` follows them)."""
+        ids = iter(ids)
+        for list_address in split.reinject:
+            self._log(queue_id, "split (re-submitted as a message of its own)", list_address,
+                      queued_as=next(ids, outgoing.UNKNOWN_ID))
+        for r in split.refused:
+            self._log(queue_id, "refusal notice sent to the sender", r.list_address,
+                      queued_as=next(ids, outgoing.UNKNOWN_ID))
+
+    def _log_copies(self, queue_id: str, list_address: str, ids: list[str]) -> None:
+        """Every queue id of a post's personal copies, IDS_PER_LINE to a line."""
+        chunks = [ids[i:i + self.IDS_PER_LINE] for i in range(0, len(ids), self.IDS_PER_LINE)]
+        for n, chunk in enumerate(chunks, 1):
+            logger.info("%s: %s", queue_id, fields(
+                list=f"<{list_address}>", copies=len(ids),
+                part=f"{n}/{len(chunks)}" if len(chunks) > 1 else None, queued_as=" ".join(chunk)))
 
     def _apply(self, e: plan.Edits) -> None:
         for rcpt in e.del_rcpts:

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from listmilter.core import addresses
-from listmilter.core.bounces import Failure, Policy, Score, add_bounce
+from listmilter.core.bounces import Failure, Policy, Score, add_bounce, due
 from listmilter.store import StoreError
 from listmilter.store.sqlite import Transaction, adopt_owner, sqlite_errors
 
@@ -138,8 +138,8 @@ class BounceDB:
             new, counted = add_bounce(current, now, policy)
             pending = row.pending if row else ""
             acted = row.acted if row else 0.0
-            if counted and new.score >= policy.threshold and not pending and not acted:
-                pending = policy.action
+            if not pending and not acted and due(new, now, policy):
+                pending = policy.action     # also a bounce counted today, after a lowered threshold
             conn.execute(
                 "INSERT INTO scores(list, key, address, score, last_scored, last_bounce, last_status, "
                 "last_diagnostic, pending) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -171,6 +171,11 @@ class BounceDB:
         self._update("UPDATE scores SET pending='', acted=?, warnings_sent=?, next_warning=? "
                      "WHERE list=? AND key=?", (now, warnings_sent, next_warning,
                                                 addresses.key(list_address), addresses.key(address)))
+
+    def set_pending(self, list_address: str, address: str, action: str) -> bool:
+        """Call for `action` on a score no action was taken on yet; False if one was."""
+        return self._update("UPDATE scores SET pending=? WHERE list=? AND key=? AND pending='' AND acted=0",
+                            (action, addresses.key(list_address), addresses.key(address))) > 0
 
     def mark_warned(self, list_address: str, address: str, warnings_sent: int, next_warning: float) -> None:
         self._update("UPDATE scores SET warnings_sent=?, next_warning=? WHERE list=? AND key=?",
