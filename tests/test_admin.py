@@ -5,7 +5,7 @@ config picked up without mail, `listmilter check --live`."""
 from __future__ import annotations
 
 import re
-import shutil
+import smtplib
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +14,7 @@ import pytest
 
 from tests.bed.listmilter import cli
 from tests.bed.net import wait_until
-from tests.conftest import Bed, message
+from tests.conftest import message
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -192,3 +192,57 @@ def test_an_edited_config_is_picked_up_within_seconds_without_mail(clean_bed):
     finally:
         del bed.listmilter.extra["defaults"]
         bed.listmilter.write_config()
+
+
+def test_check_live_proves_the_path_and_names_each_part_that_is_down(clean_bed, tmp_path):
+    bed = clean_bed
+    lm = bed.listmilter
+    bed.new_list(["lv1@example.net"], owners=("boss@example.com",))
+    env = {"MAIL_CONFIG": str(bed.postfix.dir)}
+    up = cli(lm.config_path, "check", "--live", env=env, check=False)
+    assert up.returncode == 0, up.stderr
+    out = up.stdout
+    assert f"live: milter inet:{lm.milter_port}@127.0.0.1: answers (milter protocol 6" in out
+    assert f"live: serve: listmilter {__import__('listmilter').__version__}, pid {lm.proc.pid}, " \
+           f"config {lm.config_path}" in out
+    assert f"live: socketmap inet:{lm.socketmap_port}@127.0.0.1: recipients " in out and " -> OK " in out
+    assert f"live: outgoing smtp: 127.0.0.1:{bed.postfix.port}: EHLO answered 250 (mx.example.test)" in out
+    assert re.search(rf"live: postfix: postmap -q \S+ socketmap:inet:127.0.0.1:{lm.socketmap_port}:recipients "
+                     r"-> \S+@example.org\n", out), out
+    assert "live:" not in up.stderr
+
+    # The outgoing MTA gone (a config pointing elsewhere): one line, exit 1.
+    other = tmp_path / "other.yaml"
+    other.write_text(lm.config_path.read_text().replace(f"127.0.0.1:{bed.postfix.port}", "127.0.0.1:9"))
+    proc = cli(other, "check", "--live", env=env, check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("live:")]
+    assert proc.returncode == 1
+    assert any(line.startswith("live: outgoing smtp: 127.0.0.1:9: Connection refused: listmilter cannot send")
+               for line in lines), lines
+    assert any(line.startswith(f"live: serve runs config {lm.config_path}, not {other}") for line in lines), lines
+
+    lm.stop()
+    try:
+        down = cli(lm.config_path, "check", "--live", env=env, check=False)
+        # docs/postfix.md, "While listmilter is down": all mail waits today, not only list mail.
+        with pytest.raises(smtplib.SMTPException) as info:
+            bed.smtp("carol@example.net", ["person@example.net"], message("while down", to="person@example.net"))
+        assert "451" in str(info.value) and "4.7.1" in str(info.value), info.value
+    finally:
+        lm.start()
+    assert down.returncode == 1
+    lines = [line for line in down.stderr.splitlines() if line.startswith("live:")]
+    expected = (f"live: milter inet:{lm.milter_port}@127.0.0.1: Connection refused: Postfix answers mail 4xx; "
+                "is `listmilter serve` running?",
+                f"live: serve: no {lm.state_dir}/deliver.sock: no serve runs on state_dir {lm.state_dir}; is",
+                f"live: socketmap inet:{lm.socketmap_port}@127.0.0.1: Connection refused: Postfix answers "
+                "'451 4.3.0 Temporary lookup failure'",
+                "live: postfix: postmap -q ")
+    assert len(lines) == len(expected), lines
+    for line, start in zip(lines, expected):
+        assert line.startswith(start), (line, start)
+    assert re.match(rf"live: postfix: postmap -q \S+ socketmap:inet:127.0.0.1:{lm.socketmap_port}:recipients: "
+                    r"postmap: fatal: .*Connection refused: Postfix cannot reach", lines[-1]), lines[-1]
+    assert "Traceback" not in down.stderr
+    # Up again: the same check passes once more.
+    assert cli(lm.config_path, "check", "--live", env=env, check=False).returncode == 0

@@ -116,11 +116,36 @@ def _check_web(cfg, report: Report) -> None:
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("check", help="check the config file and the store; exit non-zero on errors")
+    s.add_argument("--live", action="store_true",
+                   help="also ask the running serve, its sockets, the outgoing MTA and Postfix's postmap")
     s.set_defaults(run=main)
+
+
+def live(path: str, explicit: bool, report: Report) -> None:
+    """`check --live`: the path a post takes, probed while it runs (listmilter.mta.live)."""
+    from listmilter.mta import live as live_mod
+    try:
+        cfg = config_mod.load(path, explicit)
+    except config_mod.ConfigError:
+        return          # already one line of the report
+    lists: list[str] = []
+    try:
+        if cfg.backend == "sqlite" and not os.path.exists(cfg.store_path):
+            raise StoreError("no store yet")       # not made by a check
+        store = open_store(cfg)
+        try:
+            lists = [m.address for m in store.all_lists()]
+        finally:
+            store.close()
+    except StoreError:
+        pass            # already in the report; the probes do not need the store
+    live_mod.run(cfg, lists, report)
 
 
 def main(args, path: str, explicit: bool) -> int:
     report = run(path, explicit)
+    if args.live:
+        live(path, explicit, report)
     for line in report.notes:
         print(line)
     for line in report.warnings:
