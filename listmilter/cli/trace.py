@@ -13,7 +13,7 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("trace", help="follow a post through the mail log, under every queue id it produced")
     s.add_argument("queue_id", metavar="QUEUEID", help="the post's queue id, or that of any copy or DSN of it")
     s.add_argument("--log", action="append", metavar="FILE",
-                   help=f"a log to read (default {DEFAULT_LOG}); repeat to merge Postfix's and listmilter's")
+                   help=f"a log to read, - for standard input (default {DEFAULT_LOG}); repeat to merge logs")
     s.set_defaults(run=run)
 
 
@@ -24,6 +24,11 @@ def run(args, path: str, explicit: bool) -> int:
     files = args.log or [DEFAULT_LOG]
     logs = []
     for name in files:
+        if name == "-":     # e.g. journalctl --since today | listmilter trace ID --log -
+            import io
+            import sys
+            logs.append(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace").read().splitlines())
+            continue
         try:
             with open(name, encoding="utf-8", errors="replace") as f:
                 logs.append(f.read().splitlines())
