@@ -309,8 +309,7 @@ def test_web_config():
 
 def test_subscription_settings():
     cfg = config.parse("defaults:\n  subscribe_policy: confirm+moderate\n  unsubscribe_confirm: false\n")
-    eff = lambda name: cfg.effective(name, {}).value  # noqa: E731
-    assert subscriptions.policy_from(eff) == Policy("confirm+moderate", False, False, 3, 3, 100)
+    assert subscriptions.policy_from(cfg.list_settings({})) == Policy("confirm+moderate", False, False, 3, 3, 100)
     for text in ("defaults:\n  subscribe_policy: maybe\n", "defaults:\n  templates: relative/dir\n",
                  "defaults:\n  confirm_days: 0\n"):
         with pytest.raises(config.ConfigError):

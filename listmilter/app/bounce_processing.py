@@ -43,9 +43,7 @@ class Outcome:
 
 
 def policy_of(config, mlist: MailingList) -> bounces.Policy:
-    get = lambda name: config.effective(name, mlist.settings).value  # noqa: E731
-    return bounces.Policy(get("bounce_action"), get("bounce_threshold"), get("bounce_stale_days"),
-                          get("bounce_warnings"), get("bounce_warning_interval_days"))
+    return bounces.Policy.of(config.list_settings(mlist.settings))
 
 
 def handle(config, store, secret: bytes, mlist: MailingList, sender: str, data: bytes,
@@ -100,7 +98,7 @@ def keep_for_owner(config, db: BounceDB, mlist: MailingList, data: bytes, why: s
     statedir.adopt(config.state_dir, os.path.dirname(folder), folder, path)
     db.record(mlist.address, bounces.Failure("", False, "", why[:300]), Verdict.UNRECOGNISED,
               now=now, kept=path)
-    if config.effective("bounce_unrecognised", mlist.settings).value == "forward":
+    if config.list_settings(mlist.settings).bounce_unrecognised == "forward":
         owners = config.owners(mlist.settings)
         outgoing.send(config.outgoing, "", list(owners),
                       notices.unrecognised_bounce(mlist.address, owners, why, data))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from listmilter.app import notices, outgoing
 from listmilter.core import addresses, commands, plan, subscriptions, tokens
 from listmilter.core.model import MailingList, Member
-from listmilter.core.subscriptions import MEMBER, OWNERS, SENDER, Outcome, Request, State
+from listmilter.core.subscriptions import OWNERS, SENDER, Outcome, Request, State
 from listmilter.log import fields, logger
 from listmilter.store.pending import PendingDB
 
@@ -50,14 +50,11 @@ class Service:
         self.pending.close()
 
     # -- list facts ------------------------------------------------------------
-    def _eff(self, mlist: MailingList):
-        return lambda name: self.config.effective(name, mlist.settings).value
-
     def policy(self, mlist: MailingList) -> subscriptions.Policy:
-        return subscriptions.policy_from(self._eff(mlist))
+        return subscriptions.policy_from(self.config.list_settings(mlist.settings))
 
     def owners(self, mlist: MailingList) -> tuple[str, ...]:
-        return tuple(self._eff(mlist)("owners")) or (self.config.site_admin,)
+        return self.config.owners(mlist.settings)
 
     def unsubscribe_url(self, list_address: str, address: str) -> str:
         base = self.config.web.base_url
@@ -83,7 +80,7 @@ class Service:
         heads: dict[str, list[str]] = {}
         for name, value in msg.items():
             heads.setdefault(name.lower(), []).append(str(value))
-        ls = plan.effective_settings(mlist, self.config.effective)
+        ls = plan.effective_settings(mlist.address, self.config.list_settings(mlist.settings))
         client = commands.received_client(data)
         base = {"to": f"<{addresses.role_address(mlist.address, role.role, role.extension)}>",
                 "from": f"<{sender}>", "size": len(data), "list": f"<{mlist.address}>", "role": role.role,
@@ -145,20 +142,16 @@ class Service:
             logger.warning("web: %s", fields(list=f"<{list_key}>", client=client, status="refused (no such list)"))
             return 404, list_key, "This mailing list does not exist (any more)."
         removed = self.store.unsubscribe(mlist.address, address, "web", client, "one-click unsubscribe")
-        status = "unsubscribed (one-click)" if removed else "not a member (one-click)"
+        outcome = subscriptions.on_one_click(removed, self.policy(mlist))
         logger.info("web: %s", fields(list=f"<{mlist.address}>", address=f"<{address}>", client=client,
-                                       status=status))
-        if removed:
-            ctx = Context("web", client, None, address, detail="one-click unsubscribe")
-            pol = self.policy(mlist)
-            mails = (subscriptions.Mail("goodbye", MEMBER),) + \
-                ((subscriptions.Mail("owner_left", OWNERS),) if pol.owner_notices else ())
-            try:
-                self._send(mlist, mails, ctx, None)
-            except outgoing.OutgoingError as e:   # the unsubscription stands; only the notice is lost
-                logger.error("web: %s", fields(list=f"<{mlist.address}>", status=f"goodbye not sent ({e})"))
-            return 200, mlist.address, "You have been unsubscribed."
-        return 200, mlist.address, "This address is not subscribed (any more)."
+                                       status=outcome.status))
+        if not removed:
+            return 200, mlist.address, "This address is not subscribed (any more)."
+        try:
+            self.apply(mlist, outcome, Context("web", client, None, address, detail="one-click unsubscribe"))
+        except outgoing.OutgoingError as e:   # the unsubscription stands; only the notice is lost
+            logger.error("web: %s", fields(list=f"<{mlist.address}>", status=f"goodbye not sent ({e})"))
+        return 200, mlist.address, "You have been unsubscribed."
 
     def confirm_info(self, token: str) -> tokens.Pending | None:
         """A usable confirmation request for the web page (None: not usable)."""
@@ -173,9 +166,7 @@ class Service:
         if pending is None or mlist is None:
             logger.warning("web: %s", fields(client=client, status="refused (token unknown)"))
             return 404, subscriptions.REFUSAL_TEXT["unknown"]
-        outcome = subscriptions.on_token(pending, mlist.address, self.policy(mlist), time.time())
-        if pending.kind == tokens.MODERATE:      # the web cannot tell an owner; owners reply by mail
-            outcome = Outcome("refused (approval on the web)", refused=True, reason="not owner")
+        outcome = subscriptions.on_web_token(pending, mlist.address, self.policy(mlist), time.time())
         ctx = Context("web", client, None, pending.address, pending.name, pending.hash,
                       detail="confirmed by link")
         self.apply(mlist, outcome, ctx)
@@ -234,11 +225,11 @@ class Service:
     def _send(self, mlist: MailingList, mails, ctx: Context, token: str | None, reason: str = "",
               budget: str | None = None) -> None:
         request = addresses.role_address(mlist.address, "request")
-        eff = self._eff(mlist)
+        eff = self.config.list_settings(mlist.settings)
         owners = self.owners(mlist)
         values = {
             "list": mlist.address, "address": ctx.address, "name": ctx.name,
-            "description": eff("description"),
+            "description": eff.description,
             "request_address": request,
             "subscribe_address": addresses.role_address(mlist.address, "subscribe"),
             "unsubscribe_address": addresses.role_address(mlist.address, "unsubscribe"),
@@ -247,11 +238,11 @@ class Service:
             "confirm_address": addresses.role_address(mlist.address, "confirm", token) if token else "",
             "unsubscribe_url": self.unsubscribe_url(mlist.address, ctx.address),
             "days": str(tokens.MODERATION_DAYS if any(m.template == "moderation_request" for m in mails)
-                        else eff("confirm_days")),
+                        else eff.confirm_days),
             "reason": subscriptions.REFUSAL_TEXT.get(reason, ""),
             "how": {"mail": "by mail", "web": "on the web", "cli": "by the admin",
                     "owner": "approved by an owner"}.get(ctx.how, ctx.how),
-            "policy_text": _policy_text(eff("subscribe_policy")),
+            "policy_text": _policy_text(eff.subscribe_policy),
         }
         batch: list = []
         to_owners: list = []
@@ -265,7 +256,7 @@ class Service:
                 targets = [ctx.sender]
             else:
                 targets = [ctx.address]
-            subject, text = notices.render(notices.template_text(mail.template, eff("templates")), values)
+            subject, text = notices.render(notices.template_text(mail.template, eff.templates), values)
             reply_to = values["confirm_address"] if token and mail.template in (
                 "confirm_subscribe", "confirm_unsubscribe", "moderation_request") else None
             for to in targets:

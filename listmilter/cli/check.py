@@ -73,11 +73,11 @@ def run(path: str, explicit: bool) -> Report:
                 settings.parse(name, list(value) if isinstance(value, tuple) else value)
             except settings.SettingError as e:
                 report.errors.append(f"{mlist.origin}: list {mlist.address}: {name}: {e}")
-        folder = cfg.effective("templates", mlist.settings).value
+        folder = cfg.list_settings(mlist.settings).templates
         if folder and not os.path.isdir(folder):
             report.warnings.append(f"{mlist.origin}: list {mlist.address}: templates folder {folder} "
                                    "does not exist; the shipped templates are used")
-        if not cfg.effective("owners", mlist.settings).value:
+        if not cfg.list_settings(mlist.settings).owners:
             report.warnings.append(f"{mlist.origin}: list {mlist.address} has no owners; "
                                    f"mail to its -owner address goes to {cfg.site_admin}")
         if limit:

@@ -54,8 +54,8 @@ def _create(args, cfg, store):
     print(f"created list {mlist.address}")
     if args.notify:
         from listmilter.app import notices, outgoing
-        eff = lambda name: cfg.effective(name, mlist.settings).value  # noqa: E731
-        message = notices.list_created(mlist.address, cfg.site_admin, eff("owners"), eff("posting"),
+        eff = cfg.list_settings(mlist.settings)
+        message = notices.list_created(mlist.address, cfg.site_admin, eff.owners, eff.posting,
                                        admin_user())
         try:
             outgoing.send(cfg.outgoing, "", [cfg.site_admin], message)

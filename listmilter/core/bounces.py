@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from listmilter.core import addresses
+from listmilter.core import addresses, settings
 
 
 class Kind(StrEnum):
@@ -203,6 +203,11 @@ class Policy:
     stale_days: int = 7
     warnings: int = 3
     warning_interval_days: int = 7
+
+    @classmethod
+    def of(cls, s: settings.ListSettings) -> Policy:
+        return cls(s.bounce_action, s.bounce_threshold, s.bounce_stale_days, s.bounce_warnings,
+                   s.bounce_warning_interval_days)
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,10 @@ class Config:
     def effective(self, name: str, list_settings: dict[str, Any]) -> settings.Effective:
         return settings.resolve(name, list_settings, self.defaults, self.defaults_origin)
 
+    def list_settings(self, list_settings: dict[str, Any]) -> settings.ListSettings:
+        """Every setting of a list, resolved (for where each value comes from: effective)."""
+        return settings.resolve_all(list_settings, self.defaults)
+
     def owners(self, list_settings: dict[str, Any]) -> tuple[str, ...]:
         """Who gets a list's owner mail: its owners, or the site admin for a list without."""
         return tuple(self.effective("owners", list_settings).value) or (self.site_admin,)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from listmilter.core import addresses, envid, headers, policy
+from listmilter.core import addresses, envid, headers, policy, settings
 from listmilter.core.model import MailingList
 
 # Recipient kinds
@@ -92,10 +92,8 @@ class ListSettings:
     list_id: str
 
 
-def effective_settings(mlist: MailingList, effective: Callable[[str, dict], object]) -> ListSettings:
-    get = lambda name: effective(name, mlist.settings).value  # noqa: E731
-    return ListSettings(mlist.address, get("posting"), get("subject_prefix"), get("description"),
-                        headers.list_id(mlist.address, get("list_id")))
+def effective_settings(address: str, s: settings.ListSettings) -> ListSettings:
+    return ListSettings(address, s.posting, s.subject_prefix, s.description, headers.list_id(address, s.list_id))
 
 
 def unique_members(list_address: str, members: list[str]) -> list[str]:

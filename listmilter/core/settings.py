@@ -155,6 +155,34 @@ def parse(name: str, value: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class ListSettings:
+    """Every setting's effective value for one list: the list's own, else the
+    config file's `defaults:`, else built-in (Config.list_settings builds it).
+    One field per entry of SETTINGS, checked by the tests."""
+    posting: str
+    owners: tuple[str, ...]
+    subject_prefix: str
+    description: str
+    list_id: str
+    subscribe_policy: str
+    unsubscribe_confirm: bool
+    owner_notices: bool
+    confirm_days: int
+    confirm_limit_per_address: int
+    confirm_limit_per_list: int
+    confirm_limit_per_sender: int
+    confirm_limit_per_client: int
+    templates: str
+    one_click: bool
+    bounce_action: str
+    bounce_threshold: int
+    bounce_stale_days: int
+    bounce_warnings: int
+    bounce_warning_interval_days: int
+    bounce_unrecognised: str
+
+
+@dataclass(frozen=True)
 class Effective:
     value: Any
     origin: str   # "list", "defaults (FILE:LINE)" or "built-in"
@@ -168,3 +196,7 @@ def resolve(name: str, list_settings: dict[str, Any], defaults: dict[str, Any],
         where = (defaults_origin or {}).get(name, "defaults")
         return Effective(defaults[name], where)
     return Effective(SETTINGS[name].default, "built-in")
+
+
+def resolve_all(list_settings: dict[str, Any], defaults: dict[str, Any]) -> ListSettings:
+    return ListSettings(**{name: resolve(name, list_settings, defaults).value for name in SETTINGS})

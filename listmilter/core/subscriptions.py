@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from listmilter.core import addresses, commands
+from listmilter.core import addresses, commands, settings
 from listmilter.core.tokens import CONFIRM, MODERATE, Pending
 
 POLICIES = ("open", "confirm", "moderate", "confirm+moderate")
@@ -269,6 +269,25 @@ def on_token(pending: Pending | None, list_key: str, policy: Policy, now: float,
     return _joined("subscribed (confirmed)", policy, close="confirmed")
 
 
+def on_web_token(pending: Pending | None, list_key: str, policy: Policy, now: float) -> Outcome:
+    """A confirmation link was followed. The web cannot tell who clicks, so a
+    moderation request is never approved there: owners answer by mail or the CLI."""
+    outcome = on_token(pending, list_key, policy, now)
+    if pending is not None and pending.kind == MODERATE:
+        return Outcome("refused (approval on the web)", refused=True, reason="not owner")
+    return outcome
+
+
+def on_one_click(removed: bool, policy: Policy) -> Outcome:
+    """RFC 8058 one-click unsubscribe, after the store removed the member (`removed`)
+    or found nobody to remove: the member leaves at once, without confirmation (the
+    link is proof enough), and hears of it as after any unsubscription."""
+    if not removed:
+        return Outcome("not a member (one-click)")
+    left = _left("unsubscribed (one-click)", policy)
+    return replace(left, change=None)        # done already: the store's removal was the decision
+
+
 def on_decision(pending: Pending, policy: Policy, approve: bool) -> Outcome:
     """An owner approves or rejects a moderation request."""
     if not approve:
@@ -278,14 +297,10 @@ def on_decision(pending: Pending, policy: Policy, approve: bool) -> Outcome:
     return _joined("subscribed (approved)", policy, close="approved")
 
 
-def policy_from(effective) -> Policy:
-    """The Policy of a list; `effective(name)` gives a setting's effective value."""
-    return Policy(subscribe=effective("subscribe_policy"),
-                  unsubscribe_confirm=effective("unsubscribe_confirm"),
-                  owner_notices=effective("owner_notices"),
-                  confirm_days=effective("confirm_days"),
-                  limit_address=effective("confirm_limit_per_address"),
-                  limit_list=effective("confirm_limit_per_list"),
-                  limit_sender=effective("confirm_limit_per_sender"),
-                  limit_client=effective("confirm_limit_per_client"))
+def policy_from(s: settings.ListSettings) -> Policy:
+    """The Policy of a list, from its settings."""
+    return Policy(subscribe=s.subscribe_policy, unsubscribe_confirm=s.unsubscribe_confirm,
+                  owner_notices=s.owner_notices, confirm_days=s.confirm_days,
+                  limit_address=s.confirm_limit_per_address, limit_list=s.confirm_limit_per_list,
+                  limit_sender=s.confirm_limit_per_sender, limit_client=s.confirm_limit_per_client)
 

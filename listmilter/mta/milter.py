@@ -173,10 +173,10 @@ class ListMilter(Milter.Base):
             return Recipient(rcpt, address, PLAIN, mlist.address)   # for the pipe transport
         if self.sender == policy.NULL_SENDER:
             return Recipient(rcpt, address, PLAIN, mlist.address, "null sender")
-        eff = lambda name: self.config.effective(name, mlist.settings).value  # noqa: E731
+        eff = self.config.list_settings(mlist.settings)
         refusal = policy.posting_refusal(
-            eff("posting"), mlist.address, self.sender,
-            self.store.is_member(mlist.address, self.sender), eff("owners"))
+            eff.posting, mlist.address, self.sender,
+            self.store.is_member(mlist.address, self.sender), eff.owners)
         if refusal:
             return Recipient(rcpt, address, REFUSED, mlist.address, refusal)
         return Recipient(rcpt, address, LIST, mlist.address)
@@ -250,12 +250,12 @@ class ListMilter(Milter.Base):
         return mlist
 
     def _settings(self, list_address: str) -> plan.ListSettings:
-        return plan.effective_settings(self._list(list_address), self.config.effective)
+        return plan.effective_settings(list_address, self.config.list_settings(self._list(list_address).settings))
 
     def _personalized(self, list_address: str) -> bool:
         """One copy per member, each with its own one-click unsubscribe URL (web.base_url set)?"""
         return bool(self.config.web.base_url) and \
-            bool(self.config.effective("one_click", self._list(list_address).settings).value)
+            self.config.list_settings(self._list(list_address).settings).one_click
 
     def _unsubscribe_url(self, list_address: str):
         from listmilter.core.tokens import unsubscribe_token
