@@ -18,13 +18,19 @@ import email.utils
 import ipaddress
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 
 from listmilter.core import addresses, tokens
 
-SUBSCRIBE = "subscribe"
-UNSUBSCRIBE = "unsubscribe"
-CONFIRM = "confirm"
-HELP = "help"
+
+class Command(StrEnum):
+    SUBSCRIBE = "subscribe"
+    UNSUBSCRIBE = "unsubscribe"
+    CONFIRM = "confirm"
+    HELP = "help"
+
+
+SUBSCRIBE, UNSUBSCRIBE, CONFIRM, HELP = Command.SUBSCRIBE, Command.UNSUBSCRIBE, Command.CONFIRM, Command.HELP
 
 _WORDS = {
     "subscribe": SUBSCRIBE, "join": SUBSCRIBE,

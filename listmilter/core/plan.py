@@ -16,23 +16,29 @@ that list's address alone, where the milter expands it like any single post.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Callable
 
 from listmilter.core import addresses, envid, headers, policy, settings
 from listmilter.core.model import MailingList
 
-# Recipient kinds
-LIST = "list"          # a post to expand
-OWNER = "owner"        # <list>-owner@: an alias for the list's owners
-REFUSED = "refused"    # a post the sender may not make (kept only where the MTA cannot reject)
-PLAIN = "plain"        # anything else: a person, a role address for the pipe transport
+
+class Kind(StrEnum):
+    """What one recipient of a message is."""
+    LIST = "list"          # a post to expand
+    OWNER = "owner"        # <list>-owner@: an alias for the list's owners
+    REFUSED = "refused"    # a post the sender may not make (kept only where the MTA cannot reject)
+    PLAIN = "plain"        # anything else: a person, a role address for the pipe transport
+
+
+LIST, OWNER, REFUSED, PLAIN = Kind.LIST, Kind.OWNER, Kind.REFUSED, Kind.PLAIN
 
 
 @dataclass(frozen=True)
 class Recipient:
     rcpt: str                    # exactly as the MTA gave it (delrcpt needs that)
     address: str                 # bare address
-    kind: str = PLAIN
+    kind: Kind = PLAIN
     list_address: str = ""
     reason: str = ""
 

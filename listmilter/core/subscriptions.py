@@ -35,16 +35,22 @@ subscriber's confirmation needs.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
 from listmilter.core import addresses, commands, settings
 from listmilter.core.tokens import CONFIRM, MODERATE, Pending
 
 POLICIES = ("open", "confirm", "moderate", "confirm+moderate")
 
-# Mail recipients
-MEMBER = "member"     # the address the request is about
-SENDER = "sender"     # whoever sent the command (may differ for a token reply)
-OWNERS = "owners"
+
+class To(StrEnum):
+    """Who a mail of an Outcome goes to."""
+    MEMBER = "member"     # the address the request is about
+    SENDER = "sender"     # whoever sent the command (may differ for a token reply)
+    OWNERS = "owners"
+
+
+MEMBER, SENDER, OWNERS = To.MEMBER, To.SENDER, To.OWNERS
 
 
 # Replies to requests nobody has proven to own the address for. What counts toward the
@@ -66,9 +72,13 @@ class Policy:
     limit_client: int = 10
 
 
-# Budgets (see the module text)
-OWN = "own"                  # replies to the envelope sender (or to a From: it vouches for)
-UNVERIFIED = "unverified"    # mail to an address other than the envelope sender
+class Budget(StrEnum):
+    """Which limits a reply counts toward (see the module text)."""
+    OWN = "own"                  # replies to the envelope sender (or to a From: it vouches for)
+    UNVERIFIED = "unverified"    # mail to an address other than the envelope sender
+
+
+OWN, UNVERIFIED = Budget.OWN, Budget.UNVERIFIED
 
 
 @dataclass(frozen=True)
