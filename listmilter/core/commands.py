@@ -23,14 +23,15 @@ from enum import StrEnum
 from listmilter.core import addresses, tokens
 
 
-class Command(StrEnum):
+class Verb(StrEnum):
+    """What a command asks for."""
     SUBSCRIBE = "subscribe"
     UNSUBSCRIBE = "unsubscribe"
     CONFIRM = "confirm"
     HELP = "help"
 
 
-SUBSCRIBE, UNSUBSCRIBE, CONFIRM, HELP = Command.SUBSCRIBE, Command.UNSUBSCRIBE, Command.CONFIRM, Command.HELP
+SUBSCRIBE, UNSUBSCRIBE, CONFIRM, HELP = Verb.SUBSCRIBE, Verb.UNSUBSCRIBE, Verb.CONFIRM, Verb.HELP
 
 _WORDS = {
     "subscribe": SUBSCRIBE, "join": SUBSCRIBE,
