@@ -69,17 +69,17 @@ def _flag(value: Any) -> bool:
 
 
 def _list_id(value: Any) -> str:
-    value = _text(value)
-    if value and not all(part for part in value.split(".")) or " " in value or "<" in value:
-        raise SettingError(f"must be a dot-atom such as dev.example.org (got {value!r})")
-    return value
+    text = _text(value)
+    if text and not all(part for part in text.split(".")) or " " in text or "<" in text:
+        raise SettingError(f"must be a dot-atom such as dev.example.org (got {text!r})")
+    return text
 
 
 def _folder(value: Any) -> str:
-    value = _text(value)
-    if value and not value.startswith("/"):
-        raise SettingError(f"must be an absolute folder path, or empty (got {value!r})")
-    return value
+    text = _text(value)
+    if text and not text.startswith("/"):
+        raise SettingError(f"must be an absolute folder path, or empty (got {text!r})")
+    return text
 
 
 @dataclass(frozen=True)

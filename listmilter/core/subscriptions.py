@@ -266,6 +266,7 @@ def on_token(pending: Pending | None, list_key: str, policy: Policy, now: float,
         refusal = Outcome(f"refused (token {reason})", mails=(Mail("token_refused", SENDER),), refused=True,
                           reason=reason)
         return _limited(policy, request, state, refusal) if state else refusal
+    assert pending is not None      # token_refusal names a missing request
     if pending.kind == MODERATE:
         if not sender_is_owner:
             refusal = Outcome("refused (approval from a non-owner)", mails=(Mail("token_refused", SENDER),),
