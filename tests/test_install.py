@@ -214,13 +214,13 @@ def test_install_md_as_written_without_systemd_then_uninstall(tmp_path):
     # as troubleshooting.md has it; section 4 adopted them.
     assert read("bootstrap-owner").strip() == "root"
     troubleshooting = (ROOT / "docs" / "troubleshooting.md").read_text()
-    for case, verb in (("root-folder", "create"), ("root-files", "open")):
+    message = "listmilter: sqlite store /var/lib/listmilter/listmilter.sqlite: cannot open: " \
+              "unable to open database file"
+    assert f"### `{message}` (exit 75)" in troubleshooting
+    for case in ("root-folder", "root-files"):
         assert read(f"serve-{case}.rc").strip() == "75"
         err = read(f"serve-{case}.err").strip().splitlines()[-1]     # after set -x lines
-        message = f"listmilter: sqlite store: cannot {verb} /var/lib/listmilter/listmilter.sqlite: " \
-                  "unable to open database file"
-        assert err == message, err
-        assert f"`{message}`" in troubleshooting, message
+        assert err == message, (case, err)
     assert read("store-owner").strip() == "listmilter"
     assert read("lists.out").splitlines() == ["dev@example.org\t2", "old@example.org\t0"]
 
@@ -242,7 +242,7 @@ def test_install_md_as_written_without_systemd_then_uninstall(tmp_path):
 
     # 9: the post was expanded, and trace followed it to the (deferred: no network here) deliveries.
     trace = read("trace.out")
-    assert "status=expanded, members=2" in trace and "to=<alice@example.net>" in trace, trace
+    assert "status=expanded, members=2" in trace and re.search(r"to=<(alice@example.net|bob@example.com)>", trace), trace
     assert re.search(r"^post [0-9A-F]+: 1 queue id \(", trace, re.M), trace
 
     # Uninstalled: no user, no files, no Postfix line; Postfix checks clean and starts.

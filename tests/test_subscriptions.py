@@ -262,7 +262,7 @@ def test_bombing_limits_and_ignored_senders(sbed):
     # Help requests: the second reply reaches the per-address limit of 2; the third is not sent.
     for _ in range(2):
         bed.smtp(victim, [role(lst, "request")], message("help", victim, role(lst, "request")))
-    wait_log(bed, "ignored (limit: 2 replies to this address today)")
+    wait_log(bed, "ignored (limit confirm_limit_per_address: 2 replies to this address today)")
     # Null sender, auto-responders, bulk mail and our own list's mail: ignored, not answered.
     bed.smtp("", [role(lst, "subscribe")], message("join", "mailer-daemon@example.net", role(lst, "subscribe")))
     bed.smtp("vacation@example.net", [role(lst, "subscribe")],

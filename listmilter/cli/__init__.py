@@ -9,7 +9,7 @@
     archive.py        archive
     subscriptions.py  pending, approve, reject
 
-Each adds its parsers and a `run` default; every subcommand is a thin
+Each adds its parsers with a `handler` default; every subcommand is a thin
 adapter: parse arguments, call the core and the application, print. Errors
 become one line (`listmilter: ...` or `FILE:LINE: ...`) and an exit code
 from sysexits.h, here in one place, never a traceback.
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     path, explicit = paths.path_from_environment(args.config)
     try:
-        return args.run(args, path, explicit) or 0
+        return args.handler(args, path, explicit) or 0
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -10,7 +10,7 @@ from listmilter.cli.common import Fail, admin, existing_list, plural
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("archive", help="list a list's archived posts, or export them as an mbox")
-    s.set_defaults(run=admin(_archive))
+    s.set_defaults(handler=admin(_archive))
     s.add_argument("list")
     s.add_argument("--since", metavar="DATE",
                    help="only posts archived from then on: YYYY-MM-DD or YYYY-MM-DDTHH:MM, local time")
@@ -53,7 +53,7 @@ def _archive(args, cfg, store):
     out.flush()
     if not args.mbox or not posts:
         on = f"{mlist.address}" + (f" since {args.since}" if args.since else "")
-        archived = cfg.effective("archive", mlist.settings).value
+        archived = cfg.list_settings(mlist.settings).archive
         print(f"{on}: {plural(len(posts), 'archived post')}"
               + ("" if archived else " (archive is off for this list: `listmilter list set "
                  f"{mlist.address} archive true`)"), file=sys.stderr)

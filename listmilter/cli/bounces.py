@@ -7,11 +7,11 @@ from listmilter.cli.common import admin, existing_list
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("bounces", help="bouncing members: scores, last DSN status and diagnostic")
-    s.set_defaults(run=admin(_bounces))
+    s.set_defaults(handler=admin(_bounces))
     s.add_argument("list", nargs="?", help="one list (default: all)")
     s.add_argument("--kept", action="store_true",
                    help="list the bounce-address mail that scored nobody, kept for the owner")
-    s.add_argument("--run", action="store_true", dest="run_now",
+    s.add_argument("--run", action="store_true",
                    help="send due warnings and remove members now (listmilter serve does this hourly)")
 
 
@@ -19,7 +19,7 @@ def _bounces(args, cfg, store):
     from listmilter.app import bounce_processing
     from listmilter.core import bounces
     from listmilter.store import bounce_records as bouncedb
-    if args.run_now:
+    if args.run:
         done = bounce_processing.periodic(cfg, store)
         for line in done:
             print(line)
@@ -33,7 +33,7 @@ def _bounces(args, cfg, store):
     try:
         if args.kept:
             kept = [(address, record) for address in lists
-                    for record in db.records(address, verdict=bouncedb.UNRECOGNISED)]
+                    for record in db.records(address, verdict=bounces.Verdict.UNRECOGNISED)]
             for address, (at, _, _, _, why, _, _, path) in kept:
                 print(f"{bounces.fmt_time(at)}  {address}  {path}\n    {why}")
             if not kept:

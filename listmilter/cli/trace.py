@@ -14,7 +14,7 @@ def add_parsers(sub) -> None:
     s.add_argument("queue_id", metavar="QUEUEID", help="the post's queue id, or that of any copy or DSN of it")
     s.add_argument("--log", action="append", metavar="FILE",
                    help=f"a log to read, - for standard input (default {DEFAULT_LOG}); repeat to merge logs")
-    s.set_defaults(run=run)
+    s.set_defaults(handler=run)
 
 
 def run(args, path: str, explicit: bool) -> int:

@@ -88,6 +88,10 @@ class Config:
     def effective(self, name: str, list_settings: dict[str, Any]) -> settings.Effective:
         return settings.resolve(name, list_settings, self.defaults, self.defaults_origin)
 
+    def list_settings(self, list_settings: dict[str, Any]) -> settings.ListSettings:
+        """Every setting of a list, resolved (for where each value comes from: effective)."""
+        return settings.resolve_all(list_settings, self.defaults)
+
     def owners(self, list_settings: dict[str, Any]) -> tuple[str, ...]:
         """Who gets a list's owner mail: its owners, or the site admin for a list without."""
         return tuple(self.effective("owners", list_settings).value) or (self.site_admin,)
@@ -128,7 +132,7 @@ def parse(text: str, path: str = "<string>", mtime: float | None = None) -> Conf
 
 
 def _line(node: yaml.Node) -> int:
-    return node.start_mark.line + 1
+    return int(node.start_mark.line) + 1
 
 
 class _Builder:
@@ -182,7 +186,7 @@ class _Builder:
             raise self.error(node, f"{what}: {spec!r} is not a socket like inet:8899@127.0.0.1 or unix:/path")
         return spec
 
-    def list_settings(self, node: yaml.Node, what: str, extra: set[str] = frozenset()
+    def list_settings(self, node: yaml.Node, what: str, extra: frozenset[str] = frozenset()
                       ) -> tuple[dict[str, Any], dict[str, tuple[yaml.Node, yaml.Node]]]:
         items = self.mapping(node, what, set(settings.SETTINGS) | set(extra))
         out: dict[str, Any] = {}
@@ -308,9 +312,10 @@ class _Builder:
             if lkey in out:
                 raise self.error(knode, f"lists: {name!r} is defined twice (case does not matter)")
             if isinstance(vnode, yaml.ScalarNode) and vnode.value in ("", "~", "null"):
-                list_settings, items = {}, {}
+                list_settings: dict[str, Any] = {}
+                items: dict[str, tuple[yaml.Node, yaml.Node]] = {}
             else:
-                list_settings, items = self.list_settings(vnode, f"lists.{name}", {"members"})
+                list_settings, items = self.list_settings(vnode, f"lists.{name}", frozenset({"members"}))
             members = self.members(items["members"][1], name) if "members" in items else ()
             out[lkey] = ListDef(lkey, list_settings, members, _line(knode))
         return out

@@ -22,6 +22,7 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
+from enum import StrEnum
 
 from listmilter.core import addresses
 
@@ -29,8 +30,13 @@ DAY = 86400.0
 MODERATION_DAYS = 30
 KEEP_DAYS = 2          # used and expired rows are kept this long after expiry (refusal replies, counters)
 
-CONFIRM = "confirm"      # kind: waiting for the address's owner
-MODERATE = "moderate"    # kind: waiting for a list owner
+class Kind(StrEnum):
+    """Who a pending request waits for."""
+    CONFIRM = "confirm"      # the address's owner
+    MODERATE = "moderate"    # a list owner
+
+
+CONFIRM, MODERATE = Kind.CONFIRM, Kind.MODERATE
 
 TOKEN_RE = re.compile(r"[a-z2-7]{24}")
 

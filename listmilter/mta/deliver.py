@@ -48,7 +48,7 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
     if role is None or role.role == "owner":
         # Only mail the milter chose not to expand may reach the pipe for the
         # list address itself; anything else means the milter was bypassed.
-        ls = plan.effective_settings(mlist, config.effective)
+        ls = plan.effective_settings(mlist.address, config.list_settings(mlist.settings))
         reason = policy.not_expanded_reason(sender, head.get_all("List-Id") or [], ls.list_id.lower())
         if role is None and reason:
             logger.info("deliver: %s", fields(**base, list=f"<{mlist.address}>",

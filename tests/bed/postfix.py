@@ -20,9 +20,10 @@ from pathlib import Path
 from .net import free_port, wait_for_port, wait_until
 
 PIPE_USER = "nobody"
-# What `listmilter deliver` needs at run time; copied where the pipe user can
-# read it, because a checkout may sit under a folder only root can enter.
-_PIPE_PACKAGES = ("listmilter", "yaml", "flufl", "public", "dns")
+# What `listmilter deliver` (and `listmilter web`: waitress) needs at run time;
+# copied where the pipe user can read it, because a checkout may sit under a
+# folder only root can enter.
+_PIPE_PACKAGES = ("listmilter", "yaml", "flufl", "public", "dns", "waitress")
 _pipe_runtime: Path | None = None
 
 
