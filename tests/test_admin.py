@@ -239,7 +239,7 @@ def test_check_live_proves_the_path_and_names_each_part_that_is_down(clean_bed, 
                 "'451 4.3.0 Temporary lookup failure'",
                 "live: postfix: postmap -q ")
     assert len(lines) == len(expected), lines
-    for line, start in zip(lines, expected):
+    for line, start in zip(lines, expected, strict=True):
         assert line.startswith(start), (line, start)
     assert re.match(rf"live: postfix: postmap -q \S+ socketmap:inet:127.0.0.1:{lm.socketmap_port}:recipients: "
                     r"postmap: fatal: .*Connection refused: Postfix cannot reach", lines[-1]), lines[-1]

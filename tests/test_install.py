@@ -242,7 +242,8 @@ def test_install_md_as_written_without_systemd_then_uninstall(tmp_path):
 
     # 9: the post was expanded, and trace followed it to the (deferred: no network here) deliveries.
     trace = read("trace.out")
-    assert "status=expanded, members=2" in trace and re.search(r"to=<(alice@example.net|bob@example.com)>", trace), trace
+    assert "status=expanded, members=2" in trace, trace
+    assert re.search(r"to=<(alice@example.net|bob@example.com)>", trace), trace
     assert re.search(r"^post [0-9A-F]+: 1 queue id \(", trace, re.M), trace
 
     # Uninstalled: no user, no files, no Postfix line; Postfix checks clean and starts.

@@ -87,13 +87,13 @@ _SYSLOG_TIME = re.compile(r"^([A-Z][a-z]{2}) +(\d{1,2}) (\d\d):(\d\d):(\d\d)(\.\
 _ISO_TIME = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(\.\d+)?")
 
 
-def _when(line: str) -> tuple | None:
+def _when(line: str) -> tuple[float, ...] | None:
     m = _ISO_TIME.match(line)
     if m:
-        return tuple(int(g) for g in m.groups()[:6]) + (float(m.group(7) or 0),)
+        return tuple(float(g) for g in m.groups()[:6]) + (float(m.group(7) or 0),)
     m = _SYSLOG_TIME.match(line)
     if m and m.group(1) in _MONTHS:
-        return (0, _MONTHS[m.group(1)], *(int(g) for g in m.groups()[1:5]), float(m.group(6) or 0))
+        return (0.0, float(_MONTHS[m.group(1)]), *(float(g) for g in m.groups()[1:5]), float(m.group(6) or 0))
     return None
 
 
@@ -101,9 +101,9 @@ def merge(files: list[list[str]]) -> list[str]:
     """Lines of several logs (Postfix's and listmilter's own) in time order; one log as it is."""
     if len(files) == 1:
         return list(files[0])
-    keyed = []
+    keyed: list[tuple[tuple[float, ...], int, str]] = []
     for f in files:
-        last: tuple = ()
+        last: tuple[float, ...] = ()
         for line in f:
             last = _when(line) or last        # a line without a time stays after the one before
             keyed.append((last, len(keyed), line))

@@ -26,11 +26,15 @@ DOWN = "is `listmilter serve` running? (systemctl start listmilter, or docs/inst
 
 
 def _connect(spec: str) -> socket.socket:
-    family, address = parse_socket(spec)
+    family, where = parse_socket(spec)
+    address: str | tuple[str, int]
     if family == "unix":
+        assert isinstance(where, str)
+        address = where
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     else:
-        host, port = address
+        assert isinstance(where, tuple)
+        host, port = where
         address = ("127.0.0.1" if host == "0.0.0.0" else "::1" if host == "::" else host, port)
         sock = socket.socket(socket.AF_INET6 if family == "inet6" else socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(TIMEOUT)

@@ -204,8 +204,9 @@ class ListMilter(Milter.Base):
             self.recipients = self._mark_loops(queue_id)
             self.split = plan.split(self.recipients)
             in_place = self.split.in_place_list
-            self.personal = bool(in_place) and self._personalized(in_place)
-            self.archive = bool(in_place) and self.config.list_settings(self._list(in_place).settings).archive
+            self.personal = in_place is not None and self._personalized(in_place)
+            self.archive = in_place is not None and \
+                self.config.list_settings(self._list(in_place).settings).archive
         except Exception as e:
             return self._failed(queue_id, e)
         self.need_body = bool(self.split.reinject) or self.personal or self.archive
@@ -321,6 +322,7 @@ class ListMilter(Milter.Base):
             self._log(queue_id, "expanded (personal copies)", split.in_place_list, client=True,
                       members=len(copies.copies) - len(refused), seconds=f"{time.monotonic() - started:.2f}",
                       envid=copies.envid)
+            assert split.in_place_list is not None     # personal copies are of the in-place list
             self._log_copies(queue_id, split.in_place_list, queued)
             self._archive(queue_id, split.in_place_list)
             # Only list recipients were left in this message: nothing more to deliver.
@@ -351,13 +353,13 @@ class ListMilter(Milter.Base):
 
     def _log_resubmitted(self, queue_id: str, todo: plan.EndOfMessage, ids: list[str]) -> None:
         """The queue id each split-off copy and refusal notice got (`listmilter trace` follows them)."""
-        ids = iter(ids)
+        queued = iter(ids)
         for list_address in todo.resubmit:
             self._log(queue_id, "split (re-submitted as a message of its own)", list_address,
-                      queued_as=next(ids, outgoing.UNKNOWN_ID))
+                      queued_as=next(queued, outgoing.UNKNOWN_ID))
         for r in todo.refusals:
             self._log(queue_id, "refusal notice sent to the sender", r.list_address,
-                      queued_as=next(ids, outgoing.UNKNOWN_ID))
+                      queued_as=next(queued, outgoing.UNKNOWN_ID))
 
     def _log_copies(self, queue_id: str, list_address: str, ids: list[str]) -> None:
         """Every queue id of a post's personal copies, IDS_PER_LINE to a line."""
