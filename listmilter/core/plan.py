@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from listmilter.core import addresses, envid, headers, policy
+from listmilter.core.keys import Keyring
 from listmilter.core.model import MailingList
 
 # Recipient kinds
@@ -118,7 +119,7 @@ def unique_members(list_address: str, members: list[str]) -> list[str]:
 
 
 def expand_list(ls: ListSettings, list_rcpts: list[str], members: list[str],
-                message_headers: list[tuple[str, str]], post_id: str, secret: bytes,
+                message_headers: list[tuple[str, str]], post_id: str, secret: Keyring | bytes,
                 posted_at: float) -> Edits:
     """The edits that turn this message into a post of list `ls` to `members`."""
     edits = Edits()
@@ -212,7 +213,7 @@ def _header_bytes(items: list[tuple[str, str]]) -> bytes:
 
 
 def personal_copies(ls: ListSettings, members: list[str], message_headers: list[tuple[str, str]],
-                    body: bytes, post_id: str, secret: bytes, url_for: Callable[[str], str],
+                    body: bytes, post_id: str, secret: Keyring | bytes, url_for: Callable[[str], str],
                     posted_at: float) -> Copies:
     """One message per member: the same edits as expand_list, plus a personal List-Unsubscribe."""
     edits = expand_list(ls, [], members, message_headers, post_id, secret, posted_at)

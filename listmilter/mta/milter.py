@@ -19,6 +19,7 @@ import Milter
 from listmilter.app import notices, outgoing
 from listmilter.app.runtime import Runtime
 from listmilter.core import addresses, plan, policy
+from listmilter.core.model import ACTIVE
 from listmilter.core.plan import LIST, OWNER, PLAIN, REFUSED, Recipient
 from listmilter.log import fields, logger
 from listmilter.store import StoreError
@@ -256,10 +257,13 @@ class ListMilter(Milter.Base):
         return bool(self.config.web.base_url) and \
             bool(self.config.effective("one_click", self._list(list_address).settings).value)
 
-    def _unsubscribe_url(self, list_address: str):
+    def _unsubscribe_url(self, list_address: str, members):
+        """Each member's link names their membership (its `added`), so it dies when that ends."""
         from listmilter.core.tokens import unsubscribe_token
         base, secret = self.config.web.base_url, self.runtime.secret
-        return lambda member: f"{base}/u/{unsubscribe_token(secret, list_address, member)}"
+        epochs = {addresses.key(m.address): m.added for m in members}
+        return lambda member: \
+            f"{base}/u/{unsubscribe_token(secret, list_address, member, epochs[addresses.key(member)])}"
 
     def _keepalive(self) -> None:
         try:
@@ -286,9 +290,10 @@ class ListMilter(Milter.Base):
         copies: plan.Copies | None = None
         if split.in_place_list and self.personal:
             ls = self._settings(split.in_place_list)
-            copies = plan.personal_copies(ls, self.store.recipients(ls.address), self.headers,
+            members = self.store.members(ls.address)      # with `added`, for the links
+            copies = plan.personal_copies(ls, [m.address for m in members if m.status == ACTIVE], self.headers,
                                           b"".join(self.body_chunks), _post_id(queue_id), self.runtime.secret,
-                                          self._unsubscribe_url(ls.address), time.time())
+                                          self._unsubscribe_url(ls.address, members), time.time())
         elif split.in_place_list:
             ls = self._settings(split.in_place_list)
             members = self.store.recipients(ls.address)
