@@ -43,6 +43,7 @@ def test_an_existing_secret_is_key_0_and_is_never_rewritten(cfg):
     before = os.stat(path)
     assert secret.load_or_create(str(_state(cfg))) == Keyring(((0, KEY),))
 
+    assert "keys: current key 0, 0 older ones on file" in cli(cfg, "check", check=False).stdout
     proc = cli(cfg, "secret", "rotate")
     assert "key 1 is now current" in proc.stdout and "30 more days" in proc.stdout
     after = os.stat(path)
@@ -70,6 +71,8 @@ def test_a_short_secret_is_refused_with_what_to_do(cfg, data):
         assert proc.returncode == 78, (args, proc.stderr)
         assert proc.stderr.startswith(f"listmilter: {path} holds {len(data)} bytes; the site secret must be "
                                       "at least 32 random bytes") and "Traceback" not in proc.stderr
+    proc = cli(cfg, "check", check=False)             # before an upgrade's restart, as upgrade.md says
+    assert proc.returncode == 1 and f"keys: {path} holds {len(data)} bytes" in proc.stderr
     # The pipe transport: 75 with the same words, so Postfix keeps the bounce until it is fixed.
     cli(cfg, "list", "create", "dev@example.org")
     proc = cli(cfg, "deliver", "dev-bounces@example.org", "", input="Subject: x\n\nbounce\n", check=False)
