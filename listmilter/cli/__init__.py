@@ -6,6 +6,7 @@
     members.py        members add|remove|ls|import|export|enable|disable|history
     bounces.py        bounces
     subscriptions.py  pending, approve, reject
+    secret.py         secret rotate|show
 
 Each adds its parsers with a `handler` default; every subcommand is a thin
 adapter: parse arguments, call the core and the application, print. Errors
@@ -19,7 +20,7 @@ import sys
 
 from listmilter import __version__
 
-GROUPS = ("serve", "check", "subscriptions", "lists", "members", "bounces")
+GROUPS = ("serve", "check", "subscriptions", "lists", "members", "bounces", "secret")
 
 
 def _parser():
@@ -70,10 +71,13 @@ def _failure(e: Exception) -> tuple[str, int | None]:
     from listmilter.core.errors import ListmilterError
     from listmilter.core.model import ListExists, NoSuchList
     from listmilter.store import ReadOnlyStore
+    from listmilter.store.secret import SecretError
     if isinstance(e, Fail):
         return f"listmilter: {e}", e.code
     if isinstance(e, ConfigError):
         return str(e), EX_CONFIG
+    if isinstance(e, SecretError):          # like a config error: the admin must fix a file
+        return f"listmilter: {e}", EX_CONFIG
     if isinstance(e, NoSuchList):
         return f"listmilter: no such list: {e}", EX_NOINPUT
     if isinstance(e, ListExists):
