@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from listmilter.app import notices, outgoing
 from listmilter.core import addresses, bounces, envid
 from listmilter.core.bounces import Verdict
+from listmilter.core.keys import Keyring, keyring
 from listmilter.core.model import ACTIVE, DISABLED, MailingList, NoSuchList
 from listmilter.log import fields, logger
 from listmilter.store import secret as secret_mod
@@ -46,7 +47,7 @@ def policy_of(config, mlist: MailingList) -> bounces.Policy:
     return bounces.Policy.of(config.list_settings(mlist.settings))
 
 
-def handle(config, store, secret: bytes, mlist: MailingList, sender: str, data: bytes,
+def handle(config, store, secret: Keyring, mlist: MailingList, sender: str, data: bytes,
            now: float | None = None) -> Outcome:
     """Process one message that reached <list>-bounces@."""
     now = time.time() if now is None else now
@@ -116,7 +117,7 @@ def _evidence(db: BounceDB, list_address: str, address: str) -> list[tuple]:
 
 
 def apply_pending(config, store, db: BounceDB, mlist: MailingList, row: Row, policy: bounces.Policy,
-                  now: float, secret: bytes) -> None:
+                  now: float, secret: Keyring) -> None:
     """Carry out the action a score called for (bounces.STEPS says how); clear it once done."""
     steps = bounces.STEPS[bounces.Action(row.pending)]
     owners = config.owners(mlist.settings)
@@ -208,18 +209,30 @@ def periodic(config, store, now: float | None = None) -> list[str]:
 DECISIONS = ("keep", "remove")
 
 
-def _decision_token(list_address: str, member: str, decision: str, secret: bytes) -> str:
-    mac = hmac.new(secret, "\0".join(("bounce-decision", addresses.key(list_address),
-                                      addresses.key(member), decision)).encode(), hashlib.sha256)
+def _decision_token(list_address: str, member: str, decision: str, secret: Keyring | bytes,
+                    kid: int | None = None) -> str:
+    """The code under key `kid` (default: the current key; key 0 as 0.x made it)."""
+    ring = keyring(secret)
+    key = ring.mac_key(ring.current_id if kid is None else kid, "bounce decision")
+    mac = hmac.new(key, "\0".join(("bounce-decision", addresses.key(list_address),
+                                   addresses.key(member), decision)).encode(), hashlib.sha256)
     return mac.hexdigest()[:20]
 
 
-def decision_address(list_address: str, member: str, decision: str, secret: bytes) -> str:
+def _is_decision_token(token: str, list_address: str, member: str, decision: str,
+                       secret: Keyring | bytes) -> bool:
+    """Made with any key still accepted? (compare_digest wants bytes: `token` comes from mail.)"""
+    given = token.encode("utf-8", "surrogatepass")
+    return any(hmac.compare_digest(given, _decision_token(list_address, member, decision, secret, kid).encode())
+               for kid in keyring(secret).ids)
+
+
+def decision_address(list_address: str, member: str, decision: str, secret: Keyring | bytes) -> str:
     return addresses.role_address(list_address, "bounces",
                                   f"{decision}-{_decision_token(list_address, member, decision, secret)}")
 
 
-def decide(config, store, secret: bytes, mlist: MailingList, extension: str, sender: str,
+def decide(config, store, secret: Keyring, mlist: MailingList, extension: str, sender: str,
            data: bytes) -> str:
     """Mail to <list>-bounces+keep-TOKEN@ or +remove-TOKEN@: the owner's decision. The log status."""
     decision, _, token = extension.partition("-")
@@ -229,7 +242,7 @@ def decide(config, store, secret: bytes, mlist: MailingList, extension: str, sen
     db = BounceDB(config.state_dir)
     try:
         row = next((r for r in db.rows(mlist.address)
-                    if hmac.compare_digest(token, _decision_token(mlist.address, r.address, decision, secret))),
+                    if _is_decision_token(token, mlist.address, r.address, decision, secret)),
                    None)
         if row is None:
             return f"refused (no bouncing member matches this {decision} token)"

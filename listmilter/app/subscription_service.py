@@ -19,12 +19,20 @@ from dataclasses import dataclass
 
 from listmilter.app import notices, outgoing
 from listmilter.core import addresses, commands, plan, subscriptions, tokens
+from listmilter.core.keys import Keyring
 from listmilter.core.model import MailingList, Member
 from listmilter.core.subscriptions import OWNERS, SENDER, Outcome, Request, State
 from listmilter.log import fields, logger
 from listmilter.store.pending import PendingDB
 
 MAX_BODY = 64 * 1024        # of a command message, read for the command words
+
+INVALID_LINK = "This unsubscribe link is not valid."
+OLD_LINK = ("This unsubscribe link is too old and no longer accepted. To leave {list}, use the link in "
+            "a recent message from the list, or send any message to {unsubscribe}.")
+ENDED_LINK = ("This unsubscribe link belongs to an earlier subscription of this address to {list}, which "
+              "has ended; it does not end the current one. Use the link in a recent message from the list, "
+              "or send any message to {unsubscribe}.")
 
 
 @dataclass
@@ -42,7 +50,7 @@ class Context:
 
 
 class Service:
-    def __init__(self, config, store, secret: bytes, pending: PendingDB | None = None):
+    def __init__(self, config, store, secret: Keyring, pending: PendingDB | None = None):
         self.config, self.store, self.secret = config, store, secret
         self.pending = pending or PendingDB(config.state_dir)
 
@@ -57,8 +65,12 @@ class Service:
         return self.config.owners(mlist.settings)
 
     def unsubscribe_url(self, list_address: str, address: str) -> str:
+        """The member's one-click link ("" without web.base_url, or for someone who is no member)."""
         base = self.config.web.base_url
-        return f"{base}/u/{tokens.unsubscribe_token(self.secret, list_address, address)}" if base else ""
+        member = self.store.member(list_address, address) if base else None
+        if member is None:
+            return ""
+        return f"{base}/u/{tokens.unsubscribe_token(self.secret, list_address, member.address, member.added)}"
 
     def confirm_url(self, token: str) -> str:
         base = self.config.web.base_url
@@ -130,17 +142,49 @@ class Service:
         return outcome.status
 
     # -- the web -------------------------------------------------------------------
+    def check_link(self, token: str, client: str) -> tuple[int, tokens.UnsubscribeLink | None, str]:
+        """(HTTP status, link, text): 200 and the link if it may unsubscribe; else why not, logged.
+
+        The web's GET page asks this before it shows its button; the POST asks again.
+        """
+        status, link, _, text = self._link(token, client)
+        return status, link, text
+
+    def _link(self, token: str, client: str):
+        """(HTTP status, link, list, text), as check_link.
+
+        400: not a link we made (or made with a key past its grace period); 404:
+        the list is gone; 410: a link of the old format after web.old_links_until,
+        or one made for a membership that has ended (the address left and joined
+        again: the new membership has another `added`).
+        """
+        link = tokens.read_unsubscribe_token(self.secret, token)
+        if link is None:
+            logger.warning("web: %s", fields(client=client, status="refused (forged or damaged unsubscribe link)"))
+            return 400, None, None, INVALID_LINK
+        mlist = self.store.get_list(link.list)
+        if mlist is None:
+            logger.warning("web: %s", fields(list=f"<{link.list}>", client=client, status="refused (no such list)"))
+            return 404, link, None, "This mailing list does not exist (any more)."
+        texts = {"list": mlist.address, "unsubscribe": addresses.role_address(mlist.address, "unsubscribe")}
+        if link.format == tokens.U1 and not self.config.web.accepts_old_links(time.time()):
+            logger.warning("web: %s", fields(list=f"<{mlist.address}>", address=f"<{link.address}>", client=client,
+                                             status="refused (old-format link after web.old_links_until)"))
+            return 410, link, mlist, OLD_LINK.format(**texts)
+        if link.epoch is not None:
+            member = self.store.member(mlist.address, link.address)
+            if member is not None and member.added != link.epoch:
+                logger.warning("web: %s", fields(list=f"<{mlist.address}>", address=f"<{link.address}>",
+                                                 client=client, status="refused (link of an ended membership)"))
+                return 410, link, mlist, ENDED_LINK.format(**texts)
+        return 200, link, mlist, ""
+
     def one_click(self, token: str, client: str) -> tuple[int, str, str]:
         """RFC 8058 POST: (HTTP status, list address or "", what happened)."""
-        found = tokens.read_unsubscribe_token(self.secret, token)
-        if found is None:
-            logger.warning("web: %s", fields(client=client, status="refused (forged or damaged unsubscribe link)"))
-            return 400, "", "This unsubscribe link is not valid."
-        list_key, address = found
-        mlist = self.store.get_list(list_key)
-        if mlist is None:
-            logger.warning("web: %s", fields(list=f"<{list_key}>", client=client, status="refused (no such list)"))
-            return 404, list_key, "This mailing list does not exist (any more)."
+        status, link, mlist, text = self._link(token, client)
+        if status != 200:
+            return status, link.list if link else "", text
+        address = link.address
         removed = self.store.unsubscribe(mlist.address, address, "web", client, "one-click unsubscribe")
         outcome = subscriptions.on_one_click(removed, self.policy(mlist))
         logger.info("web: %s", fields(list=f"<{mlist.address}>", address=f"<{address}>", client=client,

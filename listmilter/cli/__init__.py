@@ -8,6 +8,7 @@
     trace.py          trace
     archive.py        archive
     subscriptions.py  pending, approve, reject
+    secret.py         secret rotate|show
 
 Each adds its parsers with a `handler` default; every subcommand is a thin
 adapter: parse arguments, call the core and the application, print. Errors
@@ -21,7 +22,7 @@ import sys
 
 from listmilter import __version__
 
-GROUPS = ("serve", "check", "subscriptions", "lists", "members", "bounces", "trace", "archive")
+GROUPS = ("serve", "check", "subscriptions", "lists", "members", "bounces", "secret", "trace", "archive")
 
 
 def _parser():
@@ -72,10 +73,13 @@ def _failure(e: Exception) -> tuple[str, int | None]:
     from listmilter.core.errors import ListmilterError
     from listmilter.core.model import ListExists, NoSuchList
     from listmilter.store import ReadOnlyStore
+    from listmilter.store.secret import SecretError
     if isinstance(e, Fail):
         return f"listmilter: {e}", e.code
     if isinstance(e, ConfigError):
         return str(e), EX_CONFIG
+    if isinstance(e, SecretError):          # like a config error: the admin must fix a file
+        return f"listmilter: {e}", EX_CONFIG
     if isinstance(e, NoSuchList):
         return f"listmilter: no such list: {e}", EX_NOINPUT
     if isinstance(e, ListExists):

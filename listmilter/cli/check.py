@@ -53,6 +53,7 @@ def run(path: str, explicit: bool) -> Report:
             limit = int(size_limit)
     _check_web(cfg, report)
     _check_databases(cfg, report)
+    _check_keys(cfg, report)
     if cfg.backend == "sqlite" and not os.path.exists(cfg.store_path):
         report.warnings.append(f"{cfg.store_path}: sqlite store does not exist yet; "
                                "`listmilter serve` or `listmilter list create` creates it")
@@ -130,6 +131,21 @@ def _check_databases(cfg, report: Report) -> None:
             report.errors.append(str(e))
             continue
         report.errors.extend(f"{path}: integrity: {p}" for p in problems)
+
+
+def _check_keys(cfg, report: Report) -> None:
+    """The site's keys, as serve would read them (a secret it refuses stops it starting)."""
+    from listmilter.store import secret as secret_mod
+    try:
+        keys = secret_mod.read_keys(cfg.state_dir)
+    except (secret_mod.SecretError, OSError) as e:
+        report.errors.append(f"keys: {e}")
+        return
+    if keys is None:
+        report.notes.append(f"keys: none in {cfg.state_dir} yet; the first run makes one")
+    else:
+        report.notes.append(f"keys: current key {keys[0].id}, {len(keys) - 1} older ones on file "
+                            "(`listmilter secret show`)")
 
 
 def add_parsers(sub) -> None:

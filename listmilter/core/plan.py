@@ -20,6 +20,7 @@ from enum import StrEnum
 from typing import Callable
 
 from listmilter.core import addresses, envid, headers, policy, settings
+from listmilter.core.keys import Keyring
 from listmilter.core.model import MailingList
 
 
@@ -122,7 +123,7 @@ def unique_members(list_address: str, members: list[str]) -> list[str]:
 
 
 def expand_list(ls: ListSettings, list_rcpts: list[str], members: list[str],
-                message_headers: list[tuple[str, str]], post_id: str, secret: bytes,
+                message_headers: list[tuple[str, str]], post_id: str, secret: Keyring | bytes,
                 posted_at: float) -> Edits:
     """The edits that turn this message into a post of list `ls` to `members`."""
     edits = Edits()
@@ -216,7 +217,7 @@ def _header_bytes(items: list[tuple[str, str]]) -> bytes:
 
 
 def personal_copies(ls: ListSettings, members: list[str], message_headers: list[tuple[str, str]],
-                    body: bytes, post_id: str, secret: bytes, url_for: Callable[[str], str],
+                    body: bytes, post_id: str, secret: Keyring | bytes, url_for: Callable[[str], str],
                     posted_at: float) -> Copies:
     """One message per member: the same edits as expand_list, plus a personal List-Unsubscribe."""
     edits = expand_list(ls, [], members, message_headers, post_id, secret, posted_at)
@@ -261,7 +262,7 @@ class EndOfMessage:
 
 def end_of_message(recipients: list[Recipient], split_: Split, in_place: InPlace | None,
                    owners: dict[str, tuple[str, ...]], message_headers: list[tuple[str, str]],
-                   body: bytes, post_id: str, secret: bytes, url_for: Callable[[str], str] | None,
+                   body: bytes, post_id: str, secret: Keyring | bytes, url_for: Callable[[str], str] | None,
                    now: float) -> EndOfMessage:
     """The plan for one message at end of message; `in_place` is given when split_.in_place_list is."""
     if split_.reject_reason:
@@ -292,7 +293,7 @@ def end_of_message(recipients: list[Recipient], split_: Split, in_place: InPlace
 
 # -- the archive -----------------------------------------------------------------------
 def archived_copy(ls: ListSettings, message_headers: list[tuple[str, str]], body: bytes,
-                  post_id: str, secret: bytes, posted_at: float) -> bytes:
+                  post_id: str, secret: Keyring | bytes, posted_at: float) -> bytes:
     """The post as its members got it (List-* headers, prefixed Subject; the shared mailto:
     List-Unsubscribe, never a member's personal link), with Unix line ends for a Maildir."""
     edits = expand_list(ls, [], [], message_headers, post_id, secret, posted_at)

@@ -19,6 +19,7 @@ import Milter
 from listmilter.app import notices, outgoing
 from listmilter.app.runtime import Runtime
 from listmilter.core import addresses, plan, policy
+from listmilter.core.model import ACTIVE
 from listmilter.core.plan import LIST, OWNER, PLAIN, REFUSED, Recipient
 from listmilter.log import fields, logger
 from listmilter.store import StoreError, archive
@@ -264,10 +265,13 @@ class ListMilter(Milter.Base):
         return bool(self.config.web.base_url) and \
             self.config.list_settings(self._list(list_address).settings).one_click
 
-    def _unsubscribe_url(self, list_address: str):
+    def _unsubscribe_url(self, list_address: str, members):
+        """Each member's link names their membership (its `added`), so it dies when that ends."""
         from listmilter.core.tokens import unsubscribe_token
         base, secret = self.config.web.base_url, self.runtime.secret
-        return lambda member: f"{base}/u/{unsubscribe_token(secret, list_address, member)}"
+        epochs = {addresses.key(m.address): m.added for m in members}
+        return lambda member: \
+            f"{base}/u/{unsubscribe_token(secret, list_address, member, epochs[addresses.key(member)])}"
 
     def _keepalive(self) -> None:
         try:
@@ -286,15 +290,19 @@ class ListMilter(Milter.Base):
         split = self.split
         assert split is not None
         # Look up what the plan needs; everything that can fail comes before the first change.
-        in_place = None
-        if split.in_place_list and not split.reject_reason:
+        in_place, url_for = None, None
+        if split.in_place_list and not split.reject_reason and self.personal:
             ls = self._settings(split.in_place_list)
-            in_place = plan.InPlace(ls, self.store.recipients(ls.address), self.personal)
+            members = self.store.members(ls.address)      # with `added`, for the links
+            in_place = plan.InPlace(ls, [m.address for m in members if m.status == ACTIVE], True)
+            url_for = self._unsubscribe_url(ls.address, members)
+        elif split.in_place_list and not split.reject_reason:
+            ls = self._settings(split.in_place_list)
+            in_place = plan.InPlace(ls, self.store.recipients(ls.address), False)
         owners = {r.list_address: self._owners(r.list_address) for r in split.owners}
         todo = plan.end_of_message(self.recipients, split, in_place, owners, self.headers,
                                    b"".join(self.body_chunks), _post_id(queue_id), self.runtime.secret,
-                                   self._unsubscribe_url(in_place.settings.address) if self.personal and in_place
-                                   else None, time.time())
+                                   url_for, time.time())
         if todo.reject:
             self.setreply("550", "5.7.1", todo.reject)
             return Milter.REJECT
