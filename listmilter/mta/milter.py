@@ -21,6 +21,7 @@ from listmilter.app.runtime import Runtime
 from listmilter.core import addresses, plan, policy
 from listmilter.core.plan import LIST, OWNER, PLAIN, REFUSED, Recipient
 from listmilter.log import fields, logger
+from listmilter.mta import killpoint
 from listmilter.store import StoreError
 
 ACTIONS = (Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.ADDRCPT_PAR
@@ -189,6 +190,7 @@ class ListMilter(Milter.Base):
 
     @Milter.noreply
     def header(self, name, value):
+        killpoint.reached("header")
         self.headers.append((name, value))
         return Milter.CONTINUE
 
@@ -219,6 +221,7 @@ class ListMilter(Milter.Base):
         return out
 
     def body(self, chunk):
+        killpoint.reached("body")
         if not self.need_body:
             return Milter.SKIP
         self.body_chunks.append(chunk)
@@ -276,6 +279,7 @@ class ListMilter(Milter.Base):
         return self.config.owners(self._list(list_address).settings)
 
     def _eom(self, queue_id: str) -> int:
+        killpoint.reached("eom")
         split = self.split
         assert split is not None
         # Look up what the plan needs; everything that can fail comes before the first change.
@@ -318,6 +322,7 @@ class ListMilter(Milter.Base):
 
         for e in todo.edits:
             self._apply(e)
+        killpoint.reached("eom-edited")
         for list_address in todo.resubmit:
             self._log(queue_id, "split (re-submitted as a message of its own)", list_address)
         for list_address, count, envid_text in todo.expanded:
