@@ -80,7 +80,7 @@ def run(runtime_factory, recipient: str, sender: str | None, data: bytes) -> tup
     """`deliver`, with every failure turned into 75 and a reason: never raises."""
     try:
         return deliver(runtime_factory, recipient, sender, data)
-    except Deferred as e:
+    except TemporaryError as e:    # Deferred, a busy or full store, the MTA not taking mail now
         logger.error("deliver: %s", fields(to=f"<{recipient}>", status=f"deferred ({e})"))
         return EX_TEMPFAIL, str(e)
     except Exception as e:  # never lose mail: Postfix retries on 75
