@@ -13,7 +13,6 @@ import re
 import shutil
 import signal
 import sqlite3
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -21,8 +20,8 @@ import urllib.request
 import pytest
 
 from tests.bed.listmilter import cli
-from tests.bed.net import free_port, wait_for_port, wait_until
-from tests.bed.postfix import PIPE_USER, pipe_runtime
+from tests.bed.net import free_port, wait_until
+from tests.bed.postfix import PIPE_USER
 from tests.conftest import message
 from tests.test_reference import u1_token
 
@@ -35,25 +34,11 @@ def web(bed):
     bed.listmilter.extra["web"] = {"listen": f"127.0.0.1:{port}", "base_url": base}
     bed.listmilter.write_config()
     time.sleep(1.5)                       # `serve` re-reads its config within a second
-    stderr = open(bed.listmilter.dir / "web.stderr", "ab")
-    bed.web_log = bed.listmilter.dir / "web.log"
-    bed.web_log.touch()
-    shutil.chown(bed.web_log, PIPE_USER)
-    proc = subprocess.Popen(
-        ["/usr/bin/env", f"PYTHONPATH={pipe_runtime()}", f"LISTMILTER_LOG={bed.web_log}",
-         "/usr/bin/python3", "-m", "listmilter", "-c", str(bed.listmilter.config_path), "web"],
-        user=PIPE_USER, cwd="/", stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        wait_for_port(port, timeout=20)
-        yield base
+        with bed.listmilter.web(port):
+            bed.web_log = bed.listmilter.web_log
+            yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        stderr.close()
         del bed.listmilter.extra["web"]
         bed.listmilter.write_config()
 

@@ -78,10 +78,9 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
 
 def run(runtime_factory, recipient: str, sender: str | None, data: bytes) -> tuple[int, str]:
     """`deliver`, with every failure turned into 75 and a reason: never raises."""
-    from listmilter.store.secret import SecretError
     try:
         return deliver(runtime_factory, recipient, sender, data)
-    except (Deferred, SecretError) as e:     # the text says what the admin must do
+    except TemporaryError as e:    # Deferred, a busy or full store, the MTA not taking mail now, a bad secret file
         logger.error("deliver: %s", fields(to=f"<{recipient}>", status=f"deferred ({e})"))
         return EX_TEMPFAIL, str(e)
     except Exception as e:  # never lose mail: Postfix retries on 75

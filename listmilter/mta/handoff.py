@@ -213,7 +213,7 @@ def start(runtime):
 def serve_one(sock, runtime, config_path: str | None) -> None:
     """One hand-off: check the request, say go, take the message, run it, answer."""
     from listmilter.log import fields, logger
-    from listmilter.mta import deliver
+    from listmilter.mta import deliver, killpoint
     sock.settimeout(GO_TIMEOUT)
     f = sock.makefile("rb")
     try:
@@ -245,7 +245,9 @@ def serve_one(sock, runtime, config_path: str | None) -> None:
         return
     if data is None:
         return      # the pipe process went away before sending the message
+    killpoint.reached("handoff")
     code, text = deliver.run(runtime.current, recipient, sender, data)
+    killpoint.reached("handoff-done")
     try:
         sock.sendall(netstring.encode(b"%d %s" % (code, _encode(text))))
     except OSError as e:

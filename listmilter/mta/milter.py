@@ -22,6 +22,7 @@ from listmilter.core import addresses, plan, policy
 from listmilter.core.model import ACTIVE
 from listmilter.core.plan import LIST, OWNER, PLAIN, REFUSED, Recipient
 from listmilter.log import fields, logger
+from listmilter.mta import killpoint
 from listmilter.store import StoreError, archive
 
 ACTIONS = (Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.ADDRCPT_PAR
@@ -194,6 +195,7 @@ class ListMilter(Milter.Base):
 
     @Milter.noreply
     def header(self, name, value):
+        killpoint.reached("header")
         self.headers.append((name, value))
         return Milter.CONTINUE
 
@@ -227,6 +229,7 @@ class ListMilter(Milter.Base):
         return out
 
     def body(self, chunk):
+        killpoint.reached("body")
         if not self.need_body:
             return Milter.SKIP
         self.body_chunks.append(chunk)
@@ -287,6 +290,7 @@ class ListMilter(Milter.Base):
         return self.config.owners(self._list(list_address).settings)
 
     def _eom(self, queue_id: str) -> int:
+        killpoint.reached("eom")
         split = self.split
         assert split is not None
         # Look up what the plan needs; everything that can fail comes before the first change.
@@ -338,6 +342,7 @@ class ListMilter(Milter.Base):
 
         for e in todo.edits:
             self._apply(e)
+        killpoint.reached("eom-edited")
         self._log_resubmitted(queue_id, todo, resubmitted)
         for list_address, count, envid_text in todo.expanded:
             self._log(queue_id, "expanded", list_address, client=True, members=count, envid=envid_text)
