@@ -24,6 +24,7 @@ X-Forwarded-For that is not a trusted proxy.
 
 from __future__ import annotations
 
+import email.message
 import email.parser
 import email.policy
 import email.utils
@@ -124,9 +125,11 @@ def _multipart(content_type: str, body: bytes, retry: bool = True) -> dict[str, 
         raise BadForm("malformed multipart body")
     form = {}
     for part in parts:
+        if not isinstance(part, email.message.Message):
+            continue
         name = part.get_param("name", header="content-disposition")
         value = part.get_payload(decode=True)
-        if name is None or value is None:       # no field name, or a nested multipart
+        if not isinstance(name, (str, tuple)) or not isinstance(value, bytes):   # no name, or nested
             continue
         form[email.utils.collapse_rfc2231_value(name)] = value.decode("utf-8", "replace")
     return form
@@ -177,9 +180,10 @@ class App:
         try:
             body = b""
             if method == "POST":
-                body = self._body(environ)
-                if body is None:
+                read = self._body(environ)
+                if read is None:
                     return 413, page("Too large", "The request is too large."), []
+                body = read
             if kind == "u":
                 return self.unsubscribe(service, method, token, client, environ.get("CONTENT_TYPE", ""), body)
             return self.confirm(service, method, token, client)
