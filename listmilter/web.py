@@ -15,14 +15,16 @@ once, and no Server: header names the software.
     GET  /confirm/TOKEN  a page with one button
     POST /confirm/TOKEN  confirm the request (subscribe or unsubscribe)
 
-A forged or damaged link answers 400, an unknown list or code 404; each is
-logged. The client address recorded in the consent record is REMOTE_ADDR,
+A forged or damaged link answers 400, an unknown list or code 404, a link
+whose membership has ended (or of the old format, after web.old_links_until)
+410; each is logged. The client address recorded in the consent record is REMOTE_ADDR,
 or, when REMOTE_ADDR is one of `web.trusted_proxies`, the last address in
 X-Forwarded-For that is not a trusted proxy.
 """
 
 from __future__ import annotations
 
+import email.message
 import email.parser
 import email.policy
 import email.utils
@@ -122,9 +124,11 @@ def _multipart(content_type: str, body: bytes, retry: bool = True) -> dict[str, 
         raise BadForm("malformed multipart body")
     form = {}
     for part in parts:
+        if not isinstance(part, email.message.Message):
+            continue
         name = part.get_param("name", header="content-disposition")
         value = part.get_payload(decode=True)
-        if name is None or value is None:       # no field name, or a nested multipart
+        if not isinstance(name, (str, tuple)) or not isinstance(value, bytes):   # no name, or nested
             continue
         form[email.utils.collapse_rfc2231_value(name)] = value.decode("utf-8", "replace")
     return form
@@ -147,7 +151,7 @@ class App:
         except Exception:
             logger.exception("web: internal error for %s %s", method, path)
             status, body, extra = 500, page("Error", "Something went wrong; please try again later."), []
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 410: "Gone",
                   413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}[status]
         start_response(f"{status} {reason}", [("Content-Type", "text/html; charset=utf-8"),
                                                ("Content-Length", str(len(body))),
@@ -175,9 +179,10 @@ class App:
         try:
             body = b""
             if method == "POST":
-                body = self._body(environ)
-                if body is None:
+                read = self._body(environ)
+                if read is None:
                     return 413, page("Too large", "The request is too large."), []
+                body = read
             if kind == "u":
                 return self.unsubscribe(service, method, token, client, environ.get("CONTENT_TYPE", ""), body)
             return self.confirm(service, method, token, client)
@@ -200,15 +205,24 @@ class App:
         return environ["wsgi.input"].read(length) if length > 0 else b""
 
     def unsubscribe(self, service, method: str, token: str, client: str, content_type: str, body: bytes):
-        from listmilter.core import tokens
-        found = tokens.read_unsubscribe_token(service.secret, token)
-        if found is None:
-            logger.warning("web: %s", fields(client=client, method=method,
-                                             status="refused (forged or damaged unsubscribe link)"))
-            return 400, page("Invalid link", "This unsubscribe link is not valid."), []
         if method != "POST":
-            return 200, page(f"Unsubscribe from {found[0]}",
-                             f"Press the button to stop receiving mail from {found[0]}.",
+            status, found, text = service.check_link(token, client)
+            if found is None or status != 200:
+                return status, page("Invalid link" if found is None else "Unsubscribe", text), []
+            return 200, page(f"Unsubscribe from {found.list}",
+                             f"Press the button to stop receiving mail from {found.list}.",
+                             f"/u/{token}", "Unsubscribe", {"List-Unsubscribe": "One-Click"}), []
+        try:
+            form = parse_form(content_type, body)
+        except BadForm as e:
+            logger.warning("web: %s", fields(client=client, status=f"refused (not a form: {e})"))
+            return 400, page("Bad request", "This request is not a one-click unsubscribe."), []
+        if method != "POST":
+            status, found, text = service.check_link(token, client)
+            if found is None or status != 200:
+                return status, page("Invalid link" if found is None else "Unsubscribe", text), []
+            return 200, page(f"Unsubscribe from {found.list}",
+                             f"Press the button to stop receiving mail from {found.list}.",
                              f"/u/{token}", "Unsubscribe", {"List-Unsubscribe": "One-Click"}), []
         try:
             form = parse_form(content_type, body)

@@ -126,6 +126,21 @@ def _record_many(state, worker: int, count: int) -> None:
     db.close()
 
 
+def test_a_lowered_threshold_acts_at_the_next_bounce_even_one_counted_today(state):
+    db = state.bounces()
+    try:
+        fail = bounces.Failure("dead@example.net", True, "5.1.1")
+        assert db.record("dev@example.org", fail, bounces.Verdict.SCORED, "", "P1", POLICY, T0)[1].pending == ""
+        lowered = bounces.Policy("remove", 1, 7, 3, 7)
+        verdict, row = db.record("dev@example.org", fail, bounces.Verdict.SCORED, "", "P2", lowered, T0 + 60)
+        assert verdict == bounces.Verdict.COUNTED_TODAY and (row.score, row.pending) == (1, "remove")
+        # A stale score does not count, whatever the threshold.
+        assert not bounces.due(bounces.Score(1, T0, T0), T0 + 8 * DAY, lowered)
+        assert bounces.due(bounces.Score(1, T0, T0), T0 + 6 * DAY, lowered)
+    finally:
+        db.close()
+
+
 def test_concurrent_deliveries_lose_no_update(state):
     state.bounces().close()
     ctx = multiprocessing.get_context("fork")
@@ -146,7 +161,9 @@ def test_concurrent_deliveries_lose_no_update(state):
 
 # -- through the real Postfix ----------------------------------------------------
 def _members(bed, lst) -> list[str]:
-    return sorted(cli(bed.listmilter.config_path, "members", "ls", lst).stdout.split())
+    # Every member, disabled ones too (plain `members ls` shows who receives posts).
+    return sorted(line.split("\t")[0] for line in
+                  cli(bed.listmilter.config_path, "members", "ls", lst, "--all").stdout.splitlines())
 
 
 def _bounce_lines(bed, lst) -> list[str]:
@@ -278,6 +295,30 @@ def test_notify_reports_to_the_owner_who_decides_by_command_or_by_reply(clean_be
     assert "iffy@example.net unsubscribed by owner (boss@example.com, <" in history
 
 
+def test_a_lowered_threshold_applies_to_scores_members_already_have(clean_bed):
+    bed = clean_bed
+    lst = bed.new_list(["ok@example.net", "low@example.net"], posting="open", owners=("boss@example.com",),
+                       bounce_action="remove")
+    bed.sink.post_replies["low@example.net"] = "550 5.1.1 <low@example.net>: no such user here"
+    _post(bed, lst)
+    assert "<low@example.net> 5.1.1 scored" in _wait_bounce(bed, lst)[-1]
+    # Score 1 of the default threshold 5: nothing happens, and the hourly run says so.
+    run = cli(bed.listmilter.config_path, "bounces", "--run").stdout
+    assert run.startswith("nothing to do")
+    assert _members(bed, lst) == ["low@example.net", "ok@example.net"]
+    if bed.listmilter.backend == "sqlite":
+        cli(bed.listmilter.config_path, "list", "set", lst, "bounce_threshold", "1")
+    else:
+        bed.listmilter.lists[lst]["bounce_threshold"] = 1
+        bed.listmilter.write_config()
+    run = cli(bed.listmilter.config_path, "bounces", "--run").stdout
+    assert f"remove low@example.net ({lst}): bounce score 1 reached bounce_threshold 1" in run
+    assert _members(bed, lst) == ["ok@example.net"]
+    notice = wait_until(lambda: bed.sink.for_recipient("boss@example.com"), 60, what="the owner's notice")
+    assert notice[0].message["Subject"] == f"low@example.net removed from {lst} (bounces)"
+    assert cli(bed.listmilter.config_path, "bounces", "--run").stdout.startswith("nothing to do")
+
+
 def test_the_owner_keeps_a_disabled_member_by_replying(clean_bed):
     bed = clean_bed
     lst = bed.new_list(["back@example.net"], posting="open", owners=("boss@example.com",), bounce_threshold=1)
@@ -334,6 +375,8 @@ def test_forged_and_unprovable_bounces_score_nobody_and_go_to_the_owner(clean_be
     forwarded = wait_until(lambda: len(bed.sink.for_recipient("boss@example.com")) >= len(envids) and
                            bed.sink.for_recipient("boss@example.com"), 60, what="the forwarded bounces")
     assert {m.message["Subject"] for m in forwarded} == {f"Unrecognised bounce for {lst}"}
+    # From the list's own address (SPF at the owners' provider), never the null or original sender.
+    assert {m.mail_from for m in forwarded} == {lst.replace("@", "-owner@")}
     kept = cli(bed.listmilter.config_path, "bounces", lst, "--kept").stdout
     assert kept.count(".eml") == len(envids)
 

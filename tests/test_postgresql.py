@@ -413,3 +413,39 @@ def test_deleting_a_list_deletes_its_members_and_settings(pg_database):
     assert [e.action for e in store.history(LIST)] == ["subscribed", "subscribed"]    # the record stays
     with pytest.raises(NoSuchList):
         store.delete_list("nothing@example.org")
+
+
+# -- the site's keys ------------------------------------------------------------------------
+def test_keys_live_in_the_database_and_rotate_for_every_host(pg_database, tmp_path):
+    from listmilter.store import key_source
+    from listmilter.store.postgresql.stores import PgKeySource
+    path = _config(tmp_path, pg_database)
+    cfg = config.load(str(path))
+    first = site_secret(cfg)
+    assert first.ids == (0,) and site_secret(cfg) == first          # made once, then the same for all
+    assert not (tmp_path / "state" / "secret").exists()              # nothing on this host's disk
+    source = key_source(cfg)
+    assert isinstance(source, PgKeySource) and source.keyring == first
+    out = cli(path, "secret", "rotate", "--grace-days", "10").stdout
+    assert out.startswith("key 1 is now current; links and envelope ids made with older keys work for 10 more")
+    shown = cli(path, "secret", "show").stdout.splitlines()
+    assert shown[0] == f"keys in site keys {pg_database.url}:"
+    assert shown[1].startswith("key 1: current (makes new links and envelope ids), made ")
+    assert shown[2].startswith("key 0: accepted until ") and "(10 days left)" in shown[2]
+    ring = site_secret(cfg)
+    assert ring.ids == (1, 0) and ring.secret(0) == first.secret(0)
+    source._read_at -= PgKeySource.REFRESH                          # a long-running process, seconds later
+    assert source.refresh().ids == (1, 0)
+    cli(path, "secret", "rotate", "--grace-days", "0")
+    assert site_secret(cfg).ids == (2,)                              # older keys refused at once
+
+
+def test_check_warns_about_a_key_file_the_database_does_not_have(pg_database, tmp_path):
+    from listmilter.store import secret as secret_mod
+    path = _config(tmp_path, pg_database)
+    site_secret(config.load(str(path)))
+    secret_mod.load_or_create(str(tmp_path / "state"))             # made by this host before the move
+    proc = cli(path, "check", check=False)
+    assert "keys: current key 0, 0 older ones in the database" in proc.stdout
+    assert (f"warning: {tmp_path}/state/secret holds keys the database does not: envelope ids and links made "
+            "with them no longer verify") in proc.stderr

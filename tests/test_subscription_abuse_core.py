@@ -158,7 +158,7 @@ def test_a_flood_of_forged_requests_never_delays_a_member_or_a_real_subscriber()
 
 def test_settings_give_the_limits():
     cfg = config.parse("defaults:\n  confirm_limit_per_sender: 5\n  confirm_limit_per_client: 7\n")
-    policy = subscriptions.policy_from(lambda name: cfg.effective(name, {}).value)
+    policy = subscriptions.policy_from(cfg.list_settings({}))
     assert (policy.limit_address, policy.limit_sender, policy.limit_client, policy.limit_list) == (3, 5, 7, 100)
     for bad in ("0", "-1", "many"):
         with pytest.raises(config.ConfigError):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from listmilter.app import notices, outgoing
 from listmilter.core import addresses, bounces, envid
 from listmilter.core.bounces import Verdict
+from listmilter.core.keys import Keyring, keyring
 from listmilter.core.model import ACTIVE, DISABLED, MailingList, NoSuchList
 from listmilter.log import fields, logger
 from listmilter.store import open_bounces, site_secret, statedir
@@ -42,12 +43,10 @@ class Outcome:
 
 
 def policy_of(config, mlist: MailingList) -> bounces.Policy:
-    get = lambda name: config.effective(name, mlist.settings).value  # noqa: E731
-    return bounces.Policy(get("bounce_action"), get("bounce_threshold"), get("bounce_stale_days"),
-                          get("bounce_warnings"), get("bounce_warning_interval_days"))
+    return bounces.Policy.of(config.list_settings(mlist.settings))
 
 
-def handle(config, store, secret: bytes, mlist: MailingList, sender: str, data: bytes,
+def handle(config, store, secret: Keyring, mlist: MailingList, sender: str, data: bytes,
            now: float | None = None) -> Outcome:
     """Process one message that reached <list>-bounces@."""
     now = time.time() if now is None else now
@@ -99,9 +98,13 @@ def keep_for_owner(config, db: BounceDB, mlist: MailingList, data: bytes, why: s
     statedir.adopt(config.state_dir, os.path.dirname(folder), folder, path)
     db.record(mlist.address, bounces.Failure("", False, "", why[:300]), Verdict.UNRECOGNISED,
               now=now, kept=path)
-    if config.effective("bounce_unrecognised", mlist.settings).value == "forward":
+    if config.list_settings(mlist.settings).bounce_unrecognised == "forward":
         owners = config.owners(mlist.settings)
-        outgoing.send(config.outgoing, "", list(owners),
+        # From the list's own <list>-owner@, so the owners' providers check SPF against
+        # this host. Not -bounces@: a forward that failed would come back there,
+        # score nobody and be forwarded again, forever; a failure to -owner@ reaches
+        # the owners once, as a bounce from the null sender, and stops there.
+        outgoing.send(config.outgoing, addresses.role_address(mlist.address, "owner"), list(owners),
                       notices.unrecognised_bounce(mlist.address, owners, why, data))
     return path
 
@@ -113,7 +116,7 @@ def _evidence(db: BounceDB, list_address: str, address: str) -> list[tuple]:
 
 
 def apply_pending(config, store, db: BounceDB, mlist: MailingList, row: Row, policy: bounces.Policy,
-                  now: float, secret: bytes) -> None:
+                  now: float, secret: Keyring) -> None:
     """Carry out the action a score called for (bounces.STEPS says how); clear it once done."""
     steps = bounces.STEPS[bounces.Action(row.pending)]
     owners = config.owners(mlist.settings)
@@ -147,7 +150,8 @@ def _removal_date(now: float, warnings_left: int, interval: float) -> str:
 
 
 def periodic(config, store, now: float | None = None) -> list[str]:
-    """Warn and remove members disabled by bounces, finish pending actions; what was done."""
+    """Warn and remove members disabled by bounces, finish pending actions, act on scores
+    that reached a lowered threshold; what was done."""
     now = time.time() if now is None else now
     secret = site_secret(config)
     done: list[str] = []
@@ -162,7 +166,7 @@ def periodic(config, store, now: float | None = None) -> list[str]:
     return done
 
 
-def _periodic(config, store, db, secret: bytes, now: float, done: list[str]) -> None:
+def _periodic(config, store, db, secret: Keyring, now: float, done: list[str]) -> None:
     """One periodic run's work, appended to `done`."""
     for row in db.rows():
         mlist = store.get_list(row.list)
@@ -177,6 +181,14 @@ def _periodic(config, store, db, secret: bytes, now: float, done: list[str]) -> 
         if row.pending:
             apply_pending(config, store, db, mlist, row, policy, now, secret)
             done.append(f"{row.pending} {row.address} ({mlist.address})")
+            continue
+        if not row.acted and member.status == ACTIVE \
+                and bounces.due(bounces.Score(row.score, row.last_scored, row.last_bounce), now, policy) \
+                and db.set_pending(mlist.address, row.address, policy.action):
+            # The threshold was lowered after this member scored.
+            apply_pending(config, store, db, mlist, replace(row, pending=policy.action), policy, now, secret)
+            done.append(f"{policy.action} {row.address} ({mlist.address}): bounce score {row.score} "
+                        f"reached bounce_threshold {policy.threshold}")
             continue
         if not row.acted or row.next_warning == 0 or member.status != DISABLED:
             continue
@@ -204,18 +216,30 @@ def _periodic(config, store, db, secret: bytes, now: float, done: list[str]) -> 
 DECISIONS = ("keep", "remove")
 
 
-def _decision_token(list_address: str, member: str, decision: str, secret: bytes) -> str:
-    mac = hmac.new(secret, "\0".join(("bounce-decision", addresses.key(list_address),
-                                      addresses.key(member), decision)).encode(), hashlib.sha256)
+def _decision_token(list_address: str, member: str, decision: str, secret: Keyring | bytes,
+                    kid: int | None = None) -> str:
+    """The code under key `kid` (default: the current key; key 0 as 0.x made it)."""
+    ring = keyring(secret)
+    key = ring.mac_key(ring.current_id if kid is None else kid, "bounce decision")
+    mac = hmac.new(key, "\0".join(("bounce-decision", addresses.key(list_address),
+                                   addresses.key(member), decision)).encode(), hashlib.sha256)
     return mac.hexdigest()[:20]
 
 
-def decision_address(list_address: str, member: str, decision: str, secret: bytes) -> str:
+def _is_decision_token(token: str, list_address: str, member: str, decision: str,
+                       secret: Keyring | bytes) -> bool:
+    """Made with any key still accepted? (compare_digest wants bytes: `token` comes from mail.)"""
+    given = token.encode("utf-8", "surrogatepass")
+    return any(hmac.compare_digest(given, _decision_token(list_address, member, decision, secret, kid).encode())
+               for kid in keyring(secret).ids)
+
+
+def decision_address(list_address: str, member: str, decision: str, secret: Keyring | bytes) -> str:
     return addresses.role_address(list_address, "bounces",
                                   f"{decision}-{_decision_token(list_address, member, decision, secret)}")
 
 
-def decide(config, store, secret: bytes, mlist: MailingList, extension: str, sender: str,
+def decide(config, store, secret: Keyring, mlist: MailingList, extension: str, sender: str,
            data: bytes) -> str:
     """Mail to <list>-bounces+keep-TOKEN@ or +remove-TOKEN@: the owner's decision. The log status."""
     decision, _, token = extension.partition("-")
@@ -225,7 +249,7 @@ def decide(config, store, secret: bytes, mlist: MailingList, extension: str, sen
     db = open_bounces(config)
     try:
         row = next((r for r in db.rows(mlist.address)
-                    if hmac.compare_digest(token, _decision_token(mlist.address, r.address, decision, secret))),
+                    if _is_decision_token(token, mlist.address, r.address, decision, secret)),
                    None)
         if row is None:
             return f"refused (no bouncing member matches this {decision} token)"

@@ -1,7 +1,8 @@
-"""The running config and store, reloaded when the config file changes.
+"""The running config, store and keys, reloaded when the config file (or the key file) changes.
 
 A broken edit keeps the last good config running; the error is logged once
-with its file and line.
+with its file and line. The same holds for `state_dir/secret.keys`
+(`listmilter secret rotate`), looked at once a second like the config.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import time
 
 from listmilter.core import config as config_mod
 from listmilter.log import logger, setup
-from listmilter.store import Store, open_store, site_secret
+from listmilter.store import Store, key_source, open_store
+from listmilter.store import secret as secret_mod
 
 CHECK_INTERVAL = 1.0
 
@@ -25,7 +27,8 @@ class Runtime:
         # The hand-off socket and kept bounces live here, also when the state is in PostgreSQL.
         os.makedirs(self.config.state_dir, mode=0o750, exist_ok=True)
         self.store: Store = open_store(self.config)
-        self.secret = site_secret(self.config)
+        self._keys = key_source(self.config)
+        self.secret = self._keys.keyring
         self._lock = threading.Lock()
         self._next_check = time.monotonic() + CHECK_INTERVAL
         self._failed_mtime: float | None = None
@@ -41,13 +44,31 @@ class Runtime:
                 self._lock.release()
         return self.config, self.store
 
+    def watch(self) -> threading.Thread:
+        """Look at the config file every CHECK_INTERVAL in the background (`serve`), so a
+        change is picked up and logged within a second, not only at the next message."""
+        def loop() -> None:
+            while True:
+                time.sleep(CHECK_INTERVAL)
+                self.current()      # a failed reload is logged there and never raises
+        thread = threading.Thread(target=loop, name="config-watch", daemon=True)
+        thread.start()
+        return thread
+
     def _mtime(self) -> float | None:
         try:
             return os.stat(self.path).st_mtime if self.path else None
         except OSError:
             return None
 
+    def _refresh_keys(self) -> None:
+        try:
+            self.secret = self._keys.refresh()
+        except (secret_mod.SecretError, OSError) as e:
+            logger.error("warning: keys not reloaded, still using those read before: %s", e)
+
     def _maybe_reload(self) -> None:
+        self._refresh_keys()
         mtime = self._mtime()
         if mtime == self.config.mtime or mtime == self._failed_mtime:
             return
@@ -57,6 +78,7 @@ class Runtime:
         """Re-read the config at once (SIGUSR1, `systemctl reload`), changed or not."""
         with self._lock:
             self._next_check = time.monotonic() + CHECK_INTERVAL
+            self._refresh_keys()
             ok = self.reload()
             if ok:
                 # Also reopens a log file, for logrotate.
@@ -70,6 +92,10 @@ class Runtime:
             where = lambda c: (c.backend, c.store_path, c.dsn, c.password_file)  # noqa: E731
             if where(new) != where(self.config) or new.backend == "yaml":
                 store = open_store(new)
+            keys = self._keys
+            if (new.dsn, new.password_file, new.state_dir) != (self.config.dsn, self.config.password_file,
+                                                               self.config.state_dir):
+                keys = key_source(new)      # the keys live with the state
         except Exception as e:  # a broken edit must never stop the running milter
             self._failed_mtime = mtime if mtime is not None else self._mtime()
             logger.error("warning: config reload failed, still running on the last good config: %s", e)
@@ -81,6 +107,7 @@ class Runtime:
         if (new.log_target, new.log_facility) != (self.config.log_target, self.config.log_facility):
             setup(new.log_target, new.log_facility)
         old, self.config, self.store = self.store, new, store
+        self._keys, self.secret = keys, keys.keyring
         self._failed_mtime = None
         if old is not store and old.backend == "sqlite":
             old.close()

@@ -5,7 +5,10 @@
     lists.py          list create|delete|show|ls|set|unset
     members.py        members add|remove|ls|import|export|enable|disable|history
     bounces.py        bounces
+    trace.py          trace
+    archive.py        archive
     subscriptions.py  pending, approve, reject
+    secret.py         secret rotate|show
     db.py             db upgrade, migrate (the state databases; SQLite to PostgreSQL)
 
 Each adds its parsers with a `handler` default; every subcommand is a thin
@@ -20,7 +23,7 @@ import sys
 
 from listmilter import __version__
 
-GROUPS = ("serve", "check", "subscriptions", "lists", "members", "bounces", "db")
+GROUPS = ("serve", "check", "subscriptions", "lists", "members", "bounces", "secret", "trace", "archive", "db")
 
 
 def _parser():
@@ -71,10 +74,13 @@ def _failure(e: Exception) -> tuple[str, int | None]:
     from listmilter.core.errors import ListmilterError
     from listmilter.core.model import ListExists, NoSuchList
     from listmilter.store import ReadOnlyStore
+    from listmilter.store.secret import SecretError
     if isinstance(e, Fail):
         return f"listmilter: {e}", e.code
     if isinstance(e, ConfigError):
         return str(e), EX_CONFIG
+    if isinstance(e, SecretError):          # like a config error: the admin must fix a file
+        return f"listmilter: {e}", EX_CONFIG
     if isinstance(e, NoSuchList):
         return f"listmilter: no such list: {e}", EX_NOINPUT
     if isinstance(e, ListExists):

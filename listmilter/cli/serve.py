@@ -42,7 +42,14 @@ def serve(args, path: str, explicit: bool) -> int:
     runtime = runtime_for(path, explicit)
     cfg = runtime.config
     setup(cfg.log_target, cfg.log_facility)
-    from listmilter.mta import milter, socketmap
+    from listmilter.mta import killpoint, milter, socketmap
+    if killpoint.AT:
+        if killpoint.AT not in killpoint.STAGES:
+            print(f"listmilter: LISTMILTER_TEST_KILL_AT must be one of {', '.join(killpoint.STAGES)}",
+                  file=sys.stderr)
+            return EX_USAGE
+        logger.warning("warning: LISTMILTER_TEST_KILL_AT=%s: this serve kills itself at %s (for tests only)",
+                       killpoint.AT, killpoint.STAGES[killpoint.AT])
     socket = args.socket or cfg.milter_socket
     try:
         # How long a stop waits for messages in flight; keep systemd's TimeoutStopSec above it.
@@ -74,6 +81,7 @@ def serve(args, path: str, explicit: bool) -> int:
                 len(runtime.store.all_lists()))
     from listmilter.app import bounce_processing
     bounce_processing.start_periodic(runtime)
+    runtime.watch()
     try:
         milter.run(runtime, socket, grace=grace, on_reload=lambda: _reload(runtime))
     except Exception as e:   # libmilter could not open its socket, for one

@@ -49,6 +49,7 @@ def run(args, path: str, explicit: bool) -> int:
                 print("no pending requests", file=sys.stderr)
             return 0
         failed = 0
+        assert mlist is not None          # approve and reject name their list
         for text in args.addresses:
             address = parse_address(text)
             outcome = service.decide(mlist, address, args.command == "approve", admin_user())

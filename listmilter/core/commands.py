@@ -18,13 +18,20 @@ import email.utils
 import ipaddress
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 
 from listmilter.core import addresses, tokens
 
-SUBSCRIBE = "subscribe"
-UNSUBSCRIBE = "unsubscribe"
-CONFIRM = "confirm"
-HELP = "help"
+
+class Verb(StrEnum):
+    """What a command asks for."""
+    SUBSCRIBE = "subscribe"
+    UNSUBSCRIBE = "unsubscribe"
+    CONFIRM = "confirm"
+    HELP = "help"
+
+
+SUBSCRIBE, UNSUBSCRIBE, CONFIRM, HELP = Verb.SUBSCRIBE, Verb.UNSUBSCRIBE, Verb.CONFIRM, Verb.HELP
 
 _WORDS = {
     "subscribe": SUBSCRIBE, "join": SUBSCRIBE,

@@ -16,23 +16,30 @@ that list's address alone, where the milter expands it like any single post.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Callable
 
-from listmilter.core import addresses, envid, headers, policy
+from listmilter.core import addresses, envid, headers, policy, settings
+from listmilter.core.keys import Keyring
 from listmilter.core.model import MailingList
 
-# Recipient kinds
-LIST = "list"          # a post to expand
-OWNER = "owner"        # <list>-owner@: an alias for the list's owners
-REFUSED = "refused"    # a post the sender may not make (kept only where the MTA cannot reject)
-PLAIN = "plain"        # anything else: a person, a role address for the pipe transport
+
+class Kind(StrEnum):
+    """What one recipient of a message is."""
+    LIST = "list"          # a post to expand
+    OWNER = "owner"        # <list>-owner@: an alias for the list's owners
+    REFUSED = "refused"    # a post the sender may not make (kept only where the MTA cannot reject)
+    PLAIN = "plain"        # anything else: a person, a role address for the pipe transport
+
+
+LIST, OWNER, REFUSED, PLAIN = Kind.LIST, Kind.OWNER, Kind.REFUSED, Kind.PLAIN
 
 
 @dataclass(frozen=True)
 class Recipient:
     rcpt: str                    # exactly as the MTA gave it (delrcpt needs that)
     address: str                 # bare address
-    kind: str = PLAIN
+    kind: Kind = PLAIN
     list_address: str = ""
     reason: str = ""
 
@@ -92,10 +99,8 @@ class ListSettings:
     list_id: str
 
 
-def effective_settings(mlist: MailingList, effective: Callable[[str, dict], object]) -> ListSettings:
-    get = lambda name: effective(name, mlist.settings).value  # noqa: E731
-    return ListSettings(mlist.address, get("posting"), get("subject_prefix"), get("description"),
-                        headers.list_id(mlist.address, get("list_id")))
+def effective_settings(address: str, s: settings.ListSettings) -> ListSettings:
+    return ListSettings(address, s.posting, s.subject_prefix, s.description, headers.list_id(address, s.list_id))
 
 
 def unique_members(list_address: str, members: list[str]) -> list[str]:
@@ -118,7 +123,7 @@ def unique_members(list_address: str, members: list[str]) -> list[str]:
 
 
 def expand_list(ls: ListSettings, list_rcpts: list[str], members: list[str],
-                message_headers: list[tuple[str, str]], post_id: str, secret: bytes,
+                message_headers: list[tuple[str, str]], post_id: str, secret: Keyring | bytes,
                 posted_at: float) -> Edits:
     """The edits that turn this message into a post of list `ls` to `members`."""
     edits = Edits()
@@ -212,7 +217,7 @@ def _header_bytes(items: list[tuple[str, str]]) -> bytes:
 
 
 def personal_copies(ls: ListSettings, members: list[str], message_headers: list[tuple[str, str]],
-                    body: bytes, post_id: str, secret: bytes, url_for: Callable[[str], str],
+                    body: bytes, post_id: str, secret: Keyring | bytes, url_for: Callable[[str], str],
                     posted_at: float) -> Copies:
     """One message per member: the same edits as expand_list, plus a personal List-Unsubscribe."""
     edits = expand_list(ls, [], members, message_headers, post_id, secret, posted_at)
@@ -257,7 +262,7 @@ class EndOfMessage:
 
 def end_of_message(recipients: list[Recipient], split_: Split, in_place: InPlace | None,
                    owners: dict[str, tuple[str, ...]], message_headers: list[tuple[str, str]],
-                   body: bytes, post_id: str, secret: bytes, url_for: Callable[[str], str] | None,
+                   body: bytes, post_id: str, secret: Keyring | bytes, url_for: Callable[[str], str] | None,
                    now: float) -> EndOfMessage:
     """The plan for one message at end of message; `in_place` is given when split_.in_place_list is."""
     if split_.reject_reason:
@@ -284,3 +289,13 @@ def end_of_message(recipients: list[Recipient], split_: Split, in_place: InPlace
         edits.append(Edits(del_rcpts=[r.rcpt]))
     return EndOfMessage(resubmit=split_.reinject, refusals=split_.refused, copies=copies,
                         edits=tuple(edits), expanded=tuple(expanded))
+
+
+# -- the archive -----------------------------------------------------------------------
+def archived_copy(ls: ListSettings, message_headers: list[tuple[str, str]], body: bytes,
+                  post_id: str, secret: Keyring | bytes, posted_at: float) -> bytes:
+    """The post as its members got it (List-* headers, prefixed Subject; the shared mailto:
+    List-Unsubscribe, never a member's personal link), with Unix line ends for a Maildir."""
+    edits = expand_list(ls, [], [], message_headers, post_id, secret, posted_at)
+    data = _header_bytes(apply_header_edits(message_headers, edits)) + b"\r\n" + body
+    return data.replace(b"\r\n", b"\n")

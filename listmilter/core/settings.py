@@ -69,17 +69,17 @@ def _flag(value: Any) -> bool:
 
 
 def _list_id(value: Any) -> str:
-    value = _text(value)
-    if value and not all(part for part in value.split(".")) or " " in value or "<" in value:
-        raise SettingError(f"must be a dot-atom such as dev.example.org (got {value!r})")
-    return value
+    text = _text(value)
+    if text and not all(part for part in text.split(".")) or " " in text or "<" in text:
+        raise SettingError(f"must be a dot-atom such as dev.example.org (got {text!r})")
+    return text
 
 
 def _folder(value: Any) -> str:
-    value = _text(value)
-    if value and not value.startswith("/"):
-        raise SettingError(f"must be an absolute folder path, or empty (got {value!r})")
-    return value
+    text = _text(value)
+    if text and not text.startswith("/"):
+        raise SettingError(f"must be an absolute folder path, or empty (got {text!r})")
+    return text
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("one_click", True, _flag,
             "with web.base_url configured: send every member a copy of their own carrying a "
             "personal RFC 8058 one-click List-Unsubscribe URL (false: one copy for all, mailto only)"),
+    Setting("archive", False, _flag,
+            "keep every accepted post, as it went out, in a Maildir under state_dir/archive/LIST/ "
+            "(`listmilter archive` exports it)"),
     # Bounce processing (listmilter deliver for <list>-bounces@).
     Setting("bounce_action", "disable", _choice("remove", "disable", "notify"),
             "what a bouncing member's score leads to: remove (and tell the owner), disable (warn, "
@@ -155,6 +158,35 @@ def parse(name: str, value: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class ListSettings:
+    """Every setting's effective value for one list: the list's own, else the
+    config file's `defaults:`, else built-in (Config.list_settings builds it).
+    One field per entry of SETTINGS, checked by the tests."""
+    posting: str
+    owners: tuple[str, ...]
+    subject_prefix: str
+    description: str
+    list_id: str
+    subscribe_policy: str
+    unsubscribe_confirm: bool
+    owner_notices: bool
+    confirm_days: int
+    confirm_limit_per_address: int
+    confirm_limit_per_list: int
+    confirm_limit_per_sender: int
+    confirm_limit_per_client: int
+    templates: str
+    one_click: bool
+    archive: bool
+    bounce_action: str
+    bounce_threshold: int
+    bounce_stale_days: int
+    bounce_warnings: int
+    bounce_warning_interval_days: int
+    bounce_unrecognised: str
+
+
+@dataclass(frozen=True)
 class Effective:
     value: Any
     origin: str   # "list", "defaults (FILE:LINE)" or "built-in"
@@ -168,3 +200,7 @@ def resolve(name: str, list_settings: dict[str, Any], defaults: dict[str, Any],
         where = (defaults_origin or {}).get(name, "defaults")
         return Effective(defaults[name], where)
     return Effective(SETTINGS[name].default, "built-in")
+
+
+def resolve_all(list_settings: dict[str, Any], defaults: dict[str, Any]) -> ListSettings:
+    return ListSettings(**{name: resolve(name, list_settings, defaults).value for name in SETTINGS})

@@ -35,16 +35,22 @@ subscriber's confirmation needs.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
-from listmilter.core import addresses, commands
+from listmilter.core import addresses, commands, settings
 from listmilter.core.tokens import CONFIRM, MODERATE, Pending
 
 POLICIES = ("open", "confirm", "moderate", "confirm+moderate")
 
-# Mail recipients
-MEMBER = "member"     # the address the request is about
-SENDER = "sender"     # whoever sent the command (may differ for a token reply)
-OWNERS = "owners"
+
+class To(StrEnum):
+    """Who a mail of an Outcome goes to."""
+    MEMBER = "member"     # the address the request is about
+    SENDER = "sender"     # whoever sent the command (may differ for a token reply)
+    OWNERS = "owners"
+
+
+MEMBER, SENDER, OWNERS = To.MEMBER, To.SENDER, To.OWNERS
 
 
 # Replies to requests nobody has proven to own the address for. What counts toward the
@@ -66,9 +72,13 @@ class Policy:
     limit_client: int = 10
 
 
-# Budgets (see the module text)
-OWN = "own"                  # replies to the envelope sender (or to a From: it vouches for)
-UNVERIFIED = "unverified"    # mail to an address other than the envelope sender
+class Budget(StrEnum):
+    """Which limits a reply counts toward (see the module text)."""
+    OWN = "own"                  # replies to the envelope sender (or to a From: it vouches for)
+    UNVERIFIED = "unverified"    # mail to an address other than the envelope sender
+
+
+OWN, UNVERIFIED = Budget.OWN, Budget.UNVERIFIED
 
 
 @dataclass(frozen=True)
@@ -256,6 +266,7 @@ def on_token(pending: Pending | None, list_key: str, policy: Policy, now: float,
         refusal = Outcome(f"refused (token {reason})", mails=(Mail("token_refused", SENDER),), refused=True,
                           reason=reason)
         return _limited(policy, request, state, refusal) if state else refusal
+    assert pending is not None      # token_refusal names a missing request
     if pending.kind == MODERATE:
         if not sender_is_owner:
             refusal = Outcome("refused (approval from a non-owner)", mails=(Mail("token_refused", SENDER),),
@@ -269,6 +280,25 @@ def on_token(pending: Pending | None, list_key: str, policy: Policy, now: float,
     return _joined("subscribed (confirmed)", policy, close="confirmed")
 
 
+def on_web_token(pending: Pending | None, list_key: str, policy: Policy, now: float) -> Outcome:
+    """A confirmation link was followed. The web cannot tell who clicks, so a
+    moderation request is never approved there: owners answer by mail or the CLI."""
+    outcome = on_token(pending, list_key, policy, now)
+    if pending is not None and pending.kind == MODERATE:
+        return Outcome("refused (approval on the web)", refused=True, reason="not owner")
+    return outcome
+
+
+def on_one_click(removed: bool, policy: Policy) -> Outcome:
+    """RFC 8058 one-click unsubscribe, after the store removed the member (`removed`)
+    or found nobody to remove: the member leaves at once, without confirmation (the
+    link is proof enough), and hears of it as after any unsubscription."""
+    if not removed:
+        return Outcome("not a member (one-click)")
+    left = _left("unsubscribed (one-click)", policy)
+    return replace(left, change=None)        # done already: the store's removal was the decision
+
+
 def on_decision(pending: Pending, policy: Policy, approve: bool) -> Outcome:
     """An owner approves or rejects a moderation request."""
     if not approve:
@@ -278,14 +308,10 @@ def on_decision(pending: Pending, policy: Policy, approve: bool) -> Outcome:
     return _joined("subscribed (approved)", policy, close="approved")
 
 
-def policy_from(effective) -> Policy:
-    """The Policy of a list; `effective(name)` gives a setting's effective value."""
-    return Policy(subscribe=effective("subscribe_policy"),
-                  unsubscribe_confirm=effective("unsubscribe_confirm"),
-                  owner_notices=effective("owner_notices"),
-                  confirm_days=effective("confirm_days"),
-                  limit_address=effective("confirm_limit_per_address"),
-                  limit_list=effective("confirm_limit_per_list"),
-                  limit_sender=effective("confirm_limit_per_sender"),
-                  limit_client=effective("confirm_limit_per_client"))
+def policy_from(s: settings.ListSettings) -> Policy:
+    """The Policy of a list, from its settings."""
+    return Policy(subscribe=s.subscribe_policy, unsubscribe_confirm=s.unsubscribe_confirm,
+                  owner_notices=s.owner_notices, confirm_days=s.confirm_days,
+                  limit_address=s.confirm_limit_per_address, limit_list=s.confirm_limit_per_list,
+                  limit_sender=s.confirm_limit_per_sender, limit_client=s.confirm_limit_per_client)
 

@@ -48,7 +48,7 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
     if role is None or role.role == "owner":
         # Only mail the milter chose not to expand may reach the pipe for the
         # list address itself; anything else means the milter was bypassed.
-        ls = plan.effective_settings(mlist, config.effective)
+        ls = plan.effective_settings(mlist.address, config.list_settings(mlist.settings))
         reason = policy.not_expanded_reason(sender, head.get_all("List-Id") or [], ls.list_id.lower())
         if role is None and reason:
             logger.info("deliver: %s", fields(**base, list=f"<{mlist.address}>",
@@ -80,7 +80,7 @@ def run(runtime_factory, recipient: str, sender: str | None, data: bytes) -> tup
     """`deliver`, with every failure turned into 75 and a reason: never raises."""
     try:
         return deliver(runtime_factory, recipient, sender, data)
-    except TemporaryError as e:     # Deferred, the store or database unavailable: the text says what
+    except TemporaryError as e:    # Deferred, a busy or full store, the MTA not taking mail now, a bad secret file
         logger.error("deliver: %s", fields(to=f"<{recipient}>", status=f"deferred ({e})"))
         return EX_TEMPFAIL, str(e)
     except Exception as e:  # never lose mail: Postfix retries on 75

@@ -90,10 +90,20 @@ def open_bounces(config):
     return BounceDB(config.state_dir)
 
 
-def site_secret(config) -> bytes:
-    """The site secret (made on first use): state_dir/secret, or the database's current key."""
+def site_secret(config):
+    """The site's keys accepted now, a core.keys.Keyring (key 0 made on first use):
+    state_dir/secret and secret.keys, or the database's table of keys."""
     if config.dsn:
         from listmilter.store.postgresql import db, stores
         return stores.PgKeys(db.target_of(config)).load_or_create()
     from listmilter.store import secret
     return secret.load_or_create(config.state_dir)
+
+
+def key_source(config):
+    """The keys for a long-running process, with refresh() (listmilter.store.secret.KeySource)."""
+    if config.dsn:
+        from listmilter.store.postgresql import db, stores
+        return stores.PgKeySource(db.target_of(config))
+    from listmilter.store import secret
+    return secret.KeySource(config.state_dir)

@@ -173,6 +173,11 @@ class BounceDB:
                      "WHERE list=? AND key=?", (now, warnings_sent, next_warning,
                                                 addresses.key(list_address), addresses.key(address)))
 
+    def set_pending(self, list_address: str, address: str, action: str) -> bool:
+        """Call for `action` on a score no action was taken on yet; False if one was."""
+        return self._update("UPDATE scores SET pending=? WHERE list=? AND key=? AND pending='' AND acted=0",
+                            (action, addresses.key(list_address), addresses.key(address))) > 0
+
     def mark_warned(self, list_address: str, address: str, warnings_sent: int, next_warning: float) -> None:
         self._update("UPDATE scores SET warnings_sent=?, next_warning=? WHERE list=? AND key=?",
                      (warnings_sent, next_warning, addresses.key(list_address), addresses.key(address)))

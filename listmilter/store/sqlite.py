@@ -287,15 +287,19 @@ class SQLiteStore:
         """Yaml backend: record a member's run-time status (creating the list row on demand)."""
         key = addresses.key(list_address)
         now = time.time()
+        # `added` is when this membership began: a (re-)subscription starts a new one
+        # (one-click links of the old one stop working, listmilter.core.tokens);
+        # disabling, enabling or leaving keeps it (0 for a member of the file).
+        added = now if action == "subscribed" else member.added
         with self._write() as conn:
             conn.execute("INSERT INTO lists(address, created) VALUES (?, ?) ON CONFLICT DO NOTHING", (key, now))
             list_id = self._list_id(conn, key)
             conn.execute(
                 "INSERT INTO members(list_id, key, address, name, attrs, status, added) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(list_id, key) DO UPDATE SET "
-                "status=excluded.status, address=excluded.address",
+                "status=excluded.status, address=excluded.address, added=excluded.added",
                 (list_id, addresses.key(member.address), member.address, member.name,
-                 json.dumps(member.attributes) if member.attributes else "{}", status, member.added or now))
+                 json.dumps(member.attributes) if member.attributes else "{}", status, added))
             self._event(conn, key, member.address, action, how, who, detail, now)
 
     @sqlite_errors

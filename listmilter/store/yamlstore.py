@@ -14,7 +14,7 @@ PostgreSQL database instead (the same tables), so every host sees it.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, NoReturn
 
 from listmilter.core import addresses
 from listmilter.core.model import (
@@ -54,6 +54,11 @@ class YAMLStore:
         if self._state is None and (create or os.path.exists(self.overlay_path)):
             self._state = SQLiteStore(self.overlay_path, name="yaml overlay")
         return self._state
+
+    def _writable_overlay(self) -> SQLiteStore:
+        state = self._overlay_store(create=True)
+        assert state is not None
+        return state
 
     def _overlay(self, key: str) -> dict[str, Member]:
         state = self._overlay_store(create=False)
@@ -119,7 +124,7 @@ class YAMLStore:
         current = self.member(key, member.address)
         if current is not None:
             return False
-        self._overlay_store(create=True).set_overlay(key, member, ACTIVE, "subscribed", how, who, detail)
+        self._writable_overlay().set_overlay(key, member, ACTIVE, "subscribed", how, who, detail)
         return True
 
     def unsubscribe(self, list_address: str, address: str, how: str, who: str = "",
@@ -129,7 +134,7 @@ class YAMLStore:
         if current is None:
             return False
         # The row stays as a mask over the file's entry, which only the admin may delete.
-        self._overlay_store(create=True).set_overlay(key, current, UNSUBSCRIBED, "unsubscribed",
+        self._writable_overlay().set_overlay(key, current, UNSUBSCRIBED, "unsubscribed",
                                                      how, who, detail)
         return True
 
@@ -141,11 +146,11 @@ class YAMLStore:
         current = self.member(key, address)
         if current is None or current.status == status:
             return False
-        self._overlay_store(create=True).set_overlay(
+        self._writable_overlay().set_overlay(
             key, current, status, "enabled" if status == ACTIVE else "disabled", how, who, detail)
         return True
 
-    def _read_only(self, *args: Any, **kw: Any):
+    def _read_only(self, *args: Any, **kw: Any) -> NoReturn:
         raise ReadOnlyStore(f"lists in the yaml store are edited in {self.path} (under lists:); "
                             "listmilter picks up the change by itself")
 

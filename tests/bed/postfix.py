@@ -20,11 +20,13 @@ from pathlib import Path
 from .net import free_port, wait_for_port, wait_until
 
 PIPE_USER = "nobody"
-# What `listmilter deliver` (and `listmilter web`: waitress) needs at run time;
-# copied where the pipe user can read it, because a checkout may sit under a
-# folder only root can enter.
-_PIPE_PACKAGES = ("listmilter", "yaml", "flufl", "public", "dns", "waitress",
-                  "psycopg", "psycopg_c", "psycopg_pool", "typing_extensions.py")
+# What `listmilter deliver` and `listmilter web` need at run time; copied where the
+# pipe user can read it, because a checkout may sit under a folder only root can enter.
+# (cryptography's compiled parts need cffi's backend module; without the copy the
+# system's own python3-cryptography would be used, not the version pip installs.)
+# psycopg (with its C part and pool) for store.dsn.
+_PIPE_PACKAGES = ("listmilter", "yaml", "flufl", "public", "dns", "waitress", "cryptography", "cffi",
+                  "_cffi_backend", "psycopg", "psycopg_c", "psycopg_pool", "typing_extensions.py")
 _pipe_runtime: Path | None = None
 
 
@@ -46,6 +48,8 @@ def pipe_runtime() -> Path:
             elif origin.exists():
                 shutil.copytree(origin, root / name,
                                 ignore=shutil.ignore_patterns("__pycache__", "tests"))
+            for module in site.glob(f"{name}.*.so"):        # an extension module alone
+                shutil.copy(module, root / module.name)
         # Byte-compiled as pip does at install: the pipe user cannot write
         # __pycache__ here and would compile every module on every delivery.
         compileall.compile_dir(root, quiet=1)

@@ -6,7 +6,7 @@ What is copied, from the config's state folder:
     or state.sqlite (the yaml overlay)
     pending.sqlite                              pending, sent
     bounces.sqlite                              scores, bounces
-    secret                                      site_keys (as key 0)
+    secret, secret.keys                         site_keys (with their ids and grace periods)
 
 Each SQLite file is first opened through its own class, so it is brought to
 this version's schema and its columns are the PostgreSQL tables' columns.
@@ -93,7 +93,6 @@ def copy_state(config, target: pgdb.Target, replace: bool = False) -> list[Count
                          "a state folder's SQLite files: run it with the config used before")
     pgdb.upgrade(target)                           # the schema first: the copy needs its tables
     files = sources(config)
-    secret_path = os.path.join(config.state_dir, "secret")
     describe = f"postgresql database {target.describe}"
     try:
         with psycopg.connect(target.dsn, **target.connect_kwargs()) as raw, raw.transaction():
@@ -118,7 +117,7 @@ def copy_state(config, target: pgdb.Target, replace: bool = False) -> list[Count
                 finally:
                     if src is not None:
                         src.close()
-            result.append(_copy_secret(raw, secret_path))
+            result.append(_copy_keys(raw, config.state_dir))
             raw.execute("INSERT INTO meta(name, value) VALUES ('lists', %s)",
                         (LISTS_YAML if config.backend == "yaml" else LISTS_POSTGRESQL,))
             for table in ("lists", "events", "bounces"):    # identity columns continue after the copied ids
@@ -154,16 +153,15 @@ def _copy_table(raw: psycopg.Connection, src: sqlite3.Connection | None, table: 
     return Counted(table, n, n)
 
 
-def _copy_secret(raw: psycopg.Connection, path: str) -> Counted:
-    """The `secret` file becomes key 0: ENVIDs, tokens and links made with it keep working."""
+def _copy_keys(raw: psycopg.Connection, state_dir: str) -> Counted:
+    """The site's keys (the `secret` file as key 0, and `secret.keys` after rotations) with their
+    ids and grace periods: ENVIDs, tokens and links made with them keep working."""
+    from listmilter.store import secret as secret_mod
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return Counted("site_keys", 0, 0)
-    except OSError as e:
-        raise StoreError(f"{path}: {e.strerror}; nothing copied") from None
-    if len(data) < 32:
-        raise StoreError(f"{path} holds {len(data)} bytes, a site secret has at least 32; nothing copied")
-    raw.execute("INSERT INTO site_keys(id, secret, created) VALUES (0, %s, NULL)", (data,))
-    return Counted("site_keys", 1, 1)
+        keys = secret_mod.read_keys(state_dir) or []
+    except (secret_mod.SecretError, OSError) as e:
+        raise StoreError(f"the site's keys in {state_dir}: {e}; nothing copied") from None
+    for key in keys:
+        raw.execute("INSERT INTO site_keys(id, secret, created, until) VALUES (%s, %s, %s, %s)",
+                    (key.id, key.secret, key.created, key.until))
+    return Counted("site_keys", len(keys), len(keys))

@@ -59,6 +59,7 @@ LOCK_CLASS = 0x6C6D          # "lm"
 SCHEMA_LOCK = 1
 PENDING_LOCK = 2
 PERIODIC_LOCK = 3
+KEYS_LOCK = 4
 MEMBER_LOCKS = LOCK_CLASS + 1     # (MEMBER_LOCKS, hash of list and member): one member's bounce score
 
 

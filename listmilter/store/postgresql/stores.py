@@ -25,11 +25,14 @@ import time
 from typing import Iterable
 
 from listmilter.core import addresses
+from listmilter.core.keys import LEGACY, Keyring
 from listmilter.core.model import Member, NoSuchList
 from listmilter.store import StoreError
 from listmilter.store.bounce_records import BounceDB
 from listmilter.store.pending import PendingDB
 from listmilter.store.postgresql.db import (
+    KEYS_LOCK,
+    LOCK_CLASS,
     MEMBER_LOCKS,
     PENDING_LOCK,
     PERIODIC_LOCK,
@@ -38,6 +41,7 @@ from listmilter.store.postgresql.db import (
     clean,
     process_lock,
 )
+from listmilter.store.secret import DAY, GRACE_DAYS, Key, SecretError, keyring_of
 from listmilter.store.sqlite import SQLiteStore
 
 # meta 'lists': which backend's rows the list tables hold. The yaml overlay's
@@ -115,7 +119,8 @@ class PgStore(SQLiteStore):
     def delete_list(self, address: str) -> None:
         """The list, its settings and its members (no foreign key cascades members here: schema.py)."""
         with self._write() as conn:
-            found = conn.execute("SELECT id FROM lists WHERE address=? FOR UPDATE", (addresses.key(address),)).fetchone()
+            found = conn.execute("SELECT id FROM lists WHERE address=? FOR UPDATE",
+                                 (addresses.key(address),)).fetchone()
             if found is None:
                 raise NoSuchList(address)
             conn.execute("DELETE FROM members WHERE list_id=?", (found[0],))
@@ -208,22 +213,68 @@ class PgBounceDB(BounceDB):
 
 # -- the site's keys -----------------------------------------------------------------
 class PgKeys:
-    """The site's keys (site_keys), for every host alike: the highest id is current."""
+    """The site's keys (site_keys), for every host alike: listmilter.store.secret's keys
+    (ids, one current, older ones accepted until their grace period ends) in a table.
+    The highest id is current."""
 
     def __init__(self, target: Target):
         self.pg = Database(target, "site keys")
+        self.describe = self.pg.describe
 
-    def keys(self) -> list[tuple[int, bytes, float | None, float | None]]:
-        """(id, secret, created, until), the current key first."""
-        return [(kid, bytes(secret), created, until) for kid, secret, created, until in self.pg.reads.execute(
+    def keys(self) -> list[Key]:
+        """Every key, the current one first (empty before the first is made)."""
+        return [Key(kid, bytes(secret), created, until) for kid, secret, created, until in self.pg.reads.execute(
             "SELECT id, secret, created, until FROM site_keys ORDER BY id DESC")]
 
-    def load_or_create(self) -> bytes:
-        """The current key; key 0 is made on first use (the first host to ask wins)."""
+    def _keys_or_create(self) -> list[Key]:
         keys = self.keys()
-        if not keys:
+        if not keys:        # key 0 on first use; the first host to ask wins
             with self.pg.transaction() as conn:
-                conn.execute("INSERT INTO site_keys(id, secret, created) VALUES (0, ?, ?) ON CONFLICT DO NOTHING",
-                             (secrets_mod.token_bytes(32), time.time()))
+                conn.execute("INSERT INTO site_keys(id, secret, created) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                             (LEGACY, secrets_mod.token_bytes(32), time.time()))
             keys = self.keys()
-        return keys[0][1]
+        return keys
+
+    def load_or_create(self, now: float | None = None) -> Keyring:
+        """The keys accepted now, as secret.load_or_create gives them from files."""
+        return keyring_of(self._keys_or_create(), time.time() if now is None else now)
+
+    def rotate(self, grace_days: float = GRACE_DAYS, now: float | None = None) -> list[Key]:
+        """A new current key; the others stay accepted for `grace_days` at most (secret.rotate's rules)."""
+        if grace_days < 0:
+            raise ValueError("the grace period cannot be negative")
+        now = time.time() if now is None else now
+        self._keys_or_create()
+        until = now + grace_days * DAY
+        with self.pg.transaction() as conn:
+            conn.raw.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, KEYS_LOCK))
+            newest = conn.execute("SELECT max(id) FROM site_keys").fetchone()[0]
+            if newest + 1 > 0xFFFF:
+                raise SecretError("no key ids left (65535 rotations)")
+            conn.execute("UPDATE site_keys SET until = least(coalesce(until, ?), ?)", (until, until))
+            conn.execute("DELETE FROM site_keys WHERE until <= ?", (now,))
+            conn.execute("INSERT INTO site_keys(id, secret, created) VALUES (?, ?, ?)",
+                         (newest + 1, secrets_mod.token_bytes(32), now))
+        return self.keys()
+
+
+class PgKeySource:
+    """The keyring for a long-running process (secret.KeySource's interface): read again every
+    REFRESH seconds, so a rotation on any host reaches every host; while the database cannot
+    be read, the keys read before stay in use."""
+
+    REFRESH = 10.0
+
+    def __init__(self, target: Target):
+        self._keys = PgKeys(target)
+        self.keyring = self._keys.load_or_create()
+        self._read_at = time.monotonic()
+
+    def refresh(self, now: float | None = None) -> Keyring:
+        if time.monotonic() - self._read_at >= self.REFRESH:
+            self._read_at = time.monotonic()
+            try:
+                self.keyring = self._keys.load_or_create(now)
+            except StoreError as e:
+                raise SecretError(f"keys not read again: {e}") from e
+        return self.keyring
