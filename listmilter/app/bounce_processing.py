@@ -8,17 +8,16 @@ the notices, through the local MTA.
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import hashlib
 import hmac
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, replace
 
 from listmilter.app import notices, outgoing
-from listmilter.core import addresses, bounces, envid
+from listmilter.core import addresses, bounces, envid, mailparse
 from listmilter.core.bounces import Verdict
 from listmilter.core.keys import Keyring, keyring
 from listmilter.core.model import ACTIVE, DISABLED, MailingList, NoSuchList
@@ -50,8 +49,7 @@ def handle(config, store, secret: Keyring, mlist: MailingList, sender: str, data
            now: float | None = None) -> Outcome:
     """Process one message that reached <list>-bounces@."""
     now = time.time() if now is None else now
-    msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(data)
-    report = bounces.read(msg, null_sender=(sender == ""))
+    report = read(data, sender)
     if report.kind == bounces.AUTORESPONSE:
         return Outcome(report.kind, ())
     policy = policy_of(config, mlist)
@@ -75,12 +73,26 @@ def handle(config, store, secret: Keyring, mlist: MailingList, sender: str, data
         kept = ""
         unused = [v for v in verdicts if v[2] in bounces.FOR_OWNER]
         if not report.failures or unused:
-            why = (f"{report.kind}: names no failed recipient" if not report.failures else
+            why = (_NO_FAILURE.get(report.kind, f"{report.kind}: names no failed recipient")
+                   if not report.failures else
                    "; ".join(f"<{a}> {s or '-'}: {bounces.FOR_OWNER[v]}" for a, s, v in unused))
             kept = keep_for_owner(config, db, mlist, data, why, now)
         return Outcome(report.kind, tuple(verdicts), kept, report.envid)
     finally:
         db.close()
+
+
+def read(data: bytes, sender: str) -> bounces.Report:
+    """What the message is. Reading never fails: what cannot be read is UNREADABLE, kept for the owner."""
+    try:
+        return bounces.read(mailparse.parse(data), null_sender=(sender == ""))
+    except Exception:   # a bug in reading hostile mail: keep the message, never retry it for days
+        logger.exception("bounce: %s", fields(**{"from": f"<{sender}>"}, size=len(data),
+                                               status="unreadable (internal error; kept for the owner)"))
+        return bounces.Report(bounces.UNREADABLE)
+
+
+_NO_FAILURE: dict[str, str] = {bounces.UNREADABLE: "unreadable: listmilter could not read this message (see its log)"}
 
 
 def keep_for_owner(config, db: BounceDB, mlist: MailingList, data: bytes, why: str, now: float) -> str:
@@ -214,6 +226,7 @@ def _periodic(config, store, db, secret: Keyring, now: float, done: list[str]) -
 # notice's readers know it. The member is found again among the list's scored
 # members, so nothing needs to be stored.
 DECISIONS = ("keep", "remove")
+_DECISION_TOKEN = re.compile(r"[0-9a-f]{20}")
 
 
 def _decision_token(list_address: str, member: str, decision: str, secret: Keyring | bytes,
@@ -243,9 +256,11 @@ def decide(config, store, secret: Keyring, mlist: MailingList, extension: str, s
            data: bytes) -> str:
     """Mail to <list>-bounces+keep-TOKEN@ or +remove-TOKEN@: the owner's decision. The log status."""
     decision, _, token = extension.partition("-")
-    msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(data, headersonly=True)
+    msg = mailparse.parse(data, headers_only=True)
     if not sender or bounces.is_auto_response(msg):
         return "ignored (decision from the null sender or an auto-responder)"
+    if not _DECISION_TOKEN.fullmatch(token):
+        return f"refused (not a {decision} token)"
     db = open_bounces(config)
     try:
         row = next((r for r in db.rows(mlist.address)
@@ -253,7 +268,7 @@ def decide(config, store, secret: Keyring, mlist: MailingList, extension: str, s
                    None)
         if row is None:
             return f"refused (no bouncing member matches this {decision} token)"
-        who = f"{sender}, {(msg.get('Message-ID') or '').strip()}".rstrip(", ")
+        who = f"{sender}, {mailparse.message_id(msg.get('Message-ID'))}".rstrip(", ")
         if decision == "keep":
             enable(config, store, mlist.address, row.address, "owner", who)
         else:

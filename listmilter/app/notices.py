@@ -9,7 +9,7 @@ import os
 import re
 import string
 
-from listmilter.core import addresses, bounces
+from listmilter.core import addresses, bounces, mailparse
 
 
 def _message(from_addr: str, to_addr: str, subject: str, text: str) -> email.message.EmailMessage:
@@ -32,7 +32,7 @@ def refusal(list_address: str, sender: str, reason: str, message_headers: list[t
     cannot refuse one recipient of a message.)
     """
     owner = addresses.role_address(list_address, "owner")
-    quoted = "".join(f"    {n}: {v}\n" for n, v in message_headers
+    quoted = "".join(f"    {n}: {mailparse.text(v)}\n" for n, v in message_headers
                      if n.lower() in ("from", "to", "cc", "subject", "date", "message-id"))
     text = (f"Your message was not sent to the list {list_address}:\n\n"
             f"    {reason}\n\n"
@@ -112,8 +112,23 @@ def unrecognised_bounce(list_address: str, owners: tuple[str, ...], why: str, or
     msg = _message(owner, ", ".join(owners), f"Unrecognised bounce for {list_address}",
                    f"This message reached {addresses.role_address(list_address, 'bounces')} "
                    f"but counted against no member:\n\n    {why}\n\nIt is attached as it arrived.\n")
-    import email
-    msg.add_attachment(email.message_from_bytes(original, policy=email.policy.default))
+    # Attached as bytes, never parsed and written again (hostile mail can make Python's
+    # parser or generator fail). message/rfc822 must be 7bit or 8bit (RFC 2046) and the
+    # generator writes only ASCII there, and a MIME structure that listmilter could not
+    # read whole would trouble the owner's mail reader too: all else goes as a file,
+    # original.eml.
+    lines = original.replace(b"\r\n", b"\n").split(b"\n")
+    if original.isascii() and b"\0" not in original and b"\r" not in b"".join(lines) and \
+            max(map(len, lines)) <= 998 and mailparse.readable(original):
+        part = email.message.EmailMessage(policy=email.policy.SMTP)
+        part["Content-Type"] = "message/rfc822"
+        part["Content-Disposition"] = "attachment"
+        part.set_payload("\r\n".join(line.decode("ascii") for line in lines))
+        msg.make_mixed()
+        msg.attach(part)
+    else:
+        msg.add_attachment(original, maintype="application", subtype="octet-stream",
+                           filename="original.eml")
     return msg.as_bytes()
 
 
@@ -163,7 +178,7 @@ def command_reply(from_addr: str, to_addr: str, subject: str, text: str, reply_t
     msg = _message(from_addr, to_addr, subject, text)
     if reply_to:
         msg["Reply-To"] = reply_to
-    if in_reply_to:
+    if in_reply_to and in_reply_to.isascii():     # an 8-bit msg-id would need SMTPUTF8 here
         msg["In-Reply-To"] = in_reply_to
         msg["References"] = in_reply_to
     # Not folded at 78: a token in the Subject must survive a reply as one word.

@@ -11,14 +11,12 @@ the same state.
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import logging
 import time
 from dataclasses import dataclass
 
 from listmilter.app import notices, outgoing
-from listmilter.core import addresses, commands, plan, subscriptions, tokens
+from listmilter.core import addresses, commands, mailparse, plan, subscriptions, tokens
 from listmilter.core.keys import Keyring
 from listmilter.core.model import MailingList, Member
 from listmilter.core.subscriptions import OWNERS, SENDER, Outcome, Request, State
@@ -89,10 +87,10 @@ class Service:
 
         `dmarc_pass`: the message passed DMARC for its From: domain, so From: may act
         as the envelope sender would (core.subscriptions.Request); no edge checks DMARC yet."""
-        msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(data)
+        msg = mailparse.parse(data)
         heads: dict[str, list[str]] = {}
         for name, value in msg.items():
-            heads.setdefault(name.lower(), []).append(str(value))
+            heads.setdefault(name.lower(), []).append(value)
         ls = plan.effective_settings(mlist.address, self.config.list_settings(mlist.settings))
         client = commands.received_client(data)
         base = {"to": f"<{addresses.role_address(mlist.address, role.role, role.extension)}>",
@@ -101,12 +99,16 @@ class Service:
         reason = commands.ignore_reason(sender, heads, ls.list_id)
         if reason is None and _is_own(mlist.address, sender):
             reason = "mail from this list's own addresses"
+        if reason is None and not addresses.is_valid(sender):
+            # Replies go to the envelope sender; one that is no plain address (8-bit,
+            # SMTPUTF8, garbage) could never take them, and a retry would not change that.
+            reason = "the envelope sender is no address listmilter can answer"
         if reason:
             logger.info("deliver: %s", fields(**base, status=f"ignored ({reason})"))
             return "ignored"
         subject = _header_text(msg.get("Subject"))
         cmd = commands.parse(role.role, role.extension, sender, _header_text(msg.get("From")), subject,
-                             _body_text(data), (msg.get("Message-ID") or "").strip())
+                             _body_text(data), mailparse.message_id(msg.get("Message-ID")))
         if not addresses.is_valid(cmd.address):
             logger.info("deliver: %s", fields(**base, status=f"ignored (no valid address: {cmd.address!r})"))
             return "ignored"
@@ -337,22 +339,12 @@ def _is_own(list_address: str, sender: str) -> bool:
 
 
 def _header_text(value) -> str:
-    if value is None:
-        return ""
     from listmilter.core.headers import decode
-    return decode(str(value))
+    return decode(mailparse.text(value))
 
 
 def _body_text(data: bytes) -> str:
-    """The first text/plain part, decoded (best effort, at most MAX_BODY)."""
-    try:
-        msg = email.parser.BytesParser(policy=email.policy.default).parsebytes(data[:MAX_BODY * 2])
-        part = msg.get_body(preferencelist=("plain",))
-        if part is None:
-            return ""
-        return part.get_content()[:MAX_BODY]
-    except Exception:      # a broken MIME structure is no command
-        return ""
+    return mailparse.body_text(data[:MAX_BODY * 2], MAX_BODY)
 
 
 def _says_reject(subject: str, body: str) -> bool:

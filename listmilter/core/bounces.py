@@ -11,6 +11,9 @@ A message to the bounce address is one of:
 - an auto-response (vacation reply and the like: RFC 3834 markers), which is
   no bounce at all;
 - anything else: unrecognised, kept for the owner.
+
+Every header is read through listmilter.core.mailparse.text, so a message parsed
+with any policy (8-bit, folded, Header objects) reads the same and never raises.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import time
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from listmilter.core import addresses, settings
+from listmilter.core import addresses, mailparse, settings
 
 
 class Kind(StrEnum):
@@ -31,9 +34,11 @@ class Kind(StrEnum):
     HEURISTIC = "heuristic"
     AUTORESPONSE = "autoresponse"
     UNRECOGNISED = "unrecognised"
+    UNREADABLE = "unreadable"         # reading it failed (a bug): kept for the owner like UNRECOGNISED
 
 
 DSN, HEURISTIC, AUTORESPONSE, UNRECOGNISED = Kind.DSN, Kind.HEURISTIC, Kind.AUTORESPONSE, Kind.UNRECOGNISED
+UNREADABLE = Kind.UNREADABLE
 
 
 class Verdict(StrEnum):
@@ -88,25 +93,23 @@ _AUTO_SUBJECT = re.compile(r"^\s*(auto(matic)?[ -]?(reply|response|antwort)|out 
 
 def is_auto_response(msg: email.message.Message) -> bool:
     """RFC 3834 and the common de-facto markers of vacation replies."""
-    auto = (msg.get("Auto-Submitted") or "").strip().lower()
+    auto = mailparse.text(msg.get("Auto-Submitted")).strip().lower()
     if auto and not auto.startswith("no"):
         return True
     if any(msg.get(h) is not None for h in ("X-Autoreply", "X-Autorespond", "X-Auto-Response-Suppress")):
         return True
-    if (msg.get("Precedence") or "").strip().lower() in ("auto_reply", "auto-reply"):
+    if mailparse.text(msg.get("Precedence")).strip().lower() in ("auto_reply", "auto-reply"):
         return True
-    return bool(_AUTO_SUBJECT.match(str(msg.get("Subject") or "")))
+    return bool(_AUTO_SUBJECT.match(mailparse.text(msg.get("Subject"))))
 
 
-def _one_line(text: str | None, limit: int = 300) -> str:
-    return " ".join((text or "").split())[:limit]
+def _one_line(value: object, limit: int = 300) -> str:
+    return " ".join(mailparse.text(value).split())[:limit]
 
 
-def _address_field(value: str | None) -> str:
+def _address_field(value: object) -> str:
     """`rfc822;bob@example.net` -> bob@example.net ('' for other address types)."""
-    if not value:
-        return ""
-    kind, sep, address = value.partition(";")
+    kind, sep, address = mailparse.text(value).partition(";")
     if not sep:
         return ""
     if kind.strip().lower() not in ("rfc822", "utf-8"):
@@ -124,13 +127,12 @@ def _delivery_status(msg: email.message.Message) -> email.message.Message | None
 
 
 def _status_blocks(part: email.message.Message) -> list[email.message.Message]:
-    payload = part.get_payload()
-    if isinstance(payload, list):
-        return payload
+    if part.is_multipart():
+        return [p for p in part.get_payload() if isinstance(p, email.message.Message)]
     # message/global-delivery-status is left as text by the email package.
-    text = payload if isinstance(payload, str) else ""
+    text = mailparse.payload_text(part)
     blocks = re.split(r"\r?\n\s*\r?\n", text.strip())
-    return [email.parser.HeaderParser().parsestr(b + "\n") for b in blocks if b.strip()]
+    return [email.parser.HeaderParser(policy=mailparse.POLICY).parsestr(b + "\n") for b in blocks if b.strip()]
 
 
 def read_dsn(msg: email.message.Message) -> Report | None:
@@ -145,8 +147,8 @@ def read_dsn(msg: email.message.Message) -> Report | None:
     failures = []
     for block in blocks[1:]:
         # Real DSNs say "failure" or "failed (reason)" too.
-        action = (block.get("Action") or "").strip().lower()
-        status = (block.get("Status") or "").strip().split(" ")[0]
+        action = mailparse.text(block.get("Action")).strip().lower()
+        status = _one_line(block.get("Status"), 40).partition(" ")[0]
         if action.startswith("fail"):
             permanent = True
         elif action.startswith("delay"):

@@ -138,8 +138,9 @@ def parse(role: str, extension: str, sender: str, from_header: str | None, subje
     if role == "unsubscribe":
         return Command(UNSUBSCRIBE, **base)
     if role == "confirm":
+        # Anything that is no token is "" (an unknown token), never looked up.
         token = extension.lower() if tokens.TOKEN_RE.fullmatch(extension.lower()) else \
-            (tokens.find_token(subject or "") or extension.lower())
+            (tokens.find_token(subject or "") or "")
         return Command(CONFIRM, token=token, **base)
     # -request@: the Subject first, then the first lines of the body
     token = tokens.find_token(subject or "")

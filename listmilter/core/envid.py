@@ -69,10 +69,14 @@ def make(post_id: str, list_address: str, secret: Keyring | bytes, posted_at: fl
 
 
 def parse(envid: str, list_address: str, secret: Keyring | bytes) -> Post | None:
-    """The post, if `envid` is one we issued for `list_address` with a key still accepted; else None."""
+    """The post, if `envid` is one we issued for `list_address` with a key still accepted;
+    else None (never raises)."""
+    envid = envid.strip()
+    if len(envid) > MAX_LENGTH or not _SAFE.fullmatch(envid):
+        return None     # not what make() writes: 8-bit, spaces, controls, too long
     ring = keyring(secret)
     list_key = list_address.lower()
-    parts = envid.strip().split(".", 3)
+    parts = envid.split(".", 3)
     if len(parts) >= 3 and re.fullmatch(r"[0-9a-z]{1,8}", parts[1]) \
             and any(_same(parts[2], _mac(ring.mac_key(kid, "envid"), parts[0], parts[1], list_key))
                     for kid in ring.ids):
@@ -80,7 +84,7 @@ def parse(envid: str, list_address: str, secret: Keyring | bytes) -> Post | None
             return None
         return Post(parts[0], float(int(parts[1], 36)))
     # listmilter 0.1: POSTID.MAC[.LIST], made with key 0 (there was no other)
-    old = envid.strip().split(".", 2)
+    old = envid.split(".", 2)
     legacy = ring.secret(LEGACY)
     if len(old) >= 2 and legacy is not None and _same(old[1], _mac(legacy, old[0], list_key)):
         if len(old) == 3 and old[2].lower() != list_key:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import email.header
 import re
 
-from listmilter.core import addresses
+from listmilter.core import addresses, mailparse
 
 # Headers a list owns: any earlier copies (from another list upstream) are
 # replaced by this list's own.
 LIST_HEADERS = ("List-Id", "List-Post", "List-Help", "List-Subscribe", "List-Unsubscribe",
                 "List-Unsubscribe-Post", "List-Owner", "List-Archive", "Precedence")
 
+_UNDECODED = re.compile("[\ud800-\udfff]")
 _REPLY_PREFIX = re.compile(r"^\s*((re|fwd?|aw|sv|antw|wg)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
 
 
@@ -54,11 +55,12 @@ def _phrase(text: str) -> str:
 
 
 def decode(raw: str) -> str:
-    """The text of a header value, RFC 2047 encoded words decoded (best effort)."""
+    """The text of a header value, RFC 2047 encoded words decoded (best effort), as one
+    line (an encoded word may hide a line break or undecodable bytes: see mailparse.text)."""
     try:
-        return str(email.header.make_header(email.header.decode_header(raw)))
+        return mailparse.text(str(email.header.make_header(email.header.decode_header(raw))))
     except (email.errors.HeaderParseError, UnicodeDecodeError, LookupError, ValueError):
-        return raw
+        return mailparse.text(raw)
 
 
 def prefixed_subject(raw: str | None, prefix: str) -> str | None:
@@ -72,6 +74,10 @@ def prefixed_subject(raw: str | None, prefix: str) -> str | None:
         return None
     if raw is None:
         raw = ""
+    if _UNDECODED.search(raw):
+        # 8-bit bytes that are not UTF-8 (pymilter hands them over surrogate-escaped):
+        # a changed header goes back to the MTA as UTF-8, so it stays as it came.
+        return None
     text = decode(raw)
     tag = prefix.strip().lower()
     head = _REPLY_PREFIX.sub("", text).lstrip().lower()

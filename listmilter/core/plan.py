@@ -48,6 +48,8 @@ def find_list(address: str, get_list: Callable[[str], MailingList | None]
               ) -> tuple[MailingList | None, addresses.RoleAddress | None]:
     """The list an address belongs to, and the role address it is (None: the list itself)."""
     for list_key, role in addresses.candidates(address):
+        if not list_key.isascii():
+            continue    # never a list (addresses.check: ASCII); undecodable bytes would make SQLite raise
         found = get_list(list_key)
         if found is not None:
             return found, role

@@ -78,7 +78,8 @@ def token_hash(token: str) -> str:
 
 def find_token(text: str) -> str | None:
     """A token in free text, e.g. the Subject of a reply: "Re: ... (confirm TOKEN)"."""
-    m = re.search(r"confirm[\s:+=-]+([A-Za-z2-7]{24})\b", text or "", re.IGNORECASE)
+    # ASCII: with IGNORECASE alone, [A-Za-z] would also match the Kelvin sign and the long s.
+    m = re.search(r"confirm[\s:+=-]+([A-Za-z2-7]{24})\b", text or "", re.IGNORECASE | re.ASCII)
     return m.group(1).lower() if m else None
 
 

@@ -3,7 +3,11 @@
 Postfix runs it once per recipient (listmilter_destination_recipient_limit = 1)
 with the whole message on stdin. Exit codes follow sysexits.h, which
 Postfix's pipe(8) understands: 0 done, 67 no such list (bounce), 75 try
-again later. Any internal error is 75, so Postfix keeps the message.
+again later. 75 only for what a retry can fix (listmilter.core.errors: the
+store, the MTA taking a notice, a hand-off lost); a message that cannot be
+understood is kept (bounce address) or refused with a log line, and exits 0
+(docs/design.md, "Mail that cannot be understood"). An unexpected error (a
+bug) is 75, so Postfix keeps the message; its traceback goes to the log only.
 
 Mail to <list>-bounces@ goes to bounce processing (listmilter.app.bounce_processing).
 The `deliver` process normally hands the message to the running `listmilter
@@ -13,13 +17,11 @@ done in the pipe's own process when serve cannot take it.
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import sys
 from os import EX_NOUSER, EX_OK, EX_TEMPFAIL  # sysexits.h, as the docstring says
 
-from listmilter.core import addresses, plan, policy
-from listmilter.core.errors import TemporaryError
+from listmilter.core import addresses, mailparse, plan, policy
+from listmilter.core.errors import PermanentError, TemporaryError
 from listmilter.log import fields, logger
 
 
@@ -28,17 +30,21 @@ class Deferred(TemporaryError):
 
 
 def sender_of(sender_arg: str | None, message_head) -> str:
-    """The envelope sender: the argument, else Return-Path (Sendmail aliases pass none)."""
+    """The envelope sender: the argument, else Return-Path (Sendmail aliases pass none).
+
+    As text (mailparse.text): bytes that are not UTF-8, which argv and the hand-off
+    pass surrogate-escaped, become U+FFFD, so no store query can fail on them.
+    """
     if sender_arg is not None:
-        return "" if sender_arg in ("", "<>", "MAILER-DAEMON") else addresses.strip_brackets(sender_arg)
-    return addresses.strip_brackets(message_head.get("Return-Path", "") or "")
+        return "" if sender_arg in ("", "<>", "MAILER-DAEMON") else addresses.strip_brackets(mailparse.text(sender_arg))
+    return addresses.strip_brackets(message_head.get("Return-Path", ""))
 
 
 def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes) -> tuple[int, str]:
     """(exit code, text for Postfix's log and bounce) for one message to a role address."""
-    head = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
+    head = mailparse.parse(data, headers_only=True)
     sender = sender_of(sender_arg, head)
-    recipient = addresses.strip_brackets(recipient)
+    recipient = addresses.strip_brackets(mailparse.text(recipient))
     config, store = runtime_factory()
     mlist, role = plan.find_list(recipient, store.get_list)
     base = dict(to=f"<{recipient}>", **{"from": f"<{sender}>"}, size=len(data))
@@ -77,15 +83,25 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
 
 
 def run(runtime_factory, recipient: str, sender: str | None, data: bytes) -> tuple[int, str]:
-    """`deliver`, with every failure turned into 75 and a reason: never raises."""
+    """`deliver`, every outcome an exit code and a reason: never raises.
+
+    Temporary errors (the store, the MTA, the site's keys, a config being
+    fixed) are 75 with their reason, which says what the admin must do;
+    permanent ones exit 0 with a log line (no retry can help); anything else
+    is a bug: 75, so nothing is lost, with the traceback in the log and not in
+    the text Postfix puts in its logs and bounces.
+    """
     try:
         return deliver(runtime_factory, recipient, sender, data)
-    except TemporaryError as e:    # Deferred, a busy or full store, the MTA not taking mail now, a bad secret file
+    except TemporaryError as e:
         logger.error("deliver: %s", fields(to=f"<{recipient}>", status=f"deferred ({e})"))
         return EX_TEMPFAIL, str(e)
-    except Exception as e:  # never lose mail: Postfix retries on 75
-        logger.exception("deliver: to=<%s>, status=deferred (internal error)", recipient)
-        return EX_TEMPFAIL, f"internal error, will retry: {e.__class__.__name__}: {e}"
+    except PermanentError as e:
+        logger.error("deliver: %s", fields(to=f"<{recipient}>", status=f"refused ({e})"))
+        return EX_OK, ""
+    except Exception:  # never lose mail: Postfix retries on 75
+        logger.exception("deliver: %s", fields(to=f"<{recipient}>", status="deferred (internal error)"))
+        return EX_TEMPFAIL, "internal error, will retry; the details are in listmilter's log"
 
 
 def main(runtime_factory, recipient: str, sender: str | None) -> int:
