@@ -29,17 +29,51 @@ def setup(target: str = "stderr", facility: str = "mail", program: str = "listmi
     else:
         handler = logging.FileHandler(target)
         fmt = f"%(asctime)s {os.uname().nodename} {program}[%(process)d]: %(message)s"
-    handler.setFormatter(logging.Formatter(fmt, datefmt="%b %d %H:%M:%S"))
+    handler.setFormatter(Formatter(fmt, datefmt="%b %d %H:%M:%S"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
 
 
+_NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escape_char(c: str) -> str:
+    if c in _NAMED:
+        return _NAMED[c]
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def escape(text: str) -> str:
+    """`text` with every character that is not printable (CR, LF, TAB, other C0 and C1
+    controls, bidi overrides, lone surrogates...) written as a visible escape such as
+    \\n or \\x1b, so a value taken from mail can never start a log line of its own."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape_char(c) for c in text)
+
+
 def fields(**kw) -> str:
-    """`key=value, key=value` in Postfix's order of appearance; addresses in <>."""
+    """`key=value, key=value` in Postfix's order of appearance; addresses in <>; values escaped."""
     parts = []
     for k, v in kw.items():
         if v is None:
             continue
-        parts.append(f"{k}={v}")
+        parts.append(f"{k}={escape(str(v))}")
     return ", ".join(parts)
+
+
+class Formatter(logging.Formatter):
+    """Every line escaped (see `escape`), whatever a caller put in it; a traceback,
+    which only a bug writes, follows on lines of its own, each indented."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:
+        return "\n".join("    " + escape(line) for line in super().formatException(ei).split("\n"))
+
+    def formatStack(self, stack_info: str) -> str:
+        return "\n".join("    " + escape(line) for line in stack_info.split("\n"))
