@@ -116,14 +116,19 @@ def load(path: str | None, explicit: bool = True) -> Config:
         return Config()
     try:
         st = os.stat(path)
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         if explicit:
             raise ConfigError(path, None, "no such file") from None
         return Config()
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise ConfigError(path, None, f"cannot read: {e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, data.count(b"\n", 0, e.start) + 1,
+                          f"not UTF-8 text (byte {data[e.start]:#04x})") from None
     return parse(text, path, st.st_mtime)
 
 
@@ -140,7 +145,10 @@ def parse(text: str, path: str = "<string>", mtime: float | None = None) -> Conf
             mark = e.context_mark
         raise ConfigError(path, mark.line + 1 if mark else None, f"YAML syntax error: {problem}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(path, None, f"YAML error: {e}") from None
+        # A reader error (a character YAML does not allow) has a position, not a mark.
+        position = getattr(e, "position", None)
+        line = text.count("\n", 0, position) + 1 if isinstance(position, int) else None
+        raise ConfigError(path, line, f"YAML error: {str(e).splitlines()[0]}") from None
     return _Builder(path).build(root, mtime)
 
 
@@ -179,7 +187,12 @@ class _Builder:
     def scalar(self, node: yaml.Node, what: str) -> Any:
         if not isinstance(node, yaml.ScalarNode):
             raise self.error(node, f"{what} must be a single value")
-        return yaml.load(yaml.serialize(node), Loader=yaml.SafeLoader) if node.tag != "tag:yaml.org,2002:str" else node.value
+        if node.tag == "tag:yaml.org,2002:str":
+            return node.value
+        try:
+            return yaml.load(yaml.serialize(node), Loader=yaml.SafeLoader)
+        except yaml.YAMLError as e:       # e.g. !!binary that is not base64, an unknown !!tag
+            raise self.error(node, f"{what}: {getattr(e, 'problem', None) or e}") from None
 
     def string(self, node: yaml.Node, what: str) -> str:
         value = self.scalar(node, what)
