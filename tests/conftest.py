@@ -176,3 +176,16 @@ def clean_bed(bed):
 @pytest.fixture
 def tmp_config(tmp_path):
     return tmp_path / "listmilter.yaml"
+
+
+# Hypothesis (tests/test_fuzz.py): "ci", the default, is bounded and reproducible;
+# HYPOTHESIS_PROFILE=nightly explores far more inputs, new ones each run.
+import os  # noqa: E402
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("nightly", max_examples=3000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
