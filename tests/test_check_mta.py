@@ -78,6 +78,9 @@ CASES = {
                                 "fallback_transport = listmilter"),
     "fallback without local(8)": ([("-e", "local_transport = lmtp:unix:private/dovecot-lmtp")], "error",
                                   "postfix: fallback_transport = listmilter works only with local(8)"),
+    "local concurrency default": ([("-X", "local_destination_concurrency_limit")], "warning",
+                                  "postfix: local_destination_concurrency_limit = 2: local(8) hands a list's DSNs "
+                                  "(all to one -bounces@ address) to listmilter 2 at a time"),
     "socketmap asked first": ([("-e", "local_recipient_maps = socketmap:inet:127.0.0.1:{sport}:recipients "
                                       "$alias_maps")], "warning",
                               "postfix: local_recipient_maps asks listmilter's socketmap before other tables"),

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 PARAMS = ("smtpd_milters", "non_smtpd_milters", "milter_default_action", "message_size_limit",
           "transport_maps", "local_recipient_maps", "relay_recipient_maps", "virtual_mailbox_maps",
           "virtual_alias_maps", "queue_directory", "fallback_transport", "local_transport",
-          "virtual_transport")
+          "virtual_transport", "local_destination_concurrency_limit")
 RECIPIENT_MAPS = ("local_recipient_maps", "virtual_mailbox_maps", "relay_recipient_maps", "virtual_alias_maps")
 
 
@@ -192,6 +192,11 @@ def _check_route(pf: Postfix, name: str, ours, report) -> None:
         if not local.startswith("local:") and local != "local":
             report.errors.append(f"postfix: fallback_transport = {name} works only with local(8), but "
                                  f"local_transport = {local}: list addresses would not reach {name}")
+        limit = pf.param("local_destination_concurrency_limit")
+        if limit.isdigit() and int(limit) < 10:
+            report.warnings.append(f"postfix: local_destination_concurrency_limit = {limit}: local(8) hands a "
+                                   f"list's DSNs (all to one -bounces@ address) to {name} {limit} at a time; "
+                                   "set local_destination_concurrency_limit = 20")
     elif not via_transport_maps and pf.param("virtual_transport") != name:
         report.errors.append(f"postfix: nothing routes list and role addresses to the {name} pipe "
                              f"transport: set fallback_transport = {name} (list domain in mydestination)")

@@ -126,6 +126,7 @@ class Postfix:
             cf["local_recipient_maps"] = f"$alias_maps socketmap:{self.socketmap}:recipients"
             cf["fallback_transport"] = "listmilter"
             cf["listmilter_destination_recipient_limit"] = "1"
+            cf["local_destination_concurrency_limit"] = "20"
         cf.update(self.extra)
         return cf
 
