@@ -13,7 +13,12 @@ Rows:
   - listmilter deliver (alone):  serve's socket removed, so every deliver
                                  loads the config and the core itself
 
-    .venv/bin/python bench/run_dsn.py [--dsns 1000] [--repeat 2] [--backend sqlite|postgresql]
+The list's addresses reach the pipe as docs/postfix.md routes them: local(8)
+hands them to fallback_transport. --direct routes the bounce address straight
+to the pipe with a transport_maps entry instead (the routing before
+fallback_transport), to measure what the local(8) step costs.
+
+    .venv/bin/python bench/run_dsn.py [--dsns 1000] [--repeat 2] [--backend sqlite|postgresql] [--direct]
 
 --backend postgresql: the state in a private PostgreSQL server here (fsync on).
 """
@@ -52,13 +57,17 @@ DELIVER_ROWS = ("listmilter deliver", "listmilter deliver (alone)")
 class BenchPostfix(Postfix):
     """The test bed's Postfix plus two do-nothing pipe transports on their own domains."""
 
+    direct: str | None = None        # an address routed to the listmilter pipe by transport_maps
+
     def _main_cf(self) -> dict[str, str]:
         cf = super()._main_cf()
         domains = " ".join(f"{name}.example" for name in FLOORS)
         cf["mydestination"] += " " + domains
         inline = ", ".join(f"{name}@{name}.example={name}:" for name in FLOORS)
         cf["local_recipient_maps"] = f"inline:{{{inline}}} " + cf["local_recipient_maps"]
-        cf["transport_maps"] = f"inline:{{{inline}}} " + cf["transport_maps"]
+        if self.direct:
+            inline += f", {self.direct}=listmilter:"
+        cf["transport_maps"] = f"inline:{{{inline}}}"   # the floors; lists go by fallback_transport
         for name in FLOORS:
             cf[f"{name}_destination_recipient_limit"] = "1"
         return cf
@@ -96,6 +105,8 @@ def main() -> int:
     ap.add_argument("--dsns", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
+    ap.add_argument("--direct", action="store_true",
+                    help="route the bounce address by transport_maps, not through local(8)")
     args = ap.parse_args()
     n = args.dsns
     work = Path(tempfile.mkdtemp(prefix="bench-dsn-"))
@@ -106,6 +117,8 @@ def main() -> int:
     postfix = BenchPostfix(milter=lm.milter_spec, sink_port=sink.port, config_path=lm.config_path,
                            socketmap=lm.socketmap_spec, workdir=work / "postfix",
                            main_cf={"default_process_limit": "100"})
+    if args.direct:
+        postfix.direct = LIST.replace("@", "-bounces@")
     lm.outgoing_port = postfix.port
     results: dict[str, list[float]] = {}
     try:

@@ -80,7 +80,7 @@ class Bed:
 class SendmailBed(Bed):
     """Sink + listmilter + Sendmail, wired as docs/sendmail.md says."""
 
-    def __init__(self, backend: str, eom_timeout: str = "10m"):
+    def __init__(self, backend: str, eom_timeout: str = "10m", **sendmail_options):
         self.dir = Path(tempfile.mkdtemp(prefix=f"lmbed-sendmail-{backend}-"))
         self.dir.chmod(0o755)
         self.sink = Sink().start()
@@ -91,7 +91,7 @@ class SendmailBed(Bed):
         self.sendmail = self.mta = Sendmail(workdir=sendmail_dir,
             milter=f"local:{self.listmilter.milter_path}", sink_port=self.sink.port,
             config_path=self.listmilter.config_path, socketmap_port=self.listmilter.socketmap_port,
-            eom_timeout=eom_timeout)
+            eom_timeout=eom_timeout, **sendmail_options)
         try:
             self.listmilter.outgoing_port = self.sendmail.port
             self.listmilter.write_config()

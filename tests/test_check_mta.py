@@ -58,16 +58,32 @@ CASES = {
                               "set smtpd_milters = inet:127.0.0.1:{mport}"),
     "non_smtpd_milters elsewhere": ([("-e", "non_smtpd_milters = inet:127.0.0.1:1")], "error",
                                     "postfix: non_smtpd_milters does not name listmilter's milter"),
-    "per-milter accept": ([("-e", "smtpd_milters = { inet:127.0.0.1:{mport}, default_action = accept }")], "error",
-                          "postfix: smtpd_milters gives inet:127.0.0.1:{mport} default_action=accept: drop it"),
-    "default action accept": ([("-e", "milter_default_action = accept")], "error",
-                              "postfix: milter_default_action = accept: while listmilter is down, list mail "
-                              "would be accepted and never expanded; set milter_default_action = tempfail"),
+    "per-milter tempfail": ([("-e", "smtpd_milters = { inet:127.0.0.1:{mport}, default_action = tempfail }")],
+                            "warning", "postfix: smtpd_milters gives inet:127.0.0.1:{mport} default_action=tempfail: "
+                                       "while listmilter is down, every message waits, not only list mail; "
+                                       "drop default_action from smtpd_milters"),
+    "default action tempfail": ([("-e", "milter_default_action = tempfail")], "warning",
+                                "postfix: milter_default_action = tempfail: while listmilter is down, every message "
+                                "waits, not only list mail; set milter_default_action = accept"),
     "default action reject": ([("-e", "milter_default_action = reject")], "warning",
-                              "postfix: milter_default_action = reject:"),
-    "transport_maps missing": ([("-X", "transport_maps")], "error",
-                               "postfix: transport_maps does not use listmilter's socketmap (inet:{sport}@127.0.0.1): "
-                               "set transport_maps = socketmap:inet:127.0.0.1:{sport}:transport"),
+                              "postfix: milter_default_action = reject: while listmilter is down, every message is "
+                              "refused"),
+    "no route to the pipe": ([("-X", "fallback_transport")], "error",
+                             "postfix: nothing routes list and role addresses to the listmilter pipe transport: "
+                             "set fallback_transport = listmilter"),
+    "route by transport_maps": ([("-X", "fallback_transport"),
+                                 ("-e", "transport_maps = socketmap:inet:127.0.0.1:{sport}:transport")], "warning",
+                                "postfix: transport_maps uses listmilter's socketmap: Postfix looks up every address "
+                                "there, so while listmilter is down all mail gets 451; remove it and set "
+                                "fallback_transport = listmilter"),
+    "fallback without local(8)": ([("-e", "local_transport = lmtp:unix:private/dovecot-lmtp")], "error",
+                                  "postfix: fallback_transport = listmilter works only with local(8)"),
+    "local concurrency default": ([("-X", "local_destination_concurrency_limit")], "warning",
+                                  "postfix: local_destination_concurrency_limit = 2: local(8) hands a list's DSNs "
+                                  "(all to one -bounces@ address) to listmilter 2 at a time"),
+    "socketmap asked first": ([("-e", "local_recipient_maps = socketmap:inet:127.0.0.1:{sport}:recipients "
+                                      "$alias_maps")], "warning",
+                              "postfix: local_recipient_maps asks listmilter's socketmap before other tables"),
     "no recipient map": ([("-e", "local_recipient_maps = hash:/etc/postfix/none")], "error",
                          "postfix: no recipient map uses listmilter's socketmap"),
     "recipient map empty": ([("-e", "local_recipient_maps =")], "warning",
@@ -91,7 +107,8 @@ def test_each_miswiring_is_one_line_saying_what_to_set(wired, tmp_path, case):
     lm, _ = wired
     ports = {"mport": lm.milter_port, "sport": lm.socketmap_port}
     edits, level, expected = CASES[case]
-    edits = [tuple(a.replace("{mport}", str(lm.milter_port)) for a in e) for e in edits]
+    edits = [tuple(a.replace("{mport}", str(lm.milter_port)).replace("{sport}", str(lm.socketmap_port))
+                   for a in e) for e in edits]
     proc = _check(wired, _variant(wired, tmp_path, *edits))
     lines = [line for line in proc.stderr.splitlines() if "postfix" in line]
     assert len(lines) == 1, proc.stderr

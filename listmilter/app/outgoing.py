@@ -67,6 +67,35 @@ def send_many(outgoing: Outgoing, messages: list[tuple[str, list[str], bytes]],
         raise OutgoingError(f"{outgoing.describe()}: {e}") from e
 
 
+def resubmit(outgoing: Outgoing, sender: str, recipient: str, message: bytes) -> str | None:
+    """Put a message back through the MTA (and so its milter) for one recipient.
+
+    Returns the reply when the MTA refuses it for good (5xx: e.g. the posting
+    policy, which the milter applies at RCPT), None when it was taken; raises
+    OutgoingError for anything a retry can fix.
+    """
+    if outgoing.sendmail:
+        _sendmail(outgoing.sendmail, sender, [recipient], message)
+        return None
+    try:
+        with smtplib.SMTP(outgoing.smtp_host, outgoing.smtp_port, local_hostname="localhost",
+                          timeout=120) as smtp:
+            smtp.sendmail(sender, [recipient], message)
+    except smtplib.SMTPRecipientsRefused as e:
+        code, text = e.recipients.get(recipient, (0, b""))
+        if 500 <= code < 600:
+            return f"{code} {text.decode(errors='replace')}"
+        raise OutgoingError(f"{outgoing.describe()}: {code} {text.decode(errors='replace')}") from e
+    except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as e:
+        if 500 <= e.smtp_code < 600:
+            reply = e.smtp_error.decode(errors="replace") if isinstance(e.smtp_error, bytes) else e.smtp_error
+            return f"{e.smtp_code} {reply}"
+        raise OutgoingError(f"{outgoing.describe()}: {e}") from e
+    except (smtplib.SMTPException, OSError, socket.timeout) as e:
+        raise OutgoingError(f"{outgoing.describe()}: {e}") from e
+    return None
+
+
 def _sendmail(path: str, sender: str, recipients: list[str], message: bytes,
               options: list[str] | None = None) -> None:
     try:

@@ -115,7 +115,11 @@ def deliver(args, path: str, explicit: bool) -> int:
         state["store"] = open_store(cfg)
         return cfg, state["store"]
 
-    setup("syslog" if os.path.exists("/dev/log") else "stderr", "mail", "listmilter/deliver")
+    try:
+        setup("syslog" if os.path.exists("/dev/log") else "stderr", "mail", "listmilter/deliver")
+    except OSError as e:    # $LISTMILTER_LOG names a file the MTA's user may not write
+        print(f"listmilter: cannot open the log: {e}; will retry", file=sys.stderr)
+        return EX_TEMPFAIL
     try:
         return deliver.main(runtime, args.recipient, args.sender)
     finally:

@@ -11,13 +11,17 @@ lists and a person is split: the part that stays in this message is the plain
 recipients (unmodified) if there are any, else the first list; every other
 list gets a copy of the original message re-submitted through the MTA to
 that list's address alone, where the milter expands it like any single post.
+
+Lists on this server that are members of the list are expanded inline
+(nested_members); what reaches the pipe transport unexpanded is decided by
+unexpanded_at_pipe.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Callable
+from typing import Callable, Sequence
 
 from listmilter.core import addresses, envid, headers, policy, settings
 from listmilter.core.keys import Keyring
@@ -136,7 +140,8 @@ def expand_list(ls: ListSettings, list_rcpts: list[str], members: list[str],
 
     counts: dict[str, int] = {}
     subject_index, subject_raw = 0, None
-    owned = {h.lower() for h in headers.LIST_HEADERS}
+    # The re-submission marker is listmilter's own business: members never see it.
+    owned = {h.lower() for h in headers.LIST_HEADERS} | {RESUBMITTED.lower()}
     for name, value in message_headers:
         lname = name.lower()
         counts[lname] = counts.get(lname, 0) + 1
@@ -154,7 +159,41 @@ def expand_list(ls: ListSettings, list_rcpts: list[str], members: list[str],
         else:
             edits.change_headers.append(("Subject", subject_index, new_subject))
     edits.add_headers.extend(headers.list_headers(ls.address, ls.list_id, ls.description, ls.posting))
+    # Kept by other list servers (Mailman, Sympa) where they replace List-Id:
+    # the post comes back to us with it if it loops through a list elsewhere.
+    edits.add_headers.append((BEEN_THERE, ls.address))
     return edits
+
+
+# The milter calls (pymilter's names) that carry out edits, in this order.
+ADDRCPT, DELRCPT, CHGFROM, CHGHEADER, ADDHEADER = "addrcpt", "delrcpt", "chgfrom", "chgheader", "addheader"
+
+
+def edit_steps(edits: Sequence[Edits]) -> list[tuple[str, tuple[object, ...]]]:
+    """The edits as milter calls, in an order that is safe to stop after any step.
+
+    With milter_default_action = accept, an MTA keeps the edits already made
+    when the milter dies half-way through end of message (tried: Postfix
+    3.7 delivered to the members added so far, with the list address gone).
+    So every recipient is added before any is removed: a message cut short
+    still has the list address, the pipe transport re-submits it, and the
+    members already added get a second copy (a duplicate, never a loss).
+    Header edits come after the removals, so such a message never carries
+    the list's own List-Id, which would mark it as a loop.
+    """
+    steps: list[tuple[str, tuple[object, ...]]] = []
+    for e in edits:
+        steps.extend((ADDRCPT, (f"<{address}>", params)) for address, params in e.add_rcpts)
+    for e in edits:
+        steps.extend((DELRCPT, (rcpt,)) for rcpt in e.del_rcpts)
+    for e in edits:
+        if e.sender:
+            steps.append((CHGFROM, e.sender))
+    for e in edits:
+        steps.extend((CHGHEADER, (name, index, None)) for name, index in e.del_headers)
+        steps.extend((CHGHEADER, (name, index, value)) for name, index, value in e.change_headers)
+        steps.extend((ADDHEADER, (name, value)) for name, value in e.add_headers)
+    return steps
 
 
 def expand_owners(owner_rcpts: list[Recipient], owners_of: Callable[[str], tuple[str, ...]]) -> Edits:
@@ -177,8 +216,180 @@ def list_ids(message_headers: list[tuple[str, str]]) -> list[str]:
     return [v for n, v in message_headers if n.lower() == "list-id"]
 
 
+BEEN_THERE = "X-BeenThere"
+
+
+def been_there(message_headers: list[tuple[str, str]], list_address: str) -> bool:
+    """Has this message been through `list_address` already (an X-BeenThere naming it)?"""
+    own = addresses.key(list_address)
+    return any(n.lower() == BEEN_THERE.lower() and addresses.key(addresses.strip_brackets(" ".join(v.split()))) == own
+               for n, v in message_headers)
+
+
 def loop_reason(sender: str, message_headers: list[tuple[str, str]], ls: ListSettings) -> str | None:
-    return policy.not_expanded_reason(sender, list_ids(message_headers), ls.list_id.lower())
+    """Why a post to `ls` must not be expanded (None: expand it)."""
+    reason = policy.not_expanded_reason(sender, list_ids(message_headers), ls.list_id.lower())
+    if reason is None and been_there(message_headers, ls.address):
+        reason = "mail loop: the message already carries this list's X-BeenThere"
+    return reason
+
+
+# -- nested lists -------------------------------------------------------------------
+def list_finder(list_addresses: list[str]) -> Callable[[str], str | None]:
+    """address -> the list it is (its address as stored), None for anything else.
+
+    Only addresses in a list domain are looked at, so a list of 100,000 people
+    costs one set lookup each. A role address (dev-owner@) is not a list.
+    """
+    lists = {addresses.key(a): a for a in list_addresses}
+    domains = {k.rpartition("@")[2] for k in lists}
+
+    def list_of(address: str) -> str | None:
+        if address.rpartition("@")[2].lower() not in domains:
+            return None
+        for key, role in addresses.candidates(address):
+            if key in lists:
+                return lists[key] if role is None else None
+        return None
+    return list_of
+
+
+def nested_members(list_address: str, members_of: Callable[[str], list[str]],
+                   list_of: Callable[[str], str | None]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Who a post to `list_address` reaches when lists on this server are members of it.
+
+    Returns ([(member, the list it was found on)], [nested lists, in order]).
+    A member that is a list is replaced by that list's members, level by
+    level (a person on the list itself and on a nested list counts as the
+    list's own); each list is expanded once, so cycles (A in B, B in A) end,
+    and each address appears once.
+    """
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    visited = {addresses.key(list_address)}
+    nested: list[str] = []
+    todo = [list_address]
+    while todo:
+        current = todo.pop(0)
+        for member in unique_members(current, members_of(current)):
+            inner = list_of(member)
+            if inner is not None:
+                if addresses.key(inner) not in visited:
+                    visited.add(addresses.key(inner))
+                    nested.append(inner)
+                    todo.append(inner)
+                continue
+            k = addresses.key(member)
+            if k not in seen:
+                seen.add(k)
+                out.append((member, current))
+    return out, nested
+
+
+# -- mail that reaches the pipe transport unexpanded --------------------------------
+# A list address (or <list>-owner@) reaches the pipe transport when the milter
+# left a post alone on purpose (null sender, a loop), or when the milter did
+# not see it: listmilter was down at end of data (milter_default_action =
+# accept lets other mail through), or the mail came by a path without the
+# milter. Such a post is re-submitted through the MTA, where the milter
+# expands it; the marker stops a path without the milter from looping.
+RESUBMITTED = "X-Listmilter-Resubmitted"
+RESUBMIT_HOLD = 600     # seconds: a post back sooner than this after a re-submission waits
+
+
+@dataclass(frozen=True)
+class PipeAction:
+    action: str         # DISCARD | RESUBMIT | DEFER
+    reason: str
+
+
+DISCARD, RESUBMIT, DEFER = "discard", "resubmit", "defer"
+
+
+def resubmitted_at(message_headers: list[tuple[str, str]], recipient: str, now: float) -> float | None:
+    """When listmilter last re-submitted this message to `recipient` (None: never, or a marker from the future)."""
+    own = addresses.key(recipient)
+    times = []
+    for name, value in message_headers:
+        if name.lower() != RESUBMITTED.lower():
+            continue
+        address, _, when = value.partition(";")
+        try:
+            t = float(when.strip())
+        except ValueError:
+            continue
+        if addresses.key(address.strip()) == own and t <= now:
+            times.append(t)
+    return max(times) if times else None
+
+
+def unexpanded_at_pipe(recipient: str, sender: str, message_headers: list[tuple[str, str]],
+                       ls: ListSettings, owner_alias: bool, now: float, can_resubmit: bool) -> PipeAction:
+    """What the pipe transport does with mail for a list address (or its -owner@ alias)."""
+    if not owner_alias:
+        reason = loop_reason(sender, message_headers, ls)
+        if reason:
+            return PipeAction(DISCARD, f"not expanded: {reason}")
+    last = resubmitted_at(message_headers, recipient, now)
+    if last is not None and now - last < RESUBMIT_HOLD:
+        return PipeAction(DEFER, f"came back unexpanded {now - last:.0f}s after listmilter re-submitted it; "
+                                 f"outgoing: must reach an smtpd with listmilter's milter; tried again "
+                                 f"{RESUBMIT_HOLD // 60} minutes after the re-submission")
+    if not can_resubmit:
+        return PipeAction(DEFER, "listmilter serve is not running; the post goes through the milter "
+                                 "once it runs")
+    return PipeAction(RESUBMIT, "the milter did not see it")
+
+
+def resubmission(message: bytes, recipient: str, now: float) -> bytes:
+    """The message to re-submit: CRLF line ends, without the Return-Path the delivery
+    added and older markers for `recipient`, with a new marker on top."""
+    text = message.replace(b"\r\n", b"\n")
+    if text.startswith(b"From "):       # an mbox separator some delivery agents write
+        text = text.partition(b"\n")[2]
+    if text.startswith(b"\n"):
+        head, body = b"", text[1:]        # an empty header section
+    else:
+        head, sep, body = text.partition(b"\n\n")
+        if not sep and not _looks_like_header(head):
+            head, body = b"", text          # no header section at all
+    kept: list[bytes] = []
+    drop = False
+    own = addresses.key(recipient).encode("utf-8", "surrogateescape")
+    for line in head.split(b"\n") if head else []:
+        if line[:1] in (b" ", b"\t"):
+            if not drop:
+                kept.append(line)
+            continue
+        name, _, value = line.partition(b":")
+        lname = name.strip().lower()
+        drop = lname == b"return-path" or (
+            lname == RESUBMITTED.lower().encode() and value.partition(b";")[0].strip().lower() == own)
+        if not drop:
+            kept.append(line)
+    marker = f"{RESUBMITTED}: {recipient}; {int(now)}".encode("utf-8", "surrogateescape")
+    out = b"\n".join([marker, *kept]) + b"\n\n" + body
+    return out.replace(b"\n", b"\r\n")
+
+
+def _looks_like_header(block: bytes) -> bool:
+    first = block.split(b"\n", 1)[0]
+    name, colon, _ = first.partition(b":")
+    return bool(colon) and bool(name) and b" " not in name.strip()
+
+
+def header_fields(message: bytes) -> list[tuple[str, str]]:
+    """(name, value) of each header field of a raw message, unfolded, as text (8-bit kept as
+    surrogate escapes): enough for the decisions above, never an exception."""
+    head = message.replace(b"\r\n", b"\n").partition(b"\n\n")[0]
+    out: list[tuple[str, str]] = []
+    for line in head.decode("utf-8", "surrogateescape").split("\n"):
+        if line[:1] in (" ", "\t") and out:
+            out[-1] = (out[-1][0], out[-1][1] + " " + line.strip())
+        elif ":" in line:
+            name, _, value = line.partition(":")
+            out.append((name.strip(), value.strip()))
+    return out
 
 
 # -- personal copies (one-click unsubscribe) ------------------------------------------

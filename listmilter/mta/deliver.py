@@ -10,17 +10,27 @@ understood is kept (bounce address) or refused with a log line, and exits 0
 bug) is 75, so Postfix keeps the message; its traceback goes to the log only.
 
 Mail to <list>-bounces@ goes to bounce processing (listmilter.app.bounce_processing).
+A post to the list address itself (or mail to <list>-owner@) gets here only
+when the milter did not expand it: on purpose (null sender, a loop: logged
+and discarded), or because the milter did not see it (listmilter was down
+at end of data, or a path without the milter): then serve re-submits it
+through the MTA, whose milter expands it (core.plan.unexpanded_at_pipe).
+
 The `deliver` process normally hands the message to the running `listmilter
 serve`, which runs `run` below (listmilter.mta.handoff); `main` is the same work
-done in the pipe's own process when serve cannot take it.
+done in the pipe's own process when serve cannot take it. That process may
+run as another user (a Sendmail aliases-file program runs as DefaultUser)
+and so be unable to read the store or the secret: it exits 75 and says so.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from os import EX_NOUSER, EX_OK, EX_TEMPFAIL  # sysexits.h, as the docstring says
+import time
+from os import EX_NOPERM, EX_NOUSER, EX_OK, EX_TEMPFAIL  # sysexits.h, as the docstring says
 
-from listmilter.core import addresses, mailparse, plan, policy
+from listmilter.core import addresses, mailparse, plan
 from listmilter.core.errors import PermanentError, TemporaryError
 from listmilter.log import fields, logger
 
@@ -40,28 +50,28 @@ def sender_of(sender_arg: str | None, message_head) -> str:
     return addresses.strip_brackets(message_head.get("Return-Path", ""))
 
 
-def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes) -> tuple[int, str]:
-    """(exit code, text for Postfix's log and bounce) for one message to a role address."""
+def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes,
+            can_resubmit=None) -> tuple[int, str]:
+    """(exit code, text for Postfix's log and bounce) for one message to a role address.
+
+    can_resubmit: inside serve, a callable saying whether serve's milter is
+    running; None in a pipe process working alone (no milter of its own).
+    """
     head = mailparse.parse(data, headers_only=True)
     sender = sender_of(sender_arg, head)
     recipient = addresses.strip_brackets(mailparse.text(recipient))
-    config, store = runtime_factory()
+    try:
+        config, store = runtime_factory()
+    except Exception as e:
+        # Alone as a user who may not read them (a Sendmail aliases program), or a broken config.
+        raise Deferred(f"cannot work without listmilter serve{_as_user()}: {e}{_why_alone()}") from e
     mlist, role = plan.find_list(recipient, store.get_list)
     base = dict(to=f"<{recipient}>", **{"from": f"<{sender}>"}, size=len(data))
     if mlist is None:
         logger.info("deliver: %s", fields(**base, status="bounced (no such list)"))
         return EX_NOUSER, f"{recipient}: no such mailing list"
     if role is None or role.role == "owner":
-        # Only mail the milter chose not to expand may reach the pipe for the
-        # list address itself; anything else means the milter was bypassed.
-        ls = plan.effective_settings(mlist.address, config.list_settings(mlist.settings))
-        reason = policy.not_expanded_reason(sender, head.get_all("List-Id") or [], ls.list_id.lower())
-        if role is None and reason:
-            logger.info("deliver: %s", fields(**base, list=f"<{mlist.address}>",
-                                               status=f"discarded (not expanded: {reason})"))
-            return EX_OK, ""
-        raise Deferred(f"mail for {recipient} reached the pipe transport without passing the milter; "
-                       "check smtpd_milters and non_smtpd_milters")
+        return _unexpanded(config, mlist, role is not None, recipient, sender, data, base, can_resubmit)
     if role.role in ("request", "subscribe", "unsubscribe", "confirm"):
         from listmilter.app import subscription_service as service
         return service.deliver_command(config, store, mlist, role, sender, data), ""
@@ -82,7 +92,45 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
     return EX_OK, ""
 
 
-def run(runtime_factory, recipient: str, sender: str | None, data: bytes) -> tuple[int, str]:
+def _unexpanded(config, mlist, owner_alias: bool, recipient: str, sender: str, data: bytes, base: dict,
+                can_resubmit) -> tuple[int, str]:
+    """A list address (or its -owner@ alias) that the milter did not expand."""
+    ls = plan.effective_settings(mlist.address, config.list_settings(mlist.settings))
+    now = time.time()
+    running = bool(can_resubmit and can_resubmit())
+    what = plan.unexpanded_at_pipe(recipient, sender, plan.header_fields(data), ls, owner_alias, now, running)
+    base = dict(base, list=f"<{mlist.address}>")
+    if what.action == plan.DISCARD:
+        logger.info("deliver: %s", fields(**base, status=f"discarded ({what.reason})"))
+        return EX_OK, ""
+    if what.action == plan.DEFER:
+        raise Deferred(what.reason)
+    from listmilter.app import outgoing
+    refused = outgoing.resubmit(config.outgoing, sender, recipient, plan.resubmission(data, recipient, now))
+    if refused:
+        # The milter applied the posting policy the MTA skipped: a bounce to the sender, once.
+        logger.info("deliver: %s", fields(**base, status=f"bounced (re-submitted and refused: {refused})"))
+        return EX_NOPERM, f"{recipient}: {refused}"
+    logger.info("deliver: %s", fields(**base, status=f"re-submitted ({what.reason}) to {config.outgoing.describe()}"))
+    return EX_OK, ""
+
+
+def _why_alone() -> str:
+    """Why this process works without serve (set by the hand-off client; None inside serve)."""
+    from listmilter.mta import handoff
+    return f" (listmilter serve did not take it: {handoff.why_alone})" if handoff.why_alone else ""
+
+
+def _as_user() -> str:
+    import pwd
+    try:
+        return f" as user {pwd.getpwuid(os.geteuid()).pw_name}"
+    except KeyError:
+        return f" as uid {os.geteuid()}"
+
+
+def run(runtime_factory, recipient: str, sender: str | None, data: bytes,
+        can_resubmit=None) -> tuple[int, str]:
     """`deliver`, every outcome an exit code and a reason: never raises.
 
     Temporary errors (the store, the MTA, the site's keys, a config being
@@ -92,13 +140,19 @@ def run(runtime_factory, recipient: str, sender: str | None, data: bytes) -> tup
     the text Postfix puts in its logs and bounces.
     """
     try:
-        return deliver(runtime_factory, recipient, sender, data)
+        return deliver(runtime_factory, recipient, sender, data, can_resubmit)
     except TemporaryError as e:
         logger.error("deliver: %s", fields(to=f"<{recipient}>", status=f"deferred ({e})"))
         return EX_TEMPFAIL, str(e)
     except PermanentError as e:
         logger.error("deliver: %s", fields(to=f"<{recipient}>", status=f"refused ({e})"))
         return EX_OK, ""
+    except PermissionError as e:
+        # Another user than the state folder's owner (a Sendmail aliases-file
+        # program), with serve not there to do it: a retry once serve runs works.
+        text = f"cannot work without listmilter serve{_as_user()}: {e.strerror}: {e.filename}{_why_alone()}"
+        logger.error("deliver: %s", fields(to=f"<{recipient}>", status=f"deferred ({text})"))
+        return EX_TEMPFAIL, text
     except Exception:  # never lose mail: Postfix retries on 75
         logger.exception("deliver: %s", fields(to=f"<{recipient}>", status="deferred (internal error)"))
         return EX_TEMPFAIL, "internal error, will retry; the details are in listmilter's log"

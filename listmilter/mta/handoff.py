@@ -13,8 +13,12 @@ The client side runs before anything else in the process, so it imports only
 `os`, `sys`, `_socket` and two dependency-free modules. The server side
 imports what it needs inside `start`.
 
-Protocol, netstrings over a unix stream socket (mode 0600, owned by the
-state folder's owner, who is also the pipe transport's user):
+Protocol, netstrings over a unix stream socket that any local user may use
+(mode 0666, in the state folder, which others may enter but not list): the
+MTA may run `deliver` as a user other than the state folder's owner (a
+Sendmail aliases-file program runs as DefaultUser). What a client can pass
+is an envelope and a message for a list's address, which anyone can send
+to that address by mail; serve treats it exactly so (docs/design.md).
 
     deliver: "listmilter-deliver/1" NUL CONFIG NUL RECIPIENT [NUL SENDER]
     serve:   "go"  or  "no REASON"          (after "no", deliver works alone)
@@ -114,8 +118,13 @@ def _encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+# Why the last `deliver` worked alone (for its message when it cannot finish alone).
+why_alone: str | None = None
+
+
 def deliver(argv: list[str]) -> int | None:
     """Hand the delivery to serve: its exit code, or None when this process must do it."""
+    global why_alone
     parsed = parse_argv(argv)
     if parsed is None:
         return None
@@ -132,10 +141,14 @@ def deliver(argv: list[str]) -> int | None:
             sock.sendall(netstring.encode(header))
             sock.settimeout(GO_TIMEOUT)
             reader = _Reader(sock)
-            if netstring.read(reader, MAX_HEADER) != b"go":
+            answer = netstring.read(reader, MAX_HEADER)
+            if answer != b"go":
+                why_alone = f"{socket_path}: serve answered {(answer or b'nothing').decode(errors='replace')!r}"
                 return None
-        except (OSError, netstring.Malformed):
-            return None      # no serve, or one that cannot take it: nothing was done yet
+        except (OSError, netstring.Malformed) as e:
+            # No serve, or one that cannot take it: nothing was done yet.
+            why_alone = f"{socket_path}: {getattr(e, 'strerror', None) or e}"
+            return None
         try:
             data = sys.stdin.buffer.read()
         except OSError as e:
@@ -161,19 +174,27 @@ def deliver(argv: list[str]) -> int | None:
 
 
 # -- the server: inside `listmilter serve` ------------------------------------------
-def start(runtime):
-    """Listen on STATE_DIR/deliver.sock in a background thread; returns the server for `stop`."""
+def start(runtime, can_resubmit=None):
+    """Listen on STATE_DIR/deliver.sock in a background thread; returns the server for `stop`.
+
+    can_resubmit() says whether serve's milter runs, so list mail that missed
+    it can be put back through the MTA (listmilter.mta.deliver); by default,
+    the milter of this process (not stopping).
+    """
     import socketserver
     import threading
 
     from listmilter.log import logger
+    if can_resubmit is None:
+        from listmilter.mta.milter import ListMilter
+        can_resubmit = lambda: not ListMilter.in_flight.stopping  # noqa: E731
 
     class Handler(socketserver.BaseRequestHandler):
         def handle(self) -> None:
             with server.lock:
                 server.active += 1
             try:
-                serve_one(self.request, runtime, server.config_path)
+                serve_one(self.request, runtime, server.config_path, can_resubmit)
             except Exception:   # one broken request must not stop the server; deliver retries
                 logger.exception("deliver: hand-off failed")
             finally:
@@ -197,7 +218,7 @@ def start(runtime):
     except FileNotFoundError:
         pass
     server = Server(tmp, Handler)
-    os.chmod(tmp, 0o600)
+    os.chmod(tmp, 0o666)      # any local user: see the module's docstring
     from listmilter.store import statedir
     statedir.adopt(runtime.config.state_dir, tmp)
     os.rename(tmp, path)
@@ -210,7 +231,7 @@ def start(runtime):
     return server
 
 
-def serve_one(sock, runtime, config_path: str | None) -> None:
+def serve_one(sock, runtime, config_path: str | None, can_resubmit=None) -> None:
     """One hand-off: check the request, say go, take the message, run it, answer."""
     from listmilter.log import fields, logger
     from listmilter.mta import deliver, killpoint
@@ -246,7 +267,7 @@ def serve_one(sock, runtime, config_path: str | None) -> None:
     if data is None:
         return      # the pipe process went away before sending the message
     killpoint.reached("handoff")
-    code, text = deliver.run(runtime.current, recipient, sender, data)
+    code, text = deliver.run(runtime.current, recipient, sender, data, can_resubmit)
     killpoint.reached("handoff-done")
     try:
         sock.sendall(netstring.encode(b"%d %s" % (code, _encode(text))))

@@ -121,7 +121,7 @@ def run(cfg, store_lists: list[str], report) -> None:
     try:
         report.notes.append(f"live: milter {cfg.milter_socket}: answers ({milter(cfg.milter_socket)})")
     except (OSError, ValueError) as e:
-        report.errors.append(f"live: milter {cfg.milter_socket}: {_why(e)}: Postfix answers mail 4xx; {DOWN}")
+        report.errors.append(f"live: milter {cfg.milter_socket}: {_why(e)}: Postfix answers list mail 4xx; {DOWN}")
 
     try:
         version, config, pid = handoff.status(cfg.state_dir)

@@ -4,6 +4,8 @@ Decisions that can be refused per recipient (who may post) are made at
 RCPT time, so SMTP clients get a 550 for that recipient only. Everything
 else happens at end of message, the only place a milter may edit the
 envelope. Any failure answers 4xx: a post is never accepted unexpanded.
+(When the milter is not running at all, the MTA goes on without it; the
+pipe transport then puts list mail back through here: mta/deliver.py.)
 """
 
 from __future__ import annotations
@@ -268,13 +270,32 @@ class ListMilter(Milter.Base):
         return bool(self.config.web.base_url) and \
             self.config.list_settings(self._list(list_address).settings).one_click
 
-    def _unsubscribe_url(self, list_address: str, members):
-        """Each member's link names their membership (its `added`), so it dies when that ends."""
+    def _unsubscribe_url(self, found_on: dict[str, str], epochs: dict[tuple[str, str], float]):
+        """Each member's link names their membership (its `added`) of the list they are on (for a
+        member of a nested list: that list), so it leaves that list and dies when that membership ends."""
         from listmilter.core.tokens import unsubscribe_token
         base, secret = self.config.web.base_url, self.runtime.secret
-        epochs = {addresses.key(m.address): m.added for m in members}
-        return lambda member: \
-            f"{base}/u/{unsubscribe_token(secret, list_address, member, epochs[addresses.key(member)])}"
+
+        def url(member: str) -> str:
+            on = found_on[member]
+            added = epochs[(addresses.key(on), addresses.key(member))]
+            return f"{base}/u/{unsubscribe_token(secret, on, member, added)}"
+        return url
+
+    def _members(self, list_address: str, personal: bool):
+        """([(member, the list it is on)], nested lists, {(list, member): added} when personal):
+        the list's members, with those of lists on this server that are members of it."""
+        epochs: dict[tuple[str, str], float] = {}
+
+        def members_of(address: str) -> list[str]:
+            if not personal:
+                return self.store.recipients(address)
+            members = self.store.members(address)      # with `added`, for the links
+            epochs.update({(addresses.key(address), addresses.key(m.address)): m.added for m in members})
+            return [m.address for m in members if m.status == ACTIVE]
+        list_of = plan.list_finder([m.address for m in self.store.all_lists()])
+        found, nested = plan.nested_members(list_address, members_of, list_of)
+        return found, nested, epochs
 
     def _keepalive(self) -> None:
         try:
@@ -295,14 +316,14 @@ class ListMilter(Milter.Base):
         assert split is not None
         # Look up what the plan needs; everything that can fail comes before the first change.
         in_place, url_for = None, None
-        if split.in_place_list and not split.reject_reason and self.personal:
+        nested: list[str] = []
+        if split.in_place_list and not split.reject_reason:
             ls = self._settings(split.in_place_list)
-            members = self.store.members(ls.address)      # with `added`, for the links
-            in_place = plan.InPlace(ls, [m.address for m in members if m.status == ACTIVE], True)
-            url_for = self._unsubscribe_url(ls.address, members)
-        elif split.in_place_list and not split.reject_reason:
-            ls = self._settings(split.in_place_list)
-            in_place = plan.InPlace(ls, self.store.recipients(ls.address), False)
+            found, nested, epochs = self._members(ls.address, self.personal)
+            in_place = plan.InPlace(ls, [m for m, _ in found], self.personal)
+            if self.personal:
+                url_for = self._unsubscribe_url(dict(found), epochs)
+        inner = " ".join(f"<{a}>" for a in nested) or None
         owners = {r.list_address: self._owners(r.list_address) for r in split.owners}
         todo = plan.end_of_message(self.recipients, split, in_place, owners, self.headers,
                                    b"".join(self.body_chunks), _post_id(queue_id), self.runtime.secret,
@@ -332,20 +353,21 @@ class ListMilter(Milter.Base):
                           to=f"<{member}>")
             self._log_resubmitted(queue_id, todo, resubmitted)
             self._log(queue_id, "expanded (personal copies)", split.in_place_list, client=True,
-                      members=len(copies.copies) - len(refused), seconds=f"{time.monotonic() - started:.2f}",
-                      envid=copies.envid)
+                      members=len(copies.copies) - len(refused), nested=inner,
+                      seconds=f"{time.monotonic() - started:.2f}", envid=copies.envid)
             assert split.in_place_list is not None     # personal copies are of the in-place list
             self._log_copies(queue_id, split.in_place_list, queued)
             self._archive(queue_id, split.in_place_list)
             # Only list recipients were left in this message: nothing more to deliver.
             return Milter.DISCARD
 
-        for e in todo.edits:
-            self._apply(e)
+        for step, args in plan.edit_steps(todo.edits):
+            getattr(self, step)(*args)      # in plan's order: safe to stop after any step
         killpoint.reached("eom-edited")
         self._log_resubmitted(queue_id, todo, resubmitted)
         for list_address, count, envid_text in todo.expanded:
-            self._log(queue_id, "expanded", list_address, client=True, members=count, envid=envid_text)
+            self._log(queue_id, "expanded", list_address, client=True, members=count, nested=inner,
+                      envid=envid_text)
             self._archive(queue_id, list_address)
         return Milter.ACCEPT
 
@@ -381,20 +403,6 @@ class ListMilter(Milter.Base):
             logger.info("%s: %s", queue_id, fields(
                 list=f"<{list_address}>", copies=len(ids),
                 part=f"{n}/{len(chunks)}" if len(chunks) > 1 else None, queued_as=" ".join(chunk)))
-
-    def _apply(self, e: plan.Edits) -> None:
-        for rcpt in e.del_rcpts:
-            self.delrcpt(rcpt)
-        for address, params in e.add_rcpts:
-            self.addrcpt(f"<{address}>", params)
-        if e.sender:
-            self.chgfrom(*e.sender)
-        for name, index in e.del_headers:
-            self.chgheader(name, index, None)
-        for name, index, value in e.change_headers:
-            self.chgheader(name, index, value)
-        for name, value in e.add_headers:
-            self.addheader(name, value)
 
     def _original_message(self) -> bytes:
         head = "".join(f"{n}: {v}\r\n" for n, v in self.headers).replace("\r\n", "\n").replace("\n", "\r\n")
@@ -463,5 +471,5 @@ def _drain(grace: float) -> None:
                 grace, pending)
     left = ListMilter.in_flight.drain(grace)
     if left:
-        logger.warning("warning: stopping with %d messages unfinished; Postfix answers them 4xx "
-                       "(milter_default_action = tempfail)", left)
+        logger.warning("warning: stopping with %d messages unfinished; Postfix applies "
+                       "milter_default_action to them (accept: the pipe transport re-submits list mail)", left)

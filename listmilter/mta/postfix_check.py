@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 PARAMS = ("smtpd_milters", "non_smtpd_milters", "milter_default_action", "message_size_limit",
           "transport_maps", "local_recipient_maps", "relay_recipient_maps", "virtual_mailbox_maps",
-          "virtual_alias_maps", "queue_directory")
+          "virtual_alias_maps", "queue_directory", "fallback_transport", "local_transport",
+          "virtual_transport", "local_destination_concurrency_limit")
 RECIPIENT_MAPS = ("local_recipient_maps", "virtual_mailbox_maps", "relay_recipient_maps", "virtual_alias_maps")
 
 
@@ -137,27 +138,23 @@ def check(pf: Postfix, cfg, report) -> None:
                 f"postfix: {param} does not name listmilter's milter ({cfg.milter_socket}): set "
                 f"{param} = {(current + ' ') if current else ''}{milter}")
         for spec, opts in entries:
-            if opts.get("default_action", "tempfail") != "tempfail":
-                report.errors.append(
-                    f"postfix: {param} gives {spec} default_action={opts['default_action']}: drop it, "
-                    "so Postfix answers 4xx while listmilter is down")
+            if "default_action" in opts:
+                _default_action(report, f"{param} gives {spec} default_action={opts['default_action']}",
+                                opts["default_action"], f"drop default_action from {param}")
 
-    action = pf.param("milter_default_action") or "tempfail"
-    if action == "accept":
-        report.errors.append("postfix: milter_default_action = accept: while listmilter is down, list "
-                             "mail would be accepted and never expanded; set milter_default_action = tempfail")
-    elif action != "tempfail":
-        report.warnings.append(f"postfix: milter_default_action = {action}: while listmilter is down, "
-                               "senders are refused instead of retrying; set milter_default_action = tempfail")
+    _default_action(report, f"milter_default_action = {pf.param('milter_default_action') or 'tempfail'}",
+                    pf.param("milter_default_action") or "tempfail", "set milter_default_action = accept")
 
     table = _listmilter_socket(cfg.socketmap_socket)
     sm = postfix_form(cfg.socketmap_socket, queue_dir)
     ours = lambda specs: any(table in _postfix_socket(s, queue_dir) for s in specs)  # noqa: E731
-    if not ours(_tables(pf.param("transport_maps"), "transport")):
-        current = pf.param("transport_maps")
-        report.errors.append(
-            f"postfix: transport_maps does not use listmilter's socketmap ({cfg.socketmap_socket}): set "
-            f"transport_maps = {(current + ' ') if current else ''}socketmap:{sm}:transport")
+    _check_route(pf, cfg.transport, ours, report)
+    local_maps = pf.param("local_recipient_maps")
+    last = (re.split(r"[\s,]+", local_maps.strip()) or [""])[-1]
+    if ours(_tables(local_maps, "recipients")) and not ours(_tables(last, "recipients")):
+        report.warnings.append(
+            "postfix: local_recipient_maps asks listmilter's socketmap before other tables: while "
+            "listmilter is down, local users get 451 too; put socketmap:...:recipients last")
     if not any(ours(_tables(pf.param(p), "recipients")) for p in RECIPIENT_MAPS):
         line = (f"postfix: no recipient map uses listmilter's socketmap ({cfg.socketmap_socket}), so Postfix "
                 f"refuses list addresses it does not otherwise know: add socketmap:{sm}:recipients to "
@@ -169,6 +166,40 @@ def check(pf: Postfix, cfg, report) -> None:
             report.errors.append(line)
 
     _check_pipe(pf, cfg.transport, report)
+
+
+def _default_action(report, what: str, action: str, fix: str) -> None:
+    """accept: other mail flows while listmilter is down (list addresses wait on the socketmap)."""
+    if action == "tempfail":
+        report.warnings.append(f"postfix: {what}: while listmilter is down, every message waits, "
+                               f"not only list mail; {fix} (list mail still waits: docs/postfix.md)")
+    elif action != "accept":
+        report.warnings.append(f"postfix: {what}: while listmilter is down, every message is refused; "
+                               f"{fix} (list mail still waits: docs/postfix.md)")
+
+
+def _check_route(pf: Postfix, name: str, ours, report) -> None:
+    """How role addresses (and list mail the milter missed) reach the pipe transport."""
+    via_transport_maps = ours(_tables(pf.param("transport_maps"), "transport"))
+    if via_transport_maps:
+        # trivial-rewrite asks transport_maps for every address it routes, so a
+        # table that is down makes Postfix answer 451 to all mail.
+        report.warnings.append(
+            "postfix: transport_maps uses listmilter's socketmap: Postfix looks up every address there, so "
+            f"while listmilter is down all mail gets 451; remove it and set fallback_transport = {name}")
+    if pf.param("fallback_transport") == name:
+        local = pf.param("local_transport") or "local:$myhostname"
+        if not local.startswith("local:") and local != "local":
+            report.errors.append(f"postfix: fallback_transport = {name} works only with local(8), but "
+                                 f"local_transport = {local}: list addresses would not reach {name}")
+        limit = pf.param("local_destination_concurrency_limit")
+        if limit.isdigit() and int(limit) < 10:
+            report.warnings.append(f"postfix: local_destination_concurrency_limit = {limit}: local(8) hands a "
+                                   f"list's DSNs (all to one -bounces@ address) to {name} {limit} at a time; "
+                                   "set local_destination_concurrency_limit = 20")
+    elif not via_transport_maps and pf.param("virtual_transport") != name:
+        report.errors.append(f"postfix: nothing routes list and role addresses to the {name} pipe "
+                             f"transport: set fallback_transport = {name} (list domain in mydestination)")
 
 
 def _check_pipe(pf: Postfix, name: str, report) -> None:

@@ -1,11 +1,14 @@
 """A Postfix socketmap table served from the list store, so no map is edited by hand.
 
 Postfix asks `socketmap:inet:127.0.0.1:8898:recipients` whether an address
-exists (local_recipient_maps, relay_recipient_maps, virtual_mailbox_maps...)
-and `socketmap:...:transport` where to deliver it (transport_maps). Every
-list and its role addresses exist; all of them route to listmilter's pipe
-transport (the milter removes the list address itself from every post it
-expands, so only unexpanded mail reaches the pipe for it). Protocol: one
+exists (local_recipient_maps, last, so only the list domain's unknown
+addresses are asked; virtual_mailbox_maps...). Sendmail's ruleset 0 asks
+`transport` where to deliver it (Postfix routes with fallback_transport
+instead: a table in transport_maps is asked about every address, and a
+listmilter that is down would stop all mail). Every list and its role
+addresses exist; all of them route to listmilter's pipe transport (the
+milter removes the list address itself from every post it expands, so only
+unexpanded mail reaches the pipe for it). Protocol: one
 netstring "NAME KEY" per request, answered "OK value", "NOTFOUND ", "TEMP why"
 or "PERM why" (Postfix's socketmap_table(5)).
 """

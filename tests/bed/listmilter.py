@@ -148,6 +148,13 @@ class ListmilterServer:
             except OSError as e:    # a read-only state folder (test_faults.py) stays as it is
                 if e.errno != errno.EROFS:
                     raise
+        # As systemd/listmilter.tmpfiles makes it: others may enter (to reach
+        # deliver.sock as a Sendmail aliases program does), not list it.
+        try:
+            os.chmod(self.state_dir, 0o751)
+        except OSError as e:
+            if e.errno != errno.EROFS:
+                raise
         return self
 
     def stop(self) -> None:
