@@ -7,6 +7,7 @@ import pytest
 from listmilter import paths
 from listmilter.core import config, importer
 from tests.bed.listmilter import cli
+from tests.bed.postfix import backdate
 
 
 @pytest.fixture
@@ -129,6 +130,7 @@ def test_check_warns_when_a_list_exceeds_postfix_message_size_limit(cfg, tmp_pat
     pf = tmp_path / "pf"
     pf.mkdir()
     (pf / "main.cf").write_text("message_size_limit = 100000\n")
+    backdate(pf)
     cli(cfg, "list", "create", "big@example.org", "--owner", "o@example.org")
     cli(cfg, "members", "add", "big@example.org", "-",
         input="".join(f"member{i:05d}@example.net\n" for i in range(2000)))
@@ -137,4 +139,5 @@ def test_check_warns_when_a_list_exceeds_postfix_message_size_limit(cfg, tmp_pat
     assert "list big@example.org: a post makes a Postfix queue file of about" in proc.stderr
     assert "message_size_limit = 100000" in proc.stderr
     (pf / "main.cf").write_text("message_size_limit = 1000000000\n")
+    backdate(pf)
     assert "message_size_limit" not in cli(cfg, "check", env={"MAIL_CONFIG": str(pf)}, check=False).stderr

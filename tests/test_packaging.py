@@ -92,6 +92,7 @@ def test_man_pages_render_without_warnings(name, tmp_path):
         assert "SEE ALSO" in re.sub(".\b", "", proc.stdout)     # without overstrike bold
 
 
+@pytest.mark.mta
 def test_sdist_and_wheel_install_into_a_fresh_venv_and_serve(tmp_path):
     """Build as an admin would, install the wheel into a clean virtualenv of
     Debian's python3, run check and serve from it: catches missing package data."""

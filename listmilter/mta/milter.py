@@ -98,6 +98,12 @@ class ListMilter(Milter.Base):
         self.setreply("451", "4.3.0", f"listmilter: {why}; try again later")
         return Milter.TEMPFAIL
 
+    def _refuse(self, reason: str) -> int:
+        # libmilter reads % in a reply as a format character (pymilter raises on a
+        # single one): a sender such as a%b@example.net must get this 550, not a 451.
+        self.setreply("550", "5.7.1", reason.replace("%", "%%"))
+        return Milter.REJECT
+
     def _queue_id(self) -> str:
         return self.getsymval("i") or "NOQUEUE"
 
@@ -145,8 +151,7 @@ class ListMilter(Milter.Base):
             self._log(self._queue_id(), f"rejected ({recipient.reason})", recipient.list_address,
                       client=True)
             if not self.non_smtp:
-                self.setreply("550", "5.7.1", recipient.reason)
-                return Milter.REJECT
+                return self._refuse(recipient.reason)
         self.recipients.append(recipient)
         return Milter.CONTINUE
 
@@ -277,8 +282,7 @@ class ListMilter(Milter.Base):
     def _eom(self, queue_id: str) -> int:
         recipients, split = self.recipients, self.split
         if split.reject_reason:
-            self.setreply("550", "5.7.1", split.reject_reason)
-            return Milter.REJECT
+            return self._refuse(split.reject_reason)
 
         # Everything that can fail comes before the first change to the message.
         edits: list[plan.Edits] = []
