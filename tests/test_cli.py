@@ -141,3 +141,13 @@ def test_check_warns_when_a_list_exceeds_postfix_message_size_limit(cfg, tmp_pat
     (pf / "main.cf").write_text("message_size_limit = 1000000000\n")
     backdate(pf)
     assert "message_size_limit" not in cli(cfg, "check", env={"MAIL_CONFIG": str(pf)}, check=False).stderr
+
+
+def test_bounces_lists_and_only_run_does_the_periodic_work(cfg):
+    cli(cfg, "list", "create", "dev@example.org")
+    out = cli(cfg, "bounces", "dev@example.org").stdout
+    assert out.startswith("LIST ") and "SCORE" in out.splitlines()[0]
+    assert cli(cfg, "bounces").stdout == out
+    assert cli(cfg, "bounces", "--run").stdout == ""        # nothing due
+    gone = cli(cfg, "bounces", "nosuch@example.org", check=False)
+    assert gone.returncode == 66 and "no such list" in gone.stderr

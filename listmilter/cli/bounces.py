@@ -11,7 +11,8 @@ def add_parsers(sub) -> None:
     s.add_argument("list", nargs="?", help="one list (default: all)")
     s.add_argument("--kept", action="store_true",
                    help="list the bounce-address mail that scored nobody, kept for the owner")
-    s.add_argument("--run", action="store_true",
+    # dest: not `run`, which set_defaults gives the handler (argparse would let one hide the other).
+    s.add_argument("--run", dest="run_now", action="store_true",
                    help="send due warnings and remove members now (listmilter serve does this hourly)")
 
 
@@ -19,7 +20,7 @@ def _bounces(args, cfg, store):
     from listmilter.app import bounce_processing
     from listmilter.core import bounces
     from listmilter.store import bounce_records as bouncedb
-    if args.run:
+    if args.run_now:
         for line in bounce_processing.periodic(cfg, store):
             print(line)
         return 0
