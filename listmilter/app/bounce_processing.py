@@ -192,12 +192,14 @@ def periodic(config, store, now: float | None = None) -> list[str]:
                 continue
             policy = policy_of(config, mlist)
             member = store.member(mlist.address, row.address)
-            if member is None:
-                db.forget(mlist.address, row.address)       # removed by other means
-                continue
-            if row.pending:
+            # A pending remove has removed the member already (its notice failed): finish it,
+            # or the owners are never told.
+            if row.pending and (member is not None or row.pending == "remove"):
                 apply_pending(config, store, db, mlist, row, policy, now, secret)
                 done.append(f"{row.pending} {row.address} ({mlist.address})")
+                continue
+            if member is None:
+                db.forget(mlist.address, row.address)       # removed by other means
                 continue
             if not row.acted or row.next_warning == 0 or member.status != DISABLED:
                 continue
@@ -280,13 +282,13 @@ def enable(config, store, list_address: str, address: str, how: str, who: str) -
 PERIOD = 3600.0
 
 
-def start_periodic(runtime) -> threading.Thread:
+def start_periodic(runtime, period: float = PERIOD, first: float = 60.0) -> threading.Thread:
     """`listmilter serve` runs `periodic` hourly (the first run a minute after start)."""
     def loop() -> None:
-        delay = 60.0
+        delay = first
         while True:
             time.sleep(delay)
-            delay = PERIOD
+            delay = period
             try:
                 config, store = runtime.current()
                 for line in periodic(config, store):

@@ -80,7 +80,7 @@ def run(runtime_factory, recipient: str, sender: str | None, data: bytes) -> tup
     """`deliver`, with every failure turned into 75 and a reason: never raises."""
     try:
         return deliver(runtime_factory, recipient, sender, data)
-    except Deferred as e:
+    except TemporaryError as e:   # ours, expected (the MTA refused a notice, the store is busy): one line
         logger.error("deliver: %s", fields(to=f"<{recipient}>", status=f"deferred ({e})"))
         return EX_TEMPFAIL, str(e)
     except Exception as e:  # never lose mail: Postfix retries on 75
