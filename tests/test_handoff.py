@@ -18,7 +18,7 @@ from listmilter.mta import handoff, netstring
 from tests.bed.listmilter import ListmilterServer, cli
 from tests.bed.net import free_port, wait_until
 from tests.bed.postfix import PIPE_USER, pipe_runtime
-from tests.conftest import Bed, dsn_message, message
+from tests.conftest import dsn_message, message
 
 
 # -- the client's own decisions --------------------------------------------------

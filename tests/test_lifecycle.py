@@ -9,13 +9,12 @@ import smtplib
 import socket
 import stat
 import subprocess
-import time
 
 import pytest
 
 from tests.bed.listmilter import cli
 from tests.bed.net import wait_until
-from tests.conftest import Bed, message
+from tests.conftest import message
 
 
 def _open_session(bed, sender: str, rcpt: str) -> smtplib.SMTP:

@@ -479,7 +479,7 @@ def test_personal_copies_are_submitted_each_with_its_own_link_then_the_original_
         assert m["List-Id"] == "<dev.example.org>"
         urls.append(url)
     assert urls[0] != urls[1]
-    assert any(f"status=expanded (personal copies), members=2" in x for x in log)
+    assert any("status=expanded (personal copies), members=2" in x for x in log)
 
 
 def test_a_personal_copy_failing_part_way_tempfails_and_the_original_is_kept(web_world, log):
@@ -664,3 +664,17 @@ def test_in_flight_drain_waits_for_the_reply_to_be_sent():
     f.end()
     started = time.monotonic()
     assert f.drain(5) == 0 and time.monotonic() - started >= InFlight.REPLY_SETTLE * 0.9
+
+
+def test_an_edit_the_mta_no_longer_takes_tempfails_with_one_log_line(world, log, monkeypatch):
+    """Sendmail's E: timeout: it stops taking edits while the milter adds recipients."""
+    lst = world.new_list("dev@example.org", ["m1@example.net", "m2@example.net"], posting="open")
+    s = Session()
+
+    def gone(rcpt, params=None):
+        raise Milter.milter.error("cannot add recipient")
+    monkeypatch.setattr(s.ctx, "addrcpt", gone)
+    assert s.send("carol@example.net", [lst], post()) == Milter.TEMPFAIL
+    assert s.reply == ("451", "4.3.0", "listmilter: the MTA did not take the changes; try again later")
+    assert f"{QUEUE_ID}: from=<carol@example.net>, status=deferred (the MTA did not take the changes: " \
+           "cannot add recipient; its end-of-message timeout?)" in log

@@ -7,7 +7,6 @@ sqlite / yaml) and asserts on envelopes and headers at the sink.
 from __future__ import annotations
 
 import smtplib
-import time
 
 import pytest
 
@@ -171,7 +170,7 @@ def test_list_create_notify_mails_the_site_admin_through_postfix(clean_bed):
         proc = cli(bed.listmilter.config_path, "list", "create", "announce9@example.org", "--notify",
                    check=False)
         assert proc.returncode == 64 and "edited in" in proc.stderr
-        time.sleep(2)
+        bed.settle()
         assert bed.sink.deliveries() == []
         return
     out = cli(bed.listmilter.config_path, "list", "create", "announce9@example.org", "--owner",

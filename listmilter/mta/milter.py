@@ -231,6 +231,12 @@ class ListMilter(Milter.Base):
         except outgoing.OutgoingError as e:
             self._log(queue_id, f"deferred (cannot re-submit: {e})", level=logging.ERROR)
             return self._tempfail("cannot split the message")
+        except Milter.milter.error as e:
+            # libmilter could not pass an edit on: the MTA gave up on this message (Sendmail's
+            # E: timeout for a big list) or went away. It answers the client 4xx itself.
+            self._log(queue_id, f"deferred (the MTA did not take the changes: {e}; "
+                                "its end-of-message timeout?)", level=logging.ERROR)
+            return self._tempfail("the MTA did not take the changes")
         except Exception:
             logger.exception("%s: internal error, message deferred", queue_id)
             return self._tempfail("internal error")

@@ -136,7 +136,6 @@ class ListmilterServer:
 
     # -- process -----------------------------------------------------------
     def start(self) -> "ListmilterServer":
-        tcp = not (self.socket_dir or self.milter_path)
         # The first start may find a port taken since free_port(); a restart keeps
         # its ports (Postfix or Sendmail was configured with them).
         new_ports = self._new_ports if not self._started else None

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .net import PortTaken, free_port, start_with_retry, wait_for_own_port, wait_until
+from .net import free_port, start_with_retry, wait_for_own_port, wait_until
 from .procs import alive, descendants
 
 PIPE_USER = "nobody"

@@ -170,6 +170,36 @@ MAILER(`smtp')dnl
                                str(SENDMAIL), "-C", str(self.cf), *args], input=input,
                               capture_output=True, timeout=timeout)
 
+    def bs_session(self, commands: list[bytes], timeout: float = 60) -> list[tuple[int, str]]:
+        """`sendmail -bs`: the sendmail command speaking SMTP on stdin, as programs that
+        submit through it do; one command at a time (Sendmail refuses unannounced
+        pipelining). The reply to the greeting, then to each command."""
+        proc = subprocess.Popen(["unshare", "-u", "sh", "-c", 'hostname mx.example.test && exec "$@"', "sh",
+                                 str(SENDMAIL), "-C", str(self.cf), "-bs"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+        def reply() -> tuple[int, str]:
+            lines = []
+            while True:
+                line = proc.stdout.readline()
+                if not line:
+                    raise ConnectionError(f"sendmail -bs closed after {lines}")
+                lines.append(line.decode(errors="replace").rstrip("\r\n"))
+                if line[3:4] != b"-":
+                    return int(line[:3]), " ".join(x[4:] for x in lines)
+        try:
+            replies = [reply()]
+            for command in commands:
+                proc.stdin.write(command)
+                proc.stdin.flush()
+                replies.append(reply())
+                if command.startswith(b"QUIT"):
+                    break
+            return replies
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout)
+
     # -- life cycle --------------------------------------------------------
     def start(self) -> "Sendmail":
         start_with_retry(self._start_once, self.stop, self._new_ports)
