@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from listmilter import paths
@@ -151,3 +155,17 @@ def test_bounces_lists_and_only_run_does_the_periodic_work(cfg):
     assert cli(cfg, "bounces", "--run").stdout == ""        # nothing due
     gone = cli(cfg, "bounces", "nosuch@example.org", check=False)
     assert gone.returncode == 66 and "no such list" in gone.stderr
+
+
+def test_listmilter_config_names_the_file_and_c_wins_over_it(cfg, tmp_path):
+    other = tmp_path / "other.yaml"
+    other.write_text(f"state_dir: {tmp_path}/other-state\n")
+    cli(cfg, "list", "create", "dev@example.org")
+    cli(other, "list", "create", "ops@example.org")
+    assert cli(other, "list", "ls", env={"LISTMILTER_CONFIG": str(cfg)}).stdout == "ops@example.org\t0\n"
+    by_env = subprocess.run([sys.executable, "-m", "listmilter", "list", "ls"], capture_output=True, text=True,
+                            env={**os.environ, "LISTMILTER_CONFIG": str(cfg)}, timeout=60)
+    assert (by_env.returncode, by_env.stdout) == (0, "dev@example.org\t0\n")
+    missing = subprocess.run([sys.executable, "-m", "listmilter", "list", "ls"], capture_output=True, text=True,
+                             env={**os.environ, "LISTMILTER_CONFIG": str(tmp_path / "nope.yaml")}, timeout=60)
+    assert missing.returncode == 78 and "nope.yaml: no such file" in missing.stderr

@@ -106,6 +106,10 @@ def test_null_sender_is_never_expanded(clean_bed):
     scenarios.null_sender_is_never_expanded(clean_bed)
 
 
+def test_custom_list_id_is_in_the_header_and_marks_a_loop(clean_bed):
+    scenarios.custom_list_id_is_in_the_header_and_marks_a_loop(clean_bed)
+
+
 def test_message_carrying_the_lists_own_list_id_is_not_expanded(clean_bed):
     bed = clean_bed
     lst = bed.new_list(["l1@example.net"], posting="open")

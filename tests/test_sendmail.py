@@ -63,6 +63,10 @@ def test_owner_address_reaches_the_owners(clean_smbed):
     scenarios.owner_address_reaches_the_owners(clean_smbed)
 
 
+def test_custom_list_id_is_in_the_header_and_marks_a_loop(clean_smbed):
+    scenarios.custom_list_id_is_in_the_header_and_marks_a_loop(clean_smbed)
+
+
 def test_null_sender_is_never_expanded(clean_smbed):
     scenarios.null_sender_is_never_expanded(clean_smbed)
 

@@ -80,6 +80,8 @@ class ListmilterServer:
         self.outgoing_port = outgoing_port
         self.extra = dict(extra or {})
         self.env: dict[str, str] = {}      # extra environment for serve (e.g. LISTMILTER_PERIODIC_INTERVAL)
+        self.prefix: list[str] = []        # a command serve runs under (it must exec serve: same pid)
+        self.config_by_env = False         # serve finds its config by $LISTMILTER_CONFIG, not -c
         self.proc: subprocess.Popen | None = None
         self.exit_codes: list[int] = []    # serve's, each time it was stopped
         self._marks = (0, 0)               # log and stderr offsets already looked at (problems())
@@ -151,8 +153,11 @@ class ListmilterServer:
 
     def _start_once(self) -> None:
         env = {k: v for k, v in os.environ.items() if k not in ("LISTMILTER_LOG", "LISTMILTER_CONFIG")}
+        config = [] if self.config_by_env else ["-c", str(self.config_path)]
+        if self.config_by_env:
+            env["LISTMILTER_CONFIG"] = str(self.config_path)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "listmilter", "-c", str(self.config_path), "serve"],
+            [*self.prefix, sys.executable, "-m", "listmilter", *config, "serve"],
             stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "ab"), env={**env, **self.env},
             # As systemd's UMask=0007 does: sockets reachable by the folder's group.
             umask=0o007 if self.socket_dir else -1)

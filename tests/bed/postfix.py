@@ -76,6 +76,7 @@ class Postfix:
         self.list_domain = list_domain
         self.extra = dict(main_cf or {})
         self.pipe_log = self.dir / "pipe.log"
+        self.config_by_env = False      # the pipe finds its config by $LISTMILTER_CONFIG, not -c
         self.running = False
 
     # -- configuration ---------------------------------------------------
@@ -137,13 +138,16 @@ class Postfix:
         if self.socketmap:
             runtime = pipe_runtime()
             config = f"-c {self.config_path} " if self.config_path else ""
+            env = f" LISTMILTER_CONFIG={self.config_path}" if self.config_by_env else ""
+            if self.config_by_env:
+                config = ""
             self.pipe_log.touch()
             shutil.chown(self.pipe_log, PIPE_USER)
             self.postconf(
                 "-Me",
                 "listmilter/unix = listmilter unix - n n - - pipe"
                 f" flags=Rq user={PIPE_USER} null_sender="
-                f" argv=/usr/bin/env PYTHONPATH={runtime} LISTMILTER_LOG={self.pipe_log}"
+                f" argv=/usr/bin/env PYTHONPATH={runtime} LISTMILTER_LOG={self.pipe_log}{env}"
                 f" {runtime}/bin/listmilter {config}deliver ${{recipient}} ${{sender}}")
 
     def configure(self) -> "Postfix":
