@@ -1,7 +1,7 @@
 """Expansion benchmark: a post to a list of N members through a private Postfix
 to a sink, listmilter (sqlite and yaml stores) against a bare "floor" milter.
 
-    /work/main/.venv/bin/python bench/run_expansion.py [--sizes 1000,10000,100000]
+    .venv/bin/python bench/run_expansion.py [--sizes 1000,10000,100000]
         [--repeat 2] [--backends sqlite,yaml]
 
 For each store: one Postfix with two smtpd listeners, one with listmilter as

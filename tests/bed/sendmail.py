@@ -83,7 +83,8 @@ class Sendmail:
         self.socketmap_port = socketmap_port
         self.list_domain = list_domain
         self.eom_timeout = eom_timeout
-        # name -> milter socket: a listener of its own with only that milter (benchmarks).
+        # name -> milter socket: a listener of its own with only that milter (benchmarks);
+        # None: a listener with no milter at all.
         self.extra_milters = dict(extra_milters or {})
         self.ports = {name: free_port() for name in self.extra_milters}
         self.queue_only = queue_only    # accept and keep in the queue, deliver nothing (benchmarks)
@@ -135,10 +136,12 @@ MAILER(`smtp')dnl
                 eom_timeout=self.eom_timeout, program="/usr/bin/env", user=f"{PIPE_USER}:nogroup",
                 argv=argv)
         for name, spec in self.extra_milters.items():
-            # MAIL_FILTER, not INPUT_MAIL_FILTER: only this listener uses it.
-            lines += (f"MAIL_FILTER(`{name}', `S={spec}, F=T, T=S:10s;R:1m;E:{self.eom_timeout}')dnl\n"
-                      f"DAEMON_OPTIONS(`Port={self.ports[name]}, Addr=127.0.0.1, Name={name}, "
-                      f"InputMailFilters={name}')dnl\n")
+            # MAIL_FILTER, not INPUT_MAIL_FILTER: only this listener uses it. An empty
+            # InputMailFilters= gives a listener without the global (listmilter) milter.
+            if spec:
+                lines += f"MAIL_FILTER(`{name}', `S={spec}, F=T, T=S:10s;R:1m;E:{self.eom_timeout}')dnl\n"
+            lines += (f"DAEMON_OPTIONS(`Port={self.ports[name]}, Addr=127.0.0.1, Name={name}, "
+                      f"InputMailFilters={name if spec else ''}')dnl\n")
         return lines
 
     def _write_config(self) -> None:
