@@ -1,36 +1,53 @@
 """`listmilter web`: one-click unsubscribe (RFC 8058) and confirmation links.
 
-A small WSGI app on the standard library's server (wsgiref, one thread per
-request), meant to sit behind a reverse proxy that terminates TLS
-(docs/subscriptions.md). It listens only where `web.listen` says.
+A small WSGI app on waitress, meant to sit behind a reverse proxy that
+terminates TLS (docs/subscriptions.md). It listens only where `web.listen`
+says. waitress reads and writes every connection in one event loop and hands
+only complete requests to a fixed pool of THREADS workers, so idle or
+half-sent connections cost a file descriptor, not a thread; silent ones are
+closed after CHANNEL_TIMEOUT seconds, at most CONNECTION_LIMIT are open at
+once, and no Server: header names the software.
 
     GET  /u/TOKEN        a page with one button (link scanners that prefetch
                          URLs unsubscribe nobody)
-    POST /u/TOKEN        body List-Unsubscribe=One-Click: unsubscribe at once
+    POST /u/TOKEN        body List-Unsubscribe=One-Click, urlencoded or
+                         multipart/form-data (RFC 8058 3.1): unsubscribe at once
     GET  /confirm/TOKEN  a page with one button
     POST /confirm/TOKEN  confirm the request (subscribe or unsubscribe)
 
-A forged or damaged link answers 400, an unknown list or code 404; each is
-logged. The client address recorded in the consent record is REMOTE_ADDR,
+A forged or damaged link answers 400, an unknown list or code 404, a link
+whose membership has ended (or of the old format, after web.old_links_until)
+410; each is logged. The client address recorded in the consent record is REMOTE_ADDR,
 or, when REMOTE_ADDR is one of `web.trusted_proxies`, the last address in
 X-Forwarded-For that is not a trusted proxy.
 """
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
+import email.utils
 import html
 import ipaddress
-import socketserver
-import threading
+import logging
+import resource
 import urllib.parse
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import waitress.server
 
 from listmilter.app import subscription_service as service_mod
 from listmilter.log import fields, logger
 from listmilter.store import StoreError
 from listmilter.store import secret as secret_mod
 
-MAX_BODY = 4096
+# The server's limits (docs/subscriptions.md, "The web server").
+THREADS = 4                 # requests worked on at once; SQLite serialises the writes anyway
+CONNECTION_LIMIT = 2000     # open connections; further ones wait in the kernel's listen queue
+CHANNEL_TIMEOUT = 15        # seconds a connection may stay silent (idle or half-sent)
+CLEANUP_INTERVAL = 5        # how often silent connections are looked for
+MAX_HEADER = 16 * 1024      # request line and headers
+MAX_BODY = 4096             # a one-click form is 26 bytes urlencoded, ~200 as multipart
+SPARE_FILES = 64            # descriptors besides connections: databases, log, listening socket
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="robots" content="noindex">
@@ -68,6 +85,53 @@ def page(title: str, text: str, form_action: str | None = None, button: str = ""
     return _PAGE.format(title=html.escape(title), body=body).encode()
 
 
+class BadForm(ValueError):
+    """A POST body that is no form we read; the text says why (and quotes nothing from it)."""
+
+
+def parse_form(content_type: str, body: bytes) -> dict[str, str]:
+    """The fields of a POST body: application/x-www-form-urlencoded (also assumed
+    without a Content-Type) or multipart/form-data, the two RFC 8058 allows. A
+    repeated field keeps its last value. Raises BadForm for anything else."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media in ("", "application/x-www-form-urlencoded"):
+        return dict(urllib.parse.parse_qsl(body.decode("latin-1"), keep_blank_values=True))
+    if media != "multipart/form-data":
+        raise BadForm("unsupported content type")
+    if not content_type.isascii() or not content_type.isprintable():
+        raise BadForm("malformed content type")
+    return _multipart(content_type, body)
+
+
+def _multipart(content_type: str, body: bytes, retry: bool = True) -> dict[str, str]:
+    # The standard library's MIME parser: a form is a MIME multipart (RFC 7578),
+    # the body is at most MAX_BODY bytes, and this parser never gives up on bad
+    # input (it records defects), so it needs no extra dependency. HTTP's policy
+    # gives str headers even for 8-bit bytes.
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+    boundary = msg.get_boundary()
+    if not boundary:
+        raise BadForm("multipart without a boundary")
+    parts = msg.get_payload()
+    if not isinstance(parts, list) or not parts:
+        # RFC 8058's own example (section 8.3) writes its delimiter lines as the
+        # bare boundary, without the "--" that MIME puts before it (RFC 2046
+        # 5.1.1), so a client copied from it finds no part: read such a body
+        # as its authors meant.
+        if retry and boundary.startswith("--") and boundary.isprintable() and not {'"', "\\"} & set(boundary):
+            return _multipart(f'multipart/form-data; boundary="{boundary[2:]}"', body, retry=False)
+        raise BadForm("malformed multipart body")
+    form = {}
+    for part in parts:
+        name = part.get_param("name", header="content-disposition")
+        value = part.get_payload(decode=True)
+        if name is None or value is None:       # no field name, or a nested multipart
+            continue
+        form[email.utils.collapse_rfc2231_value(name)] = value.decode("utf-8", "replace")
+    return form
+
+
 class App:
     """The WSGI application. `runtime` gives (config, store) and the secret."""
 
@@ -85,7 +149,7 @@ class App:
         except Exception:
             logger.exception("web: internal error for %s %s", method, path)
             status, body, extra = 500, page("Error", "Something went wrong; please try again later."), []
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 410: "Gone",
                   413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}[status]
         start_response(f"{status} {reason}", [("Content-Type", "text/html; charset=utf-8"),
                                                ("Content-Length", str(len(body))),
@@ -111,38 +175,57 @@ class App:
         service, config = self._service()
         client = client_address(environ, config.web.trusted_proxies)
         try:
+            body = b""
             if method == "POST":
-                form = self._form(environ)
-                if form is None:
+                body = self._body(environ)
+                if body is None:
                     return 413, page("Too large", "The request is too large."), []
             if kind == "u":
-                return self.unsubscribe(service, method, token, client, form if method == "POST" else {})
+                return self.unsubscribe(service, method, token, client, environ.get("CONTENT_TYPE", ""), body)
             return self.confirm(service, method, token, client)
         finally:
-            service.close()
+            try:
+                service.close()
+            finally:
+                # Worker threads outlive requests: keep no database open between them.
+                service.store.release()
 
     @staticmethod
-    def _form(environ: dict) -> dict[str, str] | None:
+    def _body(environ: dict) -> bytes | None:
+        """The request body, or None when it is over MAX_BODY."""
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
             length = 0
         if length > MAX_BODY:
             return None
-        raw = environ["wsgi.input"].read(length) if length > 0 else b""
-        return dict(urllib.parse.parse_qsl(raw.decode("latin-1"), keep_blank_values=True))
+        return environ["wsgi.input"].read(length) if length > 0 else b""
 
-    def unsubscribe(self, service, method: str, token: str, client: str, form: dict):
-        from listmilter.core import tokens
-        found = tokens.read_unsubscribe_token(service.secret, token)
-        if found is None:
-            logger.warning("web: %s", fields(client=client, method=method,
-                                             status="refused (forged or damaged unsubscribe link)"))
-            return 400, page("Invalid link", "This unsubscribe link is not valid."), []
+    def unsubscribe(self, service, method: str, token: str, client: str, content_type: str, body: bytes):
         if method != "POST":
-            return 200, page(f"Unsubscribe from {found[0]}",
-                             f"Press the button to stop receiving mail from {found[0]}.",
+            status, found, text = service.check_link(token, client)
+            if found is None or status != 200:
+                return status, page("Invalid link" if found is None else "Unsubscribe", text), []
+            return 200, page(f"Unsubscribe from {found.list}",
+                             f"Press the button to stop receiving mail from {found.list}.",
                              f"/u/{token}", "Unsubscribe", {"List-Unsubscribe": "One-Click"}), []
+        try:
+            form = parse_form(content_type, body)
+        except BadForm as e:
+            logger.warning("web: %s", fields(client=client, status=f"refused (not a form: {e})"))
+            return 400, page("Bad request", "This request is not a one-click unsubscribe."), []
+        if method != "POST":
+            status, found, text = service.check_link(token, client)
+            if found is None or status != 200:
+                return status, page("Invalid link" if found is None else "Unsubscribe", text), []
+            return 200, page(f"Unsubscribe from {found.list}",
+                             f"Press the button to stop receiving mail from {found.list}.",
+                             f"/u/{token}", "Unsubscribe", {"List-Unsubscribe": "One-Click"}), []
+        try:
+            form = parse_form(content_type, body)
+        except BadForm as e:
+            logger.warning("web: %s", fields(client=client, status=f"refused (not a form: {e})"))
+            return 400, page("Bad request", "This request is not a one-click unsubscribe."), []
         if form.get("List-Unsubscribe") != "One-Click":
             logger.warning("web: %s", fields(client=client, status="refused (POST without List-Unsubscribe=One-Click)"))
             return 400, page("Bad request", "This request is not a one-click unsubscribe."), []
@@ -164,24 +247,58 @@ class App:
         return status, page("Confirmation" if status == 200 else "Not confirmed", text), []
 
 
-class _Server(socketserver.ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _WaitressLog(logging.Handler):
+    """waitress's own lines (connection limit reached, ...) in listmilter's log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            logger.log(record.levelno, "web: %s", record.getMessage(), exc_info=record.exc_info)
+        except Exception:
+            self.handleError(record)
 
 
-class _Handler(WSGIRequestHandler):
-    def log_message(self, format, *args):       # access log in listmilter's log, without tokens
-        logger.debug("web: %s", format % args)
+def connection_limit(wanted: int = CONNECTION_LIMIT) -> int:
+    """CONNECTION_LIMIT, or fewer if the open-file limit cannot be raised to fit it: a
+    server out of descriptors cannot accept, and would spin on the waiting connection."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + SPARE_FILES
+    if soft != resource.RLIM_INFINITY and soft < need:
+        try:
+            soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        except (ValueError, OSError):
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return wanted
+    limit = max(soft - SPARE_FILES, 16)
+    logger.warning("web: open-file limit %d allows %d connections, not %d (raise LimitNOFILE=)",
+                   soft, limit, wanted)
+    return limit
 
-    def address_string(self):
-        return self.client_address[0]
 
-
-def serve(runtime, host: str, port: int, ready: threading.Event | None = None):
-    """Serve until shutdown() is called on the returned server (from another thread) or SIGTERM."""
+def serve(runtime, host: str, port: int):
+    """A bound waitress server: run() serves until SIGINT/SIGTERM (a KeyboardInterrupt)."""
     runtime.secret = getattr(runtime, "secret", None) or secret_mod.load_or_create(runtime.config.state_dir)
-    server = make_server(host, port, App(runtime), server_class=_Server, handler_class=_Handler)
-    logger.info("web: listening on %s:%d, base_url=%s", host, port, runtime.config.web.base_url or "(none)")
-    if ready:
-        ready.set()
+    own = logging.getLogger("waitress")
+    if not any(isinstance(h, _WaitressLog) for h in own.handlers):
+        own.addHandler(_WaitressLog())
+    own.setLevel(logging.INFO)
+    own.propagate = False
+    # "Task queue depth is N" comes for every request that waits for a worker: a burst
+    # would fill the log with it.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    limit = connection_limit()
+    # This thread only runs the event loop: close what opening the store at start opened,
+    # so that no database stays open between requests.
+    runtime.store.release()
+    server = waitress.server.create_server(
+        App(runtime), host=host, port=port, threads=THREADS, connection_limit=limit,
+        channel_timeout=CHANNEL_TIMEOUT, cleanup_interval=CLEANUP_INTERVAL,
+        max_request_header_size=MAX_HEADER, max_request_body_size=MAX_BODY,
+        asyncore_use_poll=True,                # select() stops at descriptor 1024
+        ident="",                              # no Server: header
+        clear_untrusted_proxy_headers=False,   # X-Forwarded-For is judged by client_address()
+        log_socket_errors=False, expose_tracebacks=False)
+    logger.info("web: listening on %s:%d, base_url=%s, threads=%d, connection_limit=%d, timeout=%ds",
+                host, port, runtime.config.web.base_url or "(none)", THREADS, limit, CHANNEL_TIMEOUT)
     return server

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from listmilter.core import bounces, envid
-from listmilter.store import bounce_records as bouncedb
 from listmilter.store.bounce_records import BounceDB
 from tests.bed.listmilter import cli
 from tests.bed.net import wait_until
@@ -106,14 +105,14 @@ def test_scores_count_once_a_day_and_go_stale():
 def test_bounce_database_scores_reach_the_threshold_once_and_duplicates_do_not_count(tmp_path):
     db = BounceDB(str(tmp_path))
     fail = bounces.Failure("dead@example.net", True, "5.1.1", "gone")
-    verdicts = [db.record("dev@example.org", fail, bouncedb.SCORED, f"P{day}.x", f"P{day}", POLICY,
+    verdicts = [db.record("dev@example.org", fail, bounces.Verdict.SCORED, f"P{day}.x", f"P{day}", POLICY,
                           T0 + day * DAY) for day in range(3)]
-    assert [v for v, _ in verdicts] == [bouncedb.SCORED] * 3
+    assert [v for v, _ in verdicts] == [bounces.Verdict.SCORED] * 3
     assert verdicts[-1][1].score == 3 and verdicts[-1][1].pending == "remove"
-    again = db.record("dev@example.org", fail, bouncedb.SCORED, "P2.x", "P2", POLICY, T0 + 2 * DAY + 60)
-    assert again == (bouncedb.DUPLICATE, None)
+    again = db.record("dev@example.org", fail, bounces.Verdict.SCORED, "P2.x", "P2", POLICY, T0 + 2 * DAY + 60)
+    assert again == (bounces.Verdict.DUPLICATE, None)
     db.mark_reported("dev@example.org", "dead@example.net", T0)
-    verdict, row = db.record("dev@example.org", fail, bouncedb.SCORED, "P3.x", "P3", POLICY, T0 + 3 * DAY)
+    verdict, row = db.record("dev@example.org", fail, bounces.Verdict.SCORED, "P3.x", "P3", POLICY, T0 + 3 * DAY)
     assert row.score == 4 and row.pending == ""                       # acted on already: not again
     db.close()
 
@@ -121,7 +120,7 @@ def test_bounce_database_scores_reach_the_threshold_once_and_duplicates_do_not_c
 def _record_many(state_dir: str, worker: int, count: int) -> None:
     db = BounceDB(state_dir)
     for i in range(count):
-        db.record("dev@example.org", bounces.Failure(f"m{i}@example.net", True, "5.1.1"), bouncedb.SCORED,
+        db.record("dev@example.org", bounces.Failure(f"m{i}@example.net", True, "5.1.1"), bounces.Verdict.SCORED,
                   f"W{worker}.x", f"W{worker}", POLICY, T0 + worker * DAY)
     db.close()
 
@@ -458,7 +457,7 @@ def test_a_temporary_failure_is_recorded_not_scored(clean_bed):
     assert "slow@example.net" not in cli(bed.listmilter.config_path, "bounces", lst).stdout
     db = BounceDB(str(bed.listmilter.state_dir))
     try:
-        assert [r[6] for r in db.records(lst, "slow@example.net")] == [bouncedb.TEMPORARY]
+        assert [r[6] for r in db.records(lst, "slow@example.net")] == [bounces.Verdict.TEMPORARY]
     finally:
         db.close()
 
@@ -480,7 +479,7 @@ def test_storm_ten_thousand_members_ten_percent_bounce(clean_bed):
         rows = db.rows(lst)
         assert {r.address for r in rows} == dead and {r.score for r in rows} == {1}
         records = db.records(lst)
-        assert len(records) == 1000 and {r[6] for r in records} == {bouncedb.SCORED}
+        assert len(records) == 1000 and {r[6] for r in records} == {bounces.Verdict.SCORED}
     finally:
         db.close()
     # Every member that does not bounce got the post exactly once.

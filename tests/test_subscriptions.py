@@ -7,8 +7,11 @@ this module starts (as the pipe transport's user, as in production).
 
 from __future__ import annotations
 
+import base64
+import datetime
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import time
@@ -21,6 +24,7 @@ from tests.bed.listmilter import cli
 from tests.bed.net import free_port, wait_for_port, wait_until
 from tests.bed.postfix import PIPE_USER, pipe_runtime
 from tests.conftest import message
+from tests.test_reference import u1_token
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +268,7 @@ def test_bombing_limits_and_ignored_senders(sbed):
     # Help requests: the second reply reaches the per-address limit of 2; the third is not sent.
     for _ in range(2):
         bed.smtp(victim, [role(lst, "request")], message("help", victim, role(lst, "request")))
-    wait_log(bed, "ignored (limit: 2 replies to this address today)")
+    wait_log(bed, "ignored (limit confirm_limit_per_address: 2 replies to this address today)")
     # Null sender, auto-responders, bulk mail and our own list's mail: ignored, not answered.
     bed.smtp("", [role(lst, "subscribe")], message("join", "mailer-daemon@example.net", role(lst, "subscribe")))
     bed.smtp("vacation@example.net", [role(lst, "subscribe")],
@@ -354,3 +358,91 @@ def test_personal_copies_skip_refused_members_and_one_click_off_stays_in_place(s
     assert sorted(only.rcpt_tos) == ["q1@example.net", "q2@example.com"]
     assert only.message["List-Unsubscribe"] == f"<mailto:{role(lst, 'unsubscribe')}>"
     assert only.message["List-Unsubscribe-Post"] is None
+
+
+def _key_id(url: str) -> int:
+    token = url.rsplit("/", 1)[1]
+    return int.from_bytes(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))[1:3], "big")
+
+
+def _members(bed, lst: str) -> list[str]:
+    return cli(bed.listmilter.config_path, "members", "ls", lst).stdout.split()
+
+
+def test_one_click_links_across_a_key_rotation_and_a_new_membership(sbed):
+    bed = sbed
+    ann = "ann@example.net"
+    lst = bed.new_list([ann, "bob@example.net"], posting="open")
+    post(bed, lst, "before the rotation")
+    before = one_click_url(mail_to(bed, ann, "before the rotation"))
+    kid = _key_id(before)
+
+    # The admin rotates the secret; serve takes the new key at its next message, or at once on reload.
+    proc = admin(bed, "secret", "rotate")
+    assert f"key {kid + 1} is now current" in proc.stdout
+    shown = cli(bed.listmilter.config_path, "secret", "show").stdout
+    assert f"key {kid + 1}: current" in shown and f"key {kid}: accepted until" in shown
+    reloads = bed.listmilter.log().count("config reloaded from")
+    bed.listmilter.proc.send_signal(signal.SIGUSR1)
+    wait_until(lambda: bed.listmilter.log().count("config reloaded from") > reloads, 20, what="serve's reload")
+
+    # 1. A link made before the rotation still unsubscribes (the old key is in its grace period).
+    status, body = http(before, ONE_CLICK)
+    assert status == 200 and "You have been unsubscribed" in body
+    assert ann not in _members(bed, lst)
+
+    # 2. Ann joins again: a new membership, with links of its own (made with the new key).
+    bed.smtp(ann, [role(lst, "subscribe")], message("join again", ann, role(lst, "subscribe")))
+    confirmation = mail_to(bed, ann, "Please confirm")
+    token = _token(confirmation)
+    bed.smtp(ann, [role(lst, f"confirm+{token}")],
+             message(f"Re: {confirmation.message['Subject']}", ann, role(lst, f"confirm+{token}")))
+    welcome = mail_to(bed, ann, "Welcome")
+    in_welcome = re.search(rf"{re.escape(bed.web)}/u/[A-Za-z0-9_-]+", welcome.message.get_content()).group(0)
+    assert ann in _members(bed, lst)
+
+    # 3. The old link belongs to the ended membership: refused (410), explained, logged; Ann stays.
+    for data in (None, ONE_CLICK):
+        status, body = http(before, data)
+        assert status == 410 and "earlier subscription" in body and role(lst, "unsubscribe") in body
+    assert ann in _members(bed, lst)
+    assert f"list=<{lst}>, address=<{ann}>, client=127.0.0.1, status=refused (link of an ended membership)" \
+        in bed.web_log.read_text()
+
+    # 4. Posts now carry the new key's link for the new membership: the welcome mail's link.
+    post(bed, lst, "after the rotation")
+    after = one_click_url(mail_to(bed, ann, "after the rotation"))
+    assert _key_id(after) == kid + 1 and after == in_welcome and after != before
+    status, body = http(after, ONE_CLICK)
+    assert status == 200 and "You have been unsubscribed" in body
+    assert _members(bed, lst) == ["bob@example.net"]
+    assert history(bed, lst, ann)[-1][2:5] == ["unsubscribed", "web", "127.0.0.1"]
+
+
+def test_old_format_links_during_and_after_the_transition(sbed):
+    bed = sbed
+    carl, dora = "carl@example.net", "dora@example.net"
+    lst = bed.new_list([carl, dora], posting="open")
+    key0 = (bed.listmilter.state_dir / "secret").read_bytes()      # old links were made with key 0
+    old_carl, old_dora = (f"{bed.web}/u/{u1_token(key0, lst, who)}" for who in (carl, dora))
+    web = bed.listmilter.extra["web"]
+    try:
+        # During the transition an old link works as it did: a page, then the unsubscription.
+        web["old_links_until"] = datetime.date.today() + datetime.timedelta(days=1)
+        bed.listmilter.write_config()
+        status, body = http(old_carl)
+        assert status == 200 and "One-Click" in body
+        status, body = http(old_carl, ONE_CLICK)
+        assert status == 200 and "You have been unsubscribed" in body and carl not in _members(bed, lst)
+        # After it (here: switched off), old links are refused with a way out, and logged.
+        web["old_links_until"] = False
+        bed.listmilter.write_config()
+        for data in (None, ONE_CLICK):
+            status, body = http(old_dora, data)
+            assert status == 410 and "too old" in body and role(lst, "unsubscribe") in body
+        assert dora in _members(bed, lst)
+        assert f"address=<{dora}>, client=127.0.0.1, status=refused (old-format link after web.old_links_until)" \
+            in bed.web_log.read_text()
+    finally:
+        web.pop("old_links_until", None)
+        bed.listmilter.write_config()

@@ -19,9 +19,10 @@ from dataclasses import dataclass, replace
 
 from listmilter.app import notices, outgoing
 from listmilter.core import addresses, bounces, envid
+from listmilter.core.bounces import Verdict
+from listmilter.core.keys import Keyring, keyring
 from listmilter.core.model import ACTIVE, DISABLED, MailingList, NoSuchList
 from listmilter.log import fields, logger
-from listmilter.store import bounce_records as bouncedb
 from listmilter.store import secret as secret_mod
 from listmilter.store import statedir
 from listmilter.store.bounce_records import BounceDB, Row
@@ -43,29 +44,10 @@ class Outcome:
 
 
 def policy_of(config, mlist: MailingList) -> bounces.Policy:
-    get = lambda name: config.effective(name, mlist.settings).value  # noqa: E731
-    return bounces.Policy(get("bounce_action"), get("bounce_threshold"), get("bounce_stale_days"),
-                          get("bounce_warnings"), get("bounce_warning_interval_days"))
+    return bounces.Policy.of(config.list_settings(mlist.settings))
 
 
-def _verdict(failure: bounces.Failure, report: bounces.Report, post: envid.Post | None,
-             member) -> str:
-    if not failure.permanent:
-        return bouncedb.TEMPORARY
-    if member is None:
-        return bouncedb.NOT_MEMBER
-    if report.kind != bounces.DSN or post is None:
-        return bouncedb.UNVERIFIED
-    if not bounces.was_recipient(member.added, member.status != DISABLED, post.posted_at):
-        return bouncedb.NOT_RECIPIENT
-    return bouncedb.SCORED
-
-
-# Verdicts that leave a message for the owner to look at.
-_FOR_OWNER = (bouncedb.NOT_MEMBER, bouncedb.UNVERIFIED, bouncedb.NOT_RECIPIENT)
-
-
-def handle(config, store, secret: bytes, mlist: MailingList, sender: str, data: bytes,
+def handle(config, store, secret: Keyring, mlist: MailingList, sender: str, data: bytes,
            now: float | None = None) -> Outcome:
     """Process one message that reached <list>-bounces@."""
     now = time.time() if now is None else now
@@ -80,31 +62,26 @@ def handle(config, store, secret: bytes, mlist: MailingList, sender: str, data: 
         verdicts = []
         for failure in report.failures:
             member = store.member(mlist.address, failure.address)
-            verdict = _verdict(failure, report, post, member)
+            verdict = bounces.verdict(failure, report.kind, post.posted_at if post else None,
+                                      member.added if member else None,
+                                      member is not None and member.status != DISABLED)
             final, row = db.record(mlist.address, failure, verdict, report.envid,
                                    post.post_id if post else "", policy, now)
             verdicts.append((failure.address, failure.status, final))
-            if final == bouncedb.DUPLICATE:
+            if final == Verdict.DUPLICATE:
                 # A retry: finish whatever the first delivery left pending.
                 row = db.row(mlist.address, failure.address)
             if row is not None and row.pending:
                 apply_pending(config, store, db, mlist, row, policy, now, secret)
         kept = ""
-        unused = [v for v in verdicts if v[2] in _FOR_OWNER]
+        unused = [v for v in verdicts if v[2] in bounces.FOR_OWNER]
         if not report.failures or unused:
             why = (f"{report.kind}: names no failed recipient" if not report.failures else
-                   "; ".join(f"<{a}> {s or '-'}: {_WHY[v]}" for a, s, v in unused))
+                   "; ".join(f"<{a}> {s or '-'}: {bounces.FOR_OWNER[v]}" for a, s, v in unused))
             kept = keep_for_owner(config, db, mlist, data, why, now)
         return Outcome(report.kind, tuple(verdicts), kept, report.envid)
     finally:
         db.close()
-
-
-_WHY = {
-    bouncedb.NOT_MEMBER: "not a member of the list",
-    bouncedb.UNVERIFIED: "not a DSN with an envelope id listmilter issued, so it cannot be tied to a post",
-    bouncedb.NOT_RECIPIENT: "a member, but not a recipient of that post (joined later, or disabled)",
-}
 
 
 def keep_for_owner(config, db: BounceDB, mlist: MailingList, data: bytes, why: str, now: float) -> str:
@@ -120,9 +97,9 @@ def keep_for_owner(config, db: BounceDB, mlist: MailingList, data: bytes, why: s
         os.fsync(f.fileno())
     os.replace(tmp, path)
     statedir.adopt(config.state_dir, os.path.dirname(folder), folder, path)
-    db.record(mlist.address, bounces.Failure("", False, "", why[:300]), bouncedb.UNRECOGNISED,
+    db.record(mlist.address, bounces.Failure("", False, "", why[:300]), Verdict.UNRECOGNISED,
               now=now, kept=path)
-    if config.effective("bounce_unrecognised", mlist.settings).value == "forward":
+    if config.list_settings(mlist.settings).bounce_unrecognised == "forward":
         owners = config.owners(mlist.settings)
         outgoing.send(config.outgoing, "", list(owners),
                       notices.unrecognised_bounce(mlist.address, owners, why, data))
@@ -132,46 +109,37 @@ def keep_for_owner(config, db: BounceDB, mlist: MailingList, data: bytes, why: s
 def _evidence(db: BounceDB, list_address: str, address: str) -> list[tuple]:
     rows = db.records(list_address, address)
     return [(at, status, diag) for at, _, permanent, status, diag, _, verdict, _ in rows
-            if permanent and verdict in (bouncedb.SCORED, bouncedb.COUNTED_TODAY)][-10:]
+            if permanent and verdict in (Verdict.SCORED, Verdict.COUNTED_TODAY)][-10:]
 
 
 def apply_pending(config, store, db: BounceDB, mlist: MailingList, row: Row, policy: bounces.Policy,
-                  now: float, secret: bytes) -> None:
-    """Carry out the action a score called for; clear it once done."""
-    what = row.pending
+                  now: float, secret: Keyring) -> None:
+    """Carry out the action a score called for (bounces.STEPS says how); clear it once done."""
+    steps = bounces.STEPS[bounces.Action(row.pending)]
     owners = config.owners(mlist.settings)
-    keep, remove = (decision_address(mlist.address, row.address, d, secret) for d in ("keep", "remove"))
     detail = f"bounce score {row.score}, last {row.last_status or '-'} {row.last_diagnostic}".strip()
-    evidence = _evidence(db, mlist.address, row.address)
-    mails = []
-    if what == "remove":
+    if steps.membership == "unsubscribe":
         store.unsubscribe(mlist.address, row.address, "bounce", detail=detail)
-        mails.append((list(owners), notices.bounce_owner(mlist.address, owners, row.address, "remove",
-                                                          row.score, evidence)))
-    elif what == "disable":
+    elif steps.membership == "disable":
         store.set_status(mlist.address, row.address, DISABLED, "bounce", detail=detail)
-        mails.append((list(owners), notices.bounce_owner(mlist.address, owners, row.address, "disable",
-                                                          row.score, evidence, keep, remove)))
-        interval = policy.warning_interval_days * bounces.DAY
-        if policy.warnings:
-            removal = _removal_date(now, policy.warnings, interval)
-            mails.append(([row.address], notices.bounce_warning(mlist.address, row.address, 1,
-                                                                policy.warnings, removal)))
-    elif what == "notify":
-        mails.append((list(owners), notices.bounce_owner(mlist.address, owners, row.address, "notify",
-                                                          row.score, evidence, keep, remove)))
+    links = ([decision_address(mlist.address, row.address, d, secret) for d in DECISIONS]
+             if steps.decision_links else [])
+    mails = [(list(owners), notices.bounce_owner(mlist.address, owners, row.address, steps.owner_notice,
+                                                 row.score, _evidence(db, mlist.address, row.address), *links))]
+    interval = policy.warning_interval_days * bounces.DAY
+    warned = steps.warn_member and policy.warnings > 0
+    if warned:
+        mails.append(([row.address], notices.bounce_warning(mlist.address, row.address, 1, policy.warnings,
+                                                            _removal_date(now, policy.warnings, interval))))
     outgoing.send_many(config.outgoing, [("", rcpts, m) for rcpts, m in mails])
-    if what == "remove":
+    if steps.record == "forget":
         db.forget(mlist.address, row.address)
-    elif what == "disable":
-        db.mark_disabled(mlist.address, row.address, now, now + policy.warning_interval_days * bounces.DAY,
-                         1 if policy.warnings else 0)
-    elif what == "notify":
+    elif steps.record == "disabled":
+        db.mark_disabled(mlist.address, row.address, now, now + interval, 1 if warned else 0)
+    else:
         db.mark_reported(mlist.address, row.address, now)
     logger.info("bounce: %s", fields(list=f"<{mlist.address}>", member=f"<{row.address}>",
-                                      action={"remove": "removed", "disable": "disabled",
-                                              "notify": "reported to owner"}.get(what, what),
-                                      score=row.score))
+                                      action=steps.logged_as, score=row.score))
 
 
 def _removal_date(now: float, warnings_left: int, interval: float) -> str:
@@ -230,18 +198,30 @@ def periodic(config, store, now: float | None = None) -> list[str]:
 DECISIONS = ("keep", "remove")
 
 
-def _decision_token(list_address: str, member: str, decision: str, secret: bytes) -> str:
-    mac = hmac.new(secret, "\0".join(("bounce-decision", addresses.key(list_address),
-                                      addresses.key(member), decision)).encode(), hashlib.sha256)
+def _decision_token(list_address: str, member: str, decision: str, secret: Keyring | bytes,
+                    kid: int | None = None) -> str:
+    """The code under key `kid` (default: the current key; key 0 as 0.x made it)."""
+    ring = keyring(secret)
+    key = ring.mac_key(ring.current_id if kid is None else kid, "bounce decision")
+    mac = hmac.new(key, "\0".join(("bounce-decision", addresses.key(list_address),
+                                   addresses.key(member), decision)).encode(), hashlib.sha256)
     return mac.hexdigest()[:20]
 
 
-def decision_address(list_address: str, member: str, decision: str, secret: bytes) -> str:
+def _is_decision_token(token: str, list_address: str, member: str, decision: str,
+                       secret: Keyring | bytes) -> bool:
+    """Made with any key still accepted? (compare_digest wants bytes: `token` comes from mail.)"""
+    given = token.encode("utf-8", "surrogatepass")
+    return any(hmac.compare_digest(given, _decision_token(list_address, member, decision, secret, kid).encode())
+               for kid in keyring(secret).ids)
+
+
+def decision_address(list_address: str, member: str, decision: str, secret: Keyring | bytes) -> str:
     return addresses.role_address(list_address, "bounces",
                                   f"{decision}-{_decision_token(list_address, member, decision, secret)}")
 
 
-def decide(config, store, secret: bytes, mlist: MailingList, extension: str, sender: str,
+def decide(config, store, secret: Keyring, mlist: MailingList, extension: str, sender: str,
            data: bytes) -> str:
     """Mail to <list>-bounces+keep-TOKEN@ or +remove-TOKEN@: the owner's decision. The log status."""
     decision, _, token = extension.partition("-")
@@ -251,7 +231,7 @@ def decide(config, store, secret: bytes, mlist: MailingList, extension: str, sen
     db = BounceDB(config.state_dir)
     try:
         row = next((r for r in db.rows(mlist.address)
-                    if hmac.compare_digest(token, _decision_token(mlist.address, r.address, decision, secret))),
+                    if _is_decision_token(token, mlist.address, r.address, decision, secret)),
                    None)
         if row is None:
             return f"refused (no bouncing member matches this {decision} token)"

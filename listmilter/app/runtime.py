@@ -1,7 +1,8 @@
-"""The running config and store, reloaded when the config file changes.
+"""The running config, store and keys, reloaded when the config file (or the key file) changes.
 
 A broken edit keeps the last good config running; the error is logged once
-with its file and line.
+with its file and line. The same holds for `state_dir/secret.keys`
+(`listmilter secret rotate`), looked at once a second like the config.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class Runtime:
         self.explicit = explicit
         self.config = config_mod.load(path, explicit)
         self.store: Store = open_store(self.config)
-        self.secret = secret_mod.load_or_create(self.config.state_dir)
+        self._keys = secret_mod.KeySource(self.config.state_dir)
+        self.secret = self._keys.keyring
         self._lock = threading.Lock()
         self._next_check = time.monotonic() + CHECK_INTERVAL
         self._failed_mtime: float | None = None
@@ -46,7 +48,14 @@ class Runtime:
         except OSError:
             return None
 
+    def _refresh_keys(self) -> None:
+        try:
+            self.secret = self._keys.refresh()
+        except (secret_mod.SecretError, OSError) as e:
+            logger.error("warning: keys not reloaded, still using those read before: %s", e)
+
     def _maybe_reload(self) -> None:
+        self._refresh_keys()
         mtime = self._mtime()
         if mtime == self.config.mtime or mtime == self._failed_mtime:
             return
@@ -56,6 +65,7 @@ class Runtime:
         """Re-read the config at once (SIGUSR1, `systemctl reload`), changed or not."""
         with self._lock:
             self._next_check = time.monotonic() + CHECK_INTERVAL
+            self._refresh_keys()
             ok = self.reload()
             if ok:
                 # Also reopens a log file, for logrotate.

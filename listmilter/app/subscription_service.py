@@ -19,12 +19,20 @@ from dataclasses import dataclass
 
 from listmilter.app import notices, outgoing
 from listmilter.core import addresses, commands, plan, subscriptions, tokens
+from listmilter.core.keys import Keyring
 from listmilter.core.model import MailingList, Member
-from listmilter.core.subscriptions import MEMBER, OWNERS, SENDER, Outcome, State
+from listmilter.core.subscriptions import OWNERS, SENDER, Outcome, Request, State
 from listmilter.log import fields, logger
 from listmilter.store.pending import PendingDB
 
 MAX_BODY = 64 * 1024        # of a command message, read for the command words
+
+INVALID_LINK = "This unsubscribe link is not valid."
+OLD_LINK = ("This unsubscribe link is too old and no longer accepted. To leave {list}, use the link in "
+            "a recent message from the list, or send any message to {unsubscribe}.")
+ENDED_LINK = ("This unsubscribe link belongs to an earlier subscription of this address to {list}, which "
+              "has ended; it does not end the current one. Use the link in a recent message from the list, "
+              "or send any message to {unsubscribe}.")
 
 
 @dataclass
@@ -38,10 +46,11 @@ class Context:
     hash: str | None = None       # the pending request being used
     in_reply_to: str = ""
     detail: str = ""
+    client: str = ""              # the SMTP client's IP address, for the rate-limit counters
 
 
 class Service:
-    def __init__(self, config, store, secret: bytes, pending: PendingDB | None = None):
+    def __init__(self, config, store, secret: Keyring, pending: PendingDB | None = None):
         self.config, self.store, self.secret = config, store, secret
         self.pending = pending or PendingDB(config.state_dir)
 
@@ -49,39 +58,45 @@ class Service:
         self.pending.close()
 
     # -- list facts ------------------------------------------------------------
-    def _eff(self, mlist: MailingList):
-        return lambda name: self.config.effective(name, mlist.settings).value
-
     def policy(self, mlist: MailingList) -> subscriptions.Policy:
-        return subscriptions.policy_from(self._eff(mlist))
+        return subscriptions.policy_from(self.config.list_settings(mlist.settings))
 
     def owners(self, mlist: MailingList) -> tuple[str, ...]:
-        return tuple(self._eff(mlist)("owners")) or (self.config.site_admin,)
+        return self.config.owners(mlist.settings)
 
     def unsubscribe_url(self, list_address: str, address: str) -> str:
+        """The member's one-click link ("" without web.base_url, or for someone who is no member)."""
         base = self.config.web.base_url
-        return f"{base}/u/{tokens.unsubscribe_token(self.secret, list_address, address)}" if base else ""
+        member = self.store.member(list_address, address) if base else None
+        if member is None:
+            return ""
+        return f"{base}/u/{tokens.unsubscribe_token(self.secret, list_address, member.address, member.added)}"
 
     def confirm_url(self, token: str) -> str:
         base = self.config.web.base_url
         return f"{base}/confirm/{token}" if base and token else ""
 
-    def state(self, mlist: MailingList, address: str) -> State:
-        return State(is_member=self.store.member(mlist.address, address) is not None,
-                     pending=self.pending.open_request(mlist.address, address),
-                     sent_address=self.pending.sent_today(mlist.address, address),
-                     sent_list=self.pending.sent_today(mlist.address))
+    def state(self, mlist: MailingList, request: Request) -> State:
+        return State(is_member=self.store.member(mlist.address, request.address) is not None,
+                     pending=self.pending.open_request(mlist.address, request.address),
+                     sent=self.pending.sent_counts(mlist.address, request))
 
     # -- mail to a role address --------------------------------------------------
-    def handle_mail(self, mlist: MailingList, role: addresses.RoleAddress, sender: str, data: bytes) -> str:
-        """A message to -request@, -subscribe@, -unsubscribe@ or -confirm+TOKEN@; the log status."""
+    def handle_mail(self, mlist: MailingList, role: addresses.RoleAddress, sender: str, data: bytes,
+                    dmarc_pass: bool = False) -> str:
+        """A message to -request@, -subscribe@, -unsubscribe@ or -confirm+TOKEN@; the log status.
+
+        `dmarc_pass`: the message passed DMARC for its From: domain, so From: may act
+        as the envelope sender would (core.subscriptions.Request); no edge checks DMARC yet."""
         msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(data)
         heads: dict[str, list[str]] = {}
         for name, value in msg.items():
             heads.setdefault(name.lower(), []).append(str(value))
-        ls = plan.effective_settings(mlist, self.config.effective)
+        ls = plan.effective_settings(mlist.address, self.config.list_settings(mlist.settings))
+        client = commands.received_client(data)
         base = {"to": f"<{addresses.role_address(mlist.address, role.role, role.extension)}>",
-                "from": f"<{sender}>", "size": len(data), "list": f"<{mlist.address}>", "role": role.role}
+                "from": f"<{sender}>", "size": len(data), "list": f"<{mlist.address}>", "role": role.role,
+                "client": client or "unknown"}
         reason = commands.ignore_reason(sender, heads, ls.list_id)
         if reason is None and _is_own(mlist.address, sender):
             reason = "mail from this list's own addresses"
@@ -94,13 +109,14 @@ class Service:
         if not addresses.is_valid(cmd.address):
             logger.info("deliver: %s", fields(**base, status=f"ignored (no valid address: {cmd.address!r})"))
             return "ignored"
+        request = Request(sender, cmd.address, client, dmarc_pass)
         with self.pending.serialized():
-            return self._command(mlist, sender, msg, data, cmd, subject, base)
+            return self._command(mlist, sender, msg, data, cmd, subject, base, request)
 
-    def _command(self, mlist, sender, msg, data, cmd, subject, base) -> str:
+    def _command(self, mlist, sender, msg, data, cmd, subject, base, request: Request) -> str:
         self.pending.purge()
         ctx = Context("mail", cmd.message_id or f"<from {sender}>", sender, cmd.address, cmd.name,
-                      in_reply_to=cmd.message_id)
+                      in_reply_to=cmd.message_id, client=request.client)
         if cmd.kind == commands.CONFIRM:
             pending = self.pending.lookup(cmd.token) if cmd.token else None
             owners = {addresses.key(o) for o in self.owners(mlist)}
@@ -108,7 +124,7 @@ class Service:
             reject = _says_reject(subject, _body_text(data))
             outcome = subscriptions.on_token(
                 pending, mlist.address, self.policy(mlist), time.time(), sender_is_owner=is_owner,
-                reject=reject, state=self.state(mlist, sender))
+                reject=reject, state=self.state(mlist, request), request=request)
             if pending is not None and not outcome.refused:
                 ctx.address, ctx.name, ctx.hash = pending.address, pending.name, pending.hash
                 if pending.kind == tokens.MODERATE:
@@ -117,41 +133,69 @@ class Service:
                 else:
                     ctx.detail = f"confirmed by reply from {sender}"
         else:
-            outcome = subscriptions.on_command(cmd.kind, self.policy(mlist), self.state(mlist, cmd.address))
+            outcome = subscriptions.on_command(cmd.kind, self.policy(mlist), self.state(mlist, request), request)
             ctx.detail = f"{cmd.kind} by mail from {sender}"
         self.apply(mlist, outcome, ctx)
-        level = logging.WARNING if outcome.refused else logging.INFO
+        level = logging.WARNING if outcome.refused or outcome.limit else logging.INFO
         logger.log(level, "deliver: %s", fields(**base, command=cmd.kind, address=f"<{ctx.address}>",
                                                  status=outcome.status))
         return outcome.status
 
     # -- the web -------------------------------------------------------------------
+    def check_link(self, token: str, client: str) -> tuple[int, tokens.UnsubscribeLink | None, str]:
+        """(HTTP status, link, text): 200 and the link if it may unsubscribe; else why not, logged.
+
+        The web's GET page asks this before it shows its button; the POST asks again.
+        """
+        status, link, _, text = self._link(token, client)
+        return status, link, text
+
+    def _link(self, token: str, client: str):
+        """(HTTP status, link, list, text), as check_link.
+
+        400: not a link we made (or made with a key past its grace period); 404:
+        the list is gone; 410: a link of the old format after web.old_links_until,
+        or one made for a membership that has ended (the address left and joined
+        again: the new membership has another `added`).
+        """
+        link = tokens.read_unsubscribe_token(self.secret, token)
+        if link is None:
+            logger.warning("web: %s", fields(client=client, status="refused (forged or damaged unsubscribe link)"))
+            return 400, None, None, INVALID_LINK
+        mlist = self.store.get_list(link.list)
+        if mlist is None:
+            logger.warning("web: %s", fields(list=f"<{link.list}>", client=client, status="refused (no such list)"))
+            return 404, link, None, "This mailing list does not exist (any more)."
+        texts = {"list": mlist.address, "unsubscribe": addresses.role_address(mlist.address, "unsubscribe")}
+        if link.format == tokens.U1 and not self.config.web.accepts_old_links(time.time()):
+            logger.warning("web: %s", fields(list=f"<{mlist.address}>", address=f"<{link.address}>", client=client,
+                                             status="refused (old-format link after web.old_links_until)"))
+            return 410, link, mlist, OLD_LINK.format(**texts)
+        if link.epoch is not None:
+            member = self.store.member(mlist.address, link.address)
+            if member is not None and member.added != link.epoch:
+                logger.warning("web: %s", fields(list=f"<{mlist.address}>", address=f"<{link.address}>",
+                                                 client=client, status="refused (link of an ended membership)"))
+                return 410, link, mlist, ENDED_LINK.format(**texts)
+        return 200, link, mlist, ""
+
     def one_click(self, token: str, client: str) -> tuple[int, str, str]:
         """RFC 8058 POST: (HTTP status, list address or "", what happened)."""
-        found = tokens.read_unsubscribe_token(self.secret, token)
-        if found is None:
-            logger.warning("web: %s", fields(client=client, status="refused (forged or damaged unsubscribe link)"))
-            return 400, "", "This unsubscribe link is not valid."
-        list_key, address = found
-        mlist = self.store.get_list(list_key)
-        if mlist is None:
-            logger.warning("web: %s", fields(list=f"<{list_key}>", client=client, status="refused (no such list)"))
-            return 404, list_key, "This mailing list does not exist (any more)."
+        status, link, mlist, text = self._link(token, client)
+        if status != 200:
+            return status, link.list if link else "", text
+        address = link.address
         removed = self.store.unsubscribe(mlist.address, address, "web", client, "one-click unsubscribe")
-        status = "unsubscribed (one-click)" if removed else "not a member (one-click)"
+        outcome = subscriptions.on_one_click(removed, self.policy(mlist))
         logger.info("web: %s", fields(list=f"<{mlist.address}>", address=f"<{address}>", client=client,
-                                       status=status))
-        if removed:
-            ctx = Context("web", client, None, address, detail="one-click unsubscribe")
-            pol = self.policy(mlist)
-            mails = (subscriptions.Mail("goodbye", MEMBER),) + \
-                ((subscriptions.Mail("owner_left", OWNERS),) if pol.owner_notices else ())
-            try:
-                self._send(mlist, mails, ctx, None)
-            except outgoing.OutgoingError as e:   # the unsubscription stands; only the notice is lost
-                logger.error("web: %s", fields(list=f"<{mlist.address}>", status=f"goodbye not sent ({e})"))
-            return 200, mlist.address, "You have been unsubscribed."
-        return 200, mlist.address, "This address is not subscribed (any more)."
+                                       status=outcome.status))
+        if not removed:
+            return 200, mlist.address, "This address is not subscribed (any more)."
+        try:
+            self.apply(mlist, outcome, Context("web", client, None, address, detail="one-click unsubscribe"))
+        except outgoing.OutgoingError as e:   # the unsubscription stands; only the notice is lost
+            logger.error("web: %s", fields(list=f"<{mlist.address}>", status=f"goodbye not sent ({e})"))
+        return 200, mlist.address, "You have been unsubscribed."
 
     def confirm_info(self, token: str) -> tokens.Pending | None:
         """A usable confirmation request for the web page (None: not usable)."""
@@ -166,9 +210,7 @@ class Service:
         if pending is None or mlist is None:
             logger.warning("web: %s", fields(client=client, status="refused (token unknown)"))
             return 404, subscriptions.REFUSAL_TEXT["unknown"]
-        outcome = subscriptions.on_token(pending, mlist.address, self.policy(mlist), time.time())
-        if pending.kind == tokens.MODERATE:      # the web cannot tell an owner; owners reply by mail
-            outcome = Outcome("refused (approval on the web)", refused=True, reason="not owner")
+        outcome = subscriptions.on_web_token(pending, mlist.address, self.policy(mlist), time.time())
         ctx = Context("web", client, None, pending.address, pending.name, pending.hash,
                       detail="confirmed by link")
         self.apply(mlist, outcome, ctx)
@@ -216,7 +258,7 @@ class Service:
                 self.store.subscribe(mlist.address, Member(ctx.address, ctx.name), ctx.how, ctx.who, ctx.detail)
             elif outcome.change == "unsubscribe":
                 self.store.unsubscribe(mlist.address, ctx.address, ctx.how, ctx.who, ctx.detail)
-            self._send(mlist, outcome.mails, ctx, new_token, reason=outcome.reason)
+            self._send(mlist, outcome.mails, ctx, new_token, reason=outcome.reason, budget=outcome.budget)
         except BaseException:
             if new_token:
                 self.pending.drop(new_token)
@@ -224,13 +266,14 @@ class Service:
                 self.pending.release(ctx.hash)
             raise
 
-    def _send(self, mlist: MailingList, mails, ctx: Context, token: str | None, reason: str = "") -> None:
+    def _send(self, mlist: MailingList, mails, ctx: Context, token: str | None, reason: str = "",
+              budget: str | None = None) -> None:
         request = addresses.role_address(mlist.address, "request")
-        eff = self._eff(mlist)
+        eff = self.config.list_settings(mlist.settings)
         owners = self.owners(mlist)
         values = {
             "list": mlist.address, "address": ctx.address, "name": ctx.name,
-            "description": eff("description"),
+            "description": eff.description,
             "request_address": request,
             "subscribe_address": addresses.role_address(mlist.address, "subscribe"),
             "unsubscribe_address": addresses.role_address(mlist.address, "unsubscribe"),
@@ -239,11 +282,11 @@ class Service:
             "confirm_address": addresses.role_address(mlist.address, "confirm", token) if token else "",
             "unsubscribe_url": self.unsubscribe_url(mlist.address, ctx.address),
             "days": str(tokens.MODERATION_DAYS if any(m.template == "moderation_request" for m in mails)
-                        else eff("confirm_days")),
+                        else eff.confirm_days),
             "reason": subscriptions.REFUSAL_TEXT.get(reason, ""),
             "how": {"mail": "by mail", "web": "on the web", "cli": "by the admin",
                     "owner": "approved by an owner"}.get(ctx.how, ctx.how),
-            "policy_text": _policy_text(eff("subscribe_policy")),
+            "policy_text": _policy_text(eff.subscribe_policy),
         }
         batch: list = []
         to_owners: list = []
@@ -257,7 +300,7 @@ class Service:
                 targets = [ctx.sender]
             else:
                 targets = [ctx.address]
-            subject, text = notices.render(notices.template_text(mail.template, eff("templates")), values)
+            subject, text = notices.render(notices.template_text(mail.template, eff.templates), values)
             reply_to = values["confirm_address"] if token and mail.template in (
                 "confirm_subscribe", "confirm_unsubscribe", "moderation_request") else None
             for to in targets:
@@ -267,11 +310,12 @@ class Service:
                     to_owners.append(("", [to], message))
                 else:
                     batch.append(("", [to], message))
-                    if mail.template in subscriptions.LIMITED:
+                    if budget:
                         counted.append((to, mail.template))
         outgoing.send_many(self.config.outgoing, batch)
         for to, template in counted:
-            self.pending.record_sent(mlist.address, to, template)
+            self.pending.record_sent(mlist.address, to, template, budget=budget, sender=ctx.sender or "",
+                                     client=ctx.client)
         # Owner notices are a courtesy: one that cannot be sent is logged, and the
         # member's change and mail stand (a retry would repeat the member's mail).
         for item in to_owners:

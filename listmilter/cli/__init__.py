@@ -6,8 +6,9 @@
     members.py        members add|remove|ls|import|export|enable|disable|history
     bounces.py        bounces
     subscriptions.py  pending, approve, reject
+    secret.py         secret rotate|show
 
-Each adds its parsers and a `run` default; every subcommand is a thin
+Each adds its parsers with a `handler` default; every subcommand is a thin
 adapter: parse arguments, call the core and the application, print. Errors
 become one line (`listmilter: ...` or `FILE:LINE: ...`) and an exit code
 from sysexits.h, here in one place, never a traceback.
@@ -19,7 +20,7 @@ import sys
 
 from listmilter import __version__
 
-GROUPS = ("serve", "check", "subscriptions", "lists", "members", "bounces")
+GROUPS = ("serve", "check", "subscriptions", "lists", "members", "bounces", "secret")
 
 
 def _parser():
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     path, explicit = paths.path_from_environment(args.config)
     try:
-        return args.run(args, path, explicit) or 0
+        return args.handler(args, path, explicit) or 0
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -70,10 +71,13 @@ def _failure(e: Exception) -> tuple[str, int | None]:
     from listmilter.core.errors import ListmilterError
     from listmilter.core.model import ListExists, NoSuchList
     from listmilter.store import ReadOnlyStore
+    from listmilter.store.secret import SecretError
     if isinstance(e, Fail):
         return f"listmilter: {e}", e.code
     if isinstance(e, ConfigError):
         return str(e), EX_CONFIG
+    if isinstance(e, SecretError):          # like a config error: the admin must fix a file
+        return f"listmilter: {e}", EX_CONFIG
     if isinstance(e, NoSuchList):
         return f"listmilter: no such list: {e}", EX_NOINPUT
     if isinstance(e, ListExists):

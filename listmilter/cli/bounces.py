@@ -7,12 +7,11 @@ from listmilter.cli.common import admin, existing_list
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("bounces", help="bouncing members: scores, last DSN status and diagnostic")
-    s.set_defaults(run=admin(_bounces))
+    s.set_defaults(handler=admin(_bounces))
     s.add_argument("list", nargs="?", help="one list (default: all)")
     s.add_argument("--kept", action="store_true",
                    help="list the bounce-address mail that scored nobody, kept for the owner")
-    # dest: not `run`, which set_defaults gives the handler (argparse would let one hide the other).
-    s.add_argument("--run", dest="run_now", action="store_true",
+    s.add_argument("--run", action="store_true",
                    help="send due warnings and remove members now (listmilter serve does this hourly)")
 
 
@@ -20,7 +19,7 @@ def _bounces(args, cfg, store):
     from listmilter.app import bounce_processing
     from listmilter.core import bounces
     from listmilter.store import bounce_records as bouncedb
-    if args.run_now:
+    if args.run:
         for line in bounce_processing.periodic(cfg, store):
             print(line)
         return 0
@@ -29,7 +28,7 @@ def _bounces(args, cfg, store):
     try:
         if args.kept:
             for address in lists:
-                for at, _, _, _, why, _, _, kept in db.records(address, verdict=bouncedb.UNRECOGNISED):
+                for at, _, _, _, why, _, _, kept in db.records(address, verdict=bounces.Verdict.UNRECOGNISED):
                     print(f"{bounces.fmt_time(at)}  {address}  {kept}\n    {why}")
             return 0
         print(f"{'LIST':<28} {'MEMBER':<32} {'STATE':<9} SCORE  {'LAST BOUNCE':<21} STATUS  DIAGNOSTIC")

@@ -51,6 +51,8 @@ def run(path: str, explicit: bool) -> Report:
         if size_limit.isdigit():
             limit = int(size_limit)
     _check_web(cfg, report)
+    _check_databases(cfg, report)
+    _check_keys(cfg, report)
     if cfg.backend == "sqlite" and not os.path.exists(cfg.store_path):
         report.warnings.append(f"{cfg.store_path}: sqlite store does not exist yet; "
                                "`listmilter serve` or `listmilter list create` creates it")
@@ -72,11 +74,11 @@ def run(path: str, explicit: bool) -> Report:
                 settings.parse(name, list(value) if isinstance(value, tuple) else value)
             except settings.SettingError as e:
                 report.errors.append(f"{mlist.origin}: list {mlist.address}: {name}: {e}")
-        folder = cfg.effective("templates", mlist.settings).value
+        folder = cfg.list_settings(mlist.settings).templates
         if folder and not os.path.isdir(folder):
             report.warnings.append(f"{mlist.origin}: list {mlist.address}: templates folder {folder} "
                                    "does not exist; the shipped templates are used")
-        if not cfg.effective("owners", mlist.settings).value:
+        if not cfg.list_settings(mlist.settings).owners:
             report.warnings.append(f"{mlist.origin}: list {mlist.address} has no owners; "
                                    f"mail to its -owner address goes to {cfg.site_admin}")
         if limit:
@@ -92,8 +94,7 @@ def run(path: str, explicit: bool) -> Report:
 
 
 def _check_web(cfg, report: Report) -> None:
-    """The `web:` keys, and the pending-request database of subscriptions."""
-    from listmilter.store.pending import PendingDB
+    """The `web:` keys."""
     web = cfg.web
     if web.base_url:
         report.notes.append(f"web: base_url={web.base_url}, listen={web.listen or '(not here)'}: posts go out "
@@ -109,13 +110,46 @@ def _check_web(cfg, report: Report) -> None:
                             "confirmation mails have no link")
         if web.listen:
             report.warnings.append(f"web.listen {web.listen} without web.base_url: no mail will link to it")
-    problems = PendingDB(cfg.state_dir).check()
-    report.errors.extend(f"{os.path.join(cfg.state_dir, 'pending.sqlite')}: integrity: {p}" for p in problems)
+
+
+def _check_databases(cfg, report: Report) -> None:
+    """pending.sqlite and bounces.sqlite, where they exist: opened (so brought up to this
+    version's schema, or refused if newer) and checked by SQLite's quick_check."""
+    from listmilter.store import bounce_records, pending
+    for name, open_db in ((pending.FILE_NAME, pending.PendingDB), (bounce_records.NAME, bounce_records.BounceDB)):
+        path = os.path.join(cfg.state_dir, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            db = open_db(cfg.state_dir)
+            try:
+                problems = db.check()
+            finally:
+                db.close()
+        except StoreError as e:
+            report.errors.append(str(e))
+            continue
+        report.errors.extend(f"{path}: integrity: {p}" for p in problems)
+
+
+def _check_keys(cfg, report: Report) -> None:
+    """The site's keys, as serve would read them (a secret it refuses stops it starting)."""
+    from listmilter.store import secret as secret_mod
+    try:
+        keys = secret_mod.read_keys(cfg.state_dir)
+    except (secret_mod.SecretError, OSError) as e:
+        report.errors.append(f"keys: {e}")
+        return
+    if keys is None:
+        report.notes.append(f"keys: none in {cfg.state_dir} yet; the first run makes one")
+    else:
+        report.notes.append(f"keys: current key {keys[0].id}, {len(keys) - 1} older ones on file "
+                            "(`listmilter secret show`)")
 
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("check", help="check the config file and the store; exit non-zero on errors")
-    s.set_defaults(run=main)
+    s.set_defaults(handler=main)
 
 
 def main(args, path: str, explicit: bool) -> int:

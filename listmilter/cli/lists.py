@@ -18,7 +18,7 @@ def add_parsers(sub) -> None:
     lst = sub.add_parser("list", help="create, delete, show and configure lists")
     ls = lst.add_subparsers(dest="action", metavar="ACTION", required=True)
     s = ls.add_parser("create", help="create a list")
-    s.set_defaults(run=admin(_create))
+    s.set_defaults(handler=admin(_create))
     s.add_argument("address")
     s.add_argument("--owner", action="append", default=[], help="owner address (repeatable)")
     s.add_argument("--posting", choices=("open", "members", "announce"))
@@ -26,20 +26,20 @@ def add_parsers(sub) -> None:
     s.add_argument("--description")
     s.add_argument("--notify", action="store_true", help="mail the site admin that the list exists")
     s = ls.add_parser("delete", help="delete a list and its members")
-    s.set_defaults(run=admin(_delete))
+    s.set_defaults(handler=admin(_delete))
     s.add_argument("address")
     s = ls.add_parser("show", help="effective settings of a list and where each comes from")
-    s.set_defaults(run=admin(_show))
+    s.set_defaults(handler=admin(_show))
     s.add_argument("address")
     s = ls.add_parser("ls", help="all lists with their member counts")
-    s.set_defaults(run=admin(_ls))
+    s.set_defaults(handler=admin(_ls))
     s = ls.add_parser("set", help="set a list setting (sqlite store)")
-    s.set_defaults(run=admin(_set))
+    s.set_defaults(handler=admin(_set))
     s.add_argument("address")
     s.add_argument("key")
     s.add_argument("value", nargs="+")
     s = ls.add_parser("unset", help="remove a list's own value for a setting")
-    s.set_defaults(run=admin(_unset))
+    s.set_defaults(handler=admin(_unset))
     s.add_argument("address")
     s.add_argument("key")
 
@@ -54,8 +54,8 @@ def _create(args, cfg, store):
     print(f"created list {mlist.address}")
     if args.notify:
         from listmilter.app import notices, outgoing
-        eff = lambda name: cfg.effective(name, mlist.settings).value  # noqa: E731
-        message = notices.list_created(mlist.address, cfg.site_admin, eff("owners"), eff("posting"),
+        eff = cfg.list_settings(mlist.settings)
+        message = notices.list_created(mlist.address, cfg.site_admin, eff.owners, eff.posting,
                                        admin_user())
         try:
             outgoing.send(cfg.outgoing, "", [cfg.site_admin], message)

@@ -13,16 +13,16 @@ from listmilter.cli.common import Fail
 def add_parsers(sub) -> None:
     s = sub.add_parser("serve", help="run the milter (and the Postfix socketmap) in the foreground")
     s.add_argument("--socket", help="milter socket, overrides milter.socket")
-    s.set_defaults(run=serve)
+    s.set_defaults(handler=serve)
 
     s = sub.add_parser("deliver", help="pipe transport: read one message on stdin")
     s.add_argument("recipient")
     s.add_argument("sender", nargs="?", default=None)
-    s.set_defaults(run=deliver)
+    s.set_defaults(handler=deliver)
 
     s = sub.add_parser("web", help="run the one-click unsubscribe and confirmation web endpoint (foreground)")
     s.add_argument("--listen", metavar="HOST:PORT", help="overrides web.listen")
-    s.set_defaults(run=web)
+    s.set_defaults(handler=web)
 
 
 def runtime_for(path: str, explicit: bool):
@@ -154,11 +154,11 @@ def web(args, path: str, explicit: bool) -> int:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop)
     try:
-        server.serve_forever(poll_interval=0.5)
+        server.run()    # returns on SIGTERM/SIGINT once the requests at work are answered (5 s at most)
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        server.close()
         runtime.store.close()
     logger.info("web: stopped")
     return 0

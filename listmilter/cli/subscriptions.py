@@ -11,12 +11,12 @@ from listmilter.cli.common import Fail, admin_user, parse_address, parse_list_ad
 def add_parsers(sub) -> None:
     s = sub.add_parser("pending", help="subscription requests waiting for a confirmation or an owner")
     s.add_argument("list", nargs="?", help="one list (default: all)")
-    s.set_defaults(run=run)
+    s.set_defaults(handler=run)
     for name, verb in (("approve", "approve"), ("reject", "reject")):
         s = sub.add_parser(name, help=f"{verb} requests waiting for an owner (moderated lists)")
         s.add_argument("list")
         s.add_argument("addresses", nargs="+")
-        s.set_defaults(run=run)
+        s.set_defaults(handler=run)
 
 
 def run(args, path: str, explicit: bool) -> int:

@@ -20,13 +20,47 @@ import email.parser
 import re
 import time
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
-from listmilter.core import addresses
+from listmilter.core import addresses, settings
 
-DSN = "dsn"
-HEURISTIC = "heuristic"
-AUTORESPONSE = "autoresponse"
-UNRECOGNISED = "unrecognised"
+
+class Kind(StrEnum):
+    """What a message to the bounce address is."""
+    DSN = "dsn"
+    HEURISTIC = "heuristic"
+    AUTORESPONSE = "autoresponse"
+    UNRECOGNISED = "unrecognised"
+
+
+DSN, HEURISTIC, AUTORESPONSE, UNRECOGNISED = Kind.DSN, Kind.HEURISTIC, Kind.AUTORESPONSE, Kind.UNRECOGNISED
+
+
+class Verdict(StrEnum):
+    """What one failure did to a member's score (recorded with every failure)."""
+    SCORED = "scored"
+    COUNTED_TODAY = "counted-today"   # permanent, but the member scored already today
+    TEMPORARY = "temporary"
+    NOT_MEMBER = "not-member"
+    NOT_RECIPIENT = "not-recipient"   # a member, but not one the post went to (joined later, disabled)
+    UNVERIFIED = "unverified"         # no ENVID we issued: cannot be tied to a post
+    DUPLICATE = "duplicate"           # the same failure of the same post, seen before
+    UNRECOGNISED = "unrecognised"     # nothing recognisable: the message is kept for the owner
+
+
+# Verdicts that leave the message for the owner to look at, and why.
+FOR_OWNER = {
+    Verdict.NOT_MEMBER: "not a member of the list",
+    Verdict.UNVERIFIED: "not a DSN with an envelope id listmilter issued, so it cannot be tied to a post",
+    Verdict.NOT_RECIPIENT: "a member, but not a recipient of that post (joined later, or disabled)",
+}
+
+
+class Action(StrEnum):
+    """What a score at the threshold leads to (the `bounce_action` setting)."""
+    REMOVE = "remove"
+    DISABLE = "disable"
+    NOTIFY = "notify"
 
 DAY = 86400.0
 
@@ -170,6 +204,11 @@ class Policy:
     warnings: int = 3
     warning_interval_days: int = 7
 
+    @classmethod
+    def of(cls, s: settings.ListSettings) -> Policy:
+        return cls(s.bounce_action, s.bounce_threshold, s.bounce_stale_days, s.bounce_warnings,
+                   s.bounce_warning_interval_days)
+
 
 @dataclass(frozen=True)
 class Score:
@@ -194,6 +233,53 @@ def add_bounce(current: Score, now: float, policy: Policy) -> tuple[Score, bool]
     if score.last_scored and _day(score.last_scored) == _day(now):
         return replace(score, last_bounce=max(now, score.last_bounce)), False
     return Score(score.score + 1, now, max(now, score.last_bounce)), True
+
+
+def score_bounce(current: Score, now: float, policy: Policy, pending: str = "",
+                 acted: bool = False) -> tuple[Score, bool, str]:
+    """A scored permanent failure: the new score, whether it counted, and the action
+    now pending (the policy's action once the score reaches the threshold, unless an
+    action is pending or was taken already)."""
+    new, counted = add_bounce(current, now, policy)
+    if counted and new.score >= policy.threshold and not pending and not acted:
+        pending = policy.action
+    return new, counted, pending
+
+
+def verdict(failure: Failure, kind: str, posted_at: float | None, member_added: float | None,
+            member_active: bool) -> Verdict:
+    """Whether a failure may score the member: only a permanent failure, of a member,
+    in a DSN carrying an ENVID we issued (`posted_at` is the post's time from it),
+    of a member the post went to. `member_added` is None for a non-member."""
+    if not failure.permanent:
+        return Verdict.TEMPORARY
+    if member_added is None:
+        return Verdict.NOT_MEMBER
+    if kind != Kind.DSN or posted_at is None:
+        return Verdict.UNVERIFIED
+    if not was_recipient(member_added, member_active, posted_at):
+        return Verdict.NOT_RECIPIENT
+    return Verdict.SCORED
+
+
+@dataclass(frozen=True)
+class Steps:
+    """How an action is carried out, in order: the membership change, the owners'
+    notice (with keep/remove links or not), a first warning to the member, and what
+    the bounce record says afterwards."""
+    membership: str | None         # "unsubscribe", "disable" or None
+    owner_notice: str              # the notice's kind: remove, disable, notify
+    decision_links: bool           # the owners may answer keep or remove
+    warn_member: bool              # the first of the policy's warnings (if it has any)
+    record: str                    # "forget", "disabled" or "reported"
+    logged_as: str
+
+
+STEPS = {
+    Action.REMOVE: Steps("unsubscribe", "remove", False, False, "forget", "removed"),
+    Action.DISABLE: Steps("disable", "disable", True, True, "disabled", "disabled"),
+    Action.NOTIFY: Steps(None, "notify", True, False, "reported", "reported to owner"),
+}
 
 
 def was_recipient(member_added: float, member_active: bool, posted_at: float | None) -> bool:

@@ -15,15 +15,23 @@ carrying this list's own List-Id (a loop).
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 
 from listmilter.core import addresses, tokens
 
-SUBSCRIBE = "subscribe"
-UNSUBSCRIBE = "unsubscribe"
-CONFIRM = "confirm"
-HELP = "help"
+
+class Verb(StrEnum):
+    """What a command asks for."""
+    SUBSCRIBE = "subscribe"
+    UNSUBSCRIBE = "unsubscribe"
+    CONFIRM = "confirm"
+    HELP = "help"
+
+
+SUBSCRIBE, UNSUBSCRIBE, CONFIRM, HELP = Verb.SUBSCRIBE, Verb.UNSUBSCRIBE, Verb.CONFIRM, Verb.HELP
 
 _WORDS = {
     "subscribe": SUBSCRIBE, "join": SUBSCRIBE,
@@ -80,6 +88,35 @@ def body_lines(body: str) -> list[str]:
         if len(out) >= BODY_LINES:
             break
     return out
+
+
+_BRACKETED = re.compile(rb"\[(?:IPv6:)?([0-9A-Fa-f:.]{1,45})\]")
+HEAD_SCAN = 64 * 1024       # bytes of a message searched for its first Received: header
+
+
+def received_client(data: bytes) -> str:
+    """The SMTP client's IP address from the topmost Received: header ("" when unknown).
+
+    The pipe transport is not told the client; the MTA that handed us the
+    message wrote it first in its own Received: header, above any the client
+    brought: Postfix `from HELO (NAME [ADDR])`, Sendmail likewise, then a
+    folded line `by ...`. Only that first header counts, and on its first
+    line only the last [ADDR]: the HELO name before it is the client's own
+    choice. Locally submitted mail (`Received: by ...`) has no client.
+    """
+    for line in data[:HEAD_SCAN].split(b"\n"):
+        line = line.rstrip(b"\r")
+        if not line:
+            return ""                        # end of the header: no Received: at all
+        if line[:9].lower() == b"received:":
+            found = _BRACKETED.findall(line)
+            if not found:
+                return ""
+            try:
+                return str(ipaddress.ip_address(found[-1].decode("ascii")))
+            except ValueError:
+                return ""
+    return ""
 
 
 def who(sender: str, from_header: str | None) -> tuple[str, str]:

@@ -6,6 +6,7 @@ listmilter runs on the built-in defaults below (SQLite in DEFAULT_STATE_DIR).
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from listmilter.paths import DEFAULT_STATE_DIR
 DEFAULT_MILTER_SOCKET = "inet:8899@127.0.0.1"
 DEFAULT_SOCKETMAP_SOCKET = "inet:8898@127.0.0.1"
 SQLITE_NAME = "listmilter.sqlite"
+# One-click links made before key ids ("u1", docs/upgrade.md) are accepted through this day (UTC).
+OLD_LINKS_UNTIL = datetime.date(2027, 6, 30)
 
 _SOCKET = re.compile(r"(inet:\d{1,5}(@[\w.\-]+)?|inet6:\d{1,5}(@[\w.:\-\[\]]+)?|(unix|local):/\S+)")
 _HOSTPORT = re.compile(r"\[?([\w.\-:]+?)\]?:(\d{1,5})")
@@ -60,10 +63,18 @@ class Web:
     listen_port: int = 0
     base_url: str | None = None              # None: no links, posts keep the mailto: List-Unsubscribe
     trusted_proxies: tuple[str, ...] = ()    # X-Forwarded-For is believed only from these
+    old_links_until: datetime.date | None = OLD_LINKS_UNTIL   # None: old-format links refused
 
     @property
     def listen(self) -> str | None:
         return f"{self.listen_host}:{self.listen_port}" if self.listen_host else None
+
+    def accepts_old_links(self, now: float) -> bool:
+        """Old-format one-click links: accepted up to the end of old_links_until (UTC)."""
+        if self.old_links_until is None:
+            return False
+        end = datetime.datetime.combine(self.old_links_until, datetime.time(), datetime.timezone.utc)
+        return now < end.timestamp() + 86400
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,10 @@ class Config:
 
     def effective(self, name: str, list_settings: dict[str, Any]) -> settings.Effective:
         return settings.resolve(name, list_settings, self.defaults, self.defaults_origin)
+
+    def list_settings(self, list_settings: dict[str, Any]) -> settings.ListSettings:
+        """Every setting of a list, resolved (for where each value comes from: effective)."""
+        return settings.resolve_all(list_settings, self.defaults)
 
     def owners(self, list_settings: dict[str, Any]) -> tuple[str, ...]:
         """Who gets a list's owner mail: its owners, or the site admin for a list without."""
@@ -123,7 +138,7 @@ def parse(text: str, path: str = "<string>", mtime: float | None = None) -> Conf
 
 
 def _line(node: yaml.Node) -> int:
-    return node.start_mark.line + 1
+    return int(node.start_mark.line) + 1
 
 
 class _Builder:
@@ -177,7 +192,7 @@ class _Builder:
             raise self.error(node, f"{what}: {spec!r} is not a socket like inet:8899@127.0.0.1 or unix:/path")
         return spec
 
-    def list_settings(self, node: yaml.Node, what: str, extra: set[str] = frozenset()
+    def list_settings(self, node: yaml.Node, what: str, extra: frozenset[str] = frozenset()
                       ) -> tuple[dict[str, Any], dict[str, tuple[yaml.Node, yaml.Node]]]:
         items = self.mapping(node, what, set(settings.SETTINGS) | set(extra))
         out: dict[str, Any] = {}
@@ -265,7 +280,7 @@ class _Builder:
         return Outgoing(smtp_host=match.group(1), smtp_port=int(match.group(2)))
 
     def web(self, node: yaml.Node) -> Web:
-        m = self.mapping(node, "web", {"listen", "base_url", "trusted_proxies"})
+        m = self.mapping(node, "web", {"listen", "base_url", "trusted_proxies", "old_links_until"})
         kw: dict[str, Any] = {}
         if "listen" in m:
             spec = str(self.scalar(m["listen"][1], "web.listen"))
@@ -290,6 +305,18 @@ class _Builder:
                     raise self.error(m["trusted_proxies"][1],
                                      f"web.trusted_proxies: not an IP address: {item!r}") from None
             kw["trusted_proxies"] = tuple(str(i) for i in items)
+        if "old_links_until" in m:
+            node = m["old_links_until"][1]
+            value = self.scalar(node, "web.old_links_until")
+            if isinstance(value, str):
+                try:
+                    value = datetime.date.fromisoformat(value)
+                except ValueError:
+                    pass
+            if value is not False and (type(value) is not datetime.date):
+                raise self.error(node, "web.old_links_until must be a date such as 2027-06-30, "
+                                 f"or false to refuse old links now (got {value!r})")
+            kw["old_links_until"] = value or None
         return Web(**kw)
 
     def lists(self, node: yaml.Node) -> dict[str, ListDef]:
@@ -303,9 +330,10 @@ class _Builder:
             if lkey in out:
                 raise self.error(knode, f"lists: {name!r} is defined twice (case does not matter)")
             if isinstance(vnode, yaml.ScalarNode) and vnode.value in ("", "~", "null"):
-                list_settings, items = {}, {}
+                list_settings: dict[str, Any] = {}
+                items: dict[str, tuple[yaml.Node, yaml.Node]] = {}
             else:
-                list_settings, items = self.list_settings(vnode, f"lists.{name}", {"members"})
+                list_settings, items = self.list_settings(vnode, f"lists.{name}", frozenset({"members"}))
             members = self.members(items["members"][1], name) if "members" in items else ()
             out[lkey] = ListDef(lkey, list_settings, members, _line(knode))
         return out

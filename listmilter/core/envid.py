@@ -2,14 +2,17 @@
 
 Format: POSTID.TIME.MAC.LIST, e.g. `4XyZ1s2B3c.t4k2x1.9f2a61c0d4e5b6a7.dev@example.org`,
 where POSTID is the Postfix queue id (what admins grep for), TIME the post's
-Unix time in base 36, and MAC an HMAC of the three under the site secret. A
+Unix time in base 36, and MAC an HMAC of the three under the site's current
+key (listmilter.core.keys: key 0 as it is, a rotated key derived for
+"envid"); any key still accepted verifies one. A
 DSN carrying it is tied to a post we really sent, at a known time, so a
 bounce can be checked against who was a member then. Only characters that
 need no xtext encoding are used, and it stays within the 100 characters RFC
 3461 allows; the list part is left out if it would not fit (the bounce
 address names the list anyway).
 
-ENVIDs of listmilter 0.1 (POSTID.MAC.LIST, no time) still verify.
+ENVIDs of listmilter 0.1 (POSTID.MAC.LIST, no time, key 0) still verify.
+tests/data/reference/ pins both formats.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import hashlib
 import hmac
 import re
 from dataclasses import dataclass
+
+from listmilter.core.keys import LEGACY, Keyring, keyring
 
 MAX_LENGTH = 100
 _SAFE = re.compile(r"[!-~]+")
@@ -31,7 +36,8 @@ class Post:
 
 
 def _mac(secret: bytes, *parts: str) -> str:
-    return hmac.new(secret, "\0".join(parts).encode(), hashlib.sha256).hexdigest()[:16]
+    # surrogatepass: a post id read from a hostile DSN may hold anything; valid text encodes as UTF-8.
+    return hmac.new(secret, "\0".join(parts).encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:16]
 
 
 def _base36(n: int) -> str:
@@ -43,11 +49,18 @@ def _base36(n: int) -> str:
             return out
 
 
-def make(post_id: str, list_address: str, secret: bytes, posted_at: float) -> str:
+def _same(a: str, b: str) -> bool:
+    # compare_digest refuses non-ASCII str; what comes from a DSN may be anything.
+    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode())
+
+
+def make(post_id: str, list_address: str, secret: Keyring | bytes, posted_at: float) -> str:
     if not re.fullmatch(r"[A-Za-z0-9]+", post_id):
         raise ValueError(f"post id must be alphanumeric: {post_id!r}")
+    ring = keyring(secret)
     when = _base36(int(posted_at))
-    envid = f"{post_id}.{when}.{_mac(secret, post_id, when, list_address.lower())}"
+    key = ring.mac_key(ring.current_id, "envid")
+    envid = f"{post_id}.{when}.{_mac(key, post_id, when, list_address.lower())}"
     tail = "." + list_address
     if _SAFE.fullmatch(list_address) and "+" not in list_address and "=" not in list_address \
             and len(envid) + len(tail) <= MAX_LENGTH:
@@ -55,18 +68,21 @@ def make(post_id: str, list_address: str, secret: bytes, posted_at: float) -> st
     return envid
 
 
-def parse(envid: str, list_address: str, secret: bytes) -> Post | None:
-    """The post, if `envid` is one we issued for `list_address`; else None."""
+def parse(envid: str, list_address: str, secret: Keyring | bytes) -> Post | None:
+    """The post, if `envid` is one we issued for `list_address` with a key still accepted; else None."""
+    ring = keyring(secret)
     list_key = list_address.lower()
     parts = envid.strip().split(".", 3)
     if len(parts) >= 3 and re.fullmatch(r"[0-9a-z]{1,8}", parts[1]) \
-            and hmac.compare_digest(parts[2], _mac(secret, parts[0], parts[1], list_key)):
+            and any(_same(parts[2], _mac(ring.mac_key(kid, "envid"), parts[0], parts[1], list_key))
+                    for kid in ring.ids):
         if len(parts) == 4 and parts[3].lower() != list_key:
             return None
         return Post(parts[0], float(int(parts[1], 36)))
-    # listmilter 0.1: POSTID.MAC[.LIST]
+    # listmilter 0.1: POSTID.MAC[.LIST], made with key 0 (there was no other)
     old = envid.strip().split(".", 2)
-    if len(old) >= 2 and hmac.compare_digest(old[1], _mac(secret, old[0], list_key)):
+    legacy = ring.secret(LEGACY)
+    if len(old) >= 2 and legacy is not None and _same(old[1], _mac(legacy, old[0], list_key)):
         if len(old) == 3 and old[2].lower() != list_key:
             return None
         return Post(old[0], None)

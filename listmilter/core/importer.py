@@ -30,7 +30,10 @@ class Parsed:
     duplicates: int = 0
 
 
-def parse(lines: Iterable[str], progress: Callable[[int], None] | None = None) -> Parsed:
+Progress = Callable[[int], None]
+
+
+def parse(lines: Iterable[str], progress: Progress | None = None) -> Parsed:
     lines = list(lines)
     first = next((l for l in lines if l.strip() and not l.lstrip().startswith("#")), "")
     if "," in first and "<" not in first:
@@ -53,8 +56,8 @@ def _add(result: Parsed, seen: set[str], number: int, address: str, name: str = 
     result.members.append(Member(address, name, attributes or {}))
 
 
-def _parse_plain(lines: list[str], progress) -> Parsed:
-    result, seen = Parsed(), set()
+def _parse_plain(lines: list[str], progress: Progress | None) -> Parsed:
+    result, seen = Parsed(), set[str]()
     for number, line in enumerate(lines, 1):
         if progress and number % 5000 == 0:
             progress(number)
@@ -72,9 +75,9 @@ def _parse_plain(lines: list[str], progress) -> Parsed:
     return result
 
 
-def _parse_csv(lines: list[str], progress) -> Parsed:
-    result, seen = Parsed(), set()
-    reader = csv.reader(io.StringIO("".join(l if l.endswith("\n") else l + "\n" for l in lines)))
+def _parse_csv(lines: list[str], progress: Progress | None) -> Parsed:
+    result, seen = Parsed(), set[str]()
+    reader = csv.reader(io.StringIO("".join(line if line.endswith("\n") else line + "\n" for line in lines)))
     try:
         header = [h.strip().lower() for h in next(reader)]
     except StopIteration:

@@ -16,23 +16,30 @@ that list's address alone, where the milter expands it like any single post.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Callable
 
-from listmilter.core import addresses, envid, headers, policy
+from listmilter.core import addresses, envid, headers, policy, settings
+from listmilter.core.keys import Keyring
 from listmilter.core.model import MailingList
 
-# Recipient kinds
-LIST = "list"          # a post to expand
-OWNER = "owner"        # <list>-owner@: an alias for the list's owners
-REFUSED = "refused"    # a post the sender may not make (kept only where the MTA cannot reject)
-PLAIN = "plain"        # anything else: a person, a role address for the pipe transport
+
+class Kind(StrEnum):
+    """What one recipient of a message is."""
+    LIST = "list"          # a post to expand
+    OWNER = "owner"        # <list>-owner@: an alias for the list's owners
+    REFUSED = "refused"    # a post the sender may not make (kept only where the MTA cannot reject)
+    PLAIN = "plain"        # anything else: a person, a role address for the pipe transport
+
+
+LIST, OWNER, REFUSED, PLAIN = Kind.LIST, Kind.OWNER, Kind.REFUSED, Kind.PLAIN
 
 
 @dataclass(frozen=True)
 class Recipient:
     rcpt: str                    # exactly as the MTA gave it (delrcpt needs that)
     address: str                 # bare address
-    kind: str = PLAIN
+    kind: Kind = PLAIN
     list_address: str = ""
     reason: str = ""
 
@@ -92,10 +99,8 @@ class ListSettings:
     list_id: str
 
 
-def effective_settings(mlist: MailingList, effective: Callable[[str, dict], object]) -> ListSettings:
-    get = lambda name: effective(name, mlist.settings).value  # noqa: E731
-    return ListSettings(mlist.address, get("posting"), get("subject_prefix"), get("description"),
-                        headers.list_id(mlist.address, get("list_id")))
+def effective_settings(address: str, s: settings.ListSettings) -> ListSettings:
+    return ListSettings(address, s.posting, s.subject_prefix, s.description, headers.list_id(address, s.list_id))
 
 
 def unique_members(list_address: str, members: list[str]) -> list[str]:
@@ -118,7 +123,7 @@ def unique_members(list_address: str, members: list[str]) -> list[str]:
 
 
 def expand_list(ls: ListSettings, list_rcpts: list[str], members: list[str],
-                message_headers: list[tuple[str, str]], post_id: str, secret: bytes,
+                message_headers: list[tuple[str, str]], post_id: str, secret: Keyring | bytes,
                 posted_at: float) -> Edits:
     """The edits that turn this message into a post of list `ls` to `members`."""
     edits = Edits()
@@ -212,7 +217,7 @@ def _header_bytes(items: list[tuple[str, str]]) -> bytes:
 
 
 def personal_copies(ls: ListSettings, members: list[str], message_headers: list[tuple[str, str]],
-                    body: bytes, post_id: str, secret: bytes, url_for: Callable[[str], str],
+                    body: bytes, post_id: str, secret: Keyring | bytes, url_for: Callable[[str], str],
                     posted_at: float) -> Copies:
     """One message per member: the same edits as expand_list, plus a personal List-Unsubscribe."""
     edits = expand_list(ls, [], members, message_headers, post_id, secret, posted_at)
@@ -229,3 +234,58 @@ def personal_copies(ls: ListSettings, members: list[str], message_headers: list[
                        head + personal + b"\r\n" + body))
     return Copies(addresses.strip_brackets(edits.sender[0]), ("RET=HDRS", f"ENVID={envid_value}"),
                   envid_value, copies)
+
+
+# -- end of message: the whole decision for one message ------------------------------
+@dataclass(frozen=True)
+class InPlace:
+    """What the edge looked up for the list this message becomes a post of."""
+    settings: ListSettings
+    members: list[str]
+    personal: bool                      # one copy per member (web.base_url and one_click)
+
+
+@dataclass(frozen=True)
+class EndOfMessage:
+    """Everything the milter does at end of message, as plain data, in order:
+    refuse the whole message; or re-submit `resubmit` (lists that get the
+    original as a message of their own) and tell `refusals` (posters refused
+    where the MTA could not refuse the recipient); then either send `copies`
+    and discard this message, or apply `edits` to it."""
+    reject: str | None = None
+    resubmit: tuple[str, ...] = ()
+    refusals: tuple[Recipient, ...] = ()
+    copies: Copies | None = None
+    edits: tuple[Edits, ...] = ()
+    expanded: tuple[tuple[str, int, str], ...] = ()      # (list, members, ENVID) for the log
+
+
+def end_of_message(recipients: list[Recipient], split_: Split, in_place: InPlace | None,
+                   owners: dict[str, tuple[str, ...]], message_headers: list[tuple[str, str]],
+                   body: bytes, post_id: str, secret: Keyring | bytes, url_for: Callable[[str], str] | None,
+                   now: float) -> EndOfMessage:
+    """The plan for one message at end of message; `in_place` is given when split_.in_place_list is."""
+    if split_.reject_reason:
+        return EndOfMessage(reject=split_.reject_reason)
+    edits: list[Edits] = []
+    expanded: list[tuple[str, int, str]] = []
+    copies = None
+    if in_place is not None and in_place.personal and url_for is not None:
+        copies = personal_copies(in_place.settings, in_place.members, message_headers, body, post_id,
+                                 secret, url_for, now)
+    elif in_place is not None:
+        ls = in_place.settings
+        rcpts = [r.rcpt for r in recipients if r.kind == LIST and r.list_address == ls.address]
+        post = expand_list(ls, rcpts, in_place.members, message_headers, post_id, secret, now)
+        edits.append(post)
+        assert post.sender is not None
+        expanded.append((ls.address, len(post.add_rcpts), post.sender[1].partition("ENVID=")[2]))
+    if split_.owners:
+        edits.append(expand_owners(list(split_.owners), lambda address: owners.get(address, ())))
+    if split_.reinject:
+        edits.append(Edits(del_rcpts=[r.rcpt for r in recipients
+                                      if r.kind == LIST and r.list_address in split_.reinject]))
+    for r in split_.refused:
+        edits.append(Edits(del_rcpts=[r.rcpt]))
+    return EndOfMessage(resubmit=split_.reinject, refusals=split_.refused, copies=copies,
+                        edits=tuple(edits), expanded=tuple(expanded))

@@ -69,17 +69,17 @@ def _flag(value: Any) -> bool:
 
 
 def _list_id(value: Any) -> str:
-    value = _text(value)
-    if value and not all(part for part in value.split(".")) or " " in value or "<" in value:
-        raise SettingError(f"must be a dot-atom such as dev.example.org (got {value!r})")
-    return value
+    text = _text(value)
+    if text and not all(part for part in text.split(".")) or " " in text or "<" in text:
+        raise SettingError(f"must be a dot-atom such as dev.example.org (got {text!r})")
+    return text
 
 
 def _folder(value: Any) -> str:
-    value = _text(value)
-    if value and not value.startswith("/"):
-        raise SettingError(f"must be an absolute folder path, or empty (got {value!r})")
-    return value
+    text = _text(value)
+    if text and not text.startswith("/"):
+        raise SettingError(f"must be an absolute folder path, or empty (got {text!r})")
+    return text
 
 
 @dataclass(frozen=True)
@@ -113,9 +113,15 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("confirm_days", 3, _count(1),
             "days a confirmation code stays valid"),
     Setting("confirm_limit_per_address", 3, _count(1),
-            "at most this many replies to commands (confirmations, help...) per address and list per day"),
+            "at most this many replies to commands (confirmations, help...) per address and list per day, "
+            "counted apart for requests from the address itself and for requests others made for it"),
     Setting("confirm_limit_per_list", 100, _count(1),
-            "at most this many replies to commands per list per day"),
+            "at most this many mails to others (a confirmation to an address that is not the envelope "
+            "sender) per list per day"),
+    Setting("confirm_limit_per_sender", 3, _count(1),
+            "at most this many mails to others that one envelope sender may cause per list per day"),
+    Setting("confirm_limit_per_client", 10, _count(1),
+            "at most this many mails to others that one SMTP client address may cause per list per day"),
     Setting("templates", "", _folder,
             "a folder with your own NAME.txt notice templates (empty: the shipped ones); "
             "a missing file falls back to the shipped one"),
@@ -149,6 +155,34 @@ def parse(name: str, value: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class ListSettings:
+    """Every setting's effective value for one list: the list's own, else the
+    config file's `defaults:`, else built-in (Config.list_settings builds it).
+    One field per entry of SETTINGS, checked by the tests."""
+    posting: str
+    owners: tuple[str, ...]
+    subject_prefix: str
+    description: str
+    list_id: str
+    subscribe_policy: str
+    unsubscribe_confirm: bool
+    owner_notices: bool
+    confirm_days: int
+    confirm_limit_per_address: int
+    confirm_limit_per_list: int
+    confirm_limit_per_sender: int
+    confirm_limit_per_client: int
+    templates: str
+    one_click: bool
+    bounce_action: str
+    bounce_threshold: int
+    bounce_stale_days: int
+    bounce_warnings: int
+    bounce_warning_interval_days: int
+    bounce_unrecognised: str
+
+
+@dataclass(frozen=True)
 class Effective:
     value: Any
     origin: str   # "list", "defaults (FILE:LINE)" or "built-in"
@@ -162,3 +196,7 @@ def resolve(name: str, list_settings: dict[str, Any], defaults: dict[str, Any],
         where = (defaults_origin or {}).get(name, "defaults")
         return Effective(defaults[name], where)
     return Effective(SETTINGS[name].default, "built-in")
+
+
+def resolve_all(list_settings: dict[str, Any], defaults: dict[str, Any]) -> ListSettings:
+    return ListSettings(**{name: resolve(name, list_settings, defaults).value for name in SETTINGS})

@@ -48,7 +48,7 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
     if role is None or role.role == "owner":
         # Only mail the milter chose not to expand may reach the pipe for the
         # list address itself; anything else means the milter was bypassed.
-        ls = plan.effective_settings(mlist, config.effective)
+        ls = plan.effective_settings(mlist.address, config.list_settings(mlist.settings))
         reason = policy.not_expanded_reason(sender, head.get_all("List-Id") or [], ls.list_id.lower())
         if role is None and reason:
             logger.info("deliver: %s", fields(**base, list=f"<{mlist.address}>",
@@ -78,9 +78,12 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
 
 def run(runtime_factory, recipient: str, sender: str | None, data: bytes) -> tuple[int, str]:
     """`deliver`, with every failure turned into 75 and a reason: never raises."""
+    from listmilter.store.secret import SecretError
     try:
         return deliver(runtime_factory, recipient, sender, data)
-    except TemporaryError as e:   # ours, expected (the MTA refused a notice, the store is busy): one line
+    # Ours and expected (the MTA refused a notice, the store is busy, a secret to fix): one
+    # line whose text says what happened; a traceback only for what nobody expected.
+    except (TemporaryError, SecretError) as e:
         logger.error("deliver: %s", fields(to=f"<{recipient}>", status=f"deferred ({e})"))
         return EX_TEMPFAIL, str(e)
     except Exception as e:  # never lose mail: Postfix retries on 75

@@ -19,6 +19,7 @@ import Milter
 from listmilter.app import notices, outgoing
 from listmilter.app.runtime import Runtime
 from listmilter.core import addresses, plan, policy
+from listmilter.core.model import ACTIVE
 from listmilter.core.plan import LIST, OWNER, PLAIN, REFUSED, Recipient
 from listmilter.log import fields, logger
 from listmilter.store import StoreError
@@ -104,6 +105,28 @@ class ListMilter(Milter.Base):
         self.setreply("550", "5.7.1", reason.replace("%", "%%"))
         return Milter.REJECT
 
+    def _failed(self, queue_id: str, e: Exception, **where) -> int:
+        """The one place where a failure becomes the SMTP answer: 451 4.3.0, so the
+        client retries and nothing is accepted unexpanded. (pymilter would answer an
+        exception that escapes a callback with 451 4.3.0 too, but unlogged.)"""
+        if isinstance(e, StoreError):
+            status, why, level = f"list store: {e}", "list store unavailable", logging.ERROR
+        elif isinstance(e, outgoing.OutgoingError):
+            status, why, level = f"cannot re-submit: {e}", "cannot split the message", logging.ERROR
+        elif isinstance(e, Milter.milter.error):
+            # libmilter could not pass an edit on: the MTA gave up on this message (Sendmail's
+            # E: timeout for a big list) or went away. It answers the client 4xx itself.
+            status, why, level = (f"the MTA did not take the changes: {e}; its end-of-message timeout?",
+                                  "the MTA did not take the changes", logging.ERROR)
+        else:
+            logger.exception("%s: internal error, message deferred", queue_id)
+            return self._tempfail("internal error")
+        if where:      # before a queue id exists, Postfix logs NOQUEUE with the recipient
+            logger.log(level, "%s: %s", queue_id, fields(**where, status=f"deferred ({e})"))
+        else:
+            self._log(queue_id, f"deferred ({status})", level=level)
+        return self._tempfail(why)
+
     def _queue_id(self) -> str:
         return self.getsymval("i") or "NOQUEUE"
 
@@ -141,12 +164,8 @@ class ListMilter(Milter.Base):
         address = addresses.strip_brackets(to)
         try:
             recipient = self._classify(to, address)
-        except StoreError as e:
-            logger.error("NOQUEUE: %s", fields(to=f"<{address}>", status=f"deferred ({e})"))
-            return self._tempfail("list store unavailable")
-        except Exception:
-            logger.exception("NOQUEUE: error while looking up <%s>", address)
-            return self._tempfail("internal error")
+        except Exception as e:
+            return self._failed("NOQUEUE", e, to=f"<{address}>")
         if recipient.kind == REFUSED:
             self._log(self._queue_id(), f"rejected ({recipient.reason})", recipient.list_address,
                       client=True)
@@ -165,10 +184,10 @@ class ListMilter(Milter.Base):
             return Recipient(rcpt, address, PLAIN, mlist.address)   # for the pipe transport
         if self.sender == policy.NULL_SENDER:
             return Recipient(rcpt, address, PLAIN, mlist.address, "null sender")
-        eff = lambda name: self.config.effective(name, mlist.settings).value  # noqa: E731
+        eff = self.config.list_settings(mlist.settings)
         refusal = policy.posting_refusal(
-            eff("posting"), mlist.address, self.sender,
-            self.store.is_member(mlist.address, self.sender), eff("owners"))
+            eff.posting, mlist.address, self.sender,
+            self.store.is_member(mlist.address, self.sender), eff.owners)
         if refusal:
             return Recipient(rcpt, address, REFUSED, mlist.address, refusal)
         return Recipient(rcpt, address, LIST, mlist.address)
@@ -190,15 +209,10 @@ class ListMilter(Milter.Base):
         queue_id = self._queue_id()
         try:
             self.recipients = self._mark_loops(queue_id)
-        except StoreError as e:
-            self._log(queue_id, f"deferred (list store: {e})", level=logging.ERROR)
-            return self._tempfail("list store unavailable")
-        self.split = plan.split(self.recipients)
-        try:
+            self.split = plan.split(self.recipients)
             self.personal = bool(self.split.in_place_list) and self._personalized(self.split.in_place_list)
-        except StoreError as e:
-            self._log(queue_id, f"deferred (list store: {e})", level=logging.ERROR)
-            return self._tempfail("list store unavailable")
+        except Exception as e:
+            return self._failed(queue_id, e)
         self.need_body = bool(self.split.reinject) or self.personal
         return Milter.CONTINUE
 
@@ -225,21 +239,8 @@ class ListMilter(Milter.Base):
         queue_id = self._queue_id()
         try:
             return self._eom(queue_id)
-        except StoreError as e:
-            self._log(queue_id, f"deferred (list store: {e})", level=logging.ERROR)
-            return self._tempfail("list store unavailable")
-        except outgoing.OutgoingError as e:
-            self._log(queue_id, f"deferred (cannot re-submit: {e})", level=logging.ERROR)
-            return self._tempfail("cannot split the message")
-        except Milter.milter.error as e:
-            # libmilter could not pass an edit on: the MTA gave up on this message (Sendmail's
-            # E: timeout for a big list) or went away. It answers the client 4xx itself.
-            self._log(queue_id, f"deferred (the MTA did not take the changes: {e}; "
-                                "its end-of-message timeout?)", level=logging.ERROR)
-            return self._tempfail("the MTA did not take the changes")
-        except Exception:
-            logger.exception("%s: internal error, message deferred", queue_id)
-            return self._tempfail("internal error")
+        except Exception as e:
+            return self._failed(queue_id, e)
         finally:
             self._end()
 
@@ -260,17 +261,20 @@ class ListMilter(Milter.Base):
         return mlist
 
     def _settings(self, list_address: str) -> plan.ListSettings:
-        return plan.effective_settings(self._list(list_address), self.config.effective)
+        return plan.effective_settings(list_address, self.config.list_settings(self._list(list_address).settings))
 
     def _personalized(self, list_address: str) -> bool:
         """One copy per member, each with its own one-click unsubscribe URL (web.base_url set)?"""
         return bool(self.config.web.base_url) and \
-            bool(self.config.effective("one_click", self._list(list_address).settings).value)
+            self.config.list_settings(self._list(list_address).settings).one_click
 
-    def _unsubscribe_url(self, list_address: str):
+    def _unsubscribe_url(self, list_address: str, members):
+        """Each member's link names their membership (its `added`), so it dies when that ends."""
         from listmilter.core.tokens import unsubscribe_token
         base, secret = self.config.web.base_url, self.runtime.secret
-        return lambda member: f"{base}/u/{unsubscribe_token(secret, list_address, member)}"
+        epochs = {addresses.key(m.address): m.added for m in members}
+        return lambda member: \
+            f"{base}/u/{unsubscribe_token(secret, list_address, member, epochs[addresses.key(member)])}"
 
     def _keepalive(self) -> None:
         try:
@@ -286,45 +290,34 @@ class ListMilter(Milter.Base):
         return self.config.owners(self._list(list_address).settings)
 
     def _eom(self, queue_id: str) -> int:
-        recipients, split = self.recipients, self.split
-        if split.reject_reason:
-            return self._refuse(split.reject_reason)
-
-        # Everything that can fail comes before the first change to the message.
-        edits: list[plan.Edits] = []
-        posts: list[tuple[str, int, str]] = []
-        copies: plan.Copies | None = None
-        if split.in_place_list and self.personal:
+        split = self.split
+        assert split is not None
+        # Look up what the plan needs; everything that can fail comes before the first change.
+        in_place, url_for = None, None
+        if split.in_place_list and not split.reject_reason and self.personal:
             ls = self._settings(split.in_place_list)
-            copies = plan.personal_copies(ls, self.store.recipients(ls.address), self.headers,
-                                          b"".join(self.body_chunks), _post_id(queue_id), self.runtime.secret,
-                                          self._unsubscribe_url(ls.address), time.time())
-        elif split.in_place_list:
+            members = self.store.members(ls.address)      # with `added`, for the links
+            in_place = plan.InPlace(ls, [m.address for m in members if m.status == ACTIVE], True)
+            url_for = self._unsubscribe_url(ls.address, members)
+        elif split.in_place_list and not split.reject_reason:
             ls = self._settings(split.in_place_list)
-            members = self.store.recipients(ls.address)
-            rcpts = [r.rcpt for r in recipients if r.kind == LIST and r.list_address == ls.address]
-            post = plan.expand_list(ls, rcpts, members, self.headers, _post_id(queue_id),
-                                    self.runtime.secret, time.time())
-            edits.append(post)
-            posts.append((ls.address, len(post.add_rcpts), post.sender[1]))
-        if split.owners:
-            edits.append(plan.expand_owners(list(split.owners), self._owners))
+            in_place = plan.InPlace(ls, self.store.recipients(ls.address), False)
+        owners = {r.list_address: self._owners(r.list_address) for r in split.owners}
+        todo = plan.end_of_message(self.recipients, split, in_place, owners, self.headers,
+                                   b"".join(self.body_chunks), _post_id(queue_id), self.runtime.secret,
+                                   url_for, time.time())
+        if todo.reject:
+            return self._refuse(todo.reject)
 
-        resubmit: list[tuple[str, list[str], bytes]] = []
-        if split.reinject:
-            original = self._original_message()
-            for list_address in split.reinject:
-                resubmit.append((self.sender, [list_address], original))
-            edits.append(plan.Edits(del_rcpts=[r.rcpt for r in recipients
-                                               if r.kind == LIST and r.list_address in split.reinject]))
-        for r in split.refused:
-            resubmit.append(("", [self.sender], notices.refusal(r.list_address, self.sender,
-                                                              r.reason, self.headers)))
-            edits.append(plan.Edits(del_rcpts=[r.rcpt]))
-        outgoing.send_many(self.config.outgoing, resubmit)
-        if copies is not None:
+        original = self._original_message() if todo.resubmit else b""
+        outgoing.send_many(self.config.outgoing,
+                           [(self.sender, [list_address], original) for list_address in todo.resubmit]
+                           + [("", [self.sender], notices.refusal(r.list_address, self.sender, r.reason,
+                                                                  self.headers)) for r in todo.refusals])
+        if todo.copies is not None:
             # Every copy is queued by the MTA before the original goes; any failure tempfails
             # the whole message (outgoing.OutgoingError -> 451), never a discard.
+            copies = todo.copies
             started = time.monotonic()
             refused = outgoing.send_copies(self.config.outgoing, copies.sender, copies.mail_options,
                                            copies.envid, copies.copies, self._keepalive)
@@ -332,7 +325,7 @@ class ListMilter(Milter.Base):
                 # In place, the MTA would have bounced it to <list>-bounces@ later; here it says so now.
                 self._log(queue_id, f"member refused ({reply})", split.in_place_list, level=logging.WARNING,
                           to=f"<{member}>")
-            for list_address in split.reinject:
+            for list_address in todo.resubmit:
                 self._log(queue_id, "split (re-submitted as a message of its own)", list_address)
             self._log(queue_id, "expanded (personal copies)", split.in_place_list, client=True,
                       members=len(copies.copies) - len(refused), seconds=f"{time.monotonic() - started:.2f}",
@@ -340,13 +333,12 @@ class ListMilter(Milter.Base):
             # Only list recipients were left in this message: nothing more to deliver.
             return Milter.DISCARD
 
-        for e in edits:
+        for e in todo.edits:
             self._apply(e)
-        for list_address in split.reinject:
+        for list_address in todo.resubmit:
             self._log(queue_id, "split (re-submitted as a message of its own)", list_address)
-        for list_address, count, params in posts:
-            self._log(queue_id, "expanded", list_address, client=True, members=count,
-                      envid=params.partition("ENVID=")[2])
+        for list_address, count, envid_text in todo.expanded:
+            self._log(queue_id, "expanded", list_address, client=True, members=count, envid=envid_text)
         return Milter.ACCEPT
 
     def _apply(self, e: plan.Edits) -> None:

@@ -19,12 +19,12 @@ import time
 from dataclasses import dataclass
 
 from listmilter.core import addresses
-from listmilter.core.bounces import Failure, Policy, Score, add_bounce
-from listmilter.store import StoreError
-from listmilter.store.sqlite import Transaction, adopt_owner, sqlite_errors
+from listmilter.core.bounces import Failure, Policy, Score, Verdict, score_bounce
+from listmilter.store.db import Database, sqlite_errors
 
 NAME = "bounces.sqlite"
-SCHEMA = """
+# The schema, step by step (listmilter.store.db). 0.1.0 wrote step 1 without a version.
+MIGRATIONS = ("""
 CREATE TABLE IF NOT EXISTS scores (
     list          TEXT NOT NULL,
     key           TEXT NOT NULL,
@@ -56,18 +56,7 @@ CREATE TABLE IF NOT EXISTS bounces (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS bounces_once ON bounces(list, post_id, key, permanent) WHERE post_id != '';
 CREATE INDEX IF NOT EXISTS bounces_member ON bounces(list, key);
-"""
-
-# Verdicts of a recorded failure
-SCORED = "scored"
-COUNTED_TODAY = "counted-today"   # permanent, but the member scored already today
-TEMPORARY = "temporary"
-NOT_MEMBER = "not-member"
-NOT_RECIPIENT = "not-recipient"   # a member, but not one the post went to (joined later, disabled)
-UNVERIFIED = "unverified"         # no ENVID we issued: cannot be tied to a post
-DUPLICATE = "duplicate"           # the same failure of the same post, seen before
-UNRECOGNISED = "unrecognised"     # nothing recognisable: the message is kept for the owner
-
+""",)
 
 @dataclass(frozen=True)
 class Row:
@@ -87,35 +76,37 @@ class Row:
 class BounceDB:
     def __init__(self, state_dir: str):
         self.path = os.path.join(state_dir, NAME)
-        self.describe = f"bounce database {self.path}"
-        try:
-            os.makedirs(state_dir, mode=0o750, exist_ok=True)
-            self.conn = sqlite3.connect(self.path, timeout=15, isolation_level=None)
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
-            if not self.conn.execute("SELECT 1 FROM sqlite_master WHERE name='bounces'").fetchone():
-                with self._write():
-                    for statement in SCHEMA.split(";"):
-                        if statement.strip():
-                            self.conn.execute(statement)
-            adopt_owner(self.path)
-        except (OSError, sqlite3.Error) as e:
-            raise StoreError(f"{self.describe}: {e}") from e
+        self.db = Database(self.path, "bounce database", MIGRATIONS, timeout=15)
+        self.describe = self.db.describe
+        self.db.conn()      # fail now if it cannot be opened
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The calling thread's connection."""
+        return self.db.conn()
 
     def _write(self):
-        return Transaction(self.conn)
+        return self.db.transaction()
+
+    def check(self) -> list[str]:
+        """Problems SQLite's quick_check finds (empty when all is well)."""
+        return self.db.quick_check()
+
+    def release(self) -> None:
+        """Close the calling thread's connection (see listmilter.store.db)."""
+        self.db.release()
 
     def close(self) -> None:
-        self.conn.close()
+        self.db.close()
 
     # -- recording -------------------------------------------------------------
     @sqlite_errors
     def record(self, list_address: str, failure: Failure, verdict: str, envid: str = "",
                post_id: str = "", policy: Policy | None = None, now: float | None = None,
                kept: str = "") -> tuple[str, Row | None]:
-        """Record one failure; score it if `verdict` is SCORED.
+        """Record one failure; score it if `verdict` is Verdict.SCORED.
 
-        Returns the final verdict (DUPLICATE, COUNTED_TODAY or the one given)
+        Returns the final verdict (Verdict.DUPLICATE, Verdict.COUNTED_TODAY or the one given)
         and, for a scored failure, the member's row after it (with `pending`
         set if the score reached the threshold just now).
         """
@@ -129,17 +120,15 @@ class BounceDB:
                 (now, list_key, key, failure.address, int(failure.permanent), failure.status,
                  failure.diagnostic, envid, post_id, verdict, kept))
             if cur.rowcount == 0:
-                return DUPLICATE, None
+                return Verdict.DUPLICATE, None
             bounce_id = cur.lastrowid
-            if verdict != SCORED:
+            if verdict != Verdict.SCORED:
                 return verdict, None
             row = self._row(conn, list_key, key)
             current = Score(row.score, row.last_scored, row.last_bounce) if row else Score()
-            new, counted = add_bounce(current, now, policy)
-            pending = row.pending if row else ""
-            acted = row.acted if row else 0.0
-            if counted and new.score >= policy.threshold and not pending and not acted:
-                pending = policy.action
+            assert policy is not None
+            new, counted, pending = score_bounce(current, now, policy, row.pending if row else "",
+                                                 bool(row and row.acted))
             conn.execute(
                 "INSERT INTO scores(list, key, address, score, last_scored, last_bounce, last_status, "
                 "last_diagnostic, pending) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -150,8 +139,8 @@ class BounceDB:
                 (list_key, key, failure.address, new.score, new.last_scored, new.last_bounce,
                  failure.status, failure.diagnostic, pending))
             if not counted:
-                conn.execute("UPDATE bounces SET verdict=? WHERE id=?", (COUNTED_TODAY, bounce_id))
-            return (SCORED if counted else COUNTED_TODAY), self._row(conn, list_key, key)
+                conn.execute("UPDATE bounces SET verdict=? WHERE id=?", (Verdict.COUNTED_TODAY, bounce_id))
+            return (Verdict.SCORED if counted else Verdict.COUNTED_TODAY), self._row(conn, list_key, key)
 
     _SCORES = ("SELECT list, address, score, last_scored, last_bounce, last_status, last_diagnostic, "
                "pending, acted, warnings_sent, next_warning FROM scores")

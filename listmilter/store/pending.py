@@ -13,18 +13,19 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-import threading
 import time
 
 from listmilter.core import addresses
+from listmilter.core.subscriptions import OWN, Request, Sent
 from listmilter.core.tokens import DAY, KEEP_DAYS, Pending, new_token, token_hash
 from listmilter.store import StoreError
-from listmilter.store.sqlite import Transaction, adopt_owner, sqlite_errors
+from listmilter.store.db import Database, adopt_owner, sqlite_errors
 
 FILE_NAME = "pending.sqlite"
 LOCK_NAME = "pending.lock"
 
-SCHEMA = """
+# The schema, step by step (listmilter.store.db). 0.1.0 wrote step 1 without a version.
+MIGRATIONS = ("""
 CREATE TABLE IF NOT EXISTS pending (
     hash     TEXT PRIMARY KEY,       -- sha256 of the token, hex
     kind     TEXT NOT NULL,          -- confirm | moderate
@@ -43,42 +44,28 @@ CREATE TABLE IF NOT EXISTS pending (
 CREATE INDEX IF NOT EXISTS pending_member ON pending(list, key);
 CREATE TABLE IF NOT EXISTS sent (    -- replies sent to commands: the rate-limit counters
     list     TEXT NOT NULL,
-    key      TEXT NOT NULL,
+    key      TEXT NOT NULL,          -- address key of the recipient
     what     TEXT NOT NULL,
     at       REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sent_list ON sent(list, at);
-"""
+""", """
+-- Who asked for each reply, so the limits count per sender and per client, and
+-- replies to third parties (unverified) apart from replies to the sender (own).
+ALTER TABLE sent ADD COLUMN budget TEXT NOT NULL DEFAULT 'own';   -- own | unverified (core.subscriptions)
+ALTER TABLE sent ADD COLUMN sender TEXT NOT NULL DEFAULT '';      -- address key of the envelope sender
+ALTER TABLE sent ADD COLUMN client TEXT NOT NULL DEFAULT '';      -- the SMTP client's IP address, if known
+""")
 
 
 class PendingDB:
     def __init__(self, state_dir: str):
         self.path = os.path.join(state_dir, FILE_NAME)
-        self.describe = f"pending database {self.path}"
-        self._conns: dict[int, sqlite3.Connection] = {}
-        self._lock = threading.Lock()
+        self.db = Database(self.path, "pending database", MIGRATIONS)
+        self.describe = self.db.describe
 
     def _conn(self) -> sqlite3.Connection:
-        conn = self._conns.get(threading.get_ident())
-        if conn is not None:
-            return conn
-        try:
-            os.makedirs(os.path.dirname(self.path), mode=0o750, exist_ok=True)
-            old = os.umask(0o027)
-            try:
-                conn = sqlite3.connect(self.path, timeout=10, isolation_level=None,
-                                       check_same_thread=False)
-            finally:
-                os.umask(old)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(SCHEMA)
-            adopt_owner(self.path)
-        except (OSError, sqlite3.Error) as e:
-            raise StoreError(f"{self.describe}: {e}") from e
-        with self._lock:
-            self._conns[threading.get_ident()] = conn
-        return conn
+        return self.db.conn()
 
     @contextlib.contextmanager
     def serialized(self):
@@ -101,13 +88,10 @@ class PendingDB:
             os.close(fd)
 
     def _tx(self):
-        return Transaction(self._conn())
+        return self.db.transaction()
 
     def close(self) -> None:
-        with self._lock:
-            for conn in self._conns.values():
-                conn.close()
-            self._conns.clear()
+        self.db.close()
 
     # -- requests ------------------------------------------------------------
     @sqlite_errors
@@ -196,11 +180,28 @@ class PendingDB:
         return self._conn().execute(query, params).fetchone()[0]
 
     @sqlite_errors
-    def record_sent(self, list_address: str, address: str, what: str, now: float | None = None) -> None:
+    def sent_counts(self, list_address: str, request: Request, now: float | None = None) -> Sent:
+        """What the daily limits count for one request (core.subscriptions.Sent), in one query."""
+        now = time.time() if now is None else now
+        sender, address = addresses.key(request.sender), addresses.key(request.address)
+        row = self._conn().execute(
+            "SELECT total(budget='own' AND key=:sender), total(budget='own' AND key=:address), "
+            "total(budget='unverified' AND key=:address), total(budget='unverified' AND sender=:sender), "
+            "total(budget='unverified' AND client=:client AND client!=''), total(budget='unverified') "
+            "FROM sent WHERE list=:list AND at>:since",
+            {"sender": sender, "address": address, "client": request.client,
+             "list": addresses.key(list_address), "since": now - DAY}).fetchone()
+        return Sent(*(int(n) for n in row))
+
+    @sqlite_errors
+    def record_sent(self, list_address: str, address: str, what: str, now: float | None = None,
+                    budget: str = OWN, sender: str = "", client: str = "") -> None:
         now = time.time() if now is None else now
         with self._tx() as conn:
-            conn.execute("INSERT INTO sent(list, key, what, at) VALUES (?, ?, ?, ?)",
-                         (addresses.key(list_address), addresses.key(address), what, now))
+            conn.execute("INSERT INTO sent(list, key, what, at, budget, sender, client) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (addresses.key(list_address), addresses.key(address), what, now, budget,
+                          addresses.key(sender), client))
 
     @sqlite_errors
     def purge(self, now: float | None = None) -> None:
@@ -211,10 +212,5 @@ class PendingDB:
             conn.execute("DELETE FROM sent WHERE at<?", (now - DAY,))
 
     def check(self) -> list[str]:
-        if not os.path.exists(self.path):
-            return []
-        try:
-            rows = self._conn().execute("PRAGMA quick_check").fetchall()
-        except sqlite3.Error as e:
-            return [str(e)]
-        return [r[0] for r in rows if r[0] != "ok"]
+        """Problems SQLite's quick_check finds (none if there is no database yet)."""
+        return self.db.quick_check()

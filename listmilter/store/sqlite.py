@@ -1,17 +1,14 @@
 """The sqlite store, listmilter's embedded default.
 
 WAL mode lets the milter read while the CLI writes; every write is one
-transaction (BEGIN IMMEDIATE), so an import is all-or-nothing. Each thread
-gets its own connection, keyed by thread id: libmilter's worker threads are
-not Python threads, and threading.local does not follow them reliably.
+transaction (BEGIN IMMEDIATE), so an import is all-or-nothing. Connections
+(one per thread), transactions and schema upgrades are listmilter.store.db's.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import threading
 import time
 from typing import Any, Iterable
 
@@ -25,10 +22,12 @@ from listmilter.core.model import (
     Member,
     NoSuchList,
 )
-from listmilter.store import StoreError, statedir
+from listmilter.store.db import Database, sqlite_errors
 
-SCHEMA_VERSION = 2
-SCHEMA = """
+# The schema, step by step (listmilter.store.db): step 1 is 0.1.0's first
+# schema, step 2 added the consent record. Both also make the yaml backend's overlay.
+MIGRATIONS = (
+    """
 CREATE TABLE IF NOT EXISTS lists (
     id       INTEGER PRIMARY KEY,
     address  TEXT NOT NULL UNIQUE,          -- lower case
@@ -50,7 +49,8 @@ CREATE TABLE IF NOT EXISTS members (
     added    REAL NOT NULL,
     PRIMARY KEY (list_id, key)
 ) WITHOUT ROWID;
-""" + """
+""",
+    """
 -- The consent record. Keyed by list address, not id: it outlives the list.
 CREATE TABLE IF NOT EXISTS events (
     id       INTEGER PRIMARY KEY,
@@ -64,92 +64,23 @@ CREATE TABLE IF NOT EXISTS events (
     at       REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_member ON events(list, key);
-"""
-# Applied in order to a store of the version in the key (one transaction each).
-MIGRATIONS = {1: SCHEMA}
+""",
+)
 # Status of an overlay row (yaml backend) for someone listed in the file who left.
 UNSUBSCRIBED = "unsubscribed"
 
 
-def adopt_owner(path: str) -> None:
-    """A database and the -wal and -shm files SQLite creates as whoever opens it first."""
-    statedir.adopt(os.path.dirname(os.path.abspath(path)), path, path + "-wal", path + "-shm")
-
-
-def sqlite_errors(fn):
-    """A method whose sqlite3 errors become StoreError, named by the object's `describe`."""
-    def wrapper(self, *args, **kw):
-        try:
-            return fn(self, *args, **kw)
-        except sqlite3.Error as e:
-            raise StoreError(f"{self.describe}: {e}") from e
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
-    return wrapper
-
-
 class SQLiteStore:
     backend = "sqlite"
-    describe = "sqlite store"
 
-    def __init__(self, path: str, create: bool = True):
+    def __init__(self, path: str, create: bool = True, name: str = "sqlite store"):
         self.path = path
-        self._conns: dict[int, sqlite3.Connection] = {}
-        if not os.path.exists(path):
-            if not create:
-                raise StoreError(f"sqlite store: {path} does not exist")
-            self._create()
+        self.db = Database(path, name, MIGRATIONS, create=create)
+        self.describe = self.db.describe
         self._conn()  # fail now, not on the first message, if it cannot be opened
 
-    def _create(self) -> None:
-        folder = os.path.dirname(os.path.abspath(self.path))
-        try:
-            os.makedirs(folder, mode=0o750, exist_ok=True)
-            old = os.umask(0o027)
-            try:
-                conn = sqlite3.connect(self.path)
-            finally:
-                os.umask(old)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(SCHEMA)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            conn.commit()
-            conn.close()
-        except (OSError, sqlite3.Error) as e:
-            raise StoreError(f"sqlite store: cannot create {self.path}: {e}") from e
-
     def _conn(self) -> sqlite3.Connection:
-        conn = self._conns.get(threading.get_ident())
-        if conn is None:
-            try:
-                conn = sqlite3.connect(self.path, timeout=10, isolation_level=None,
-                                       check_same_thread=False)
-                conn.execute("PRAGMA foreign_keys=ON")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                adopt_owner(self.path)
-                if version in MIGRATIONS:
-                    version = self._migrate(conn)
-            except sqlite3.Error as e:
-                raise StoreError(f"sqlite store: cannot open {self.path}: {e}") from e
-            if version != SCHEMA_VERSION:
-                conn.close()
-                raise StoreError(f"sqlite store: {self.path} has schema version {version}, "
-                                 f"this listmilter needs {SCHEMA_VERSION}")
-            self._conns[threading.get_ident()] = conn
-        return conn
-
-    def _migrate(self, conn: sqlite3.Connection) -> int:
-        """Bring an older store up to SCHEMA_VERSION; the version reached."""
-        with Transaction(conn):
-            version = conn.execute("PRAGMA user_version").fetchone()[0]   # another process may have won
-            while version in MIGRATIONS:
-                for statement in MIGRATIONS[version].split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                version += 1
-                conn.execute(f"PRAGMA user_version={version}")
-        return version
+        return self.db.conn()
 
     def _list_id(self, conn: sqlite3.Connection, address: str) -> int:
         row = conn.execute("SELECT id FROM lists WHERE address=?", (addresses.key(address),)).fetchone()
@@ -236,7 +167,7 @@ class SQLiteStore:
 
     # -- writing -----------------------------------------------------------
     def _write(self):
-        return Transaction(self._conn())
+        return self.db.transaction()
 
     @sqlite_errors
     def create_list(self, address: str, list_settings: dict[str, Any]) -> MailingList:
@@ -351,15 +282,19 @@ class SQLiteStore:
         """Yaml backend: record a member's run-time status (creating the list row on demand)."""
         key = addresses.key(list_address)
         now = time.time()
+        # `added` is when this membership began: a (re-)subscription starts a new one
+        # (one-click links of the old one stop working, listmilter.core.tokens);
+        # disabling, enabling or leaving keeps it (0 for a member of the file).
+        added = now if action == "subscribed" else member.added
         with self._write() as conn:
             conn.execute("INSERT OR IGNORE INTO lists(address, created) VALUES (?, ?)", (key, now))
             list_id = self._list_id(conn, key)
             conn.execute(
                 "INSERT INTO members(list_id, key, address, name, attrs, status, added) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(list_id, key) DO UPDATE SET "
-                "status=excluded.status, address=excluded.address",
+                "status=excluded.status, address=excluded.address, added=excluded.added",
                 (list_id, addresses.key(member.address), member.address, member.name,
-                 json.dumps(member.attributes) if member.attributes else "{}", status, member.added or now))
+                 json.dumps(member.attributes) if member.attributes else "{}", status, added))
             self._event(conn, key, member.address, action, how, who, detail, now)
 
     @sqlite_errors
@@ -373,23 +308,13 @@ class SQLiteStore:
     @sqlite_errors
     def check(self) -> list[str]:
         """Problems found by sqlite's own integrity check (empty when all is well)."""
-        rows = self._conn().execute("PRAGMA quick_check").fetchall()
-        return [r[0] for r in rows if r[0] != "ok"]
+        return self.db.quick_check()
+
+    def release(self) -> None:
+        """Close the calling thread's connection; its next call opens a new one. For
+        threads that outlive their work, such as the web server's workers."""
+        self.db.release()
 
     def close(self) -> None:
         """Close every thread's connection (call when no thread uses the store any more)."""
-        for conn in list(self._conns.values()):
-            conn.close()
-        self._conns.clear()
-
-
-class Transaction:
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        self.db.close()

@@ -47,7 +47,7 @@ class YAMLStore:
 
     def _overlay_store(self, create: bool) -> SQLiteStore | None:
         if self._state is None and (create or os.path.exists(self.overlay_path)):
-            self._state = SQLiteStore(self.overlay_path)
+            self._state = SQLiteStore(self.overlay_path, name="yaml overlay")
         return self._state
 
     def _overlay(self, key: str) -> dict[str, Member]:
@@ -157,6 +157,10 @@ class YAMLStore:
     def check(self) -> list[str]:
         state = self._overlay_store(create=False)
         return state.check() if state else []
+
+    def release(self) -> None:
+        if self._state is not None:
+            self._state.release()
 
     def close(self) -> None:
         if self._state is not None:

@@ -22,9 +22,12 @@ from .procs import alive, descendants
 
 PIPE_USER = "nobody"
 PIPE_GROUP = "nogroup"
-# What `listmilter deliver` needs at run time; copied where the pipe user can
-# read it, because a checkout may sit under a folder only root can enter.
-_PIPE_PACKAGES = ("listmilter", "yaml", "flufl", "public", "dns")
+# What `listmilter deliver` and `listmilter web` need at run time; copied where the
+# pipe user can read it, because a checkout may sit under a folder only root can enter.
+# (cryptography's compiled parts need cffi's backend module; without the copy the
+# system's own python3-cryptography would be used, not the version pip installs.)
+_PIPE_PACKAGES = ("listmilter", "yaml", "flufl", "public", "dns", "waitress", "cryptography", "cffi",
+                  "_cffi_backend")
 _pipe_runtime: Path | None = None
 
 
@@ -44,6 +47,8 @@ def pipe_runtime() -> Path:
             if origin.exists():
                 shutil.copytree(origin, root / name,
                                 ignore=shutil.ignore_patterns("__pycache__", "tests"))
+            for module in site.glob(f"{name}.*.so"):        # an extension module alone
+                shutil.copy(module, root / module.name)
         # Byte-compiled as pip does at install: the pipe user cannot write
         # __pycache__ here and would compile every module on every delivery.
         compileall.compile_dir(root, quiet=1)
