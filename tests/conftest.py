@@ -326,8 +326,9 @@ def tmp_config(tmp_path):
 
 # -- the tiers -----------------------------------------------------------------------
 # A test that uses one of these fixtures (directly or through another) starts a
-# Postfix, Sendmail, `listmilter serve`, `listmilter web` or the SMTP sink.
-MTA_FIXTURES = {"bed", "smbed", "own_bed", "own_smbed", "web"}
+# Postfix, Sendmail, `listmilter serve`, `listmilter web`, nginx or the SMTP sink.
+# (site and nginx: tests/test_web.py's `listmilter web` and the nginx in front of it.)
+MTA_FIXTURES = {"bed", "smbed", "own_bed", "own_smbed", "web", "site", "nginx"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -348,44 +349,55 @@ def _starts_server(argv) -> bool:
         return True
     if "sendmail" in names and {"-bD", "-bd"} & set(args):
         return True
-    return "smtp-sink" in names or any(a.endswith("floor_milter.py") for a in args)
+    return bool({"smtp-sink", "nginx"} & set(names)) or any(a.endswith("floor_milter.py") for a in args)
 
 
 class ServerGuard:
-    """Records (and refuses) servers started by a test that is not marked mta."""
+    """Refuses (and records) a server started while a test without the mta marker runs:
+    in the test, or in any fixture it sets up, module-scoped ones included."""
 
-    def __init__(self, nodeid: str):
-        self.nodeid = nodeid
-        self.refused: list[str] = []
+    current = None          # the test item pytest is running (setup, call and teardown)
 
-    def refuse(self, what: str) -> None:
-        self.refused.append(what)
-        raise RuntimeError(f"{self.nodeid} is not marked mta but starts a server ({what}): use a bed "
+    @classmethod
+    def check(cls, what: str) -> None:
+        item = cls.current
+        if item is None or item.get_closest_marker("mta"):
+            return
+        item.__dict__.setdefault("lm_refused", []).append(what)
+        raise RuntimeError(f"{item.nodeid} is not marked mta but starts a server ({what}): use a bed "
                            "fixture or mark it @pytest.mark.mta (docs/testing.md)")
 
 
-@pytest.fixture(autouse=True)
-def _server_guard(request, monkeypatch):
-    if request.node.get_closest_marker("mta"):
-        yield None
-        return
-    guard = ServerGuard(request.node.nodeid)
+def pytest_configure(config):
     popen_init = subprocess.Popen.__init__
 
     def guarded_popen(self, args, *a, **kw):
         if _starts_server(args):
-            guard.refuse(" ".join(map(str, args if isinstance(args, (list, tuple)) else [args])))
+            ServerGuard.check(" ".join(map(str, args if isinstance(args, (list, tuple)) else [args])))
         popen_init(self, args, *a, **kw)
+    subprocess.Popen.__init__ = guarded_popen
 
-    def guarded_start(self, *a, **kw):
-        guard.refuse(type(self).__name__ + ".start()")
+    for cls in (Sink, ListmilterServer):
+        def guarded_start(self, *a, __start=cls.start, **kw):
+            ServerGuard.check(type(self).__name__ + ".start()")
+            return __start(self, *a, **kw)
+        cls.start = guarded_start
 
-    monkeypatch.setattr(subprocess.Popen, "__init__", guarded_popen)
-    monkeypatch.setattr(Sink, "start", guarded_start)
-    monkeypatch.setattr(ListmilterServer, "start", guarded_start)
-    yield guard
-    if guard.refused:
-        pytest.fail(f"started a server without the mta marker: {guard.refused}", pytrace=False)
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    ServerGuard.current = item
+    yield
+    ServerGuard.current = None
+
+
+@pytest.fixture(autouse=True)
+def _server_guard(request):
+    """The servers this test tried to start without the mta marker (it fails if any)."""
+    refused = request.node.__dict__.setdefault("lm_refused", [])
+    yield refused
+    if refused:
+        pytest.fail(f"started a server without the mta marker: {refused}", pytrace=False)
 
 
 # -- skips CI accepts ----------------------------------------------------------------

@@ -212,29 +212,35 @@ def test_milter_down_during_sendmail_command_submission_keeps_the_mail_until_it_
 FAULTS = textwrap.dedent("""\
     # Loaded by Python at start (PYTHONPATH) in this test's serve only: the first
     # call of one step's function raises; later calls work (the sender's retry).
+    import importlib
     import os
     fault = os.environ.get("LISTMILTER_TEST_FAULT")
     if fault:
-        from listmilter.core import plan
-        name = {"eoh": "loop_reason", "eom": "expand_list"}[fault]
-        real, calls = getattr(plan, name), []
+        module, cls, name = {"eoh": ("listmilter.core.plan", None, "loop_reason"),
+                             "eom": ("listmilter.core.plan", None, "expand_list"),
+                             "data": ("listmilter.mta.milter", "ListMilter", "data")}[fault]
+        owner = importlib.import_module(module)
+        owner = getattr(owner, cls) if cls else owner
+        real, calls = getattr(owner, name), []
 
         def broken(*args, **kw):
             calls.append(1)
             if len(calls) == 1:
                 raise RuntimeError("injected fault in " + fault)
             return real(*args, **kw)
-        setattr(plan, name, broken)
+        setattr(owner, name, broken)
     """)
 
 
-@pytest.mark.parametrize("fault, reply_text", [
-    # The milter catches it: its own reply and one log line with the traceback.
-    ("eom", "4.3.0 listmilter: internal error; try again later"),
-    # It escapes the milter: pymilter answers for it (its traceback goes to serve's stderr).
-    ("eoh", "4.3.0 pymilter: untrapped exception in listmilter"),
+@pytest.mark.parametrize("fault, stage, reply_text", [
+    # The milter catches it: its own reply, and the traceback in its log.
+    ("eoh", "END", "4.3.0 listmilter: internal error; try again later"),
+    ("eom", "END", "4.3.0 listmilter: internal error; try again later"),
+    # It escapes the milter (data() keeps no guard): pymilter answers for it, with the
+    # same code; its traceback goes to serve's stderr.
+    ("data", "DATA", "4.3.0 pymilter: untrapped exception in listmilter"),
 ])
-def test_an_exception_in_a_callback_gives_451_4_3_0_and_nothing_is_accepted(own_bed, fault, reply_text):
+def test_an_exception_in_a_callback_gives_451_4_3_0_and_nothing_is_accepted(own_bed, fault, stage, reply_text):
     bed = own_bed
     lm = bed.listmilter
     (lm.dir / "fault").mkdir()
@@ -245,10 +251,10 @@ def test_an_exception_in_a_callback_gives_451_4_3_0_and_nothing_is_accepted(own_
     lst = bed.new_list(["x1@example.net"], posting="open")
     data = message(to=lst, sender="carol@example.net")
     reply = bed.submit("carol@example.net", [lst], data)
-    assert (reply.stage, reply.code, reply.text) == ("END", 451, reply_text), reply
+    assert (reply.stage, reply.code, reply.text) == (stage, 451, reply_text), reply
     bed.settle()
     assert bed.sink.deliveries() == []
-    assert f"injected fault in {fault}" in lm.log() + lm.stderr()
+    assert f"injected fault in {fault}" in (lm.stderr() if fault == "data" else lm.log())
     lm.forgive()                        # the traceback this test caused
     assert bed.submit("carol@example.net", [lst], data).code == 250      # the retry
     bed.sink.wait_for_recipients(1)

@@ -474,7 +474,9 @@ def test_personal_copies_are_submitted_each_with_its_own_link_then_the_original_
         m = email.message_from_bytes(copy, policy=email.policy.default)
         url = m["List-Unsubscribe"].split(">")[0].lstrip("<")
         token = url.rsplit("/", 1)[1]
-        assert read_unsubscribe_token(w.runtime.secret, token) == (lst, member)
+        link = read_unsubscribe_token(w.runtime.secret, token)
+        assert (link.list, link.address) == (lst, member)
+        assert link.epoch == w.store.member(lst, member).added        # the link names this membership
         assert m["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
         assert m["List-Id"] == "<dev.example.org>"
         urls.append(url)
