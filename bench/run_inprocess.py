@@ -49,7 +49,7 @@ def main() -> int:
         store.create_list(LIST, {"posting": "open"})
         addrs = members(args.members)
         store.add_members(LIST, [Member(a) for a in addrs], "cli", "bench")
-        ls = plan.effective_settings(store.get_list(LIST), cfg.effective)
+        ls = plan.effective_settings(LIST, cfg.list_settings(store.get_list(LIST).settings))
         secret = b"s" * 32
         secs = {
             "store.recipients (sqlite)": timed(lambda: store.recipients(LIST), args.repeat),
