@@ -409,12 +409,16 @@ ALLOWED_SKIPS: tuple[str, ...] = (
 )
 
 
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     item.__dict__.setdefault("lm_reports", {})[report.when] = report
-    if report.skipped and os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    if report.skipped and _ci():
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         reason = reason.removeprefix("Skipped: ")
         if not reason.startswith(ALLOWED_SKIPS):
