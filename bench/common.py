@@ -20,6 +20,26 @@ from tests.bed.net import free_port, wait_for_port  # noqa: E402
 from tests.bed.postfix import Postfix  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+
+
+def start_postgresql(workdir: Path):
+    """A private PostgreSQL (tests/bed/postgres.py) with fsync on, as a site runs it, and a new
+    database with listmilter's schema: (server, database); stop the server with .stop()."""
+    from tests.bed.postgres import PostgreSQL
+    workdir.chmod(0o755)          # user postgres enters it
+    server = PostgreSQL(workdir / "postgresql", fsync=True).start()
+    try:
+        return server, server.new_database()
+    except BaseException:
+        server.stop()
+        raise
+
+
+def store_config(backend: str, db=None) -> dict:
+    """The config's `store:` keys for a benchmark backend (postgresql: `db` from start_postgresql)."""
+    if backend == "postgresql":
+        return {"backend": "postgresql", "dsn": db.dsn, "password_file": db.password_file}
+    return {"backend": backend}
 DOMAINS = ("example.net", "example.com", "example.edu", "example.info")
 BIG_LIMITS = {"message_size_limit": "200000000", "mailbox_size_limit": "200000000"}
 

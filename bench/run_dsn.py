@@ -22,7 +22,10 @@ And one DSN naming 1,000 members (as Postfix writes one for a post that failed
 for 1,000 of them) against one naming a single member: time from the SMTP
 submission to serve's `deliver:` line.
 
-    .venv/bin/python bench/run_dsn.py [--dsns 1000] [--repeat 2] [--cpu-runs 50] [--storm 1000]
+    .venv/bin/python bench/run_dsn.py [--dsns 1000] [--repeat 2] [--backend sqlite|postgresql]
+        [--cpu-runs 50] [--storm 1000]
+
+--backend postgresql: the state in a private PostgreSQL server here (fsync on).
 """
 
 from __future__ import annotations
@@ -38,10 +41,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine, save  # common puts the repo on sys.path
+from common import machine, save, start_postgresql, store_config  # common puts the repo on sys.path
 
+from listmilter.core import config as config_mod  # noqa: E402
 from listmilter.core import envid  # noqa: E402
 from listmilter.mta import handoff  # noqa: E402
+from listmilter.store import site_secret  # noqa: E402
 from tests.bed.listmilter import ListmilterServer  # noqa: E402
 from tests.bed.net import wait_until  # noqa: E402
 from tests.bed.postfix import PIPE_USER, Postfix, pipe_runtime  # noqa: E402
@@ -123,12 +128,14 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--cpu-runs", type=int, default=50, help="processes per row of the CPU table")
     ap.add_argument("--storm", type=int, default=1000, help="members named by the one big DSN")
+    ap.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
     args = ap.parse_args()
     n = args.dsns
     work = Path(tempfile.mkdtemp(prefix="bench-dsn-"))
     work.chmod(0o755)
+    pg, db = start_postgresql(work) if args.backend == "postgresql" else (None, None)
     sink = Sink().start()
-    lm = ListmilterServer(work / "listmilter", "sqlite")
+    lm = ListmilterServer(work / "listmilter", args.backend, extra={"store": store_config(args.backend, db)})
     postfix = BenchPostfix(milter=lm.milter_spec, sink_port=sink.port, config_path=lm.config_path,
                            socketmap=lm.socketmap_spec, workdir=work / "postfix",
                            main_cf={"default_process_limit": "100"})
@@ -145,7 +152,7 @@ def main() -> int:
         cpu_members = [f"c{i:06d}@example.net" for i in range(args.cpu_runs * 2)]
         members += storm + cpu_members
         lm.create_list(LIST, members, posting="open", bounce_action="notify", bounce_threshold=1000)
-        secret = (lm.state_dir / "secret").read_bytes()
+        secret = site_secret(config_mod.load(str(lm.config_path)))
         bounces_addr = LIST.replace("@", "-bounces@")
 
         def deliver_log() -> list[str]:
@@ -219,9 +226,12 @@ def main() -> int:
         postfix.stop()
         lm.stop()
         sink.stop()
+        if pg:
+            pg.stop()
 
     total = n * args.repeat * len(DELIVER_ROWS)
-    print(f"{n} DSNs per run, {args.repeat} runs; {scored} scored of {total}, {alone} of them without serve")
+    print(f"{args.backend}: {n} DSNs per run, {args.repeat} runs; {scored} scored of {total}, "
+          f"{alone} of them without serve")
     print(f"{'pipe command':<28} {'best s':>8} {'DSNs/s':>8}")
     out = {}
     for name, times in results.items():
@@ -235,7 +245,8 @@ def main() -> int:
     print("\nfrom submission to serve's deliver: line:")
     for name, seconds in storms.items():
         print(f"  {name:<34} {seconds:7.2f} s")
-    path = save("dsn", {"machine": machine(), "args": vars(args), "results": out, "cpu": cpu, "storm": storms})
+    path = save(f"dsn-{args.backend}" if args.backend != "sqlite" else "dsn",
+                {"machine": machine(), "args": vars(args), "results": out, "cpu": cpu, "storm": storms})
     print(f"wrote {path}")
     shutil.rmtree(work, ignore_errors=True)
     if scored != total or alone != n * args.repeat:

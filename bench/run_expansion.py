@@ -1,8 +1,10 @@
 """Expansion benchmark: a post to a list of N members through a private Postfix
-to a sink, listmilter (sqlite and yaml stores) against a bare "floor" milter.
+to a sink, listmilter (sqlite, yaml and postgresql stores) against a bare "floor" milter.
 
     .venv/bin/python bench/run_expansion.py [--sizes 1000,10000,100000]
-        [--repeat 2] [--backends sqlite,yaml]
+        [--repeat 2] [--backends sqlite,yaml,postgresql]
+
+postgresql: a private PostgreSQL server on this machine (tests/bed/postgres.py, fsync on).
 
 For each store: one Postfix with two smtpd listeners, one with listmilter as
 its milter and one with bench/floor_milter.py, sharing the queue manager,
@@ -33,6 +35,8 @@ from common import (
     post,
     rss,
     save,
+    start_postgresql,
+    store_config,
     wait_for_port,
     wait_queue_empty,
     write_members,
@@ -69,9 +73,10 @@ def stop_proc(proc: subprocess.Popen | None) -> None:
 
 
 def run_backend(backend: str, sizes: list[int], repeat: int, sink: SmtpSink, workdir: Path,
-                files: dict[int, Path]) -> dict:
+                files: dict[int, Path], db=None) -> dict:
     out: dict = {"backend": backend, "setup": {}, "runs": [], "rss": {}}
-    lm = ListmilterServer(workdir / f"listmilter-{backend}", backend)
+    lm = ListmilterServer(workdir / f"listmilter-{backend}", backend,
+                          extra={"store": store_config(backend, db)})
     floor = postfix = None
     try:
         t = time.perf_counter()
@@ -123,7 +128,7 @@ def run_backend(backend: str, sizes: list[int], repeat: int, sink: SmtpSink, wor
                     res.update({"milter": who, "members": n, "repeat": r,
                                 "rss": rss(procs[who].pid)})
                     out["runs"].append(res)
-                    print(f"  {backend:6} {who:10} n={n:<7} 250 after {res['to_250']:7.3f} s, "
+                    print(f"  {backend:10} {who:10} n={n:<7} 250 after {res['to_250']:7.3f} s, "
                           f"last delivery after {res['to_last_delivery']:7.3f} s, "
                           f"RSS {res['rss']['VmRSS']} MiB (peak {res['rss']['VmHWM']})", flush=True)
                     time.sleep(1)
@@ -173,24 +178,30 @@ def main() -> int:
     sink = SmtpSink().start()
     started = time.perf_counter()
     results = []
+    pg = None
     try:
+        if "postgresql" in backends:
+            pg, db = start_postgresql(workdir)
         for backend in backends:
             print(f"{backend}:", flush=True)
-            results.append(run_backend(backend, sizes, args.repeat, sink, workdir, files))
+            results.append(run_backend(backend, sizes, args.repeat, sink, workdir, files,
+                                       db if backend == "postgresql" else None))
     finally:
         sink.stop()
+        if pg:
+            pg.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     rows = summarize(results, sizes)
 
     print(f"\nmedian of {args.repeat} runs; seconds from the end of DATA "
           "(ratio = listmilter / floor in the same Postfix)")
-    head = (f"{'store':6} {'members':>8} | {'250: lm':>8} {'floor':>7} {'ratio':>6} | "
+    head = (f"{'store':10} {'members':>8} | {'250: lm':>8} {'floor':>7} {'ratio':>6} | "
             f"{'last: lm':>9} {'floor':>7} {'ratio':>6} | {'peak RSS MiB: lm':>16} {'floor':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['backend']:6} {r['members']:>8} | {r['listmilter_250']:8.3f} {r['floor_250']:7.3f} "
+        print(f"{r['backend']:10} {r['members']:>8} | {r['listmilter_250']:8.3f} {r['floor_250']:7.3f} "
               f"{r['ratio_250']:6.2f} | {r['listmilter_last']:9.3f} {r['floor_last']:7.3f} "
               f"{r['ratio_last']:6.2f} | {r['listmilter_hwm']:16.1f} {r['floor_hwm']:6.1f}")
     print(f"total benchmark time {time.perf_counter() - started:.0f} s")

@@ -1,6 +1,7 @@
-"""Member import benchmark: 100,000 members into a fresh sqlite store, the way an
-admin does it (whole CLI commands, Python start-up included), and how long the
-yaml store takes to load a config file holding them.
+"""Member import benchmark: 100,000 members into a fresh sqlite store (and, with
+--postgresql, into a fresh PostgreSQL database on a private server here), the
+way an admin does it (whole CLI commands, Python start-up included), and how
+long the yaml store takes to load a config file holding them.
 
 Baselines in the same run, each a whole process as well: Python starting and
 doing nothing, `listmilter --version` (start-up and argument parsing), and a
@@ -9,7 +10,7 @@ one transaction into a fresh SQLite table of the same shape as listmilter's
 members table (key, address, ...; primary key on list and key), with nothing
 else (no validation, no consent record).
 
-    .venv/bin/python bench/run_import.py [--members 100000] [--repeat 3]
+    .venv/bin/python bench/run_import.py [--members 100000] [--repeat 3] [--postgresql]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 import yaml
-from common import machine, median, members, save, write_members
+from common import machine, median, members, save, start_postgresql, store_config, write_members
 
 from listmilter.core import config as config_mod
 from listmilter.store import open_store
@@ -57,9 +58,9 @@ db.close()
 """
 
 
-def write_config(folder: Path, backend: str = "sqlite", lists: dict | None = None) -> Path:
+def write_config(folder: Path, backend: str = "sqlite", lists: dict | None = None, db=None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = {"state_dir": str(folder / "state"), "store": {"backend": backend},
+    cfg = {"state_dir": str(folder / "state"), "store": store_config(backend, db),
            "log": {"target": str(folder / "listmilter.log")}}
     if lists:
         cfg["lists"] = lists
@@ -68,10 +69,35 @@ def write_config(folder: Path, backend: str = "sqlite", lists: dict | None = Non
     return path
 
 
+def _postgresql(work: Path, lm: list[str], file: Path, stdin_text: str, n: int, repeat: int,
+                secs: dict) -> None:
+    """The same commands with store.backend postgresql, each run on a new database."""
+    server, _ = start_postgresql(work)
+    try:
+        for key in ("pg_members_import_fresh", "pg_members_add_stdin_fresh", "pg_members_import_again"):
+            secs[key] = []
+        for r in range(repeat):
+            cfg = write_config(work / f"pg-{r}", "postgresql", db=server.new_database())
+            timed(lm + ["-c", str(cfg), "list", "create", "a@example.org"])
+            timed(lm + ["-c", str(cfg), "list", "create", "b@example.org"])
+            secs["pg_members_import_fresh"].append(
+                timed(lm + ["-c", str(cfg), "members", "import", "a@example.org", str(file)]))
+            secs["pg_members_add_stdin_fresh"].append(
+                timed(lm + ["-c", str(cfg), "members", "add", "b@example.org", "-"], input=stdin_text))
+            secs["pg_members_import_again"].append(
+                timed(lm + ["-c", str(cfg), "members", "import", "a@example.org", str(file)]))
+            count = subprocess.run(lm + ["-c", str(cfg), "list", "show", "a@example.org"],
+                                   capture_output=True, text=True).stdout
+            assert f"members: {n}" in count, count
+    finally:
+        server.stop()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--members", type=int, default=100000)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--postgresql", action="store_true", help="also import into PostgreSQL (store.backend postgresql)")
     args = p.parse_args()
     n = args.members
     lm = [sys.executable, "-m", "listmilter"]
@@ -105,6 +131,9 @@ def main() -> int:
             count = subprocess.run(lm + ["-c", str(cfg), "list", "show", "a@example.org"],
                                    capture_output=True, text=True).stdout
             assert f"members: {n}" in count, count
+
+        if args.postgresql:
+            _postgresql(work, lm, file, stdin_text, n, args.repeat, secs)
 
         # yaml store: the members live in the config file; what it costs is loading it
         # (at start and at every reload after an edit).

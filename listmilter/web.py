@@ -24,6 +24,7 @@ X-Forwarded-For that is not a trusted proxy.
 
 from __future__ import annotations
 
+import email.message
 import email.parser
 import email.policy
 import email.utils
@@ -37,8 +38,7 @@ import waitress.server
 
 from listmilter.app import subscription_service as service_mod
 from listmilter.log import fields, logger
-from listmilter.store import StoreError
-from listmilter.store import secret as secret_mod
+from listmilter.store import StoreError, site_secret
 
 # The server's limits (docs/subscriptions.md, "The web server").
 THREADS = 4                 # requests worked on at once; SQLite serialises the writes anyway
@@ -124,9 +124,11 @@ def _multipart(content_type: str, body: bytes, retry: bool = True) -> dict[str, 
         raise BadForm("malformed multipart body")
     form = {}
     for part in parts:
+        if not isinstance(part, email.message.Message):
+            continue
         name = part.get_param("name", header="content-disposition")
         value = part.get_payload(decode=True)
-        if name is None or value is None:       # no field name, or a nested multipart
+        if not isinstance(name, (str, tuple)) or not isinstance(value, bytes):   # no name, or nested
             continue
         form[email.utils.collapse_rfc2231_value(name)] = value.decode("utf-8", "replace")
     return form
@@ -177,9 +179,10 @@ class App:
         try:
             body = b""
             if method == "POST":
-                body = self._body(environ)
-                if body is None:
+                read = self._body(environ)
+                if read is None:
                     return 413, page("Too large", "The request is too large."), []
+                body = read
             if kind == "u":
                 return self.unsubscribe(service, method, token, client, environ.get("CONTENT_TYPE", ""), body)
             return self.confirm(service, method, token, client)
@@ -278,7 +281,7 @@ def connection_limit(wanted: int = CONNECTION_LIMIT) -> int:
 
 def serve(runtime, host: str, port: int):
     """A bound waitress server: run() serves until SIGINT/SIGTERM (a KeyboardInterrupt)."""
-    runtime.secret = getattr(runtime, "secret", None) or secret_mod.load_or_create(runtime.config.state_dir)
+    runtime.secret = getattr(runtime, "secret", None) or site_secret(runtime.config)
     own = logging.getLogger("waitress")
     if not any(isinstance(h, _WaitressLog) for h in own.handlers):
         own.addHandler(_WaitressLog())

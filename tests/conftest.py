@@ -27,6 +27,9 @@ from tests.bed.postfix import Postfix
 from tests.bed.sendmail import Sendmail, run_dir
 from tests.bed.sink import Sink
 
+# A private PostgreSQL server (pg_server, pg_database): tests/bed/postgres.py.
+pytest_plugins = ("tests.bed.postgres",)
+
 _names = itertools.count(1)
 
 
@@ -327,13 +330,16 @@ def tmp_config(tmp_path):
 # -- the tiers -----------------------------------------------------------------------
 # A test that uses one of these fixtures (directly or through another) starts a
 # Postfix, Sendmail, `listmilter serve`, `listmilter web`, nginx or the SMTP sink.
-# (site and nginx: tests/test_web.py's `listmilter web` and the nginx in front of it.)
-MTA_FIXTURES = {"bed", "smbed", "own_bed", "own_smbed", "web", "site", "nginx"}
+# (site and nginx: tests/test_web.py's `listmilter web` and the nginx in front of it;
+# pg_server, pg_database: a private PostgreSQL, tests/bed/postgres.py.)
+MTA_FIXTURES = {"bed", "smbed", "own_bed", "own_smbed", "web", "site", "nginx", "pg_server", "pg_database"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if MTA_FIXTURES & set(getattr(item, "fixturenames", ())):
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        # `state` asks for pg_database at run time when its parameter is postgresql.
+        if MTA_FIXTURES & set(getattr(item, "fixturenames", ())) or params.get("state") == "postgresql":
             item.add_marker(pytest.mark.mta)
 
 
@@ -348,6 +354,8 @@ def _starts_server(argv) -> bool:
     if "postfix" in names and "start" in args:
         return True
     if "sendmail" in names and {"-bD", "-bd"} & set(args):
+        return True
+    if "pg_ctl" in names and "start" in args:
         return True
     return bool({"smtp-sink", "nginx"} & set(names)) or any(a.endswith("floor_milter.py") for a in args)
 

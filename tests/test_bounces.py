@@ -102,8 +102,8 @@ def test_scores_count_once_a_day_and_go_stale():
     assert not bounces.was_recipient(T0 - 5, False, T0)
 
 
-def test_bounce_database_scores_reach_the_threshold_once_and_duplicates_do_not_count(tmp_path):
-    db = BounceDB(str(tmp_path))
+def test_bounce_database_scores_reach_the_threshold_once_and_duplicates_do_not_count(state):
+    db = state.bounces()
     fail = bounces.Failure("dead@example.net", True, "5.1.1", "gone")
     verdicts = [db.record("dev@example.org", fail, bounces.Verdict.SCORED, f"P{day}.x", f"P{day}", POLICY,
                           T0 + day * DAY) for day in range(3)]
@@ -117,24 +117,39 @@ def test_bounce_database_scores_reach_the_threshold_once_and_duplicates_do_not_c
     db.close()
 
 
-def _record_many(state_dir: str, worker: int, count: int) -> None:
-    db = BounceDB(state_dir)
+def _record_many(state, worker: int, count: int) -> None:
+    db = state.bounces()
     for i in range(count):
         db.record("dev@example.org", bounces.Failure(f"m{i}@example.net", True, "5.1.1"), bounces.Verdict.SCORED,
                   f"W{worker}.x", f"W{worker}", POLICY, T0 + worker * DAY)
     db.close()
 
 
-def test_concurrent_deliveries_lose_no_update(tmp_path):
-    BounceDB(str(tmp_path)).close()
+def test_a_lowered_threshold_acts_at_the_next_bounce_even_one_counted_today(state):
+    db = state.bounces()
+    try:
+        fail = bounces.Failure("dead@example.net", True, "5.1.1")
+        assert db.record("dev@example.org", fail, bounces.Verdict.SCORED, "", "P1", POLICY, T0)[1].pending == ""
+        lowered = bounces.Policy("remove", 1, 7, 3, 7)
+        verdict, row = db.record("dev@example.org", fail, bounces.Verdict.SCORED, "", "P2", lowered, T0 + 60)
+        assert verdict == bounces.Verdict.COUNTED_TODAY and (row.score, row.pending) == (1, "remove")
+        # A stale score does not count, whatever the threshold.
+        assert not bounces.due(bounces.Score(1, T0, T0), T0 + 8 * DAY, lowered)
+        assert bounces.due(bounces.Score(1, T0, T0), T0 + 6 * DAY, lowered)
+    finally:
+        db.close()
+
+
+def test_concurrent_deliveries_lose_no_update(state):
+    state.bounces().close()
     ctx = multiprocessing.get_context("fork")
-    workers = [ctx.Process(target=_record_many, args=(str(tmp_path), w, 200)) for w in range(6)]
+    workers = [ctx.Process(target=_record_many, args=(state, w, 200)) for w in range(6)]
     for w in workers:
         w.start()
     for w in workers:
         w.join(60)
         assert w.exitcode == 0
-    db = BounceDB(str(tmp_path))
+    db = state.bounces()
     rows = db.rows("dev@example.org")
     assert len(rows) == 200
     # Each worker is a different post on a different day: every one of them scored.
@@ -145,7 +160,9 @@ def test_concurrent_deliveries_lose_no_update(tmp_path):
 
 # -- through the real Postfix ----------------------------------------------------
 def _members(bed, lst) -> list[str]:
-    return sorted(cli(bed.listmilter.config_path, "members", "ls", lst).stdout.split())
+    # Every member, disabled ones too (plain `members ls` shows who receives posts).
+    return sorted(line.split("\t")[0] for line in
+                  cli(bed.listmilter.config_path, "members", "ls", lst, "--all").stdout.splitlines())
 
 
 def _bounce_lines(bed, lst) -> list[str]:
@@ -313,6 +330,30 @@ def test_notify_reports_to_the_owner_who_decides_by_command_or_by_reply(clean_be
     assert len(bed.sink.for_recipient(owner)) == 2
 
 
+def test_a_lowered_threshold_applies_to_scores_members_already_have(clean_bed, owner):
+    bed = clean_bed
+    lst = bed.new_list(["ok@example.net", "low@example.net"], posting="open", owners=(owner,),
+                       bounce_action="remove")
+    bed.sink.post_replies["low@example.net"] = "550 5.1.1 <low@example.net>: no such user here"
+    _post(bed, lst)
+    assert "<low@example.net> 5.1.1 scored" in _wait_bounce(bed, lst)[-1]
+    # Score 1 of the default threshold 5: nothing happens, and the hourly run says so.
+    run = cli(bed.listmilter.config_path, "bounces", "--run").stdout
+    assert run.startswith("nothing to do")
+    assert _members(bed, lst) == ["low@example.net", "ok@example.net"]
+    if bed.listmilter.backend == "sqlite":
+        cli(bed.listmilter.config_path, "list", "set", lst, "bounce_threshold", "1")
+    else:
+        bed.listmilter.lists[lst]["bounce_threshold"] = 1
+        bed.listmilter.write_config()
+    run = cli(bed.listmilter.config_path, "bounces", "--run").stdout
+    assert f"remove low@example.net ({lst}): bounce score 1 reached bounce_threshold 1" in run
+    assert _members(bed, lst) == ["ok@example.net"]
+    notice = _mails(bed, owner, 1)
+    assert notice[0].message["Subject"] == f"low@example.net removed from {lst} (bounces)"
+    assert cli(bed.listmilter.config_path, "bounces", "--run").stdout.startswith("nothing to do")
+
+
 def test_the_owner_keeps_a_disabled_member_by_replying(clean_bed, owner):
     bed = clean_bed
     lst = bed.new_list(["back@example.net"], posting="open", owners=(owner,), bounce_threshold=1)
@@ -371,6 +412,8 @@ def test_forged_and_unprovable_bounces_score_nobody_and_go_to_the_owner(clean_be
     bed.settle()
     assert len(bed.sink.for_recipient(owner)) == len(envids)
     assert {m.message["Subject"] for m in forwarded} == {f"Unrecognised bounce for {lst}"}
+    # From the list's own address (SPF at the owners' provider), never the null or original sender.
+    assert {m.mail_from for m in forwarded} == {lst.replace("@", "-owner@")}
     kept = cli(bed.listmilter.config_path, "bounces", lst, "--kept").stdout
     assert kept.count(".eml") == len(envids)
 

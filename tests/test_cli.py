@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import re
 
 import pytest
 
@@ -61,7 +62,9 @@ def test_list_lifecycle_and_show_says_where_values_come_from(cfg):
     assert "posting = members    # list" in out
     assert f'subject_prefix = "[x] "    # defaults ({cfg}:4)' in out
     assert "description = Developers of things    # list" in out
-    assert "list_id = \"\"    # built-in" in out
+    assert "list_id = (empty)    # built-in" in out
+    assert "unsubscribe_confirm = true    # built-in" in out and "owner_notices = false    # built-in" in out
+    assert "owners = o@example.org    # list" in out and "True" not in out and '""' not in out
     cli(cfg, "list", "unset", "dev@example.org", "posting")
     assert f"posting = open    # defaults ({cfg}:3)" in cli(cfg, "list", "show", "dev@example.org").stdout
     dup = cli(cfg, "list", "create", "dev@example.org", check=False)
@@ -69,6 +72,7 @@ def test_list_lifecycle_and_show_says_where_values_come_from(cfg):
     bad = cli(cfg, "list", "set", "dev@example.org", "posting", "whoever", check=False)
     assert bad.returncode == 65 and "posting: must be one of" in bad.stderr
     assert cli(cfg, "list", "ls").stdout == "dev@example.org\t0\n"
+    assert "store: sqlite (" in (report := cli(cfg, "check", check=False).stdout) and ", 1 list\n" in report
     cli(cfg, "list", "delete", "dev@example.org")
     assert cli(cfg, "list", "ls").stdout == ""
     gone = cli(cfg, "list", "show", "dev@example.org", check=False)
@@ -152,7 +156,7 @@ def test_bounces_lists_and_only_run_does_the_periodic_work(cfg):
     out = cli(cfg, "bounces", "dev@example.org").stdout
     assert out.startswith("LIST ") and "SCORE" in out.splitlines()[0]
     assert cli(cfg, "bounces").stdout == out
-    assert cli(cfg, "bounces", "--run").stdout == ""        # nothing due
+    assert cli(cfg, "bounces", "--run").stdout.startswith("nothing to do")
     gone = cli(cfg, "bounces", "nosuch@example.org", check=False)
     assert gone.returncode == 66 and "no such list" in gone.stderr
 
@@ -169,3 +173,66 @@ def test_listmilter_config_names_the_file_and_c_wins_over_it(cfg, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "listmilter", "list", "ls"], capture_output=True, text=True,
                              env={**os.environ, "LISTMILTER_CONFIG": str(tmp_path / "nope.yaml")}, timeout=60)
     assert missing.returncode == 78 and "nope.yaml: no such file" in missing.stderr
+
+
+def test_members_ls_says_what_it_hides_and_all_shows_status(cfg):
+    cli(cfg, "list", "create", "dev@example.org")
+    cli(cfg, "members", "add", "dev@example.org", "a@example.net", "b@example.net", "c@example.net")
+    cli(cfg, "members", "disable", "dev@example.org", "b@example.net")
+    plain = cli(cfg, "members", "ls", "dev@example.org")
+    assert plain.stdout == "a@example.net\nc@example.net\n"
+    assert plain.stderr == ("dev@example.org: 1 disabled member not shown (they receive no posts); "
+                            "`listmilter members ls --all` shows every member with its status\n")
+    every = cli(cfg, "members", "ls", "dev@example.org", "--all")
+    assert every.stdout == "a@example.net\tactive\nb@example.net\tdisabled\nc@example.net\tactive\n"
+    assert every.stderr == ""
+    assert "members: 3 (1 disabled: they receive no posts)" in cli(cfg, "list", "show", "dev@example.org").stdout
+
+
+def test_csv_output_ends_with_a_newline_and_a_missing_address_fails_in_csv_too(cfg):
+    cli(cfg, "list", "create", "dev@example.org")
+    cli(cfg, "members", "add", "dev@example.org", "a@example.net")
+    for args in (("members", "export", "dev@example.org"), ("members", "history", "dev@example.org", "--csv")):
+        out = cli(cfg, *args).stdout
+        assert out.endswith("\n") and out.count("\n") == 2, out
+    missing = cli(cfg, "members", "history", "dev@example.org", "zz@example.net", "--csv", check=False)
+    assert missing.returncode == 1 and "no membership changes recorded for zz@example.net" in missing.stderr
+
+
+def test_yaml_syntax_error_at_the_end_of_the_file_names_where_the_open_part_begins(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("state_dir: /tmp/x\nsite:\n  admin: 'postmaster@example.org\nlog:\n  target: stderr\n")
+    proc = cli(path, "check", check=False)
+    assert proc.returncode == 1
+    assert f"{path}:3: YAML syntax error: found unexpected end of stream" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_shipped_example_config_gives_exactly_the_built_in_behaviour(tmp_path):
+    import dataclasses
+    from pathlib import Path
+    shipped = Path(__file__).resolve().parent.parent / "conf" / "listmilter.yaml"
+    loaded = config.load(str(shipped))
+    assert dataclasses.replace(loaded, path=None, mtime=None) == config.Config()
+    proc = cli(shipped, "check", check=False, env={"MAIL_CONFIG": str(tmp_path)})
+    assert "web: no base_url: posts carry only a mailto: List-Unsubscribe" in proc.stdout
+    # Every commented line is valid when uncommented, and those marked "default" are the defaults.
+    text = shipped.read_text().split("# The yaml store")[0]
+    uncommented = "\n".join(line[2:] if re.match(r"# *([a-z_]+:( |$)|#)", line) else line
+                            for line in text.splitlines())
+    full = config.parse(uncommented, "uncommented")
+    built_in = config.Config()
+    for name in ("milter_socket", "socketmap_socket", "transport", "backend", "store_path", "state_dir",
+                 "outgoing", "log_facility"):
+        assert getattr(full, name) == getattr(built_in, name), name
+    for name in ("posting", "subscribe_policy", "archive"):
+        assert full.effective(name, {}).value == built_in.effective(name, {}).value, name
+    assert full.web.base_url and full.site_admin == "postmaster@example.org"
+
+
+def test_bounces_commands_say_when_there_is_nothing(cfg):
+    cli(cfg, "list", "create", "dev@example.org")
+    assert cli(cfg, "bounces", "--run").stdout.startswith("nothing to do: no warning or removal is due")
+    assert cli(cfg, "bounces", "--kept").stdout == "no bounce mail kept for any list\n"
+    assert cli(cfg, "bounces", "dev@example.org", "--kept").stdout == "no bounce mail kept for dev@example.org\n"
+    assert cli(cfg, "bounces").stdout == "no bouncing members on any list\n"

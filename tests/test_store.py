@@ -15,24 +15,29 @@ from tests.bed.listmilter import cli
 LIST = "dev@example.org"
 
 
-def _store(tmp_path, backend):
+def _store(tmp_path, backend, pg=None):
     path = tmp_path / "listmilter.yaml"
-    if backend == "yaml":
-        path.write_text(f"state_dir: {tmp_path}/state\nstore:\n  backend: yaml\nlists:\n"
+    # With PostgreSQL: the same tests, everything in the database (the yaml overlay too).
+    database = (f"  dsn: '{pg.dsn}'\n  password_file: {pg.password_file}\n" if pg else "")
+    if backend.startswith("yaml"):
+        path.write_text(f"state_dir: {tmp_path}/state\nstore:\n  backend: yaml\n{database}lists:\n"
                         f"  {LIST}:\n    members:\n      - Ann@example.net\n      - bob@example.net\n")
+    elif pg:
+        path.write_text(f"state_dir: {tmp_path}/state\nstore:\n  backend: postgresql\n{database}")
     else:
         path.write_text(f"state_dir: {tmp_path}/state\n")
     cfg = config.load(str(path))
     store = open_store(cfg)
-    if backend == "sqlite":
+    if not backend.startswith("yaml"):
         store.create_list(LIST, {})
         store.add_members(LIST, [Member("Ann@example.net"), Member("bob@example.net")], "config", "test")
     return store
 
 
-@pytest.fixture(params=["sqlite", "yaml"])
+@pytest.fixture(params=["sqlite", "yaml", "postgresql", "yaml+postgresql"])
 def store(request, tmp_path):
-    s = _store(tmp_path, request.param)
+    pg = request.getfixturevalue("pg_database") if "postgresql" in request.param else None
+    s = _store(tmp_path, request.param, pg)
     yield s
     s.close()
 
@@ -63,7 +68,7 @@ def test_subscribe_unsubscribe_and_status_change_recipients(store):
     record = [(e.address, e.action, e.how, e.who, e.detail) for e in store.history(LIST, "BOB@example.net")]
     assert record[-2:] == [("bob@example.net", "unsubscribed", "web", "192.0.2.7", ""),
                            ("bob@example.net", "subscribed", "mail", "<id3@example.com>", "")]
-    if store.backend == "sqlite":   # the yaml file's own members have no join record
+    if store.backend != "yaml":   # the yaml file's own members have no join record
         assert record[0] == ("bob@example.net", "subscribed", "config", "test", "")
     actions = [(e.address, e.action) for e in store.history(LIST, "ann@example.net")]
     assert actions[-2:] == [("Ann@example.net", "disabled"), ("Ann@example.net", "enabled")]

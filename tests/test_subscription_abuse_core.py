@@ -241,8 +241,8 @@ def test_received_client_never_raises(data):
 
 
 # -- the counters ------------------------------------------------------------------------
-def test_counters_per_budget_sender_and_client(tmp_path):
-    db = PendingDB(str(tmp_path))
+def test_counters_per_budget_sender_and_client(state):
+    db = state.pending()
     now = time.time()
     for n in range(3):
         db.record_sent(LIST, f"third{n}@example.net", "confirm_subscribe", budget=UNVERIFIED,

@@ -10,10 +10,8 @@ from __future__ import annotations
 import base64
 import datetime
 import re
-import shutil
 import signal
 import sqlite3
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -21,8 +19,7 @@ import urllib.request
 import pytest
 
 from tests.bed.listmilter import cli
-from tests.bed.net import free_port, wait_for_port, wait_until
-from tests.bed.postfix import PIPE_USER, pipe_runtime
+from tests.bed.net import free_port, wait_until
 from tests.conftest import message
 from tests.test_reference import u1_token
 
@@ -39,25 +36,11 @@ def web(bed):
     # serve looks at the file's mtime at most once a second, when asked something: ask until it has.
     wait_until(lambda: lm.knows("nobody@example.org") is False and "config reloaded" in lm.log()[mark:],
                15, interval=0.2, what="serve to read the web: section")
-    stderr = open(bed.listmilter.dir / "web.stderr", "ab")
-    bed.web_log = bed.listmilter.dir / "web.log"
-    bed.web_log.touch()
-    shutil.chown(bed.web_log, PIPE_USER)
-    proc = subprocess.Popen(
-        ["/usr/bin/env", f"PYTHONPATH={pipe_runtime()}", f"LISTMILTER_LOG={bed.web_log}",
-         "/usr/bin/python3", "-m", "listmilter", "-c", str(bed.listmilter.config_path), "web"],
-        user=PIPE_USER, cwd="/", stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        wait_for_port(port, timeout=20)
-        yield base
+        with bed.listmilter.web(port):
+            bed.web_log = bed.listmilter.web_log
+            yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        stderr.close()
         del bed.listmilter.extra["web"]
         bed.listmilter.write_config()
 

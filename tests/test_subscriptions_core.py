@@ -17,7 +17,6 @@ from listmilter.core.keys import Keyring
 from listmilter.core.model import MailingList, Member
 from listmilter.core.subscriptions import MEMBER, OWNERS, SENDER, Policy, Request, Sent, State
 from listmilter.core.tokens import Pending
-from listmilter.store.pending import PendingDB
 
 SECRET = Keyring(((0, b"k" * 32),))
 LIST = "dev@example.org"
@@ -156,8 +155,8 @@ def test_tokens_accepted():
 
 
 # -- the pending database ----------------------------------------------------------------
-def test_pending_tokens_single_use_expiry_and_counters(tmp_path):
-    db = PendingDB(str(tmp_path))
+def test_pending_tokens_single_use_expiry_and_counters(state):
+    db = state.pending()
     token = db.create(tokens.CONFIRM, "Dev@Example.org", "A@example.net", "subscribe", 3, "Ann")
     assert tokens.TOKEN_RE.fullmatch(token)
     p = db.lookup(token.upper())

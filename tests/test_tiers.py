@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
     ["/opt/listmilter-test/sendmail/usr/libexec/sendmail/sendmail", "-C", "/nonexistent", "-bD"],
     ["smtp-sink", "127.0.0.1:1", "10"],
     ["/usr/sbin/nginx", "-p", "/nonexistent", "-c", "/nonexistent/nginx.conf"],
+    ["/usr/lib/postgresql/15/bin/pg_ctl", "-D", "/nonexistent", "start"],
 ])
 def test_an_unmarked_test_cannot_start_a_server(_server_guard, argv):
     with pytest.raises(RuntimeError, match="is not marked mta but starts a server"):

@@ -23,8 +23,7 @@ from listmilter.core.bounces import Verdict
 from listmilter.core.keys import Keyring, keyring
 from listmilter.core.model import ACTIVE, DISABLED, MailingList, NoSuchList
 from listmilter.log import fields, logger
-from listmilter.store import secret as secret_mod
-from listmilter.store import statedir
+from listmilter.store import open_bounces, site_secret, statedir
 from listmilter.store.bounce_records import BounceDB, Row
 
 KEPT_FOLDER = "bounces"
@@ -57,7 +56,7 @@ def handle(config, store, secret: Keyring, mlist: MailingList, sender: str, data
         return Outcome(report.kind, ())
     policy = policy_of(config, mlist)
     post = envid.parse(report.envid, mlist.address, secret) if report.envid else None
-    db = BounceDB(config.state_dir)
+    db = open_bounces(config)
     try:
         verdicts = []
         for failure in report.failures:
@@ -101,7 +100,11 @@ def keep_for_owner(config, db: BounceDB, mlist: MailingList, data: bytes, why: s
               now=now, kept=path)
     if config.list_settings(mlist.settings).bounce_unrecognised == "forward":
         owners = config.owners(mlist.settings)
-        outgoing.send(config.outgoing, "", list(owners),
+        # From the list's own <list>-owner@, so the owners' providers check SPF against
+        # this host. Not -bounces@: a forward that failed would come back there,
+        # score nobody and be forwarded again, forever; a failure to -owner@ reaches
+        # the owners once, as a bounce from the null sender, and stops there.
+        outgoing.send(config.outgoing, addresses.role_address(mlist.address, "owner"), list(owners),
                       notices.unrecognised_bounce(mlist.address, owners, why, data))
     return path
 
@@ -147,46 +150,63 @@ def _removal_date(now: float, warnings_left: int, interval: float) -> str:
 
 
 def periodic(config, store, now: float | None = None) -> list[str]:
-    """Warn and remove members disabled by bounces, finish pending actions; what was done."""
+    """Warn and remove members disabled by bounces, finish pending actions, act on scores
+    that reached a lowered threshold; what was done."""
     now = time.time() if now is None else now
-    secret = secret_mod.load_or_create(config.state_dir)
-    done = []
-    db = BounceDB(config.state_dir)
+    secret = site_secret(config)
+    done: list[str] = []
+    db = open_bounces(config)
     try:
-        for row in db.rows():
-            mlist = store.get_list(row.list)
-            if mlist is None:
-                db.forget(row.list, row.address)
-                continue
-            policy = policy_of(config, mlist)
-            member = store.member(mlist.address, row.address)
-            # A pending remove has removed the member already (its notice failed): finish it,
-            # or the owners are never told.
-            if row.pending and (member is not None or row.pending == "remove"):
-                apply_pending(config, store, db, mlist, row, policy, now, secret)
-                done.append(f"{row.pending} {row.address} ({mlist.address})")
-                continue
-            if member is None:
-                db.forget(mlist.address, row.address)       # removed by other means
-                continue
-            if not row.acted or row.next_warning == 0 or member.status != DISABLED:
-                continue
-            step = bounces.next_step(row.warnings_sent, row.next_warning, now, policy)
-            interval = policy.warning_interval_days * bounces.DAY
-            if step == "warn":
-                number = row.warnings_sent + 1
-                outgoing.send(config.outgoing, "", [row.address], notices.bounce_warning(
-                    mlist.address, row.address, number, policy.warnings,
-                    _removal_date(now, policy.warnings - row.warnings_sent, interval)))
-                db.mark_warned(mlist.address, row.address, number, now + interval)
-                done.append(f"warned {row.address} ({mlist.address}, {number}/{policy.warnings})")
-            elif step == "remove":
-                apply_pending(config, store, db, mlist, replace(row, pending="remove"),
-                              policy, now, secret)
-                done.append(f"removed {row.address} ({mlist.address})")
+        with db.periodic_turn() as mine:
+            if not mine:     # several hosts share the database: one of them does it
+                return ["skipped: another host is doing the periodic run now"]
+            _periodic(config, store, db, secret, now, done)
     finally:
         db.close()
     return done
+
+
+def _periodic(config, store, db, secret: Keyring, now: float, done: list[str]) -> None:
+    """One periodic run's work, appended to `done`."""
+    for row in db.rows():
+        mlist = store.get_list(row.list)
+        if mlist is None:
+            db.forget(row.list, row.address)
+            continue
+        policy = policy_of(config, mlist)
+        member = store.member(mlist.address, row.address)
+        # A pending remove has removed the member already (its notice failed): finish it,
+        # or the owners are never told.
+        if row.pending and (member is not None or row.pending == "remove"):
+            apply_pending(config, store, db, mlist, row, policy, now, secret)
+            done.append(f"{row.pending} {row.address} ({mlist.address})")
+            continue
+        if member is None:
+            db.forget(mlist.address, row.address)       # removed by other means
+            continue
+        if not row.acted and member.status == ACTIVE \
+                and bounces.due(bounces.Score(row.score, row.last_scored, row.last_bounce), now, policy) \
+                and db.set_pending(mlist.address, row.address, policy.action):
+            # The threshold was lowered after this member scored.
+            apply_pending(config, store, db, mlist, replace(row, pending=policy.action), policy, now, secret)
+            done.append(f"{policy.action} {row.address} ({mlist.address}): bounce score {row.score} "
+                        f"reached bounce_threshold {policy.threshold}")
+            continue
+        if not row.acted or row.next_warning == 0 or member.status != DISABLED:
+            continue
+        step = bounces.next_step(row.warnings_sent, row.next_warning, now, policy)
+        interval = policy.warning_interval_days * bounces.DAY
+        if step == "warn":
+            number = row.warnings_sent + 1
+            outgoing.send(config.outgoing, "", [row.address], notices.bounce_warning(
+                mlist.address, row.address, number, policy.warnings,
+                _removal_date(now, policy.warnings - row.warnings_sent, interval)))
+            db.mark_warned(mlist.address, row.address, number, now + interval)
+            done.append(f"warned {row.address} ({mlist.address}, {number}/{policy.warnings})")
+        elif step == "remove":
+            apply_pending(config, store, db, mlist, replace(row, pending="remove"),
+                          policy, now, secret)
+            done.append(f"removed {row.address} ({mlist.address})")
 
 
 # -- the owner's decision by mail -------------------------------------------------
@@ -228,7 +248,7 @@ def decide(config, store, secret: Keyring, mlist: MailingList, extension: str, s
     msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(data, headersonly=True)
     if not sender or bounces.is_auto_response(msg):
         return "ignored (decision from the null sender or an auto-responder)"
-    db = BounceDB(config.state_dir)
+    db = open_bounces(config)
     try:
         row = next((r for r in db.rows(mlist.address)
                     if _is_decision_token(token, mlist.address, r.address, decision, secret)),
@@ -251,7 +271,7 @@ def enable(config, store, list_address: str, address: str, how: str, who: str) -
     if store.get_list(list_address) is None:
         raise NoSuchList(list_address)
     changed = store.set_status(list_address, address, ACTIVE, how, who)
-    db = BounceDB(config.state_dir)
+    db = open_bounces(config)
     try:
         forgot = db.forget(list_address, address)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import smtplib
 import socket
 import subprocess
@@ -14,26 +15,54 @@ class OutgoingError(TemporaryError):
     """The MTA did not take a message now."""
 
 
+# A queue id the sendmail command does not tell (the log then cannot link that copy).
+UNKNOWN_ID = "?"
+# The MTA's reply to DATA names the new queue id: Postfix "Ok: queued as 4Fx2Q1Z0D3",
+# Sendmail "4B2N1x0j012345 Message accepted for delivery".
+_QUEUED = re.compile(rb"queued as ([0-9A-Za-z]+)|^(?:\d\.\d\.\d+ )?([0-9A-Za-z]+) Message accepted", re.I)
+
+
+def queue_id(reply: bytes) -> str:
+    """The queue id in an MTA's reply to DATA, or UNKNOWN_ID."""
+    m = _QUEUED.search(reply)
+    return (m.group(1) or m.group(2)).decode() if m else UNKNOWN_ID
+
+
+class _SMTP(smtplib.SMTP):
+    """smtplib.SMTP that keeps the reply to the last DATA (sendmail() drops it)."""
+    data_reply = b""
+
+    def data(self, msg):
+        code, reply = super().data(msg)
+        self.data_reply = reply
+        return code, reply
+
+
 def send(outgoing: Outgoing, sender: str, recipients: list[str], message: bytes) -> None:
     """Submit one message; raise OutgoingError unless the MTA took it for every recipient."""
     send_many(outgoing, [(sender, recipients, message)])
 
 
-def send_many(outgoing: Outgoing, messages: list[tuple[str, list[str], bytes]]) -> None:
-    """Submit several messages, over one SMTP session where possible."""
+def send_many(outgoing: Outgoing, messages: list[tuple[str, list[str], bytes]],
+              queue_ids: list[str] | None = None) -> None:
+    """Submit several messages, over one SMTP session where possible; the MTA's queue
+    id of each is appended to `queue_ids` (UNKNOWN_ID through the sendmail command)."""
     if not messages:
         return
+    ids = queue_ids if queue_ids is not None else []
     if outgoing.sendmail:
         for sender, recipients, message in messages:
             _sendmail(outgoing.sendmail, sender, recipients, message)
+            ids.append(UNKNOWN_ID)
         return
     try:
-        with smtplib.SMTP(outgoing.smtp_host, outgoing.smtp_port, local_hostname="localhost",
-                          timeout=120) as smtp:
+        with _SMTP(outgoing.smtp_host, outgoing.smtp_port, local_hostname="localhost",
+                   timeout=120) as smtp:
             for sender, recipients, message in messages:
                 refused = smtp.sendmail(sender, recipients, message)
                 if refused:
                     raise OutgoingError(f"{outgoing.describe()} refused {refused}")
+                ids.append(queue_id(smtp.data_reply))
     except (smtplib.SMTPException, OSError, socket.timeout) as e:
         raise OutgoingError(f"{outgoing.describe()}: {e}") from e
 
@@ -53,25 +82,29 @@ def _sendmail(path: str, sender: str, recipients: list[str], message: bytes,
 
 def send_copies(outgoing: Outgoing, sender: str, mail_options: tuple[str, ...], envid: str,
                 copies: list[tuple[str, tuple[str, ...], bytes]], progress=None,
-                every: int = 100) -> dict[str, str]:
+                every: int = 100, queue_ids: list[str] | None = None) -> dict[str, str]:
     """One message per recipient, each with its own DSN options, over one SMTP session
     (many transactions). A recipient the MTA refuses for good (5xx to RCPT) is skipped
-    and returned ({address: reply}); anything else raises OutgoingError."""
+    and returned ({address: reply}); anything else raises OutgoingError. The queue id
+    of each copy the MTA took is appended to `queue_ids`."""
     refused_for_good: dict[str, str] = {}
+    ids = queue_ids if queue_ids is not None else []
     if outgoing.sendmail:
         for n, (rcpt, _, message) in enumerate(copies, 1):
             # Postfix's sendmail: -N NOTIFY, -R RET, -V ENVID (ORCPT cannot be given).
             _sendmail(outgoing.sendmail, sender, [rcpt], message,
                       ["-N", "failure", "-R", "hdrs", "-V", envid])
+            ids.append(UNKNOWN_ID)
             if progress and n % every == 0:
                 progress()
         return refused_for_good
     try:
-        with smtplib.SMTP(outgoing.smtp_host, outgoing.smtp_port, local_hostname="localhost",
-                          timeout=120) as smtp:
+        with _SMTP(outgoing.smtp_host, outgoing.smtp_port, local_hostname="localhost",
+                   timeout=120) as smtp:
             for n, (rcpt, rcpt_options, message) in enumerate(copies, 1):
                 try:
                     smtp.sendmail(sender, [rcpt], message, list(mail_options), list(rcpt_options))
+                    ids.append(queue_id(smtp.data_reply))
                 except smtplib.SMTPRecipientsRefused as e:
                     code, text = e.recipients.get(rcpt, (0, b""))
                     if not 500 <= code < 600:

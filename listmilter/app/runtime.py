@@ -13,7 +13,7 @@ import time
 
 from listmilter.core import config as config_mod
 from listmilter.log import logger, setup
-from listmilter.store import Store, open_store
+from listmilter.store import Store, key_source, open_store
 from listmilter.store import secret as secret_mod
 
 CHECK_INTERVAL = 1.0
@@ -24,8 +24,10 @@ class Runtime:
         self.path = path
         self.explicit = explicit
         self.config = config_mod.load(path, explicit)
+        # The hand-off socket and kept bounces live here, also when the state is in PostgreSQL.
+        os.makedirs(self.config.state_dir, mode=0o750, exist_ok=True)
         self.store: Store = open_store(self.config)
-        self._keys = secret_mod.KeySource(self.config.state_dir)
+        self._keys = key_source(self.config)
         self.secret = self._keys.keyring
         self._lock = threading.Lock()
         self._next_check = time.monotonic() + CHECK_INTERVAL
@@ -41,6 +43,17 @@ class Runtime:
             finally:
                 self._lock.release()
         return self.config, self.store
+
+    def watch(self) -> threading.Thread:
+        """Look at the config file every CHECK_INTERVAL in the background (`serve`), so a
+        change is picked up and logged within a second, not only at the next message."""
+        def loop() -> None:
+            while True:
+                time.sleep(CHECK_INTERVAL)
+                self.current()      # a failed reload is logged there and never raises
+        thread = threading.Thread(target=loop, name="config-watch", daemon=True)
+        thread.start()
+        return thread
 
     def _mtime(self) -> float | None:
         try:
@@ -76,9 +89,13 @@ class Runtime:
         try:
             new = config_mod.load(self.path, self.explicit)
             store = self.store
-            if (new.backend, new.store_path) != (self.config.backend, self.config.store_path) \
-                    or new.backend == "yaml":
+            where = lambda c: (c.backend, c.store_path, c.dsn, c.password_file)  # noqa: E731
+            if where(new) != where(self.config) or new.backend == "yaml":
                 store = open_store(new)
+            keys = self._keys
+            if (new.dsn, new.password_file, new.state_dir) != (self.config.dsn, self.config.password_file,
+                                                               self.config.state_dir):
+                keys = key_source(new)      # the keys live with the state
         except Exception as e:  # a broken edit must never stop the running milter
             self._failed_mtime = mtime if mtime is not None else self._mtime()
             logger.error("warning: config reload failed, still running on the last good config: %s", e)
@@ -90,6 +107,7 @@ class Runtime:
         if (new.log_target, new.log_facility) != (self.config.log_target, self.config.log_facility):
             setup(new.log_target, new.log_facility)
         old, self.config, self.store = self.store, new, store
+        self._keys, self.secret = keys, keys.keyring
         self._failed_mtime = None
         if old is not store and old.backend == "sqlite":
             old.close()

@@ -23,6 +23,7 @@ from listmilter.core.keys import Keyring
 from listmilter.core.model import MailingList, Member
 from listmilter.core.subscriptions import OWNERS, SENDER, Outcome, Request, State
 from listmilter.log import fields, logger
+from listmilter.store import open_pending, site_secret
 from listmilter.store.pending import PendingDB
 
 MAX_BODY = 64 * 1024        # of a command message, read for the command words
@@ -52,7 +53,7 @@ class Context:
 class Service:
     def __init__(self, config, store, secret: Keyring, pending: PendingDB | None = None):
         self.config, self.store, self.secret = config, store, secret
-        self.pending = pending or PendingDB(config.state_dir)
+        self.pending = pending or open_pending(config)
 
     def close(self) -> None:
         self.pending.close()
@@ -382,8 +383,7 @@ def _done_text(outcome: Outcome, list_address: str) -> str:
 def deliver_command(config, store, mlist: MailingList, role: addresses.RoleAddress, sender: str,
                     data: bytes) -> int:
     """The pipe transport's part: 0 when handled (answered or ignored); errors propagate (exit 75)."""
-    from listmilter.store import secret as secret_mod
-    service = Service(config, store, secret_mod.load_or_create(config.state_dir))
+    service = Service(config, store, site_secret(config))
     try:
         service.handle_mail(mlist, role, sender, data)
     finally:

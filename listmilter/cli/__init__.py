@@ -5,8 +5,11 @@
     lists.py          list create|delete|show|ls|set|unset
     members.py        members add|remove|ls|import|export|enable|disable|history
     bounces.py        bounces
+    trace.py          trace
+    archive.py        archive
     subscriptions.py  pending, approve, reject
     secret.py         secret rotate|show
+    db.py             db upgrade, migrate (the state databases; SQLite to PostgreSQL)
 
 Each adds its parsers with a `handler` default; every subcommand is a thin
 adapter: parse arguments, call the core and the application, print. Errors
@@ -20,7 +23,7 @@ import sys
 
 from listmilter import __version__
 
-GROUPS = ("serve", "check", "subscriptions", "lists", "members", "bounces", "secret")
+GROUPS = ("serve", "check", "subscriptions", "lists", "members", "bounces", "secret", "trace", "archive", "db")
 
 
 def _parser():

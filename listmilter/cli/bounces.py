@@ -18,29 +18,40 @@ def add_parsers(sub) -> None:
 def _bounces(args, cfg, store):
     from listmilter.app import bounce_processing
     from listmilter.core import bounces
-    from listmilter.store import bounce_records as bouncedb
+    from listmilter.store import open_bounces
     if args.run:
-        for line in bounce_processing.periodic(cfg, store):
+        done = bounce_processing.periodic(cfg, store)
+        for line in done:
             print(line)
+        if not done:
+            print("nothing to do: no warning or removal is due, no action is pending, "
+                  "no score has reached its list's bounce_threshold")
         return 0
     lists = [existing_list(store, args.list).address] if args.list else [m.address for m in store.all_lists()]
-    db = bouncedb.BounceDB(cfg.state_dir)
+    where = args.list or "any list"
+    db = open_bounces(cfg)
     try:
         if args.kept:
-            for address in lists:
-                for at, _, _, _, why, _, _, kept in db.records(address, verdict=bounces.Verdict.UNRECOGNISED):
-                    print(f"{bounces.fmt_time(at)}  {address}  {kept}\n    {why}")
+            kept = [(address, record) for address in lists
+                    for record in db.records(address, verdict=bounces.Verdict.UNRECOGNISED)]
+            for address, (at, _, _, _, why, _, _, path) in kept:
+                print(f"{bounces.fmt_time(at)}  {address}  {path}\n    {why}")
+            if not kept:
+                print(f"no bounce mail kept for {where}")
+            return 0
+        rows = [(address, row) for address in lists for row in db.rows(address)]
+        if not rows:
+            print(f"no bouncing members on {where}")
             return 0
         print(f"{'LIST':<28} {'MEMBER':<32} {'STATE':<9} SCORE  {'LAST BOUNCE':<21} STATUS  DIAGNOSTIC")
-        for address in lists:
-            for row in db.rows(address):
-                member = store.member(address, row.address)
-                state = "gone" if member is None else member.status
-                if row.pending:
-                    state += "*"
-                print(f"{address:<28} {row.address:<32} {state:<9} {row.score:>5}  "
-                      f"{bounces.fmt_time(row.last_bounce):<21} {row.last_status or '-':<7} "
-                      f"{row.last_diagnostic}")
+        for address, row in rows:
+            member = store.member(address, row.address)
+            state = "gone" if member is None else member.status
+            if row.pending:
+                state += "*"
+            print(f"{address:<28} {row.address:<32} {state:<9} {row.score:>5}  "
+                  f"{bounces.fmt_time(row.last_bounce):<21} {row.last_status or '-':<7} "
+                  f"{row.last_diagnostic}")
     finally:
         db.close()
     return 0

@@ -6,6 +6,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from listmilter.cli.common import plural
 from listmilter.core import config as config_mod
 from listmilter.core import settings
 from listmilter.mta import postfix_check as mta
@@ -51,8 +52,12 @@ def run(path: str, explicit: bool) -> Report:
         if size_limit.isdigit():
             limit = int(size_limit)
     _check_web(cfg, report)
-    _check_databases(cfg, report)
-    _check_keys(cfg, report)
+    if cfg.dsn:
+        if not _check_postgresql(cfg, report):
+            return report       # the store cannot open either: one line says why
+    else:
+        _check_databases(cfg, report)
+        _check_keys(cfg, report)
     if cfg.backend == "sqlite" and not os.path.exists(cfg.store_path):
         report.warnings.append(f"{cfg.store_path}: sqlite store does not exist yet; "
                                "`listmilter serve` or `listmilter list create` creates it")
@@ -65,8 +70,8 @@ def run(path: str, explicit: bool) -> Report:
         report.errors.append(str(e))
         return report
     report.errors.extend(f"{cfg.store_path}: integrity: {p}" for p in problems)
-    report.notes.append(f"store: {cfg.backend} ({cfg.path if cfg.backend == 'yaml' else cfg.store_path}), "
-                        f"{len(lists)} lists")
+    where = {"yaml": cfg.path, "postgresql": getattr(store, "path", "")}.get(cfg.backend, cfg.store_path)
+    report.notes.append(f"store: {cfg.backend} ({where}), {plural(len(lists), 'list')}")
 
     for mlist in lists:
         for name, value in mlist.settings.items():
@@ -132,6 +137,60 @@ def _check_databases(cfg, report: Report) -> None:
         report.errors.extend(f"{path}: integrity: {p}" for p in problems)
 
 
+def _check_postgresql(cfg, report: Report) -> bool:
+    """The database of store.dsn: reachable, its schema this version's. False if it cannot be used."""
+    from listmilter.store.postgresql import db as pgdb
+    from listmilter.store.postgresql.schema import MIGRATIONS
+    target = pgdb.target_of(cfg)
+    try:
+        version = pgdb.version_of(target)
+    except StoreError as e:
+        report.errors.append(str(e))
+        return False
+    where = f"postgresql database {target.describe}"
+    if version == 0:
+        report.errors.append(f"{where} has no listmilter tables: run `listmilter db upgrade`")
+        return False
+    if version < len(MIGRATIONS):
+        report.errors.append(f"{where} has schema version {version}, this listmilter needs {len(MIGRATIONS)}: "
+                             "run `listmilter db upgrade`")
+        return False
+    if version > len(MIGRATIONS):
+        report.errors.append(f"{where} has schema version {version}, this listmilter needs {len(MIGRATIONS)}: "
+                             "it was written by a newer listmilter; upgrade listmilter on this host")
+        return False
+    report.notes.append(f"state: {where}, schema version {version}")
+    _check_pg_keys(cfg, target, report)
+    return True
+
+
+def _check_pg_keys(cfg, target, report: Report) -> None:
+    """The site's keys in the database; and a key file left in state_dir that the database does
+    not know: what was signed with it (ENVIDs of posts in flight, links in old mail) no longer verifies."""
+    from listmilter.store import secret as secret_mod
+    from listmilter.store.postgresql.stores import PgKeys
+    try:
+        keys = PgKeys(target).keys()
+    except StoreError as e:
+        report.errors.append(str(e))
+        return
+    if not keys:
+        report.notes.append("keys: none in the database yet; the first run makes one")
+    else:
+        report.notes.append(f"keys: current key {keys[0].id}, {len(keys) - 1} older ones in the database "
+                            "(`listmilter secret show`)")
+    try:
+        local = secret_mod.read_keys(cfg.state_dir) or []
+    except (secret_mod.SecretError, OSError):
+        return          # unused with store.dsn: not worth an error
+    known = {k.secret for k in keys}
+    if any(k.secret not in known for k in local):
+        path = os.path.join(cfg.state_dir, secret_mod.FILE_NAME)
+        report.warnings.append(f"{path} holds keys the database does not: envelope ids and links made with them "
+                               "no longer verify; `listmilter migrate` copies them (docs/upgrade.md), or remove "
+                               "the files")
+
+
 def _check_keys(cfg, report: Report) -> None:
     """The site's keys, as serve would read them (a secret it refuses stops it starting)."""
     from listmilter.store import secret as secret_mod
@@ -149,11 +208,36 @@ def _check_keys(cfg, report: Report) -> None:
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("check", help="check the config file and the store; exit non-zero on errors")
+    s.add_argument("--live", action="store_true",
+                   help="also ask the running serve, its sockets, the outgoing MTA and Postfix's postmap")
     s.set_defaults(handler=main)
+
+
+def live(path: str, explicit: bool, report: Report) -> None:
+    """`check --live`: the path a post takes, probed while it runs (listmilter.mta.live)."""
+    from listmilter.mta import live as live_mod
+    try:
+        cfg = config_mod.load(path, explicit)
+    except config_mod.ConfigError:
+        return          # already one line of the report
+    lists: list[str] = []
+    try:
+        if cfg.backend == "sqlite" and not os.path.exists(cfg.store_path):
+            raise StoreError("no store yet")       # not made by a check
+        store = open_store(cfg)
+        try:
+            lists = [m.address for m in store.all_lists()]
+        finally:
+            store.close()
+    except StoreError:
+        pass            # already in the report; the probes do not need the store
+    live_mod.run(cfg, lists, report)
 
 
 def main(args, path: str, explicit: bool) -> int:
     report = run(path, explicit)
+    if args.live:
+        live(path, explicit, report)
     for line in report.notes:
         print(line)
     for line in report.warnings:

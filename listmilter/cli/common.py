@@ -16,6 +16,11 @@ class Fail(Exception):
         self.code = code
 
 
+def plural(count: int, word: str, words: str | None = None) -> str:
+    """`1 list`, `2 lists`."""
+    return f"{count} {word if count == 1 else (words or word + 's')}"
+
+
 def parse_address(text: str) -> str:
     from listmilter.core import addresses
     try:

@@ -77,12 +77,25 @@ def _show(args, cfg, store):
     mlist = existing_list(store, args.address)
     print(f"list: {mlist.address}")
     print(f"defined in: {mlist.origin} ({store.backend} store)")
-    print(f"members: {store.member_count(mlist.address)}")
+    members = store.members(mlist.address)
+    disabled = sum(m.status != "active" for m in members)
+    print(f"members: {len(members)}" + (f" ({disabled} disabled: they receive no posts)" if disabled else ""))
     for name in settings.SETTINGS:
         eff = cfg.effective(name, mlist.settings)
-        value = ", ".join(eff.value) if isinstance(eff.value, (tuple, list)) else eff.value
-        shown = f'"{value}"' if isinstance(value, str) and (value == "" or value != value.strip()) else value
-        print(f"{name} = {shown}    # {eff.origin}")
+        print(f"{name} = {shown(eff.value)}    # {eff.origin}")
+
+
+def shown(value) -> str:
+    """A setting's value as an admin would write it in the config file (YAML), empty as (empty)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        value = ", ".join(value)
+    if value == "":
+        return "(empty)"
+    if isinstance(value, str) and value != value.strip():
+        return f'"{value}"'         # the spaces matter (a subject prefix)
+    return str(value)
 
 
 def _ls(args, cfg, store):
@@ -98,7 +111,7 @@ def _set(args, cfg, store):
     value = parse_setting(args.key, raw)
     store.set_setting(parse_list_address(args.address), args.key,
                       list(value) if isinstance(value, tuple) else value)
-    print(f"{parse_list_address(args.address)}: {args.key} = {value if not isinstance(value, tuple) else ', '.join(value)}")
+    print(f"{parse_list_address(args.address)}: {args.key} = {shown(value)}")
 
 
 def _unset(args, cfg, store):

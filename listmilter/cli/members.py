@@ -28,9 +28,11 @@ def add_parsers(sub) -> None:
     s.set_defaults(handler=admin(_remove))
     s.add_argument("list")
     s.add_argument("addresses", nargs="+")
-    s = ms.add_parser("ls", help="print the members, one per line")
+    s = ms.add_parser("ls", help="print the members who receive posts, one per line")
     s.set_defaults(handler=admin(_ls))
     s.add_argument("list")
+    s.add_argument("--all", action="store_true",
+                   help="every member, disabled ones too, with their status (address TAB status)")
     s = ms.add_parser("import", help="add members from a file (plain or CSV), all or nothing")
     s.set_defaults(handler=admin(_import))
     s.add_argument("list")
@@ -70,9 +72,21 @@ def _remove(args, cfg, store):
 
 
 def _ls(args, cfg, store):
+    from listmilter.cli.common import plural
+    from listmilter.core.model import ACTIVE
+    address = existing_list(store, args.list).address
     out = sys.stdout
-    for m in store.members(parse_list_address(args.list)):
-        out.write(m.address + "\n")
+    hidden = 0
+    for m in store.members(address):
+        if args.all:
+            out.write(f"{m.address}\t{m.status}\n")
+        elif m.status == ACTIVE:
+            out.write(m.address + "\n")
+        else:
+            hidden += 1
+    if hidden:
+        print(f"{address}: {plural(hidden, 'disabled member')} not shown (they receive no posts); "
+              "`listmilter members ls --all` shows every member with its status", file=sys.stderr)
 
 
 def _import(args, cfg, store):
@@ -157,8 +171,7 @@ def _history(args, cfg, store):
         writer.writerow(["at", "address", "action", "how", "who", "detail"])
         for e in events:
             writer.writerow([stamp(e.at), e.address, e.action, e.how, e.who, e.detail])
-        return 0
-    for e in events:
+    for e in events if not args.csv else ():
         line = f"{stamp(e.at)} {e.address} {e.action} by {e.how}"
         if e.who:
             line += f" ({e.who})"

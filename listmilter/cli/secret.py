@@ -20,11 +20,6 @@ def add_parsers(sub) -> None:
     s2.set_defaults(handler=show)
 
 
-def _state_dir(path: str, explicit: bool) -> str:
-    from listmilter.core import config as config_mod
-    return config_mod.load(path, explicit).state_dir
-
-
 def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
 
@@ -40,12 +35,27 @@ def describe(state_dir: str, now: float) -> list[str]:
     if keys is None:
         return [f"no keys in {state_dir} yet: listmilter makes the first one when it first needs it"]
     on_disk = secret_mod.KEYS_NAME if len(keys) > 1 or keys[0].id else secret_mod.FILE_NAME
-    lines = [f"keys in {os.path.join(state_dir, on_disk)}:"]
+    return _describe(keys, os.path.join(state_dir, on_disk), now,
+                     os.path.join(state_dir, secret_mod.FILE_NAME))
+
+
+def describe_database(cfg, now: float) -> list[str]:
+    """The same for the keys in the PostgreSQL database of store.dsn."""
+    from listmilter.store.postgresql import db, stores
+    keys_db = stores.PgKeys(db.target_of(cfg))
+    keys = keys_db.keys()
+    if not keys:
+        return [f"no keys in {keys_db.describe} yet: listmilter makes the first one when it first needs it"]
+    return _describe(keys, keys_db.describe, now)
+
+
+def _describe(keys, where: str, now: float, key0_file: str | None = None) -> list[str]:
+    lines = [f"keys in {where}:"]
     for i, key in enumerate(keys):
         made = key.created
-        if made is None:      # key 0: the `secret` file, made before key ids
+        if made is None and key0_file:      # key 0: the `secret` file, made before key ids
             try:
-                made = os.stat(os.path.join(state_dir, secret_mod.FILE_NAME)).st_mtime
+                made = os.stat(key0_file).st_mtime
             except OSError:
                 made = None
         age = f"made {_when(made)} ({_days(now - made)} ago)" if made is not None else "made before key ids"
@@ -60,8 +70,19 @@ def describe(state_dir: str, now: float) -> list[str]:
     return lines
 
 
+def _config(path: str, explicit: bool):
+    from listmilter.core import config as config_mod
+    return config_mod.load(path, explicit)
+
+
 def show(args, path: str, explicit: bool) -> int:
-    for line in describe(_state_dir(path, explicit), time.time()):
+    from listmilter.store import StoreError
+    cfg = _config(path, explicit)
+    try:
+        lines = describe_database(cfg, time.time()) if cfg.dsn else describe(cfg.state_dir, time.time())
+    except StoreError as e:
+        raise Fail(str(e), os.EX_TEMPFAIL) from None
+    for line in lines:
         print(line)
     return 0
 
@@ -71,8 +92,16 @@ def rotate(args, path: str, explicit: bool) -> int:
     grace = secret_mod.GRACE_DAYS if args.grace_days is None else args.grace_days
     if not grace >= 0:
         raise Fail("--grace-days must be 0 or more", os.EX_USAGE)
-    state_dir = _state_dir(path, explicit)
-    keys = secret_mod.rotate(state_dir, grace)
+    cfg = _config(path, explicit)
+    if cfg.dsn:         # every host reads the new key from the database within seconds
+        from listmilter.store import StoreError
+        from listmilter.store.postgresql import db, stores
+        try:
+            keys = stores.PgKeys(db.target_of(cfg)).rotate(grace)
+        except StoreError as e:
+            raise Fail(str(e), os.EX_TEMPFAIL) from None
+    else:
+        keys = secret_mod.rotate(cfg.state_dir, grace)
     print(f"key {keys[0].id} is now current; "
           + (f"links and envelope ids made with older keys work for {grace:g} more days"
              if len(keys) > 1 else "links and envelope ids made with older keys no longer work"))

@@ -42,7 +42,14 @@ def serve(args, path: str, explicit: bool) -> int:
     runtime = runtime_for(path, explicit)
     cfg = runtime.config
     setup(cfg.log_target, cfg.log_facility)
-    from listmilter.mta import milter, socketmap
+    from listmilter.mta import killpoint, milter, socketmap
+    if killpoint.AT:
+        if killpoint.AT not in killpoint.STAGES:
+            print(f"listmilter: LISTMILTER_TEST_KILL_AT must be one of {', '.join(killpoint.STAGES)}",
+                  file=sys.stderr)
+            return EX_USAGE
+        logger.warning("warning: LISTMILTER_TEST_KILL_AT=%s: this serve kills itself at %s (for tests only)",
+                       killpoint.AT, killpoint.STAGES[killpoint.AT])
     socket = args.socket or cfg.milter_socket
     try:
         # How long a stop waits for messages in flight; keep systemd's TimeoutStopSec above it.
@@ -76,13 +83,14 @@ def serve(args, path: str, explicit: bool) -> int:
     logger.info("starting listmilter %s: milter=%s, socketmap=%s, deliver=%s, config=%s, store=%s %s, lists=%d",
                 __version__, socket, cfg.socketmap_socket, deliveries.path if deliveries else "(none)",
                 cfg.path or "built-in defaults",
-                cfg.backend, cfg.path if cfg.backend == "yaml" else cfg.store_path,
+                cfg.backend, runtime.store.path,
                 len(runtime.store.all_lists()))
     from listmilter.app import bounce_processing
     if periodic:
         bounce_processing.start_periodic(runtime, period=periodic, first=periodic)
     else:
         bounce_processing.start_periodic(runtime)
+    runtime.watch()
     try:
         milter.run(runtime, socket, grace=grace, on_reload=lambda: _reload(runtime))
     except Exception as e:   # libmilter could not open its socket, for one

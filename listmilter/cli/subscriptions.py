@@ -25,13 +25,12 @@ def run(args, path: str, explicit: bool) -> int:
     from listmilter.app.subscription_service import Service
     from listmilter.core import config as config_mod
     from listmilter.log import setup
-    from listmilter.store import StoreError, open_store
-    from listmilter.store import secret as secret_mod
+    from listmilter.store import StoreError, open_store, site_secret
     setup("stderr")
     cfg = config_mod.load(path, explicit)
     try:
         store = open_store(cfg)
-        service = Service(cfg, store, secret_mod.load_or_create(cfg.state_dir))
+        service = Service(cfg, store, site_secret(cfg))
     except (StoreError, OSError) as e:
         raise Fail(str(e), EX_TEMPFAIL) from None
     try:
@@ -50,6 +49,7 @@ def run(args, path: str, explicit: bool) -> int:
                 print("no pending requests", file=sys.stderr)
             return 0
         failed = 0
+        assert mlist is not None          # approve and reject name their list
         for text in args.addresses:
             address = parse_address(text)
             outcome = service.decide(mlist, address, args.command == "approve", admin_user())

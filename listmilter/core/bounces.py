@@ -235,14 +235,26 @@ def add_bounce(current: Score, now: float, policy: Policy) -> tuple[Score, bool]
     return Score(score.score + 1, now, max(now, score.last_bounce)), True
 
 
+def due(score: Score, now: float, policy: Policy) -> bool:
+    """Does a score call for the list's bounce_action now?
+
+    Checked at every bounce and by the hourly run, so a threshold lowered
+    after a member scored applies to the score they have; a stale score
+    (no bounce for stale_days) does not count.
+    """
+    if score.last_bounce and now - score.last_bounce > policy.stale_days * DAY:
+        return False
+    return score.score >= policy.threshold
+
+
 def score_bounce(current: Score, now: float, policy: Policy, pending: str = "",
                  acted: bool = False) -> tuple[Score, bool, str]:
     """A scored permanent failure: the new score, whether it counted, and the action
     now pending (the policy's action once the score reaches the threshold, unless an
     action is pending or was taken already)."""
     new, counted = add_bounce(current, now, policy)
-    if counted and new.score >= policy.threshold and not pending and not acted:
-        pending = policy.action
+    if not pending and not acted and due(new, now, policy):
+        pending = policy.action     # also for a failure counted today, after a lowered threshold
     return new, counted, pending
 
 

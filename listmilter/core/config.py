@@ -85,6 +85,8 @@ class Config:
     transport: str = "listmilter"
     backend: str = "sqlite"
     store_path: str = os.path.join(DEFAULT_STATE_DIR, SQLITE_NAME)
+    dsn: str | None = None                        # PostgreSQL for all state (store.dsn); None: SQLite files
+    password_file: str | None = None              # its password, read at each connection
     state_dir: str = DEFAULT_STATE_DIR
     lists: dict[str, ListDef] = field(default_factory=dict)
     outgoing: Outgoing = Outgoing()
@@ -129,9 +131,14 @@ def parse(text: str, path: str = "<string>", mtime: float | None = None) -> Conf
     try:
         root = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.MarkedYAMLError as e:
+        problem = e.problem or e.context
         mark = e.problem_mark or e.context_mark
-        raise ConfigError(path, mark.line + 1 if mark else None,
-                          f"YAML syntax error: {e.problem or e.context}") from None
+        if mark and e.context_mark and mark.line >= len(text.splitlines()):
+            # The file ended inside something (a quote, a bracket): name where that began,
+            # not the line after the last one.
+            problem = f"{problem} ({e.context} that begins here)"
+            mark = e.context_mark
+        raise ConfigError(path, mark.line + 1 if mark else None, f"YAML syntax error: {problem}") from None
     except yaml.YAMLError as e:
         raise ConfigError(path, None, f"YAML error: {e}") from None
     return _Builder(path).build(root, mtime)
@@ -226,14 +233,7 @@ class _Builder:
         state_dir = kw.get("state_dir", DEFAULT_STATE_DIR)
         kw["store_path"] = os.path.join(state_dir, SQLITE_NAME)
         if "store" in top:
-            m = self.mapping(top["store"][1], "store", {"backend", "path"})
-            if "backend" in m:
-                backend = self.string(m["backend"][1], "store.backend")
-                if backend not in ("sqlite", "yaml"):
-                    raise self.error(m["backend"][1], f"store.backend must be sqlite or yaml (got {backend!r})")
-                kw["backend"] = backend
-            if "path" in m:
-                kw["store_path"] = self.string(m["path"][1], "store.path")
+            self.store(top["store"][1], kw)
         if "outgoing" in top:
             kw["outgoing"] = self.outgoing(top["outgoing"][1])
         if "defaults" in top:
@@ -263,6 +263,40 @@ class _Builder:
             if kw["lists"] and kw.get("backend", "sqlite") != "yaml":
                 raise self.error(top["lists"][0], "lists: is the yaml store; set store.backend: yaml to use it")
         return Config(**kw)
+
+    def store(self, node: yaml.Node, kw: dict[str, Any]) -> None:
+        m = self.mapping(node, "store", {"backend", "path", "dsn", "password_file"})
+        backend = "sqlite"
+        if "backend" in m:
+            backend = self.string(m["backend"][1], "store.backend")
+            if backend not in ("sqlite", "yaml", "postgresql"):
+                raise self.error(m["backend"][1],
+                                 f"store.backend must be sqlite, yaml or postgresql (got {backend!r})")
+            kw["backend"] = backend
+        if "path" in m:
+            if backend == "postgresql":
+                raise self.error(m["path"][0], "store.path is the SQLite file; store.backend postgresql "
+                                 "uses store.dsn")
+            kw["store_path"] = self.string(m["path"][1], "store.path")
+        if "dsn" in m:
+            if backend == "sqlite":
+                raise self.error(m["dsn"][0], "store.dsn needs store.backend: postgresql (lists in the "
+                                 "database) or yaml (lists in this file, the rest in the database)")
+            dsn = self.string(m["dsn"][1], "store.dsn")
+            if re.search(r"(^|\s)password\s*=|^postgres(ql)?://[^/@]*:[^/@]*@", dsn):
+                raise self.error(m["dsn"][1], "store.dsn: put the password in store.password_file "
+                                 "(or PGPASSWORD, ~/.pgpass), not in the config file")
+            kw["dsn"] = dsn
+        elif backend == "postgresql":
+            raise self.error(m.get("backend", (node, node))[1], "store.backend postgresql needs store.dsn, "
+                             "such as 'host=db.example.org dbname=listmilter user=listmilter'")
+        if "password_file" in m:
+            if "dsn" not in m:
+                raise self.error(m["password_file"][0], "store.password_file is for store.dsn")
+            path = self.string(m["password_file"][1], "store.password_file")
+            if not path.startswith("/"):
+                raise self.error(m["password_file"][1], "store.password_file must be an absolute path")
+            kw["password_file"] = path
 
     def outgoing(self, node: yaml.Node) -> Outgoing:
         m = self.mapping(node, "outgoing", {"smtp", "sendmail"})

@@ -26,7 +26,7 @@ LEGACY = 0               # the key id of the `secret` file
 class Keyring:
     keys: tuple[tuple[int, bytes], ...]     # (key id, secret): the current key first, then older ones
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.keys:
             raise ValueError("a keyring needs at least one key")
         for kid, secret in self.keys:

@@ -289,3 +289,13 @@ def end_of_message(recipients: list[Recipient], split_: Split, in_place: InPlace
         edits.append(Edits(del_rcpts=[r.rcpt]))
     return EndOfMessage(resubmit=split_.reinject, refusals=split_.refused, copies=copies,
                         edits=tuple(edits), expanded=tuple(expanded))
+
+
+# -- the archive -----------------------------------------------------------------------
+def archived_copy(ls: ListSettings, message_headers: list[tuple[str, str]], body: bytes,
+                  post_id: str, secret: Keyring | bytes, posted_at: float) -> bytes:
+    """The post as its members got it (List-* headers, prefixed Subject; the shared mailto:
+    List-Unsubscribe, never a member's personal link), with Unix line ends for a Maildir."""
+    edits = expand_list(ls, [], [], message_headers, post_id, secret, posted_at)
+    data = _header_bytes(apply_header_edits(message_headers, edits)) + b"\r\n" + body
+    return data.replace(b"\r\n", b"\n")

@@ -128,6 +128,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("one_click", True, _flag,
             "with web.base_url configured: send every member a copy of their own carrying a "
             "personal RFC 8058 one-click List-Unsubscribe URL (false: one copy for all, mailto only)"),
+    Setting("archive", False, _flag,
+            "keep every accepted post, as it went out, in a Maildir under state_dir/archive/LIST/ "
+            "(`listmilter archive` exports it)"),
     # Bounce processing (listmilter deliver for <list>-bounces@).
     Setting("bounce_action", "disable", _choice("remove", "disable", "notify"),
             "what a bouncing member's score leads to: remove (and tell the owner), disable (warn, "
@@ -174,6 +177,7 @@ class ListSettings:
     confirm_limit_per_client: int
     templates: str
     one_click: bool
+    archive: bool
     bounce_action: str
     bounce_threshold: int
     bounce_stale_days: int

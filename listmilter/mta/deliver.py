@@ -61,8 +61,8 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
         return service.deliver_command(config, store, mlist, role, sender, data), ""
     # What is left is <list>-bounces@ (addresses.ROLES).
     from listmilter.app import bounce_processing
-    from listmilter.store import secret
-    site_secret = secret.load_or_create(config.state_dir)
+    from listmilter.store import site_secret as secret_of
+    site_secret = secret_of(config)
     extra = {}
     if role.extension.partition("-")[0] in bounce_processing.DECISIONS:
         status = bounce_processing.decide(config, store, site_secret, mlist, role.extension, sender, data)
@@ -78,12 +78,9 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
 
 def run(runtime_factory, recipient: str, sender: str | None, data: bytes) -> tuple[int, str]:
     """`deliver`, with every failure turned into 75 and a reason: never raises."""
-    from listmilter.store.secret import SecretError
     try:
         return deliver(runtime_factory, recipient, sender, data)
-    # Ours and expected (the MTA refused a notice, the store is busy, a secret to fix): one
-    # line whose text says what happened; a traceback only for what nobody expected.
-    except (TemporaryError, SecretError) as e:
+    except TemporaryError as e:    # Deferred, a busy or full store, the MTA not taking mail now, a bad secret file
         logger.error("deliver: %s", fields(to=f"<{recipient}>", status=f"deferred ({e})"))
         return EX_TEMPFAIL, str(e)
     except Exception as e:  # never lose mail: Postfix retries on 75

@@ -24,6 +24,11 @@ state folder's owner, who is also the pipe transport's user):
 Nothing is done before the message has arrived whole; a connection lost
 after it was sent exits 75, and Postfix retries (bounce processing and list
 commands are safe to repeat).
+
+One more request, for `listmilter check --live` (which serve is running?):
+
+    check:   "listmilter-status/1"
+    serve:   VERSION NUL CONFIG NUL PID      (CONFIG empty: built-in defaults)
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from listmilter.mta import netstring
 
 SOCKET_NAME = "deliver.sock"
 MAGIC = b"listmilter-deliver/1"
+STATUS_MAGIC = b"listmilter-status/1"
 MAX_HEADER = 10000
 MAX_MESSAGE = 1 << 30
 CONNECT_TIMEOUT = 2.0
@@ -207,12 +213,17 @@ def start(runtime):
 def serve_one(sock, runtime, config_path: str | None) -> None:
     """One hand-off: check the request, say go, take the message, run it, answer."""
     from listmilter.log import fields, logger
-    from listmilter.mta import deliver
+    from listmilter.mta import deliver, killpoint
     sock.settimeout(GO_TIMEOUT)
     f = sock.makefile("rb")
     try:
         header = netstring.read(f, MAX_HEADER)
         if header is None:
+            return
+        if header == STATUS_MAGIC:
+            from listmilter import __version__
+            sock.sendall(netstring.encode(b"\0".join(
+                (_encode(__version__), _encode(config_path or ""), b"%d" % os.getpid()))))
             return
         magic, *parts = header.split(b"\0")
         if magic != MAGIC or len(parts) not in (2, 3):
@@ -234,12 +245,31 @@ def serve_one(sock, runtime, config_path: str | None) -> None:
         return
     if data is None:
         return      # the pipe process went away before sending the message
+    killpoint.reached("handoff")
     code, text = deliver.run(runtime.current, recipient, sender, data)
+    killpoint.reached("handoff-done")
     try:
         sock.sendall(netstring.encode(b"%d %s" % (code, _encode(text))))
     except OSError as e:
         logger.warning("warning: deliver: %s; Postfix retries a message already handled",
                        fields(to=f"<{recipient}>", status=f"no answer to the pipe process ({e})"))
+
+
+def status(state_dir: str, timeout: float = 5.0) -> tuple[str, str, int]:
+    """(version, config path, pid) of the serve listening in `state_dir`; OSError or
+    netstring.Malformed when there is none (or it does not understand the question)."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(os.path.join(state_dir, SOCKET_NAME))
+        sock.sendall(netstring.encode(STATUS_MAGIC))
+        answer = netstring.read(_Reader(sock), MAX_HEADER)
+    finally:
+        sock.close()
+    parts = (answer or b"").split(b"\0")
+    if len(parts) != 3 or not parts[2].isdigit():
+        raise netstring.Malformed(f"unexpected answer {answer!r}")
+    return parts[0].decode(), parts[1].decode("utf-8", "surrogateescape"), int(parts[2])
 
 
 def stop(server, timeout: float = 10.0) -> None:

@@ -22,7 +22,8 @@ from listmilter.core import addresses, plan, policy
 from listmilter.core.model import ACTIVE
 from listmilter.core.plan import LIST, OWNER, PLAIN, REFUSED, Recipient
 from listmilter.log import fields, logger
-from listmilter.store import StoreError
+from listmilter.mta import killpoint
+from listmilter.store import StoreError, archive
 
 ACTIONS = (Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.ADDRCPT_PAR
            | Milter.DELRCPT | Milter.CHGFROM)
@@ -94,6 +95,7 @@ class ListMilter(Milter.Base):
         self.need_body = False
         self.split: plan.Split | None = None
         self.personal = False      # the in-place list's post goes out as one copy per member
+        self.archive = False       # the in-place list keeps its posts (setting `archive`)
 
     def _tempfail(self, why: str) -> int:
         self.setreply("451", "4.3.0", f"listmilter: {why}; try again later")
@@ -145,7 +147,10 @@ class ListMilter(Milter.Base):
         port = hostaddr[1] if isinstance(hostaddr, tuple) and len(hostaddr) > 1 else None
         self.non_smtp = port == 0
         ip = hostaddr[0] if isinstance(hostaddr, tuple) and hostaddr else hostaddr
-        self.client = f"{hostname}[{ip}]"
+        # The MTA passes "[IP]" as the name of a client without a verified name;
+        # Postfix itself logs that client as unknown[IP].
+        name = hostname if hostname and hostname != f"[{ip}]" else "unknown"
+        self.client = f"{name}[{ip}]"
         return Milter.CONTINUE
 
     def envfrom(self, mailfrom, *params):
@@ -200,6 +205,7 @@ class ListMilter(Milter.Base):
 
     @Milter.noreply
     def header(self, name, value):
+        killpoint.reached("header")
         self.headers.append((name, value))
         return Milter.CONTINUE
 
@@ -210,10 +216,13 @@ class ListMilter(Milter.Base):
         try:
             self.recipients = self._mark_loops(queue_id)
             self.split = plan.split(self.recipients)
-            self.personal = bool(self.split.in_place_list) and self._personalized(self.split.in_place_list)
+            in_place = self.split.in_place_list
+            self.personal = in_place is not None and self._personalized(in_place)
+            self.archive = in_place is not None and \
+                self.config.list_settings(self._list(in_place).settings).archive
         except Exception as e:
             return self._failed(queue_id, e)
-        self.need_body = bool(self.split.reinject) or self.personal
+        self.need_body = bool(self.split.reinject) or self.personal or self.archive
         return Milter.CONTINUE
 
     def _mark_loops(self, queue_id: str) -> list[Recipient]:
@@ -230,6 +239,7 @@ class ListMilter(Milter.Base):
         return out
 
     def body(self, chunk):
+        killpoint.reached("body")
         if not self.need_body:
             return Milter.SKIP
         self.body_chunks.append(chunk)
@@ -290,6 +300,7 @@ class ListMilter(Milter.Base):
         return self.config.owners(self._list(list_address).settings)
 
     def _eom(self, queue_id: str) -> int:
+        killpoint.reached("eom")
         split = self.split
         assert split is not None
         # Look up what the plan needs; everything that can fail comes before the first change.
@@ -310,36 +321,75 @@ class ListMilter(Milter.Base):
             return self._refuse(todo.reject)
 
         original = self._original_message() if todo.resubmit else b""
+        resubmitted: list[str] = []     # queue ids, in the order of the messages given
         outgoing.send_many(self.config.outgoing,
                            [(self.sender, [list_address], original) for list_address in todo.resubmit]
                            + [("", [self.sender], notices.refusal(r.list_address, self.sender, r.reason,
-                                                                  self.headers)) for r in todo.refusals])
+                                                                  self.headers)) for r in todo.refusals],
+                           resubmitted)
         if todo.copies is not None:
             # Every copy is queued by the MTA before the original goes; any failure tempfails
             # the whole message (outgoing.OutgoingError -> 451), never a discard.
             copies = todo.copies
             started = time.monotonic()
+            queued: list[str] = []
             refused = outgoing.send_copies(self.config.outgoing, copies.sender, copies.mail_options,
-                                           copies.envid, copies.copies, self._keepalive)
+                                           copies.envid, copies.copies, self._keepalive, queue_ids=queued)
             for member, reply in refused.items():
                 # In place, the MTA would have bounced it to <list>-bounces@ later; here it says so now.
                 self._log(queue_id, f"member refused ({reply})", split.in_place_list, level=logging.WARNING,
                           to=f"<{member}>")
-            for list_address in todo.resubmit:
-                self._log(queue_id, "split (re-submitted as a message of its own)", list_address)
+            self._log_resubmitted(queue_id, todo, resubmitted)
             self._log(queue_id, "expanded (personal copies)", split.in_place_list, client=True,
                       members=len(copies.copies) - len(refused), seconds=f"{time.monotonic() - started:.2f}",
                       envid=copies.envid)
+            assert split.in_place_list is not None     # personal copies are of the in-place list
+            self._log_copies(queue_id, split.in_place_list, queued)
+            self._archive(queue_id, split.in_place_list)
             # Only list recipients were left in this message: nothing more to deliver.
             return Milter.DISCARD
 
         for e in todo.edits:
             self._apply(e)
-        for list_address in todo.resubmit:
-            self._log(queue_id, "split (re-submitted as a message of its own)", list_address)
+        killpoint.reached("eom-edited")
+        self._log_resubmitted(queue_id, todo, resubmitted)
         for list_address, count, envid_text in todo.expanded:
             self._log(queue_id, "expanded", list_address, client=True, members=count, envid=envid_text)
+            self._archive(queue_id, list_address)
         return Milter.ACCEPT
+
+    def _archive(self, queue_id: str, list_address: str) -> None:
+        """Keep the post in its list's archive; a failure is logged and never holds the post up."""
+        if not self.archive:
+            return
+        try:
+            data = plan.archived_copy(self._settings(list_address), self.headers, b"".join(self.body_chunks),
+                                      _post_id(queue_id), self.runtime.secret, time.time())
+            archive.add(self.config.state_dir, list_address, data, _post_id(queue_id))
+        except Exception as e:      # a full disk, a folder of the wrong owner: the post goes all the same
+            self._log(queue_id, f"not archived ({e.__class__.__name__}: {e}); the post went out",
+                      list_address, level=logging.ERROR)
+
+    # Queue ids on one log line: a syslog line stays well under the 8 KB rsyslog keeps.
+    IDS_PER_LINE = 100
+
+    def _log_resubmitted(self, queue_id: str, todo: plan.EndOfMessage, ids: list[str]) -> None:
+        """The queue id each split-off copy and refusal notice got (`listmilter trace` follows them)."""
+        queued = iter(ids)
+        for list_address in todo.resubmit:
+            self._log(queue_id, "split (re-submitted as a message of its own)", list_address,
+                      queued_as=next(queued, outgoing.UNKNOWN_ID))
+        for r in todo.refusals:
+            self._log(queue_id, "refusal notice sent to the sender", r.list_address,
+                      queued_as=next(queued, outgoing.UNKNOWN_ID))
+
+    def _log_copies(self, queue_id: str, list_address: str, ids: list[str]) -> None:
+        """Every queue id of a post's personal copies, IDS_PER_LINE to a line."""
+        chunks = [ids[i:i + self.IDS_PER_LINE] for i in range(0, len(ids), self.IDS_PER_LINE)]
+        for n, chunk in enumerate(chunks, 1):
+            logger.info("%s: %s", queue_id, fields(
+                list=f"<{list_address}>", copies=len(ids),
+                part=f"{n}/{len(chunks)}" if len(chunks) > 1 else None, queued_as=" ".join(chunk)))
 
     def _apply(self, e: plan.Edits) -> None:
         for rcpt in e.del_rcpts:

@@ -1,8 +1,9 @@
 """List stores: where lists and their members live.
 
-Two backends share one interface: `sqlite` (the embedded default; lists
-change at run time through the CLI) and `yaml` (lists and members written in
-the config file by the admin; read-only for the CLI).
+Three backends share one interface: `sqlite` (the embedded default; lists
+change at run time through the CLI), `postgresql` (the same, in a database
+several MX hosts share) and `yaml` (lists and members written in the config
+file by the admin; read-only for the CLI).
 
 Membership changes made by people and by bounces (subscribe, unsubscribe,
 disable) work on both: with the yaml backend they are kept in an overlay
@@ -58,9 +59,51 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+# One factory for each kind of state: SQLite files in state_dir, or, with
+# store.dsn, the PostgreSQL database (listmilter.store.postgresql).
 def open_store(config) -> Store:
     if config.backend == "yaml":
         from listmilter.store.yamlstore import YAMLStore
         return YAMLStore(config)
+    if config.backend == "postgresql":
+        from listmilter.store.postgresql import db, stores
+        return stores.PgStore(db.target_of(config))
     from listmilter.store.sqlite import SQLiteStore
     return SQLiteStore(config.store_path)
+
+
+def open_pending(config):
+    """Pending requests and reply counters (listmilter.store.pending.PendingDB's interface)."""
+    if config.dsn:
+        from listmilter.store.postgresql import db, stores
+        return stores.PgPendingDB(db.target_of(config))
+    from listmilter.store.pending import PendingDB
+    return PendingDB(config.state_dir)
+
+
+def open_bounces(config):
+    """Bounce scores and records (listmilter.store.bounce_records.BounceDB's interface)."""
+    if config.dsn:
+        from listmilter.store.postgresql import db, stores
+        return stores.PgBounceDB(db.target_of(config))
+    from listmilter.store.bounce_records import BounceDB
+    return BounceDB(config.state_dir)
+
+
+def site_secret(config):
+    """The site's keys accepted now, a core.keys.Keyring (key 0 made on first use):
+    state_dir/secret and secret.keys, or the database's table of keys."""
+    if config.dsn:
+        from listmilter.store.postgresql import db, stores
+        return stores.PgKeys(db.target_of(config)).load_or_create()
+    from listmilter.store import secret
+    return secret.load_or_create(config.state_dir)
+
+
+def key_source(config):
+    """The keys for a long-running process, with refresh() (listmilter.store.secret.KeySource)."""
+    if config.dsn:
+        from listmilter.store.postgresql import db, stores
+        return stores.PgKeySource(db.target_of(config))
+    from listmilter.store import secret
+    return secret.KeySource(config.state_dir)

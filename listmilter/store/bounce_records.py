@@ -13,6 +13,7 @@ decision is lost between two databases.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -114,16 +115,18 @@ class BounceDB:
         list_key = addresses.key(list_address)
         key = addresses.key(failure.address)
         with self._write() as conn:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO bounces(at, list, key, address, permanent, status, diagnostic, "
-                "envid, post_id, verdict, kept) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            inserted = conn.execute(
+                "INSERT INTO bounces(at, list, key, address, permanent, status, diagnostic, "
+                "envid, post_id, verdict, kept) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING RETURNING id",
                 (now, list_key, key, failure.address, int(failure.permanent), failure.status,
-                 failure.diagnostic, envid, post_id, verdict, kept))
-            if cur.rowcount == 0:
+                 failure.diagnostic, envid, post_id, verdict, kept)).fetchone()
+            if inserted is None:
                 return Verdict.DUPLICATE, None
-            bounce_id = cur.lastrowid
+            bounce_id = inserted[0]
             if verdict != Verdict.SCORED:
                 return verdict, None
+            self._lock_member(conn, list_key, key)
             row = self._row(conn, list_key, key)
             current = Score(row.score, row.last_scored, row.last_bounce) if row else Score()
             assert policy is not None
@@ -141,6 +144,15 @@ class BounceDB:
             if not counted:
                 conn.execute("UPDATE bounces SET verdict=? WHERE id=?", (Verdict.COUNTED_TODAY, bounce_id))
             return (Verdict.SCORED if counted else Verdict.COUNTED_TODAY), self._row(conn, list_key, key)
+
+    def _lock_member(self, conn, list_key: str, key: str) -> None:
+        """Keep others from scoring this member until the transaction ends: nothing to do
+        here, BEGIN IMMEDIATE already serialises SQLite's writers (PostgreSQL's differs)."""
+
+    @contextlib.contextmanager
+    def periodic_turn(self):
+        """True if this process may do the periodic run now (with one host, always)."""
+        yield True
 
     _SCORES = ("SELECT list, address, score, last_scored, last_bounce, last_status, last_diagnostic, "
                "pending, acted, warnings_sent, next_warning FROM scores")
@@ -160,6 +172,11 @@ class BounceDB:
         self._update("UPDATE scores SET pending='', acted=?, warnings_sent=?, next_warning=? "
                      "WHERE list=? AND key=?", (now, warnings_sent, next_warning,
                                                 addresses.key(list_address), addresses.key(address)))
+
+    def set_pending(self, list_address: str, address: str, action: str) -> bool:
+        """Call for `action` on a score no action was taken on yet; False if one was."""
+        return self._update("UPDATE scores SET pending=? WHERE list=? AND key=? AND pending='' AND acted=0",
+                            (action, addresses.key(list_address), addresses.key(address))) > 0
 
     def mark_warned(self, list_address: str, address: str, warnings_sent: int, next_warning: float) -> None:
         self._update("UPDATE scores SET warnings_sent=?, next_warning=? WHERE list=? AND key=?",

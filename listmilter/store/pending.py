@@ -184,13 +184,13 @@ class PendingDB:
         """What the daily limits count for one request (core.subscriptions.Sent), in one query."""
         now = time.time() if now is None else now
         sender, address = addresses.key(request.sender), addresses.key(request.address)
+        count = "coalesce(sum(CASE WHEN {} THEN 1 ELSE 0 END), 0)"     # SQLite's and PostgreSQL's
         row = self._conn().execute(
-            "SELECT total(budget='own' AND key=:sender), total(budget='own' AND key=:address), "
-            "total(budget='unverified' AND key=:address), total(budget='unverified' AND sender=:sender), "
-            "total(budget='unverified' AND client=:client AND client!=''), total(budget='unverified') "
-            "FROM sent WHERE list=:list AND at>:since",
-            {"sender": sender, "address": address, "client": request.client,
-             "list": addresses.key(list_address), "since": now - DAY}).fetchone()
+            "SELECT " + ", ".join(count.format(c) for c in (
+                "budget='own' AND key=?", "budget='own' AND key=?", "budget='unverified' AND key=?",
+                "budget='unverified' AND sender=?", "budget='unverified' AND client=? AND client!=''",
+                "budget='unverified'")) + " FROM sent WHERE list=? AND at>?",
+            (sender, address, address, sender, request.client, addresses.key(list_address), now - DAY)).fetchone()
         return Sent(*(int(n) for n in row))
 
     @sqlite_errors

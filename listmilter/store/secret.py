@@ -148,11 +148,18 @@ def next_change(keys: list[Key], now: float) -> float | None:
 def load_or_create(state_dir: str, now: float | None = None) -> Keyring:
     """The keys accepted now; makes key 0 (the `secret` file) on first use."""
     now = time.time() if now is None else now
+    return keyring_of(_keys_or_create(state_dir), now)
+
+
+def _keys_or_create(state_dir: str) -> list[Key]:
+    """The keys on disk, making key 0 first if there is none yet."""
     keys = read_keys(state_dir)
     if keys is None:
         _create(state_dir)
         keys = read_keys(state_dir)
-    return keyring_of(keys, now)
+    if keys is None:
+        raise SecretError(f"{state_dir}: no key after making one")
+    return keys
 
 
 def _create(state_dir: str) -> None:
@@ -186,14 +193,11 @@ def rotate(state_dir: str, grace_days: float = GRACE_DAYS, now: float | None = N
     dir_fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(dir_fd, fcntl.LOCK_EX)      # one rotation at a time; readers need no lock
-        keys = read_keys(state_dir)
-        if keys is None:
-            _create(state_dir)
-            keys = read_keys(state_dir)
+        keys = _keys_or_create(state_dir)
         until = now + grace_days * DAY
         older = [Key(k.id, k.secret, k.created, min(until, k.until if k.until is not None else until))
                  for k in keys]
-        older = [k for k in older if k.until > now]
+        older = [k for k in older if k.until is not None and k.until > now]
         new_id = max(k.id for k in keys) + 1
         if new_id > 0xFFFF:
             raise SecretError("no key ids left (65535 rotations)")
@@ -225,8 +229,7 @@ class KeySource:
     def __init__(self, state_dir: str):
         self.state_dir = state_dir
         self._signature = self._stat()
-        load_or_create(state_dir)          # key 0 on first use
-        self._keys = read_keys(state_dir)
+        self._keys = _keys_or_create(state_dir)          # key 0 on first use
         now = time.time()
         self.keyring = keyring_of(self._keys, now)
         self._change = next_change(self._keys, now)

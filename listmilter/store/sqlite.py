@@ -3,6 +3,10 @@
 WAL mode lets the milter read while the CLI writes; every write is one
 transaction (BEGIN IMMEDIATE), so an import is all-or-nothing. Connections
 (one per thread), transactions and schema upgrades are listmilter.store.db's.
+
+The SQL is also PostgreSQL's (listmilter.store.postgresql runs these methods
+with `?` turned into `%s`): keep to what both understand (ON CONFLICT,
+RETURNING), and override in PgStore where they differ.
 """
 
 from __future__ import annotations
@@ -173,12 +177,12 @@ class SQLiteStore:
     def create_list(self, address: str, list_settings: dict[str, Any]) -> MailingList:
         key = addresses.key(address)
         with self._write() as conn:
-            try:
-                cur = conn.execute("INSERT INTO lists(address, created) VALUES (?, ?)", (key, time.time()))
-            except sqlite3.IntegrityError:
-                raise ListExists(address) from None
+            row = conn.execute("INSERT INTO lists(address, created) VALUES (?, ?) ON CONFLICT DO NOTHING "
+                               "RETURNING id", (key, time.time())).fetchone()
+            if row is None:
+                raise ListExists(address)
             conn.executemany("INSERT INTO list_settings(list_id, name, value) VALUES (?, ?, ?)",
-                             [(cur.lastrowid, n, json.dumps(v)) for n, v in list_settings.items()])
+                             [(row[0], n, json.dumps(v)) for n, v in list_settings.items()])
         return self.get_list(key)
 
     @sqlite_errors
@@ -191,7 +195,8 @@ class SQLiteStore:
     def set_setting(self, address: str, name: str, value: Any) -> None:
         with self._write() as conn:
             list_id = self._list_id(conn, address)
-            conn.execute("INSERT OR REPLACE INTO list_settings(list_id, name, value) VALUES (?, ?, ?)",
+            conn.execute("INSERT INTO list_settings(list_id, name, value) VALUES (?, ?, ?) "
+                         "ON CONFLICT(list_id, name) DO UPDATE SET value=excluded.value",
                          (list_id, name, json.dumps(value)))
 
     @sqlite_errors
@@ -287,7 +292,7 @@ class SQLiteStore:
         # disabling, enabling or leaving keeps it (0 for a member of the file).
         added = now if action == "subscribed" else member.added
         with self._write() as conn:
-            conn.execute("INSERT OR IGNORE INTO lists(address, created) VALUES (?, ?)", (key, now))
+            conn.execute("INSERT INTO lists(address, created) VALUES (?, ?) ON CONFLICT DO NOTHING", (key, now))
             list_id = self._list_id(conn, key)
             conn.execute(
                 "INSERT INTO members(list_id, key, address, name, attrs, status, added) "

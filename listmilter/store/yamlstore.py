@@ -7,13 +7,14 @@ What people and bounces change at run time (someone subscribes by mail,
 leaves by one click, is disabled by bounces) goes to an overlay database,
 state_dir/state.sqlite, laid over the file's members: the file says who is
 invited, the overlay says who joined, left or is disabled since, with the
-consent record for each change.
+consent record for each change. With `store.dsn` the overlay lives in that
+PostgreSQL database instead (the same tables), so every host sees it.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, NoReturn
 
 from listmilter.core import addresses
 from listmilter.core.model import (
@@ -44,11 +45,20 @@ class YAMLStore:
         self._member_keys = {key: {addresses.key(m): m for m in d.members} for key, d in config.lists.items()}
         self.overlay_path = os.path.join(config.state_dir, OVERLAY_NAME)
         self._state: SQLiteStore | None = None
+        if config.dsn:     # the overlay in the PostgreSQL database every host shares
+            from listmilter.store.postgresql import db, stores
+            self._state = stores.PgStore(db.target_of(config), stores.LISTS_YAML, "yaml overlay")
+            self.overlay_path = self._state.describe
 
     def _overlay_store(self, create: bool) -> SQLiteStore | None:
         if self._state is None and (create or os.path.exists(self.overlay_path)):
             self._state = SQLiteStore(self.overlay_path, name="yaml overlay")
         return self._state
+
+    def _writable_overlay(self) -> SQLiteStore:
+        state = self._overlay_store(create=True)
+        assert state is not None
+        return state
 
     def _overlay(self, key: str) -> dict[str, Member]:
         state = self._overlay_store(create=False)
@@ -114,7 +124,7 @@ class YAMLStore:
         current = self.member(key, member.address)
         if current is not None:
             return False
-        self._overlay_store(create=True).set_overlay(key, member, ACTIVE, "subscribed", how, who, detail)
+        self._writable_overlay().set_overlay(key, member, ACTIVE, "subscribed", how, who, detail)
         return True
 
     def unsubscribe(self, list_address: str, address: str, how: str, who: str = "",
@@ -124,7 +134,7 @@ class YAMLStore:
         if current is None:
             return False
         # The row stays as a mask over the file's entry, which only the admin may delete.
-        self._overlay_store(create=True).set_overlay(key, current, UNSUBSCRIBED, "unsubscribed",
+        self._writable_overlay().set_overlay(key, current, UNSUBSCRIBED, "unsubscribed",
                                                      how, who, detail)
         return True
 
@@ -136,11 +146,11 @@ class YAMLStore:
         current = self.member(key, address)
         if current is None or current.status == status:
             return False
-        self._overlay_store(create=True).set_overlay(
+        self._writable_overlay().set_overlay(
             key, current, status, "enabled" if status == ACTIVE else "disabled", how, who, detail)
         return True
 
-    def _read_only(self, *args: Any, **kw: Any):
+    def _read_only(self, *args: Any, **kw: Any) -> NoReturn:
         raise ReadOnlyStore(f"lists in the yaml store are edited in {self.path} (under lists:); "
                             "listmilter picks up the change by itself")
 

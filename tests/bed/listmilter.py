@@ -9,12 +9,13 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
-from .net import PortTaken, free_port, start_with_retry, wait_for_own_port, wait_for_unix, wait_until
-from .postfix import PIPE_GROUP, PIPE_USER
+from .net import PortTaken, free_port, start_with_retry, wait_for_own_port, wait_for_port, wait_for_unix, wait_until
+from .postfix import PIPE_GROUP, PIPE_USER, pipe_runtime
 
 
 def cli(config: Path, *args: str, input: str | None = None, env: dict | None = None,
@@ -227,6 +228,31 @@ class ListmilterServer:
     def forgive(self) -> None:
         """The tracebacks logged so far were caused on purpose: problems() skips them."""
         self._marks = (len(self.log()), len(self.stderr()))
+
+    @contextmanager
+    def web(self, port: int):
+        """`listmilter web` with this config on 127.0.0.1:port, as the pipe transport's user
+        (as in production), logging to web.log; stopped when the block ends."""
+        stderr = open(self.dir / "web.stderr", "ab")
+        self.web_log = self.dir / "web.log"
+        self.web_log.touch()
+        shutil.chown(self.web_log, PIPE_USER)
+        proc = subprocess.Popen(
+            ["/usr/bin/env", f"PYTHONPATH={pipe_runtime()}", f"LISTMILTER_LOG={self.web_log}",
+             "/usr/bin/python3", "-m", "listmilter", "-c", str(self.config_path), "web",
+             "--listen", f"127.0.0.1:{port}"],
+            user=PIPE_USER, cwd="/", stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            wait_for_port(port, timeout=20)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            stderr.close()
 
     def log(self) -> str:
         try:

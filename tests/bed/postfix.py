@@ -26,8 +26,9 @@ PIPE_GROUP = "nogroup"
 # pipe user can read it, because a checkout may sit under a folder only root can enter.
 # (cryptography's compiled parts need cffi's backend module; without the copy the
 # system's own python3-cryptography would be used, not the version pip installs.)
+# psycopg (with its C part and pool) for store.dsn.
 _PIPE_PACKAGES = ("listmilter", "yaml", "flufl", "public", "dns", "waitress", "cryptography", "cffi",
-                  "_cffi_backend")
+                  "_cffi_backend", "psycopg", "psycopg_c", "psycopg_pool", "typing_extensions.py")
 _pipe_runtime: Path | None = None
 
 
@@ -44,7 +45,9 @@ def pipe_runtime() -> Path:
         os.chmod(root, 0o755)
         for name in _PIPE_PACKAGES:
             origin = src if name == "listmilter" else site / name
-            if origin.exists():
+            if origin.is_file():       # a module of one file
+                shutil.copy(origin, root / name)
+            elif origin.exists():
                 shutil.copytree(origin, root / name,
                                 ignore=shutil.ignore_patterns("__pycache__", "tests"))
             for module in site.glob(f"{name}.*.so"):        # an extension module alone
