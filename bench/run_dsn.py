@@ -18,7 +18,18 @@ hands them to fallback_transport. --direct routes the bounce address straight
 to the pipe with a transport_maps entry instead (the routing before
 fallback_transport), to measure what the local(8) step costs.
 
+
+In the same run, the CPU behind those rows: serve's own CPU time per DSN it
+took over (from /proc/PID/stat across the handed-off run), and the CPU of one
+process of each pipe command run directly as the pipe user on one DSN
+(resource usage of waited-for children): a bare Python start-up,
+`listmilter deliver` handing off to serve, `listmilter deliver` working alone.
+And one DSN naming 1,000 members (as Postfix writes one for a post that failed
+for 1,000 of them) against one naming a single member: time from the SMTP
+submission to serve's `deliver:` line.
+
     .venv/bin/python bench/run_dsn.py [--dsns 1000] [--repeat 2] [--backend sqlite|postgresql] [--direct]
+        [--cpu-runs 50] [--storm 1000]
 
 --backend postgresql: the state in a private PostgreSQL server here (fsync on).
 """
@@ -26,7 +37,10 @@ fallback_transport), to measure what the local(8) step costs.
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import shutil
+import subprocess
 import smtplib
 import sys
 import tempfile
@@ -41,7 +55,7 @@ from listmilter.mta import handoff  # noqa: E402
 from listmilter.store import site_secret  # noqa: E402
 from tests.bed.listmilter import ListmilterServer  # noqa: E402
 from tests.bed.net import wait_until  # noqa: E402
-from tests.bed.postfix import PIPE_USER, Postfix  # noqa: E402
+from tests.bed.postfix import PIPE_USER, Postfix, pipe_runtime  # noqa: E402
 from tests.bed.sink import Sink  # noqa: E402
 from tests.conftest import dsn_message  # noqa: E402
 
@@ -89,6 +103,24 @@ def dsn(to: str, member: str, env: str) -> bytes:
         """, to=to)
 
 
+def serve_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_cpu(argv: list[str], data: bytes, runs: int) -> float:
+    """CPU seconds per run of argv (as the pipe user, message on stdin), children included."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    for _ in range(runs):
+        proc = subprocess.run(["runuser", "-u", PIPE_USER, "--", *argv], input=data, capture_output=True,
+                              timeout=60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{argv} exited {proc.returncode}: {proc.stderr.decode(errors='replace')}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) / runs
+
+
 def run_once(postfix: Postfix, to: str, messages: list[bytes], count_lines) -> float:
     before = count_lines()
     start = time.monotonic()
@@ -104,6 +136,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dsns", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--cpu-runs", type=int, default=50, help="processes per row of the CPU table")
+    ap.add_argument("--storm", type=int, default=1000, help="members named by the one big DSN")
     ap.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
     ap.add_argument("--direct", action="store_true",
                     help="route the bounce address by transport_maps, not through local(8)")
@@ -121,11 +155,16 @@ def main() -> int:
         postfix.direct = LIST.replace("@", "-bounces@")
     lm.outgoing_port = postfix.port
     results: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    storms: dict[str, float] = {}
     try:
         lm.write_config()
         lm.start()
         postfix.start()
         members = [f"m{i:06d}@example.net" for i in range(n * args.repeat * len(DELIVER_ROWS))]
+        storm = [f"s{i:06d}@example.net" for i in range(args.storm + 1)]
+        cpu_members = [f"c{i:06d}@example.net" for i in range(args.cpu_runs * 2)]
+        members += storm + cpu_members
         lm.create_list(LIST, members, posting="open", bounce_action="notify", bounce_threshold=1000)
         secret = site_secret(config_mod.load(str(lm.config_path)))
         bounces_addr = LIST.replace("@", "-bounces@")
@@ -152,13 +191,51 @@ def main() -> int:
                 sock = lm.state_dir / handoff.SOCKET_NAME
                 if name.endswith("(alone)"):
                     sock.rename(sock.with_name("deliver.sock.off"))
+                cpu_before = serve_cpu(lm.proc.pid)
                 try:
                     results.setdefault(name, []).append(run_once(postfix, bounces_addr, msgs, deliver_lines))
                 finally:
                     if name.endswith("(alone)"):
                         sock.with_name("deliver.sock.off").rename(sock)
+                if not name.endswith("(alone)"):
+                    cpu.setdefault("serve, per DSN handed to it", []).append(
+                        (serve_cpu(lm.proc.pid) - cpu_before) / n)
+
         scored = sum(1 for line in deliver_log() if " scored" in line)
         alone = sum(1 for line in postfix.pipe_log.read_text().splitlines() if " scored" in line)
+
+        # One process of each pipe command, run directly as the pipe user on one DSN each.
+        runtime = pipe_runtime()
+        env = ["/usr/bin/env", f"PYTHONPATH={runtime}", f"LISTMILTER_LOG={work / 'cpu.log'}"]
+        (work / "cpu.log").touch()
+        shutil.chown(work / "cpu.log", PIPE_USER)
+        deliver = [*env, f"{runtime}/bin/listmilter", "-c", str(lm.config_path), "deliver", bounces_addr, ""]
+        sample = dsn(bounces_addr, cpu_members[0], envid.make("CPU0", LIST, secret, time.time()))
+        cpu["python3 start-up (floor-python)"] = [
+            child_cpu(["/usr/bin/python3", "-c", "import sys; sys.stdin.buffer.read()"], sample, args.cpu_runs)]
+        cpu["deliver, handing off to serve"] = [child_cpu(deliver, sample, args.cpu_runs)]
+        sock = lm.state_dir / handoff.SOCKET_NAME
+        sock.rename(sock.with_name("deliver.sock.off"))
+        try:
+            cpu["deliver, working alone"] = [child_cpu(deliver, sample, args.cpu_runs)]
+        finally:
+            sock.with_name("deliver.sock.off").rename(sock)
+
+        # One DSN naming many members against one naming a single member, through Postfix.
+        for label, named in ((f"one DSN naming {args.storm} members", storm[:args.storm]),
+                             ("one DSN naming 1 member", storm[args.storm:])):
+            env_id = envid.make(f"STORM{len(named)}", LIST, secret, time.time())
+            blocks = [f"""
+                Original-Recipient: rfc822;{m}
+                Final-Recipient: rfc822; {m}
+                Action: failed
+                Status: 5.1.1
+                """ for m in named]
+            storms[label] = run_once(postfix, bounces_addr, [dsn_message(env_id, *blocks, to=bounces_addr)],
+                                     deliver_lines)
+        if f"{args.storm} members" not in "".join(storms) or \
+                not any(line.count(" scored") == args.storm for line in deliver_log()):
+            raise RuntimeError(f"the DSN naming {args.storm} members did not score them all")
     finally:
         postfix.stop()
         lm.stop()
@@ -175,8 +252,15 @@ def main() -> int:
         best = min(times)
         out[name] = {"times": times, "per_second": n / best}
         print(f"{name:<28} {best:>8.2f} {n / best:>8.0f}   (runs: {', '.join(f'{t:.2f}' for t in times)})")
+    print(f"\nCPU per process (mean of {args.cpu_runs} runs each) and serve's own per DSN (median of runs):")
+    for name, values in cpu.items():
+        values = sorted(values)
+        print(f"  {name:<34} {values[len(values) // 2] * 1000:7.1f} ms")
+    print("\nfrom submission to serve's deliver: line:")
+    for name, seconds in storms.items():
+        print(f"  {name:<34} {seconds:7.2f} s")
     path = save(f"dsn-{args.backend}" if args.backend != "sqlite" else "dsn",
-                {"machine": machine(), "args": vars(args), "results": out})
+                {"machine": machine(), "args": vars(args), "results": out, "cpu": cpu, "storm": storms})
     print(f"wrote {path}")
     shutil.rmtree(work, ignore_errors=True)
     if scored != total or alone != n * args.repeat:

@@ -1,7 +1,7 @@
 """Expansion benchmark: a post to a list of N members through a private Postfix
 to a sink, listmilter (sqlite, yaml and postgresql stores) against a bare "floor" milter.
 
-    /work/main/.venv/bin/python bench/run_expansion.py [--sizes 1000,10000,100000]
+    .venv/bin/python bench/run_expansion.py [--sizes 1000,10000,100000]
         [--repeat 2] [--backends sqlite,yaml,postgresql]
 
 postgresql: a private PostgreSQL server on this machine (tests/bed/postgres.py, fsync on).

@@ -2,7 +2,11 @@
 (NOTIFY=FAILURE, ORCPT=rfc822;ADDR) costs in a Postfix queue file, against
 listmilter.cli.check.queue_file_estimate().
 
-    /work/main/.venv/bin/python bench/run_queuesize.py [--sizes 1000,10000] [--lengths 20,60]
+    .venv/bin/python bench/run_queuesize.py [--sizes 1000,10000] [--lengths 20,60]
+
+It prints the measured sizes, the fit, and what the fit predicts (computed,
+not measured): where the default message_size_limit is reached, and the size
+of a 100,000-recipient post.
 
 Listmilter (sqlite store) expands each post in a private Postfix whose
 smtpd_end_of_data_restrictions put it on hold, so the queue file stays as
@@ -113,7 +117,8 @@ def main() -> int:
         est = check.queue_file_estimate(["x" * L]) - allowance
         limit_n = int((10240000 - sum(c.values()) / len(c)) // per)
         print(f"  len {L}: {per:.1f} bytes measured vs {est} estimated; "
-              f"default message_size_limit (10,240,000) reached at about {limit_n} recipients")
+              f"default message_size_limit (10,240,000) reached at about {limit_n} recipients; "
+              f"100,000 recipients make about {(sum(c.values()) / len(c) + 100000 * per) / 1e6:.1f} MB")
     path = save("queuesize", {"machine": machine(), "rows": rows, "fit": {"a": a, "b": b, "fixed": c,
                                                                           "slopes": slopes}})
     print(f"wrote {path}")

@@ -1,18 +1,23 @@
 """Expansion through the real Sendmail: listmilter against two baselines in the same run.
 
     .venv/bin/python bench/run_sendmail.py [--sizes 1000,10000,20000,50000] [--repeat 1]
-        [--modes listmilter,floor,rcpt] [--keep]
+        [--modes listmilter,floor,rcpt] [--accept-only] [--keep]
+    .venv/bin/python bench/run_sendmail.py --sizes 100 --modes rcpt-floor,rcpt-floor-inet
 
 One private Sendmail (tests/bed/sendmail.py: listmilter as INPUT_MAIL_FILTER,
-its socketmap and mailer, as docs/sendmail.md says) with a second listener whose
-only milter is bench/floor_milter.py. Everything goes to Postfix's smtp-sink.
-For each list size N:
+its socketmap and mailer, as docs/sendmail.md says) with more listeners: one
+whose only milter is bench/floor_milter.py (on a unix socket), one with no
+milter at all, and (for rcpt-floor-inet) one whose only milter is a second
+floor on a 127.0.0.1 port. Everything goes to Postfix's smtp-sink. For each
+list size N:
 
 - listmilter: a post to a list of N members (sqlite store);
 - floor: the same post through the floor milter, which adds the same N
   recipients (NOTIFY+ORCPT) from a Python list;
-- rcpt: no expansion; the client itself gives the N members as RCPTs (pipelined,
-  with NOTIFY+ORCPT) on the floor listener, which leaves them alone.
+- rcpt: no milter work at all; the client itself gives the N members as RCPTs
+  (pipelined, with NOTIFY+ORCPT) on the listener without a milter;
+- rcpt-floor, rcpt-floor-inet: the same RCPTs on the floor's listeners, where
+  the milter is told each RCPT (and adds nothing): unix socket against TCP.
 
 Times: "accept" from the final "." of DATA to the 250 (for rcpt: from MAIL to
 the 250, as the RCPTs are where Sendmail does that work), and "delivered"
@@ -116,7 +121,7 @@ def post(port: int, sendmail: Sendmail, n: int, mode: str, timeout: float) -> di
     content = message(lst, n)
     s = Session(port, timeout)
     try:
-        if mode == "rcpt":
+        if mode.startswith("rcpt"):
             bounces = lst.replace("@", "-bounces@")
             t_mail = time.perf_counter()
             cmds = [f"MAIL FROM:<{bounces}> RET=HDRS ENVID=rcpt.{n}"]
@@ -174,8 +179,6 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per post (also Sendmail's T=E)")
     p.add_argument("--accept-only", action="store_true",
                    help="queue only: time to the 250, then drop the queued post (no delivery)")
-    p.add_argument("--inet", action="store_true",
-                   help="milters on 127.0.0.1 ports instead of unix sockets (to show what that costs)")
     p.add_argument("--keep", action="store_true", help="keep the work folders (logs) for inspection")
     args = p.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
@@ -186,37 +189,42 @@ def main() -> int:
     files = {n: write_members(workdir / f"members-{n}.txt", members(n)) for n in sizes}
     sink = SmtpSink().start()
     sendmail_dir = run_dir()
-    lm = ListmilterServer(workdir / "listmilter", "sqlite",
-                          milter_path=None if args.inet else sendmail_dir / "listmilter.sock")
-    floor = sendmail = None
+    lm = ListmilterServer(workdir / "listmilter", "sqlite", milter_path=sendmail_dir / "listmilter.sock")
+    floors: list[subprocess.Popen] = []
+    sendmail = None
     runs: list[dict] = []
     started = time.perf_counter()
     try:
         for n in sizes:
             cli(lm.config_path, "list", "create", list_address(n), "--posting", "open")
             cli(lm.config_path, "members", "import", list_address(n), str(files[n]))
+
+        def start_floor(spec: str) -> None:
+            argv = [sys.executable, str(HERE / "floor_milter.py"), "--socket", spec]
+            for n in sizes:
+                argv += ["--list", f"{list_address(n)}={files[n]}"]
+            floors.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                           stderr=open(workdir / "floor.stderr", "ab")))
         floor_sock = sendmail_dir / "floor.sock"     # a unix socket, like listmilter's (docs/sendmail.md)
-        floor_port = free_port()
-        floor_spec = f"inet:{floor_port}@127.0.0.1" if args.inet else f"unix:{floor_sock}"
-        floor_args = [sys.executable, str(HERE / "floor_milter.py"), "--socket", floor_spec]
-        for n in sizes:
-            floor_args += ["--list", f"{list_address(n)}={files[n]}"]
-        floor = subprocess.Popen(floor_args, stdout=subprocess.DEVNULL,
-                                 stderr=open(workdir / "floor.stderr", "ab"))
-        if args.inet:
-            wait_for_port(floor_port, timeout=60)
-        else:
-            wait_until(floor_sock.exists, 60, what="the floor milter's socket")
-        sendmail = Sendmail(workdir=sendmail_dir,
-                            milter=f"inet:{lm.milter_port}@127.0.0.1" if args.inet else f"local:{lm.milter_path}", sink_port=sink.port, config_path=lm.config_path,
-                            socketmap_port=lm.socketmap_port, eom_timeout=f"{int(args.timeout)}s",
-                            extra_milters={"floor": floor_spec.replace("unix:", "local:")},
+        start_floor(f"unix:{floor_sock}")
+        wait_until(floor_sock.exists, 60, what="the floor milter's socket")
+        listeners = {"floor": f"local:{floor_sock}", "plain": None}
+        if "rcpt-floor-inet" in modes:
+            inet_port = free_port()
+            start_floor(f"inet:{inet_port}@127.0.0.1")
+            wait_for_port(inet_port, timeout=60)
+            listeners["floorinet"] = f"inet:{inet_port}@127.0.0.1"
+        sendmail = Sendmail(workdir=sendmail_dir, milter=f"local:{lm.milter_path}", sink_port=sink.port,
+                            config_path=lm.config_path, socketmap_port=lm.socketmap_port,
+                            eom_timeout=f"{int(args.timeout)}s", extra_milters=listeners,
                             queue_only=args.accept_only)
         lm.outgoing_port = sendmail.port
         lm.write_config()
         lm.start()
+        sendmail.socketmap_port = lm.socketmap_port
         sendmail.start()
-        ports = {"listmilter": sendmail.port, "floor": sendmail.ports["floor"], "rcpt": sendmail.ports["floor"]}
+        ports = {"listmilter": sendmail.port, "floor": sendmail.ports["floor"], "rcpt": sendmail.ports["plain"],
+                 "rcpt-floor": sendmail.ports["floor"], "rcpt-floor-inet": sendmail.ports.get("floorinet")}
 
         for mode in modes:    # warm-up, not counted
             post(ports[mode], sendmail, sizes[0], mode, args.timeout)
@@ -231,7 +239,8 @@ def main() -> int:
                           f"delivered after {res['delivered']:8.3f} s", flush=True)
                     time.sleep(1)
     finally:
-        for stop in ((sendmail.stop if sendmail else None), lm.stop, lambda: stop_proc(floor), sink.stop):
+        for stop in ((sendmail.stop if sendmail else None), lm.stop, *(lambda f=f: stop_proc(f) for f in floors),
+                     sink.stop):
             if stop:
                 try:
                     stop()

@@ -132,3 +132,19 @@ def null_sender_is_never_expanded(bed) -> None:
     bed.settle()
     assert bed.sink.deliveries() == []
     assert "discarded (not expanded: null sender)" in bed.deliver_log()
+
+
+def custom_list_id_is_in_the_header_and_marks_a_loop(bed) -> None:
+    """list_id: the List-Id every copy carries, and what stops a copy that comes back."""
+    lst = bed.new_list(["i1@example.net", "i2@example.net"], posting="open",
+                       list_id="dev.lists.example.org", description="Dev talk")
+    bed.smtp("carol@example.net", [lst], message("first", "carol@example.net", lst))
+    bed.sink.wait_for_recipients(2)
+    bed.settle()
+    assert {m.message["List-Id"] for m in bed.sink.messages} == {"Dev talk <dev.lists.example.org>"}
+    # A member's forwarder sends a copy back to the list: it carries the custom id.
+    back = message("Re: first", "i1@example.net", lst, extra="List-Id: Dev talk <DEV.lists.example.org>\r\n")
+    bed.smtp("i1@example.net", [lst], back)
+    bed.settle(f"list=<{lst}>, status=discarded (not expanded: mail loop")
+    assert len(bed.sink.deliveries()) == 2
+    assert f"list=<{lst}>, from=<i1@example.net>, status=not expanded (mail loop" in bed.listmilter.log()

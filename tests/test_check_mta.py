@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.bed.listmilter import ListmilterServer, cli
-from tests.bed.postfix import Postfix
+from tests.bed.postfix import Postfix, backdate
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,7 @@ def _variant(wired, tmp_path, *edits: tuple[str, ...]) -> str:
     d.mkdir()
     for name in ("main.cf", "master.cf"):
         shutil.copy(pf.dir / name, d / name)
+    backdate(d)
     for args in edits:
         if args[0] == "pipe":   # rewrite the pipe service line: ("pipe", old, new)
             line = subprocess.run(["postconf", "-c", str(d), "-M", "listmilter/unix"], check=True,
@@ -38,6 +39,7 @@ def _variant(wired, tmp_path, *edits: tuple[str, ...]) -> str:
             assert args[1] in line
             args = ("-Me", "listmilter/unix = " + line.replace(args[1], args[2]))
         subprocess.run(["postconf", "-c", str(d), *args], check=True, capture_output=True)
+        backdate(d)
     return str(d)
 
 

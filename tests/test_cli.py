@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import re
 
 import pytest
@@ -9,6 +12,7 @@ import pytest
 from listmilter import paths
 from listmilter.core import config, importer
 from tests.bed.listmilter import cli
+from tests.bed.postfix import backdate
 
 
 @pytest.fixture
@@ -134,6 +138,7 @@ def test_check_warns_when_a_list_exceeds_postfix_message_size_limit(cfg, tmp_pat
     pf = tmp_path / "pf"
     pf.mkdir()
     (pf / "main.cf").write_text("message_size_limit = 100000\n")
+    backdate(pf)
     cli(cfg, "list", "create", "big@example.org", "--owner", "o@example.org")
     cli(cfg, "members", "add", "big@example.org", "-",
         input="".join(f"member{i:05d}@example.net\n" for i in range(2000)))
@@ -142,7 +147,32 @@ def test_check_warns_when_a_list_exceeds_postfix_message_size_limit(cfg, tmp_pat
     assert "list big@example.org: a post makes a Postfix queue file of about" in proc.stderr
     assert "message_size_limit = 100000" in proc.stderr
     (pf / "main.cf").write_text("message_size_limit = 1000000000\n")
+    backdate(pf)
     assert "message_size_limit" not in cli(cfg, "check", env={"MAIL_CONFIG": str(pf)}, check=False).stderr
+
+
+def test_bounces_lists_and_only_run_does_the_periodic_work(cfg):
+    cli(cfg, "list", "create", "dev@example.org")
+    out = cli(cfg, "bounces", "dev@example.org").stdout
+    assert out.startswith("LIST ") and "SCORE" in out.splitlines()[0]
+    assert cli(cfg, "bounces").stdout == out
+    assert cli(cfg, "bounces", "--run").stdout.startswith("nothing to do")
+    gone = cli(cfg, "bounces", "nosuch@example.org", check=False)
+    assert gone.returncode == 66 and "no such list" in gone.stderr
+
+
+def test_listmilter_config_names_the_file_and_c_wins_over_it(cfg, tmp_path):
+    other = tmp_path / "other.yaml"
+    other.write_text(f"state_dir: {tmp_path}/other-state\n")
+    cli(cfg, "list", "create", "dev@example.org")
+    cli(other, "list", "create", "ops@example.org")
+    assert cli(other, "list", "ls", env={"LISTMILTER_CONFIG": str(cfg)}).stdout == "ops@example.org\t0\n"
+    by_env = subprocess.run([sys.executable, "-m", "listmilter", "list", "ls"], capture_output=True, text=True,
+                            env={**os.environ, "LISTMILTER_CONFIG": str(cfg)}, timeout=60)
+    assert (by_env.returncode, by_env.stdout) == (0, "dev@example.org\t0\n")
+    missing = subprocess.run([sys.executable, "-m", "listmilter", "list", "ls"], capture_output=True, text=True,
+                             env={**os.environ, "LISTMILTER_CONFIG": str(tmp_path / "nope.yaml")}, timeout=60)
+    assert missing.returncode == 78 and "nope.yaml: no such file" in missing.stderr
 
 
 def test_members_ls_says_what_it_hides_and_all_shows_status(cfg):

@@ -18,7 +18,7 @@ from listmilter.mta import handoff, netstring
 from tests.bed.listmilter import ListmilterServer, cli
 from tests.bed.net import free_port, wait_until
 from tests.bed.postfix import PIPE_USER, pipe_runtime
-from tests.conftest import Bed, dsn_message, message
+from tests.conftest import dsn_message, message
 
 
 # -- the client's own decisions --------------------------------------------------
@@ -101,7 +101,7 @@ def test_a_serve_that_goes_away_mid_message_means_retry(tmp_path):
                    b"Subject: x\n\nbody\n"]
 
 
-@pytest.mark.parametrize("via_serve", [False, True], ids=["alone", "via-serve"])
+@pytest.mark.parametrize("via_serve", [False, pytest.param(True, marks=pytest.mark.mta)], ids=["alone", "via-serve"])
 def test_deliver_exit_codes(tmp_path, via_serve):
     # outgoing: where nothing listens, so a command that must be answered waits.
     lm = ListmilterServer(tmp_path / "lm", "sqlite", outgoing_port=free_port())
@@ -145,14 +145,6 @@ def test_deliver_exit_codes(tmp_path, via_serve):
 
 
 # -- through the real Postfix ------------------------------------------------------
-@pytest.fixture
-def own_bed():
-    b = Bed("sqlite")
-    yield b
-    b.stop()
-    shutil.rmtree(b.dir, ignore_errors=True)
-
-
 def _scored(text: str, lst: str, member: str) -> list[str]:
     return [line for line in text.splitlines()
             if f"list=<{lst}>, role=bounces" in line and f"<{member}> 5.1.1 scored" in line]

@@ -7,7 +7,6 @@ sqlite / yaml) and asserts on envelopes and headers at the sink.
 from __future__ import annotations
 
 import smtplib
-import time
 
 import pytest
 
@@ -107,6 +106,10 @@ def test_null_sender_is_never_expanded(clean_bed):
     scenarios.null_sender_is_never_expanded(clean_bed)
 
 
+def test_custom_list_id_is_in_the_header_and_marks_a_loop(clean_bed):
+    scenarios.custom_list_id_is_in_the_header_and_marks_a_loop(clean_bed)
+
+
 def test_message_carrying_the_lists_own_list_id_is_not_expanded(clean_bed):
     bed = clean_bed
     lst = bed.new_list(["l1@example.net"], posting="open")
@@ -171,7 +174,7 @@ def test_list_create_notify_mails_the_site_admin_through_postfix(clean_bed):
         proc = cli(bed.listmilter.config_path, "list", "create", "announce9@example.org", "--notify",
                    check=False)
         assert proc.returncode == 64 and "edited in" in proc.stderr
-        time.sleep(2)
+        bed.settle()
         assert bed.sink.deliveries() == []
         return
     out = cli(bed.listmilter.config_path, "list", "create", "announce9@example.org", "--owner",

@@ -59,6 +59,7 @@ def test_an_existing_secret_is_key_0_and_is_never_rewritten(cfg):
         assert k.hex() not in shown and base64.b64encode(k).decode()[:12] not in shown
 
 
+@pytest.mark.mta      # runs `listmilter serve` (which must refuse to start)
 @pytest.mark.parametrize("data", [b"", b"abc", b"x" * 31], ids=["empty", "3-bytes", "31-bytes"])
 def test_a_short_secret_is_refused_with_what_to_do(cfg, data):
     path = _state(cfg) / "secret"

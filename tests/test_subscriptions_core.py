@@ -318,6 +318,7 @@ def test_subscription_settings():
             config.parse(text)
 
 
+@pytest.mark.mta      # starts the SMTP sink
 def test_send_copies_skips_permanent_refusals_and_fails_on_temporary_ones():
     from listmilter.app import outgoing
     from listmilter.core.config import Outgoing
@@ -337,8 +338,14 @@ def test_send_copies_skips_permanent_refusals_and_fails_on_temporary_ones():
             outgoing.send_copies(out, "dev-bounces@example.org", (), "x.y", [copy("busy@example.net")])
 
 
-def test_check_reports_the_web_keys(tmp_path):
+def test_check_reports_the_web_keys(tmp_path, monkeypatch):
     from listmilter.cli import check
+    from tests.bed.postfix import backdate
+    # An empty Postfix config, so postconf answers at once (a missing one costs its 1 s fatal sleep).
+    (tmp_path / "main.cf").write_text("")
+    (tmp_path / "master.cf").write_text("")
+    backdate(tmp_path)
+    monkeypatch.setenv("MAIL_CONFIG", str(tmp_path))
     path = tmp_path / "c.yaml"
     path.write_text(f"state_dir: {tmp_path}/s\nweb:\n  listen: 127.0.0.1:8025\n  base_url: http://l.example\n")
     report = check.run(str(path), True)

@@ -186,6 +186,7 @@ def test_a_database_newer_than_the_code_is_refused_and_left_alone(state, name):
     assert path.read_bytes() == before and user_version(path) == future
 
 
+@pytest.mark.mta      # runs `listmilter serve` (which must refuse to start)
 def test_the_cli_says_which_database_is_too_new(state):
     conn = sqlite3.connect(state / "listmilter.sqlite")
     conn.execute("PRAGMA user_version=7")

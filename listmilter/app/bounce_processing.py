@@ -187,12 +187,14 @@ def _periodic(config, store, db, secret: Keyring, now: float, done: list[str]) -
             continue
         policy = policy_of(config, mlist)
         member = store.member(mlist.address, row.address)
-        if member is None:
-            db.forget(mlist.address, row.address)       # removed by other means
-            continue
-        if row.pending:
+        # A pending remove has removed the member already (its notice failed): finish it,
+        # or the owners are never told.
+        if row.pending and (member is not None or row.pending == "remove"):
             apply_pending(config, store, db, mlist, row, policy, now, secret)
             done.append(f"{row.pending} {row.address} ({mlist.address})")
+            continue
+        if member is None:
+            db.forget(mlist.address, row.address)       # removed by other means
             continue
         if not row.acted and member.status == ACTIVE \
                 and bounces.due(bounces.Score(row.score, row.last_scored, row.last_bounce), now, policy) \
@@ -295,13 +297,13 @@ def enable(config, store, list_address: str, address: str, how: str, who: str) -
 PERIOD = 3600.0
 
 
-def start_periodic(runtime) -> threading.Thread:
+def start_periodic(runtime, period: float = PERIOD, first: float = 60.0) -> threading.Thread:
     """`listmilter serve` runs `periodic` hourly (the first run a minute after start)."""
     def loop() -> None:
-        delay = 60.0
+        delay = first
         while True:
             time.sleep(delay)
-            delay = PERIOD
+            delay = period
             try:
                 config, store = runtime.current()
                 for line in periodic(config, store):

@@ -57,6 +57,12 @@ def serve(args, path: str, explicit: bool) -> int:
     except ValueError:
         print("listmilter: LISTMILTER_STOP_GRACE must be a number of seconds", file=sys.stderr)
         return EX_USAGE
+    try:
+        # The hourly bounce work (first run a minute after start); tests shorten it (docs/testing.md).
+        periodic = float(os.environ.get("LISTMILTER_PERIODIC_INTERVAL") or 0) or None
+    except ValueError:
+        print("listmilter: LISTMILTER_PERIODIC_INTERVAL must be a number of seconds", file=sys.stderr)
+        return EX_USAGE
     # Signals are taken by threads waiting for them (milter.run), so block
     # them before any thread starts: threads inherit the mask, and one
     # without the block would die of SIGTERM's default action.
@@ -80,7 +86,10 @@ def serve(args, path: str, explicit: bool) -> int:
                 cfg.backend, runtime.store.path,
                 len(runtime.store.all_lists()))
     from listmilter.app import bounce_processing
-    bounce_processing.start_periodic(runtime)
+    if periodic:
+        bounce_processing.start_periodic(runtime, period=periodic, first=periodic)
+    else:
+        bounce_processing.start_periodic(runtime)
     runtime.watch()
     try:
         milter.run(runtime, socket, grace=grace, on_reload=lambda: _reload(runtime))

@@ -103,6 +103,12 @@ class ListMilter(Milter.Base):
         self.setreply("451", "4.3.0", f"listmilter: {why}; try again later")
         return Milter.TEMPFAIL
 
+    def _refuse(self, reason: str) -> int:
+        # libmilter reads % in a reply as a format character (pymilter raises on a
+        # single one): a sender such as a%b@example.net must get this 550, not a 451.
+        self.setreply("550", "5.7.1", reason.replace("%", "%%"))
+        return Milter.REJECT
+
     def _failed(self, queue_id: str, e: Exception, **where) -> int:
         """The one place where a failure becomes the SMTP answer: 451 4.3.0, so the
         client retries and nothing is accepted unexpanded. (pymilter would answer an
@@ -111,6 +117,11 @@ class ListMilter(Milter.Base):
             status, why, level = f"list store: {e}", "list store unavailable", logging.ERROR
         elif isinstance(e, outgoing.OutgoingError):
             status, why, level = f"cannot re-submit: {e}", "cannot split the message", logging.ERROR
+        elif isinstance(e, Milter.milter.error):
+            # libmilter could not pass an edit on: the MTA gave up on this message (Sendmail's
+            # E: timeout for a big list) or went away. It answers the client 4xx itself.
+            status, why, level = (f"the MTA did not take the changes: {e}; its end-of-message timeout?",
+                                  "the MTA did not take the changes", logging.ERROR)
         else:
             logger.exception("%s: internal error, message deferred", queue_id)
             return self._tempfail("internal error")
@@ -166,8 +177,7 @@ class ListMilter(Milter.Base):
             self._log(self._queue_id(), f"rejected ({recipient.reason})", recipient.list_address,
                       client=True)
             if not self.non_smtp:
-                self.setreply("550", "5.7.1", recipient.reason)
-                return Milter.REJECT
+                return self._refuse(recipient.reason)
         self.recipients.append(recipient)
         return Milter.CONTINUE
 
@@ -329,8 +339,7 @@ class ListMilter(Milter.Base):
                                    b"".join(self.body_chunks), _post_id(queue_id), self.runtime.secret,
                                    url_for, time.time())
         if todo.reject:
-            self.setreply("550", "5.7.1", todo.reject)
-            return Milter.REJECT
+            return self._refuse(todo.reject)
 
         original = self._original_message() if todo.resubmit else b""
         resubmitted: list[str] = []     # queue ids, in the order of the messages given

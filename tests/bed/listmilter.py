@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import signal
@@ -15,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from .net import free_port, wait_for_port, wait_for_unix, wait_until
-from .postfix import PIPE_USER, pipe_runtime
+from .net import PortTaken, free_port, start_with_retry, wait_for_own_port, wait_for_port, wait_for_unix, wait_until
+from .postfix import PIPE_GROUP, PIPE_USER, pipe_runtime
 
 
 def cli(config: Path, *args: str, input: str | None = None, env: dict | None = None,
@@ -69,11 +68,27 @@ class ListmilterServer:
         self.socketmap_port = free_port()
         self.config_path = self.dir / "listmilter.yaml"
         self.log_path = self.dir / "listmilter.log"
+        self.stderr_path = self.dir / "serve.stderr"
         self.state_dir = self.dir / "state"
+        # Made as docs/install.md's tmpfiles entry makes it: owned by the user the
+        # pipe transport runs as, before any listmilter command. Nothing chowns it
+        # later: files root's commands (and this root-run serve) make in it must
+        # be handed to that user by listmilter itself (store/statedir.py).
+        self.state_dir.mkdir(exist_ok=True)
+        shutil.chown(self.state_dir, PIPE_USER, PIPE_GROUP)
+        # As systemd/listmilter.tmpfiles makes it: others may enter (to reach
+        # deliver.sock as a Sendmail aliases program does), not list it.
+        os.chmod(self.state_dir, 0o751)
         self.lists: dict[str, dict] = {}
         self.outgoing_port = outgoing_port
         self.extra = dict(extra or {})
+        self.env: dict[str, str] = {}      # extra environment for serve (e.g. LISTMILTER_PERIODIC_INTERVAL)
+        self.prefix: list[str] = []        # a command serve runs under (it must exec serve: same pid)
+        self.config_by_env = False         # serve finds its config by $LISTMILTER_CONFIG, not -c
         self.proc: subprocess.Popen | None = None
+        self.exit_codes: list[int] = []    # serve's, each time it was stopped
+        self._marks = (0, 0)               # log and stderr offsets already looked at (problems())
+        self._started = False
         self._mtime = time.time()
         self.write_config()
 
@@ -126,36 +141,53 @@ class ListmilterServer:
 
     # -- process -----------------------------------------------------------
     def start(self) -> "ListmilterServer":
+        # The first start may find a port taken since free_port(); a restart keeps
+        # its ports (Postfix or Sendmail was configured with them).
+        new_ports = self._new_ports if not self._started else None
+        start_with_retry(self._start_once, self._kill, new_ports or (lambda: None),
+                         attempts=3 if new_ports else 1)
+        self._started = True
+        return self
+
+    def _new_ports(self) -> None:
+        self.milter_port = free_port()
+        self.socketmap_port = free_port()
+        self.write_config()
+
+    def _start_once(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in ("LISTMILTER_LOG", "LISTMILTER_CONFIG")}
+        config = [] if self.config_by_env else ["-c", str(self.config_path)]
+        if self.config_by_env:
+            env["LISTMILTER_CONFIG"] = str(self.config_path)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "listmilter", "-c", str(self.config_path), "serve"],
-            stdout=subprocess.DEVNULL, stderr=open(self.dir / "serve.stderr", "ab"),
+            [*self.prefix, sys.executable, "-m", "listmilter", *config, "serve"],
+            stdout=subprocess.DEVNULL, stderr=open(self.stderr_path, "ab"), env={**env, **self.env},
             # As systemd's UMask=0007 does: sockets reachable by the folder's group.
             umask=0o007 if self.socket_dir else -1)
-        if self.socket_dir:
-            wait_for_unix(self.socket_dir / "milter.sock")
-            wait_for_unix(self.socket_dir / "socketmap.sock")
-        else:
-            if self.milter_path:
-                wait_for_unix(self.milter_path)
-            else:
-                wait_for_port(self.milter_port)
-            wait_for_port(self.socketmap_port)
-        # The pipe transport runs as another user (Postfix refuses root), as the
-        # milter would in production; hand it the state folder.
-        for path in [self.state_dir, *self.state_dir.rglob("*")]:
-            try:
-                shutil.chown(path, PIPE_USER)
-            except OSError as e:    # a read-only state folder (test_faults.py) stays as it is
-                if e.errno != errno.EROFS:
-                    raise
-        # As systemd/listmilter.tmpfiles makes it: others may enter (to reach
-        # deliver.sock as a Sendmail aliases program does), not list it.
+        proc = self.proc
+
+        def owner():
+            return proc.pid if proc.poll() is None else False
         try:
-            os.chmod(self.state_dir, 0o751)
-        except OSError as e:
-            if e.errno != errno.EROFS:
-                raise
-        return self
+            if self.socket_dir:
+                wait_for_unix(self.socket_dir / "milter.sock")
+                wait_for_unix(self.socket_dir / "socketmap.sock")
+            else:
+                if self.milter_path:
+                    wait_for_unix(self.milter_path)
+                else:
+                    wait_for_own_port(self.milter_port, owner)
+                wait_for_own_port(self.socketmap_port, owner)
+        except (PortTaken, TimeoutError):
+            if proc.poll() is not None and "in use" not in self.stderr() + self.log():
+                raise RuntimeError(f"listmilter serve exited {proc.returncode}:\n{self.stderr()[-3000:]}")
+            raise
+
+    def _kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -165,7 +197,39 @@ class ListmilterServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc is not None:
+            self.exit_codes.append(self.proc.returncode)
         self.proc = None
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def problems(self) -> list[str]:
+        """What a test must not leave behind in serve: a traceback or a failed periodic
+        run in its log or stderr since the last look, a serve that died by itself, or
+        one that exited non-zero when stopped. Resets the marks (see forgive())."""
+        out = []
+        log, err = self.log(), self.stderr()
+        new_log, new_err = log[self._marks[0]:], err[self._marks[1]:]
+        self._marks = (len(log), len(err))
+        for name, text in (("log", new_log), ("stderr", new_err)):
+            for needle in ("Traceback", "periodic run failed"):
+                if needle in text:
+                    at = text.index(needle)
+                    out.append(f"serve's {name} has {needle!r}:\n{text[max(0, at - 300):at + 2000]}")
+        # Exit 0 is a stop the test asked for (SIGTERM, SIGHUP); anything else is a crash.
+        if self.proc is not None and self.proc.poll() not in (None, 0):
+            out.append(f"serve died by itself (exit {self.proc.returncode}):\n{err[-2000:]}")
+        out += [f"serve exited {code} when stopped:\n{err[-2000:]}" for code in self.exit_codes if code != 0]
+        self.exit_codes = [code for code in self.exit_codes if code == 0]
+        return out
+
+    def forgive(self) -> None:
+        """The tracebacks logged so far were caused on purpose: problems() skips them."""
+        self._marks = (len(self.log()), len(self.stderr()))
 
     @contextmanager
     def web(self, port: int):

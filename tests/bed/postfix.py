@@ -17,9 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from .net import free_port, wait_for_port, wait_until
+from .net import free_port, start_with_retry, wait_for_own_port, wait_until
+from .procs import alive, descendants
 
 PIPE_USER = "nobody"
+PIPE_GROUP = "nogroup"
 # What `listmilter deliver` and `listmilter web` need at run time; copied where the
 # pipe user can read it, because a checkout may sit under a folder only root can enter.
 # (cryptography's compiled parts need cffi's backend module; without the copy the
@@ -82,6 +84,7 @@ class Postfix:
         self.list_domain = list_domain
         self.extra = dict(main_cf or {})
         self.pipe_log = self.dir / "pipe.log"
+        self.config_by_env = False      # the pipe finds its config by $LISTMILTER_CONFIG, not -c
         self.running = False
 
     # -- configuration ---------------------------------------------------
@@ -139,19 +142,23 @@ class Postfix:
         shutil.chown(d / "data", "postfix")
         shutil.copy("/usr/share/postfix/master.cf.dist", d / "master.cf")
         (d / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in self._main_cf().items()))
+        backdate(d)
         self.postconf("-MX", "smtp/inet")
         self.postconf("-Me", f"127.0.0.1:{self.port}/inet = 127.0.0.1:{self.port} inet n - n - - smtpd")
         self.postconf("-F", "*/*/chroot = n")
         if self.socketmap:
             runtime = pipe_runtime()
             config = f"-c {self.config_path} " if self.config_path else ""
+            env = f" LISTMILTER_CONFIG={self.config_path}" if self.config_by_env else ""
+            if self.config_by_env:
+                config = ""
             self.pipe_log.touch()
             shutil.chown(self.pipe_log, PIPE_USER)
             self.postconf(
                 "-Me",
                 "listmilter/unix = listmilter unix - n n - - pipe"
                 f" flags=Rq user={PIPE_USER} null_sender="
-                f" argv=/usr/bin/env PYTHONPATH={runtime} LISTMILTER_LOG={self.pipe_log}"
+                f" argv=/usr/bin/env PYTHONPATH={runtime} LISTMILTER_LOG={self.pipe_log}{env}"
                 f" {runtime}/bin/listmilter {config}deliver ${{recipient}} ${{sender}}")
 
     def configure(self) -> "Postfix":
@@ -160,21 +167,50 @@ class Postfix:
         return self
 
     def reload(self) -> None:
+        """`postfix reload`, and wait until the processes that ran the old config are gone."""
+        master = self.master_pid()
+        old = set(descendants(master)) if master else set()
+        mark = len(self.log())
         subprocess.run(["postfix", "-c", str(self.dir), "reload"], check=True, capture_output=True, text=True)
-        time.sleep(1)   # the master restarts its children lazily
+        wait_until(lambda: "reload -- version" in self.log()[mark:], 15, what="postfix to reload")
+        # Old smtpd processes finish their session and exit; until then one could take a connection.
+        wait_until(lambda: not any(alive(p) for p in old), 15, interval=0.1,
+                   what="postfix's old processes to exit after reload")
+
+    def master_pid(self) -> int | None:
+        pidfile = self.dir / "queue" / "pid" / "master.pid"
+        try:
+            pid = int(pidfile.read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            return None
+        return pid if alive(pid) else None
 
     def postconf(self, *args: str) -> str:
-        return subprocess.run(["postconf", "-c", str(self.dir), *args], check=True,
-                              capture_output=True, text=True).stdout
+        out = subprocess.run(["postconf", "-c", str(self.dir), *args], check=True,
+                             capture_output=True, text=True).stdout
+        backdate(self.dir)
+        return out
 
     # -- life cycle --------------------------------------------------------
     def start(self) -> "Postfix":
+        start_with_retry(self._start_once, self.stop, self._new_port)
+        return self
+
+    def _new_port(self) -> None:
+        self.port = free_port()
+
+    def _start_once(self) -> None:
         self._write_config()
+        mark = len(self.log())
         subprocess.run(["postfix", "-c", str(self.dir), "start"], check=True,
                        capture_output=True, text=True)
         self.running = True
-        wait_for_port(self.port)
-        return self
+
+        def owner():
+            if f"port {self.port}: Address already in use" in self.log()[mark:]:
+                return False
+            return self.master_pid()
+        wait_for_own_port(self.port, owner)
 
     def stop(self) -> None:
         if not self.running:
@@ -204,6 +240,11 @@ class Postfix:
                               text=True).stdout
 
     def queue_empty(self) -> bool:
+        # Twice, a moment apart: showq reads the queue folders one after another, and
+        # a file moving between two of them (deferred -> active) can be missed once.
+        if "Mail queue is empty" not in self.queue():
+            return False
+        time.sleep(0.1)
         return "Mail queue is empty" in self.queue()
 
     def log(self) -> str:
@@ -211,6 +252,18 @@ class Postfix:
             return (self.dir / "maillog").read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+
+def backdate(config_dir: Path) -> None:
+    """Give main.cf and master.cf an mtime in the past. Postfix re-reads a config file
+    changed within the last ~2 s until it is older (it may still be being edited):
+    every postconf and postfix command after an edit would wait those 2 s."""
+    past = time.time() - 10
+    for name in ("main.cf", "master.cf"):
+        try:
+            os.utime(Path(config_dir) / name, (past, past))
+        except FileNotFoundError:
+            pass
 
 
 def _alive(pidfile: Path) -> bool:

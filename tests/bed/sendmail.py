@@ -17,8 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .net import free_port, wait_for_port, wait_until
+from .net import free_port, start_with_retry, wait_for_own_port, wait_until
 from .postfix import PIPE_USER, pipe_runtime
+from .procs import alive, descendants, kill
 
 SENDMAIL_ROOT = Path(os.environ.get("LISTMILTER_SENDMAIL_ROOT", "/opt/listmilter-test/sendmail"))
 SENDMAIL = SENDMAIL_ROOT / "usr/libexec/sendmail/sendmail"
@@ -50,8 +51,14 @@ R$* $| $*		$: $1
 
 
 def run_dir() -> Path:
-    """A fresh folder for one instance, where Sendmail accepts files and sockets as safe."""
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    """A fresh folder for one instance, where Sendmail accepts files and sockets as safe.
+
+    Sendmail refuses a file whose folders up to / are writable by group or others,
+    so every folder this makes gets its mode set, whatever the umask.
+    """
+    for folder in (RUN_DIR.parent, RUN_DIR):
+        folder.mkdir(mode=0o755, exist_ok=True)
+        os.chmod(folder, 0o755)
     d = Path(tempfile.mkdtemp(prefix="sendmail-", dir=RUN_DIR))
     d.chmod(0o755)
     return d
@@ -79,7 +86,8 @@ class Sendmail:
         self.socketmap_port = socketmap_port
         self.list_domain = list_domain
         self.eom_timeout = eom_timeout
-        # name -> milter socket: a listener of its own with only that milter (benchmarks).
+        # name -> milter socket: a listener of its own with only that milter (benchmarks);
+        # None: a listener with no milter at all.
         self.extra_milters = dict(extra_milters or {})
         self.ports = {name: free_port() for name in self.extra_milters}
         self.queue_only = queue_only    # accept and keep in the queue, deliver nothing (benchmarks)
@@ -139,10 +147,12 @@ MAILER(`smtp')dnl
                 eom_timeout=self.eom_timeout, program="/usr/bin/env", user=f"{PIPE_USER}:nogroup",
                 argv=argv)
         for name, spec in self.extra_milters.items():
-            # MAIL_FILTER, not INPUT_MAIL_FILTER: only this listener uses it.
-            lines += (f"MAIL_FILTER(`{name}', `S={spec}, F=T, T=S:10s;R:1m;E:{self.eom_timeout}')dnl\n"
-                      f"DAEMON_OPTIONS(`Port={self.ports[name]}, Addr=127.0.0.1, Name={name}, "
-                      f"InputMailFilters={name}')dnl\n")
+            # MAIL_FILTER, not INPUT_MAIL_FILTER: only this listener uses it. An empty
+            # InputMailFilters= gives a listener without the global (listmilter) milter.
+            if spec:
+                lines += f"MAIL_FILTER(`{name}', `S={spec}, F=T, T=S:10s;R:1m;E:{self.eom_timeout}')dnl\n"
+            lines += (f"DAEMON_OPTIONS(`Port={self.ports[name]}, Addr=127.0.0.1, Name={name}, "
+                      f"InputMailFilters={name if spec else ''}')dnl\n")
         return lines
 
     def _write_config(self) -> None:
@@ -193,44 +203,82 @@ MAILER(`smtp')dnl
                                str(SENDMAIL), "-C", str(self.cf), *args], input=input,
                               capture_output=True, timeout=timeout)
 
+    def bs_session(self, commands: list[bytes], timeout: float = 60) -> list[tuple[int, str]]:
+        """`sendmail -bs`: the sendmail command speaking SMTP on stdin, as programs that
+        submit through it do; one command at a time (Sendmail refuses unannounced
+        pipelining). The reply to the greeting, then to each command."""
+        proc = subprocess.Popen(["unshare", "-u", "sh", "-c", 'hostname mx.example.test && exec "$@"', "sh",
+                                 str(SENDMAIL), "-C", str(self.cf), "-bs"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+        def reply() -> tuple[int, str]:
+            lines = []
+            while True:
+                line = proc.stdout.readline()
+                if not line:
+                    raise ConnectionError(f"sendmail -bs closed after {lines}")
+                lines.append(line.decode(errors="replace").rstrip("\r\n"))
+                if line[3:4] != b"-":
+                    return int(line[:3]), " ".join(x[4:] for x in lines)
+        try:
+            replies = [reply()]
+            for command in commands:
+                proc.stdin.write(command)
+                proc.stdin.flush()
+                replies.append(reply())
+                if command.startswith(b"QUIT"):
+                    break
+            return replies
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout)
+
     # -- life cycle --------------------------------------------------------
     def start(self) -> "Sendmail":
+        start_with_retry(self._start_once, self.stop, self._new_ports)
+        return self
+
+    def _new_ports(self) -> None:
+        self.port = free_port()
+        self.ports = {name: free_port() for name in self.extra_milters}
+
+    def _start_once(self) -> None:
         self._write_config()
-        # -bD: the daemon stays in the foreground, so this Popen is its process.
-        # -q1s: queue runs every second, so retries and DSNs come quickly.
-        # unshare -u: a host name of its own (an FQDN), set without touching the
-        # machine's; with a short one Sendmail waits ~60 s on DNS at start.
+        # -bD: the daemon stays in the foreground, so this Popen is its process
+        # (unshare and sh exec it). -q1s: queue runs every second, so retries and
+        # DSNs come quickly. unshare -u: a host name of its own (an FQDN), set
+        # without touching the machine's; with a short one Sendmail waits ~60 s on DNS.
         self.proc = subprocess.Popen(["unshare", "-u", "sh", "-c", 'hostname mx.example.test && exec "$@"', "sh",
                                       str(SENDMAIL), "-C", str(self.cf), "-bD",
                                       *([] if self.queue_only else ["-q1s"])],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=open(self.dir / "sendmail.stderr", "ab"),
                                      start_new_session=True)
+        proc = self.proc
         try:
             for port in (self.port, *self.ports.values()):
-                wait_for_port(port, timeout=30)
+                wait_for_own_port(port, lambda: proc.pid if proc.poll() is None else False, timeout=30)
         except TimeoutError:
             self.stop()
             raise RuntimeError(f"sendmail did not start: {(self.dir / 'sendmail.stderr').read_text()}")
-        return self
 
     def stop(self) -> None:
         if self.proc is None:
             return
         # SMTP session children call setsid(), so the daemon's process group does
         # not hold them all: find every descendant while the daemon still lives.
-        procs = [self.proc.pid, *_descendants(self.proc.pid)]
+        procs = [self.proc.pid, *descendants(self.proc.pid)]
         for pid in procs:
-            _kill(pid, signal.SIGTERM)
+            kill(pid, signal.SIGTERM)
         try:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             pass
         deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in procs[1:]) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in procs[1:]) and time.monotonic() < deadline:
             time.sleep(0.1)
         for pid in procs:
-            _kill(pid, signal.SIGKILL)
+            kill(pid, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.wait()
         self.proc = None
@@ -256,37 +304,6 @@ def _ids(user: str) -> tuple[int, int]:
     import pwd
     pw = pwd.getpwnam(user)
     return pw.pw_uid, pw.pw_gid
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def queue_ids(listing: str) -> list[str]:

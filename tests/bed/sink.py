@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 
-from .net import free_port, wait_until
+import socket
+
+from .net import wait_until
 
 
 @dataclass
@@ -80,6 +82,15 @@ class _DSNSMTP(SMTP):
 
 
 class _Controller(Controller):
+    """Listens on a socket bound before start (port 0: the kernel picks a free port, no race)."""
+
+    def __init__(self, handler, sock: socket.socket):
+        self._sock = sock
+        super().__init__(handler, hostname="127.0.0.1", port=sock.getsockname()[1])
+
+    def _create_server(self):
+        return self.loop.create_server(self._factory_invoker, sock=self._sock)
+
     def factory(self):
         return _DSNSMTP(self.handler, hostname="sink.example.test", data_size_limit=0,
                     enable_SMTPUTF8=True, decode_data=False, ident="sink")
@@ -89,9 +100,12 @@ class Sink:
     """Records messages; `replies` maps a lower-case address to an SMTP reply for RCPT."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
         self._handler = _Handler()
-        self._controller = _Controller(self._handler, hostname="127.0.0.1", port=self.port)
+        self._controller = _Controller(self._handler, sock)
 
     def start(self) -> "Sink":
         self._controller.start()
