@@ -345,14 +345,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # Postfix, Sendmail, `listmilter serve`, `listmilter web`, nginx or the SMTP sink.
 # (site and nginx: tests/test_web.py's `listmilter web` and the nginx in front of it;
 # pg_server, pg_database: a private PostgreSQL, tests/bed/postgres.py.)
-MTA_FIXTURES = {"bed", "smbed", "own_bed", "own_smbed", "web", "site", "nginx", "pg_server", "pg_database"}
+MTA_FIXTURES = {"bed", "smbed", "own_bed", "own_smbed", "web", "site", "nginx", "pg_server", "pg_database",
+                "own_server"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        # `state` asks for pg_database at run time when its parameter is postgresql.
-        if MTA_FIXTURES & set(getattr(item, "fixturenames", ())) or params.get("state") == "postgresql":
+        # `state` and test_store's `store` ask for pg_database at run time when their parameter names it.
+        on_postgresql = any("postgresql" in str(v) for v in params.values())
+        if MTA_FIXTURES & set(getattr(item, "fixturenames", ())) or on_postgresql:
             item.add_marker(pytest.mark.mta)
 
 

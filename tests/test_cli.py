@@ -153,9 +153,8 @@ def test_check_warns_when_a_list_exceeds_postfix_message_size_limit(cfg, tmp_pat
 
 def test_bounces_lists_and_only_run_does_the_periodic_work(cfg):
     cli(cfg, "list", "create", "dev@example.org")
-    out = cli(cfg, "bounces", "dev@example.org").stdout
-    assert out.startswith("LIST ") and "SCORE" in out.splitlines()[0]
-    assert cli(cfg, "bounces").stdout == out
+    assert cli(cfg, "bounces", "dev@example.org").stdout == "no bouncing members on dev@example.org\n"
+    assert cli(cfg, "bounces").stdout == "no bouncing members on any list\n"
     assert cli(cfg, "bounces", "--run").stdout.startswith("nothing to do")
     gone = cli(cfg, "bounces", "nosuch@example.org", check=False)
     assert gone.returncode == 66 and "no such list" in gone.stderr

@@ -24,6 +24,10 @@ from tests.bed.sendmail import available
 from tests.conftest import SendmailBed, dsn_message, message
 from tests.test_handoff import _deliver
 
+# Starts private MTAs and listmilter serve (the mta tier, docs/testing.md).
+pytestmark = pytest.mark.mta
+
+
 OTHER_USER = "daemon"      # neither root nor the state folder's owner (tests/bed: nobody)
 
 

@@ -44,6 +44,9 @@ from tests.bed.net import free_port, wait_until
 from tests.bed.relay import HoldingRelay
 from tests.conftest import Bed, message
 
+# Starts private MTAs and listmilter serve (the mta tier, docs/testing.md).
+pytestmark = pytest.mark.mta
+
 # -- What the client and Postfix see: one place per expected reply -----------------------
 # The bed runs docs/postfix.md's wiring: milter_default_action = accept, list addresses
 # validated by listmilter's socketmap at RCPT (local_recipient_maps), fallback_transport
@@ -498,6 +501,7 @@ def test_serve_killed_during_a_hand_off(fb, stage, verdicts):
 # == the store ===========================================================================
 LOCKER = """
 import sqlite3, sys
+
 held = []
 for path in sys.argv[1:]:
     db = sqlite3.connect(path, isolation_level=None)

@@ -20,6 +20,10 @@ import pytest
 from tests.bed.net import free_port, wait_until
 from tests.conftest import Bed, message
 
+# Starts private MTAs and listmilter serve (the mta tier, docs/testing.md).
+pytestmark = pytest.mark.mta
+
+
 
 @pytest.fixture
 def own_bed():

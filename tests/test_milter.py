@@ -275,15 +275,17 @@ def test_a_post_is_expanded_in_place_with_these_exact_edits(world, log):
     post_id = envid.parse(params[1][len("ENVID="):], lst, world.runtime.secret)
     assert post_id is not None and post_id.post_id == QUEUE_ID and abs(post_id.posted_at - time.time()) < 60
     assert edits == [
-        ("delrcpt", "<DEV@example.org>"),
-        # Members once each (by case-insensitive address), with DSN parameters naming them.
+        # Members once each (by case-insensitive address), with DSN parameters naming them,
+        # added before the list address goes (plan.edit_steps: safe to stop after any step).
         ("addrcpt", "<m1@example.net>", "NOTIFY=FAILURE ORCPT=rfc822;m1@example.net"),
         ("addrcpt", "<M2@example.com>", "NOTIFY=FAILURE ORCPT=rfc822;M2@example.com"),
+        ("delrcpt", "<DEV@example.org>"),
         chgfrom,
         ("chgheader", "List-Id", 1, None),          # another list's headers go, ours come
         ("chgheader", "Precedence", 1, None),
         ("chgheader", "Subject", 1, "[dev] hello"),
-        *list_headers(lst)]
+        *list_headers(lst),
+        ("addheader", "X-BeenThere", lst)]
     line = next(x for x in log if "status=expanded" in x)
     assert line == (f"{QUEUE_ID}: list=<{lst}>, from=<m2@example.com>, client=localhost[127.0.0.1], "
                     f"status=expanded, members=2, envid={params[1][len('ENVID='):]}")
@@ -398,9 +400,9 @@ def test_the_owner_address_becomes_the_owners_or_the_site_admin(world):
     assert s.send("stranger@example.net", ["dev-owner@example.org", "solo-owner@example.org",
                                            "person@example.net"], post()) == Milter.ACCEPT
     assert s.ctx.edits == [
-        ("delrcpt", "<dev-owner@example.org>"), ("delrcpt", "<solo-owner@example.org>"),
         ("addrcpt", "<o1@example.net>", None), ("addrcpt", "<O2@example.com>", None),
-        ("addrcpt", "<admin@example.net>", None)]
+        ("addrcpt", "<admin@example.net>", None),
+        ("delrcpt", "<dev-owner@example.org>"), ("delrcpt", "<solo-owner@example.org>")]
     assert world.submissions() == []
 
 
@@ -420,8 +422,9 @@ def test_two_lists_and_a_person_each_list_gets_the_original_resubmitted(world, l
     for _, copy in subs:
         assert copy.replace(b"\r\n", b"\n") == original.replace(b"\r\n", b"\n")
     assert [x for x in log if "split" in x] == [
-        f"{QUEUE_ID}: list=<{a}>, from=<carol@example.net>, status=split (re-submitted as a message of its own)",
-        f"{QUEUE_ID}: list=<{b}>, from=<carol@example.net>, status=split (re-submitted as a message of its own)"]
+        f"{QUEUE_ID}: list=<{a}>, from=<carol@example.net>, status=split (re-submitted as a message of its own), queued_as=?",
+        f"{QUEUE_ID}: list=<{b}>, from=<carol@example.net>, status=split (re-submitted as a message of its own), "
+        "queued_as=?"]
 
 
 def test_two_lists_without_a_person_keep_the_first_in_place(world):
@@ -430,9 +433,9 @@ def test_two_lists_without_a_person_keep_the_first_in_place(world):
     s = Session()
     assert s.send("carol@example.net", [a, b], post()) == Milter.ACCEPT
     edits = s.ctx.edits
-    assert edits[:2] == [("delrcpt", f"<{a}>"), ("addrcpt", "<a1@example.net>",
-                                                 "NOTIFY=FAILURE ORCPT=rfc822;a1@example.net")]
-    assert ("delrcpt", f"<{b}>") in edits and edits[2][1] == "<alpha-bounces@example.org>"
+    assert edits[:3] == [("addrcpt", "<a1@example.net>", "NOTIFY=FAILURE ORCPT=rfc822;a1@example.net"),
+                         ("delrcpt", f"<{a}>"), ("delrcpt", f"<{b}>")]
+    assert edits[3][:2] == ("chgfrom", "<alpha-bounces@example.org>")
     assert [argv[-1] for argv, _ in world.submissions()] == [b]
 
 

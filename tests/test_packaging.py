@@ -80,7 +80,7 @@ def test_tmpfiles_makes_the_socket_folder_in_postfix_chroot(tmp_path):
     sockets = (root / "var/spool/postfix/listmilter").stat()
     assert (sockets.st_mode & 0o7777, sockets.st_uid, sockets.st_gid) == (0o2750, 990, 991)
     state = (root / "var/lib/listmilter").stat()
-    assert (state.st_mode & 0o7777, state.st_uid, state.st_gid) == (0o750, 990, 990)
+    assert (state.st_mode & 0o7777, state.st_uid, state.st_gid) == (0o751, 990, 990)
 
 
 @pytest.mark.skipif(not shutil.which("groff"), reason="groff not installed (./bootstrap installs groff-base)")

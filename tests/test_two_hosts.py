@@ -28,6 +28,10 @@ from tests.bed.postgres import PostgreSQL
 from tests.bed.sink import Sink
 from tests.conftest import dsn_message, message
 
+# Starts private MTAs and listmilter serve (the mta tier, docs/testing.md).
+pytestmark = pytest.mark.mta
+
+
 # What Postfix answers for a list address while the database is down: the
 # socketmap lookup (local_recipient_maps) fails before the milter is asked.
 LOOKUP_FAILED = "451 4.3.0 <{rcpt}>: Temporary lookup failure"
