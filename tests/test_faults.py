@@ -360,7 +360,7 @@ def test_serve_killed_between_client_commands(fb, stage, steps, taken):
         flush(fb)
     else:
         assert reply == RCPT_TABLE_DOWN.format(rcpt=lst)
-        fb.settle(0.5)
+        fb.settle()
         assert delivered(fb, msg) == {}
         start_serve(fb)
         wait_for_smtpd_to_forget(fb)
