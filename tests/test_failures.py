@@ -77,7 +77,7 @@ def test_store_unreadable_at_start_stops_serve_and_postfix_answers_451(own_bed):
     assert proc.returncode == 75
     assert "not a database" in proc.stderr and "Traceback" not in proc.stderr
     reply = bed.submit("carol@example.net", [lst], message(to=lst, sender="carol@example.net"))
-    assert (reply.code, reply.text) == MILTER_DOWN, reply
+    assert (reply.code, reply.text) == (LIST_DOWN[0], LIST_DOWN[1].format(rcpt=lst)), reply
 
 
 @pytest.mark.parametrize("own_bed", ["yaml"], indirect=True)
@@ -117,7 +117,7 @@ def test_broken_config_at_start_is_reported_with_file_and_line_and_postfix_tempf
     assert proc.stderr.strip() == (f"{bed.listmilter.config_path}:{line}: defaults.posting: "
                                    "must be one of open, members, announce (got 'everyone')")
     reply = bed.submit("carol@example.net", [lst], message(to=lst, sender="carol@example.net"))
-    assert (reply.code, reply.text) == MILTER_DOWN, reply
+    assert (reply.code, reply.text) == (LIST_DOWN[0], LIST_DOWN[1].format(rcpt=lst)), reply
 
 
 # -- a message split over several lists ------------------------------------------------
