@@ -353,7 +353,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         # `state` and test_store's `store` ask for pg_database at run time when their parameter names it.
-        on_postgresql = any("postgresql" in str(v) for v in params.values())
+        on_postgresql = any(v in ("postgresql", "yaml+postgresql") for v in params.values())
         if MTA_FIXTURES & set(getattr(item, "fixturenames", ())) or on_postgresql:
             item.add_marker(pytest.mark.mta)
 
