@@ -102,12 +102,17 @@ def _umount(path: Path) -> None:
 
 
 def _state_on_tmpfs(bed: Bed) -> None:
-    """Move serve's (stopped) state folder onto a tmpfs of STATE_SIZE, mounted in its place."""
+    """Move serve's (stopped) state folder onto a tmpfs of STATE_SIZE, mounted in its place,
+    owned and moded as the folder was (docs/install.md: the pipe transport's user owns it)."""
     state = bed.listmilter.state_dir
     saved = state.with_name("state.before-tmpfs")
-    shutil.copytree(state, saved, ignore=lambda d, names: [n for n in names if n.endswith(".sock")])
-    _mount("-t", "tmpfs", "-o", f"size={STATE_SIZE},mode=0750", "tmpfs", str(state))
-    shutil.copytree(saved, state, dirs_exist_ok=True)
+    subprocess.run(["cp", "-a", str(state), str(saved)], check=True)     # -a: owners too
+    for sock in saved.glob("*.sock"):
+        sock.unlink()
+    st = state.stat()
+    _mount("-t", "tmpfs", "-o", f"size={STATE_SIZE},mode={st.st_mode & 0o7777:o},uid={st.st_uid},gid={st.st_gid}",
+           "tmpfs", str(state))
+    subprocess.run(["cp", "-a", f"{saved}/.", str(state)], check=True)
     shutil.rmtree(saved)
 
 
