@@ -214,7 +214,7 @@ def machine() -> dict:
             return ""
     cpu = ""
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return {"cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),

@@ -40,8 +40,8 @@ import argparse
 import os
 import resource
 import shutil
-import subprocess
 import smtplib
+import subprocess
 import sys
 import tempfile
 import time

@@ -80,7 +80,7 @@ def main() -> int:
                 before = set(hold.iterdir()) if hold.exists() else set()
                 with smtplib.SMTP("127.0.0.1", postfix.port, timeout=300) as s:
                     s.sendmail("alice@example.net", [address], message(address, n))
-                new = wait_until(lambda: (set(hold.iterdir()) - before) if hold.exists() else None,
+                new = wait_until(lambda before=before: (set(hold.iterdir()) - before) if hold.exists() else None,
                                  60, what="a file in the hold queue")
                 (qfile,) = new
                 size = qfile.stat().st_size

@@ -13,9 +13,9 @@ logger = logging.getLogger("listmilter")
 def setup(target: str = "stderr", facility: str = "mail", program: str = "listmilter") -> None:
     """Send listmilter's log to stderr, syslog (beside Postfix's lines) or a file."""
     target = os.environ.get("LISTMILTER_LOG") or target
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+        old.close()
     if target == "syslog":
         address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
         handler: logging.Handler = logging.handlers.SysLogHandler(

@@ -95,7 +95,7 @@ class Bed:
         its last delivery, so an empty queue leaves nothing in flight."""
         self.mta_drained(timeout)
         for line in log_lines:
-            wait_until(lambda: line in self.deliver_log(), timeout, interval=0.1,
+            wait_until(lambda line=line: line in self.deliver_log(), timeout, interval=0.1,
                        what=f"{line!r} in listmilter's logs")
         if log_lines:
             self.mta_drained(timeout)

@@ -40,3 +40,16 @@ def test_the_settings_view_has_one_field_per_setting():
     assert [f.name for f in dataclasses.fields(settings.ListSettings)] == list(settings.SETTINGS)
     assert settings.resolve_all({}, {}) == settings.ListSettings(
         **{name: s.default for name, s in settings.SETTINGS.items()})
+
+
+def test_ruff_finds_nothing():
+    """pyflakes, pycodestyle, import order and bugbear (pyproject's [tool.ruff.lint])."""
+    proc = _run(str(BIN / "ruff"), "check", "--no-cache", "listmilter", "tests", "bench")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_mypy_finds_nothing():
+    """Types hold everywhere, strictly in core/ (pyproject's [tool.mypy])."""
+    proc = _run(str(BIN / "mypy"), "--no-incremental")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("Success: no issues found"), proc.stdout

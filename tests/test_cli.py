@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
-import re
 
 import pytest
 
@@ -25,11 +25,13 @@ def cfg(tmp_path):
 def test_config_errors_carry_file_and_line(tmp_path):
     cases = {
         "milter:\n  socket: 8899\n": ":2: milter.socket must be a non-empty string (got 8899)",
-        "store:\n  backend: yaml\nlists:\n  dev@example.org:\n    members:\n      - ok@example.net\n      - 'bad address'\n":
+        "store:\n  backend: yaml\nlists:\n  dev@example.org:\n"
+        "    members:\n      - ok@example.net\n      - 'bad address'\n":
             ":7: lists.dev@example.org.members: not a valid mail address: 'bad address'",
         "lists:\n  dev@example.org: {}\n": ":1: lists: is the yaml store",
         "defaults:\n  colour: blue\n": ":2: unknown key 'colour' in defaults",
-        "store:\n  backend: yaml\nlists:\n  dev@example.org: {}\n  DEV@example.org: {}\n": ":5: lists: 'DEV@example.org' is defined twice",
+        "store:\n  backend: yaml\nlists:\n  dev@example.org: {}\n  DEV@example.org: {}\n":
+            ":5: lists: 'DEV@example.org' is defined twice",
         "outgoing:\n  smtp: x\n  sendmail: /usr/sbin/sendmail\n": ":2: outgoing needs exactly one",
     }
     for text, expected in cases.items():

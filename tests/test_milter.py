@@ -422,7 +422,8 @@ def test_two_lists_and_a_person_each_list_gets_the_original_resubmitted(world, l
     for _, copy in subs:
         assert copy.replace(b"\r\n", b"\n") == original.replace(b"\r\n", b"\n")
     assert [x for x in log if "split" in x] == [
-        f"{QUEUE_ID}: list=<{a}>, from=<carol@example.net>, status=split (re-submitted as a message of its own), queued_as=?",
+        f"{QUEUE_ID}: list=<{a}>, from=<carol@example.net>, "
+        "status=split (re-submitted as a message of its own), queued_as=?",
         f"{QUEUE_ID}: list=<{b}>, from=<carol@example.net>, status=split (re-submitted as a message of its own), "
         "queued_as=?"]
 
@@ -473,7 +474,7 @@ def test_personal_copies_are_submitted_each_with_its_own_link_then_the_original_
     envid_value = subs[0][0][8]
     assert envid_value.startswith(f"{QUEUE_ID}.") and subs[1][0][8] == envid_value
     urls = []
-    for (argv, copy), member in zip(subs, ["p1@example.net", "p2@example.com"]):
+    for (_argv, copy), member in zip(subs, ["p1@example.net", "p2@example.com"], strict=True):
         m = email.message_from_bytes(copy, policy=email.policy.default)
         url = m["List-Unsubscribe"].split(">")[0].lstrip("<")
         token = url.rsplit("/", 1)[1]

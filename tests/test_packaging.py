@@ -31,7 +31,8 @@ def _man_tree(tmp_path: Path) -> Path:
     return tree
 
 
-@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed (./bootstrap installs systemd)")
+@pytest.mark.skipif(not shutil.which("systemd-analyze"),
+                    reason="systemd-analyze not installed (./bootstrap installs systemd)")
 def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
     # verify wants ExecStart's program to exist: point it at this checkout's listmilter.
     program = Path(sys.executable).parent / "listmilter"

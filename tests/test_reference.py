@@ -58,7 +58,8 @@ def u1_token(key0: bytes, list_address: str, address: str) -> str:
     tag = hmac.new(key(b"mac"), b"u1" + plain, hashlib.sha256).digest()[:16]
     stream = b"".join(hmac.new(key(b"enc"), tag + i.to_bytes(4, "big"), hashlib.sha256).digest()
                       for i in range(len(plain) // 32 + 1))
-    return base64.urlsafe_b64encode(tag + bytes(a ^ b for a, b in zip(plain, stream))).decode().rstrip("=")
+    sealed = tag + bytes(a ^ b for a, b in zip(plain, stream, strict=False))
+    return base64.urlsafe_b64encode(sealed).decode().rstrip("=")
 
 
 @pytest.mark.parametrize("row", DATA["unsubscribe_u1"], ids=lambda r: r["token"][:20])

@@ -18,7 +18,7 @@ def test_post_reaches_every_member_once_with_list_envelope_dsn_and_headers(clean
     bed = clean_smbed
     lst = scenarios.post_reaches_every_member_once(bed)
     # The log line is keyed by Sendmail's queue id, as Sendmail's own lines are.
-    line = [l for l in bed.listmilter.log().splitlines() if f"list=<{lst}>" in l][-1]
+    line = [ln for ln in bed.listmilter.log().splitlines() if f"list=<{lst}>" in ln][-1]
     queue_id = line.split(": list=")[0].rsplit(" ", 1)[-1]
     assert len(queue_id) == 14 and "status=expanded, members=3" in line
     assert f"ENVID={queue_id}.".upper() in " ".join(bed.sink.messages[0].mail_options)
@@ -77,7 +77,7 @@ def test_a_real_dsn_from_sendmail_reaches_the_bounce_handler(clean_smbed):
     bed.sink.replies["dead@example.net"] = "550 5.1.1 no such user here"
     bed.smtp("carol@example.net", [lst], message(to=lst, sender="carol@example.net"))
     wait_until(lambda: "role=bounces" in bed.deliver_log(), 60, what="the DSN at listmilter deliver")
-    line = [l for l in bed.deliver_log().splitlines() if "role=bounces" in l][-1]
+    line = [ln for ln in bed.deliver_log().splitlines() if "role=bounces" in ln][-1]
     bounces = lst.replace("@", "-bounces@")
     assert f"to=<{bounces}>, from=<>" in line
     assert line in bed.listmilter.log()       # Sendmail's mailer handed it to serve, too

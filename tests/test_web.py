@@ -425,7 +425,8 @@ def test_a_burst_of_300_parallel_posts_is_answered_in_full(site):
 
 
 # -- the form parser and the app, under hypothesis ---------------------------------------------
-_names = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e, exclude_characters='"\\'), min_size=1, max_size=20)
+_names = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e, exclude_characters='"\\'),
+                 min_size=1, max_size=20)
 _values = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\r\n"), max_size=40)
 
 

@@ -38,6 +38,14 @@ class _SMTP(smtplib.SMTP):
         return code, reply
 
 
+def _smtp_host(outgoing: Outgoing) -> str:
+    """Where to submit over SMTP. Only a sendmail Outgoing has no host (config builds it so);
+    smtplib given none would fail too, at the first command."""
+    if outgoing.smtp_host is None:
+        raise OutgoingError(f"{outgoing.describe()}: no SMTP host")
+    return outgoing.smtp_host
+
+
 def send(outgoing: Outgoing, sender: str, recipients: list[str], message: bytes) -> None:
     """Submit one message; raise OutgoingError unless the MTA took it for every recipient."""
     send_many(outgoing, [(sender, recipients, message)])
@@ -56,7 +64,7 @@ def send_many(outgoing: Outgoing, messages: list[tuple[str, list[str], bytes]],
             ids.append(UNKNOWN_ID)
         return
     try:
-        with _SMTP(outgoing.smtp_host, outgoing.smtp_port, local_hostname="localhost",
+        with _SMTP(_smtp_host(outgoing), outgoing.smtp_port, local_hostname="localhost",
                    timeout=120) as smtp:
             for sender, recipients, message in messages:
                 refused = smtp.sendmail(sender, recipients, message)
@@ -78,7 +86,7 @@ def resubmit(outgoing: Outgoing, sender: str, recipient: str, message: bytes) ->
         _sendmail(outgoing.sendmail, sender, [recipient], message)
         return None
     try:
-        with smtplib.SMTP(outgoing.smtp_host, outgoing.smtp_port, local_hostname="localhost",
+        with smtplib.SMTP(_smtp_host(outgoing), outgoing.smtp_port, local_hostname="localhost",
                           timeout=120) as smtp:
             smtp.sendmail(sender, [recipient], message)
     except smtplib.SMTPRecipientsRefused as e:
@@ -128,7 +136,7 @@ def send_copies(outgoing: Outgoing, sender: str, mail_options: tuple[str, ...], 
                 progress()
         return refused_for_good
     try:
-        with _SMTP(outgoing.smtp_host, outgoing.smtp_port, local_hostname="localhost",
+        with _SMTP(_smtp_host(outgoing), outgoing.smtp_port, local_hostname="localhost",
                    timeout=120) as smtp:
             for n, (rcpt, rcpt_options, message) in enumerate(copies, 1):
                 try:

@@ -22,6 +22,7 @@ import email.message
 import email.parser
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -191,8 +192,8 @@ def _flufl_failures(msg: email.message.Message) -> tuple[set[str], set[str]]:
         temporary, permanent = all_failures(msg)
     except Exception:   # flufl.bounce 6 raises IndexError on some plain messages
         return set(), set()
-    decode = lambda items: {a.decode("utf-8", "replace") if isinstance(a, bytes) else str(a)  # noqa: E731
-                            for a in items}
+    def decode(items: Iterable[object]) -> set[str]:
+        return {a.decode("utf-8", "replace") if isinstance(a, bytes) else str(a) for a in items}
     return decode(temporary), decode(permanent)
 
 

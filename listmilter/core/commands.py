@@ -143,16 +143,16 @@ def parse(role: str, extension: str, sender: str, from_header: str | None, subje
             (tokens.find_token(subject or "") or "")
         return Command(CONFIRM, token=token, **base)
     # -request@: the Subject first, then the first lines of the body
-    token = tokens.find_token(subject or "")
-    if token:
-        return Command(CONFIRM, token=token, **base)
+    found = tokens.find_token(subject or "")
+    if found:
+        return Command(CONFIRM, token=found, **base)
     kind, _ = _first_word(subject or "")
     if kind and kind != CONFIRM:
         return Command(kind, **base)
     for line in body_lines(body):
-        token = tokens.find_token(line)
-        if token:
-            return Command(CONFIRM, token=token, **base)
+        found = tokens.find_token(line)
+        if found:
+            return Command(CONFIRM, token=found, **base)
         kind, _ = _first_word(line)
         if kind and kind != CONFIRM:
             return Command(kind, **base)

@@ -216,7 +216,7 @@ class _Builder:
                       ) -> tuple[dict[str, Any], dict[str, tuple[yaml.Node, yaml.Node]]]:
         items = self.mapping(node, what, set(settings.SETTINGS) | set(extra))
         out: dict[str, Any] = {}
-        for name, (knode, vnode) in items.items():
+        for name, (_knode, vnode) in items.items():
             if name in extra:
                 continue
             try:

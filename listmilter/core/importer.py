@@ -35,7 +35,7 @@ Progress = Callable[[int], None]
 
 def parse(lines: Iterable[str], progress: Progress | None = None) -> Parsed:
     lines = list(lines)
-    first = next((l for l in lines if l.strip() and not l.lstrip().startswith("#")), "")
+    first = next((ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")), "")
     if "," in first and "<" not in first:
         return _parse_csv(lines, progress)
     return _parse_plain(lines, progress)

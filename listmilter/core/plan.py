@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 from listmilter.core import addresses, envid, headers, policy, settings
 from listmilter.core.keys import Keyring
@@ -438,14 +438,16 @@ def personal_copies(ls: ListSettings, members: list[str], message_headers: list[
     edits.add_headers = [(n, v) for n, v in edits.add_headers if n.lower() not in unsubscribe]
     head = _header_bytes(apply_header_edits(message_headers, edits))
     mailto = f"<mailto:{addresses.role_address(ls.address, 'unsubscribe')}>"
-    envid_value = edits.sender[1].partition("ENVID=")[2]
-    copies = []
+    # expand_list always sets the sender (bounces address, ENVID).
+    sender = cast(tuple[str, str], edits.sender)
+    envid_value = sender[1].partition("ENVID=")[2]
+    copies: list[tuple[str, tuple[str, ...], bytes]] = []
     for member, _ in edits.add_rcpts:
         personal = _header_bytes([("List-Unsubscribe", f"<{url_for(member)}>, {mailto}"),
                                   ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")])
         copies.append((member, ("NOTIFY=FAILURE", f"ORCPT=rfc822;{xtext(member)}"),
                        head + personal + b"\r\n" + body))
-    return Copies(addresses.strip_brackets(edits.sender[0]), ("RET=HDRS", f"ENVID={envid_value}"),
+    return Copies(addresses.strip_brackets(sender[0]), ("RET=HDRS", f"ENVID={envid_value}"),
                   envid_value, copies)
 
 

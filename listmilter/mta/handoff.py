@@ -208,6 +208,12 @@ def start(runtime, can_resubmit=None):
         # once; a unix socket refuses a connect at once when the backlog is
         # full, and that deliver would then work alone.
         request_queue_size = 256
+        # Set by start() before it serves:
+        path: str                           # the socket, renamed into place
+        inode: int                          # ...and its inode, for stop(): not a newer serve's socket
+        config_path: str | None             # realpath of serve's config file; None: built-in defaults
+        lock: threading.Condition           # guards active, notified when it drops
+        active: int                         # hand-offs in progress
 
     path = os.path.join(runtime.config.state_dir, SOCKET_NAME)
     # Bound under a temporary name and renamed into place: the socket never

@@ -107,7 +107,7 @@ def postfix_form(spec: str, queue_dir: str) -> str:
 
 def _milters(value: str) -> list[tuple[str, dict[str, str]]]:
     """smtpd_milters entries: `spec` or `{ spec, name=value, ... }` (Postfix >= 3.0)."""
-    out = []
+    out: list[tuple[str, dict[str, str]]] = []
     for m in re.finditer(r"\{([^}]*)\}|([^\s,{}]+)", value):
         if m.group(2):
             out.append((m.group(2), {}))

@@ -19,11 +19,15 @@ import os
 import socket
 import socketserver
 import threading
+from typing import TYPE_CHECKING, cast
 
 from listmilter.core import plan
 from listmilter.log import logger
 from listmilter.mta import netstring as netstrings
 from listmilter.store import StoreError
+
+if TYPE_CHECKING:
+    from listmilter.app.runtime import Runtime
 
 MAX_REQUEST = 10000
 MAPS = ("recipients", "transport")
@@ -55,6 +59,8 @@ def read_netstring(f) -> str | None:
 
 
 class _Handler(socketserver.StreamRequestHandler):
+    server: _TCPServer | _UnixServer      # start() serves it only from these
+
     def handle(self):
         runtime = self.server.runtime
         while True:
@@ -78,13 +84,19 @@ class _Handler(socketserver.StreamRequestHandler):
 class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    runtime: Runtime                      # set by start() before it serves
+
+
+class _TCP6Server(_TCPServer):
+    address_family = socket.AF_INET6
 
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    runtime: Runtime                      # set by start() before it serves
 
 
-def parse_socket(spec: str) -> tuple[str, object]:
+def parse_socket(spec: str) -> tuple[str, str | tuple[str, int]]:
     """libmilter-style spec -> (family, address): inet:PORT@HOST or unix:/path."""
     kind, _, rest = spec.partition(":")
     if kind in ("inet", "inet6"):
@@ -98,18 +110,16 @@ def parse_socket(spec: str) -> tuple[str, object]:
 def start(runtime, spec: str) -> socketserver.BaseServer:
     """Serve the socketmap in a background thread; returns the server (call shutdown())."""
     family, address = parse_socket(spec)
-    if family == "unix":
+    server: _TCPServer | _UnixServer
+    if isinstance(address, str):      # family "unix": a path
         try:
             os.unlink(address)
         except FileNotFoundError:
             pass
-        server: socketserver.BaseServer = _UnixServer(address, _Handler)
+        server = _UnixServer(address, _Handler)
         os.chmod(address, 0o666)   # who may connect is decided by the folder it is in
     else:
-        cls = _TCPServer
-        if family == "inet6":
-            cls = type("_TCP6Server", (_TCPServer,), {"address_family": socket.AF_INET6})
-        server = cls(address, _Handler)
+        server = (_TCP6Server if family == "inet6" else _TCPServer)(address, _Handler)
     server.runtime = runtime
     threading.Thread(target=server.serve_forever, name="socketmap", daemon=True).start()
     return server
@@ -121,6 +131,7 @@ def stop(server: socketserver.BaseServer) -> None:
     server.server_close()
     if isinstance(server, _UnixServer):
         try:
-            os.unlink(server.server_address)
+            # The path start() bound: getsockname() gives a str back.
+            os.unlink(cast(str, server.server_address))
         except OSError:
             pass

@@ -180,7 +180,7 @@ class ListmilterServer:
                 wait_for_own_port(self.socketmap_port, owner)
         except (PortTaken, TimeoutError):
             if proc.poll() is not None and "in use" not in self.stderr() + self.log():
-                raise RuntimeError(f"listmilter serve exited {proc.returncode}:\n{self.stderr()[-3000:]}")
+                raise RuntimeError(f"listmilter serve exited {proc.returncode}:\n{self.stderr()[-3000:]}") from None
             raise
 
     def _kill(self) -> None:

@@ -105,7 +105,7 @@ def wait_for_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> 
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
             time.sleep(0.05)
 
 
@@ -119,7 +119,7 @@ def wait_for_unix(path, timeout: float = 15.0) -> None:
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on {path} after {timeout}s")
+                raise TimeoutError(f"nothing listens on {path} after {timeout}s") from None
             time.sleep(0.05)
 
 

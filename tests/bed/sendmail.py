@@ -260,7 +260,7 @@ MAILER(`smtp')dnl
                 wait_for_own_port(port, lambda: proc.pid if proc.poll() is None else False, timeout=30)
         except TimeoutError:
             self.stop()
-            raise RuntimeError(f"sendmail did not start: {(self.dir / 'sendmail.stderr').read_text()}")
+            raise RuntimeError(f"sendmail did not start: {(self.dir / 'sendmail.stderr').read_text()}") from None
 
     def stop(self) -> None:
         if self.proc is None:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import email
 import email.policy
+import socket
 import threading
 from dataclasses import dataclass, field
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
-
-import socket
 
 from .net import wait_until
 
