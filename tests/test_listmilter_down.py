@@ -186,7 +186,13 @@ def test_serve_killed_in_the_middle_of_end_of_message_loses_nobody(own_bed):
     bed.settle()
     counts = _counts(bed)
     assert set(counts) == set(members)
-    # Some may have got a first copy before the kill (if Postfix kept those edits); the one
-    # re-submission, of the list address the kill left in place, reached everyone.
-    assert max(counts.values()) <= 2
-    assert bed.listmilter.log().count("status=re-submitted") == 1
+    resubmitted = bed.listmilter.log().count("status=re-submitted")
+    if f"to=<{lst}>, relay=listmilter" in bed.postfix.log():
+        # The kill left the list address in place: some may have got a first copy before it
+        # (Postfix kept those edits); the one re-submission reached everyone.
+        assert resubmitted == 1
+        assert max(counts.values()) <= 2
+    else:
+        # The milter had made every edit (list address removed) before the kill: nothing to redo.
+        assert resubmitted == 0
+        assert set(counts.values()) == {1}
