@@ -195,6 +195,8 @@ postfix stop
 """
 
 
+# The mta tier: its script starts Postfix, serve and web (inside unshare, where conftest's guard cannot see).
+@pytest.mark.mta
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
 def test_install_md_as_written_without_systemd_then_uninstall(tmp_path):
     t = tmp_path
