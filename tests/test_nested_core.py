@@ -159,7 +159,7 @@ def test_edit_steps_add_every_recipient_before_removing_any_and_headers_last():
     owners = plan.expand_owners([plan.Recipient("<b-owner@lists.org>", "b-owner@lists.org", plan.OWNER,
                                                 "b@lists.org")], lambda _: ("o@x.org",))
     reinject = plan.Edits(del_rcpts=["<c@lists.org>"])
-    steps = plan.edit_steps([post, owners, reinject])
+    steps = list(plan.edit_steps([post, owners, reinject]))
     adds = [s for s in steps if s[0] == plan.ADDRCPT]
     assert len(adds) == 6 and len([s for s in steps if s[0] == plan.DELRCPT]) == 3
     for n in range(len(steps) + 1):

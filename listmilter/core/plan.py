@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Callable, Sequence, cast
+from typing import Callable, Iterator, Sequence, cast
 
 from listmilter.core import addresses, envid, headers, policy, settings
 from listmilter.core.keys import Keyring
@@ -169,7 +169,7 @@ def expand_list(ls: ListSettings, list_rcpts: list[str], members: list[str],
 ADDRCPT, DELRCPT, CHGFROM, CHGHEADER, ADDHEADER = "addrcpt", "delrcpt", "chgfrom", "chgheader", "addheader"
 
 
-def edit_steps(edits: Sequence[Edits]) -> list[tuple[str, tuple[object, ...]]]:
+def edit_steps(edits: Sequence[Edits]) -> Iterator[tuple[str, tuple[object, ...]]]:
     """The edits as milter calls, in an order that is safe to stop after any step.
 
     With milter_default_action = accept, an MTA keeps the edits already made
@@ -180,20 +180,26 @@ def edit_steps(edits: Sequence[Edits]) -> list[tuple[str, tuple[object, ...]]]:
     members already added get a second copy (a duplicate, never a loss).
     Header edits come after the removals, so such a message never carries
     the list's own List-Id, which would mark it as a loop.
+
+    A generator: a 100,000-member post would otherwise hold a second list of
+    100,000 steps (about 20 MiB) beside the recipients it is made from.
     """
-    steps: list[tuple[str, tuple[object, ...]]] = []
     for e in edits:
-        steps.extend((ADDRCPT, (f"<{address}>", params)) for address, params in e.add_rcpts)
+        for address, params in e.add_rcpts:
+            yield ADDRCPT, (f"<{address}>", params)
     for e in edits:
-        steps.extend((DELRCPT, (rcpt,)) for rcpt in e.del_rcpts)
+        for rcpt in e.del_rcpts:
+            yield DELRCPT, (rcpt,)
     for e in edits:
         if e.sender:
-            steps.append((CHGFROM, e.sender))
+            yield CHGFROM, e.sender
     for e in edits:
-        steps.extend((CHGHEADER, (name, index, None)) for name, index in e.del_headers)
-        steps.extend((CHGHEADER, (name, index, value)) for name, index, value in e.change_headers)
-        steps.extend((ADDHEADER, (name, value)) for name, value in e.add_headers)
-    return steps
+        for name, index in e.del_headers:
+            yield CHGHEADER, (name, index, None)
+        for name, index, value in e.change_headers:
+            yield CHGHEADER, (name, index, value)
+        for name, value in e.add_headers:
+            yield ADDHEADER, (name, value)
 
 
 def expand_owners(owner_rcpts: list[Recipient], owners_of: Callable[[str], tuple[str, ...]]) -> Edits:
