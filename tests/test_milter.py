@@ -28,7 +28,7 @@ import pytest
 from Milter.testctx import TestCtx as _TestCtx  # (no Test* name here: pytest would collect it)
 
 from listmilter.app.runtime import Runtime
-from listmilter.core import envid, plan
+from listmilter.core import envid, plan, verp
 from listmilter.core.model import Member
 from listmilter.core.tokens import read_unsubscribe_token
 from listmilter.mta import milter as milter_mod
@@ -468,9 +468,14 @@ def test_personal_copies_are_submitted_each_with_its_own_link_then_the_original_
     assert s.send("carol@example.net", [lst], post()) == Milter.DISCARD
     assert s.ctx.edits == []
     subs = w.submissions()
-    assert [argv[:8] for argv, _ in subs] == [
-        ["-i", "-f", "dev-bounces@example.org", "-N", "failure", "-R", "hdrs", "-V"]] * 2
+    assert [argv[:2] + argv[3:8] for argv, _ in subs] == [["-i", "-f", "-N", "failure", "-R", "hdrs", "-V"]] * 2
     assert [argv[-2:] for argv, _ in subs] == [["--", "p1@example.net"], ["--", "p2@example.com"]]
+    # Each copy goes from its member's own VERP address, which names that member and this post.
+    for argv, _ in subs:
+        local, _, domain = argv[2].partition("@")
+        assert domain == "example.org" and local.startswith("dev-bounces+"), argv[2]
+        bound = verp.find(local.partition("+")[2], lst, ["p1@example.net", "p2@example.com"], w.runtime.secret)
+        assert bound is not None and bound.member == argv[-1] and bound.post_id == QUEUE_ID.lower()
     envid_value = subs[0][0][8]
     assert envid_value.startswith(f"{QUEUE_ID}.") and subs[1][0][8] == envid_value
     urls = []

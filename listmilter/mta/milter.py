@@ -276,9 +276,9 @@ class ListMilter(Milter.Base):
         return plan.effective_settings(list_address, self.config.list_settings(self._list(list_address).settings))
 
     def _personalized(self, list_address: str) -> bool:
-        """One copy per member, each with its own one-click unsubscribe URL (web.base_url set)?"""
-        return bool(self.config.web.base_url) and \
-            self.config.list_settings(self._list(list_address).settings).one_click
+        """One copy per member (a one-click URL or a footer of their own: plan.personal)?"""
+        return plan.personal(self.config.web.base_url,
+                             self.config.list_settings(self._list(list_address).settings))
 
     def _unsubscribe_url(self, found_on: dict[str, str], epochs: dict[tuple[str, str], float]):
         """Each member's link names their membership (its `added`) of the list they are on (for a
@@ -287,6 +287,8 @@ class ListMilter(Milter.Base):
         base, secret = self.config.web.base_url, self.runtime.secret
 
         def url(member: str) -> str:
+            if not base:        # personal for its footer only: the shared mailto: link
+                return ""
             on = found_on[member]
             added = epochs[(addresses.key(on), addresses.key(member))]
             return f"{base}/u/{unsubscribe_token(secret, on, member, added)}"
@@ -354,8 +356,11 @@ class ListMilter(Milter.Base):
             copies = todo.copies
             started = time.monotonic()
             queued: list[str] = []
+            for note in copies.notes:
+                self._log(queue_id, note, split.in_place_list)
             refused = outgoing.send_copies(self.config.outgoing, copies.sender, copies.mail_options,
-                                           copies.envid, copies.copies, self._keepalive, queue_ids=queued)
+                                           copies.envid, copies.copies, self._keepalive, queue_ids=queued,
+                                           senders=copies.senders)
             for member, reply in refused.items():
                 # In place, the MTA would have bounced it to <list>-bounces@ later; here it says so now.
                 self._log(queue_id, f"member refused ({reply})", split.in_place_list, level=logging.WARNING,
