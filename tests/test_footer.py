@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from listmilter.core import footer, plan, settings
+from listmilter.core import config, footer, plan, settings
 from listmilter.core.keys import keyring
 from tests.test_fuzz import hostile_bytes, hostile_text, scaled
 
@@ -126,7 +126,8 @@ def test_multipart_mixed_first_text_part_or_a_part_of_its_own_and_the_attachment
                                    "multipart/encrypted; boundary=\"S\"",
                                    "application/pkcs7-mime; smime-type=enveloped-data"])
 def test_signed_and_encrypted_mail_is_left_untouched_and_says_so(ctype):
-    body = b"--S\r\nContent-Type: text/plain\r\n\r\nsigned words\r\n--S\r\nContent-Type: application/pgp-signature\r\n" \
+    body = b"--S\r\nContent-Type: text/plain\r\n\r\nsigned words\r\n" \
+           b"--S\r\nContent-Type: application/pgp-signature\r\n" \
            b"\r\n-----BEGIN PGP SIGNATURE-----\r\n--S--\r\n"
     tmpl, _, out = add([("Content-Type", ctype)], body)
     assert out is body and tmpl.untouched
@@ -215,3 +216,17 @@ def test_personal_copies_each_carry_their_members_footer_from_one_reading():
         assert data.endswith(f"Body\r\n\r\nLeave: https://l.example/u/{letter}\r\nYou get dev@example.org as "
                              f"{member}.\r\n1 Main St\r\n".encode())
     assert copies.notes == ("footer added (text/plain)",)
+
+
+def test_a_footer_with_an_unknown_placeholder_is_refused_with_file_and_line(tmp_path):
+    path = tmp_path / "listmilter.yaml"
+    head = f"state_dir: {tmp_path}\nstore: {{backend: yaml}}\nlists:\n  news@example.org:\n    postal_address: Org\n"
+    path.write_text(head + "    footer: |\n      Dear {name},\n      bye\n")
+    with pytest.raises(config.ConfigError, match=rf"^{path}:6: lists.news@example.org.footer: unknown placeholder "
+                                                 r"\{name\} \(known: \{unsubscribe_url\}, "):
+        config.load(str(path))
+    path.write_text(head + "    footer: |\n      {member} on {list_address}: {unsubscribe_url}\n"
+                           "      {postal_address}\n")
+    cfg = config.load(str(path))
+    assert cfg.list_settings(cfg.lists["news@example.org"].settings).footer == \
+        "{member} on {list_address}: {unsubscribe_url}\n{postal_address}\n"

@@ -42,7 +42,7 @@ def _wait_bounces(bed, lst: str, count: int) -> list[str]:
                       what=f"{count} deliveries to {lst}'s bounce addresses")
 
 
-def test_each_copy_has_its_own_footer_link_and_verp_sender_and_bounces_to_it_score_its_member(sbed, owner):
+def test_each_copy_has_its_own_footer_link_and_verp_sender_and_bounces_to_it_score_its_member(sbed, owner):  # noqa: F811 (the fixture)
     bed = sbed
     live, other, dead = "fa@example.net", "fb@example.com", "fdead@example.net"
     lst = bed.new_list([live, other, dead], posting="open", owners=(owner,), footer=FOOTER, postal_address=POSTAL)

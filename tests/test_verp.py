@@ -55,7 +55,8 @@ def test_too_long_for_a_local_part_falls_back_to_the_plain_bounce_address_and_sa
     assert verp.make(long_list, BOB, "4Fx2Q1Z0D3", T, SECRET) is None
     ls = plan.ListSettings(long_list, "open", "", "", "x.example.org")
     copies = plan.personal_copies(ls, [BOB], [("Subject", "s")], b"b\r\n", "Q1", SECRET, lambda m: "", T)
-    assert copies.senders == {} and copies.sender == "a-very-long-list-name-for-announcements-of-the-board-bounces@example.org"
+    assert copies.senders == {}
+    assert copies.sender == "a-very-long-list-name-for-announcements-of-the-board-bounces@example.org"
     assert "1 copies go from the plain bounces address" in copies.notes[-1]
     ls = plan.ListSettings(LIST, "open", "", "", "dev.example.org")
     copies = plan.personal_copies(ls, [BOB, ANN], [("Subject", "s")], b"b\r\n", "Q1", SECRET, lambda m: "", T)
@@ -90,7 +91,8 @@ def test_every_code_verifies_for_its_member_only_and_any_changed_character_break
 
 
 def _block(address: str, action: str, status: str) -> str:
-    return f"Final-Recipient: rfc822; {address}\nAction: {action}\nStatus: {status}\nDiagnostic-Code: smtp; {status} x\n"
+    return (f"Final-Recipient: rfc822; {address}\nAction: {action}\nStatus: {status}\n"
+            f"Diagnostic-Code: smtp; {status} x\n")
 
 
 def _report(data: bytes, null_sender: bool) -> bounces.Report:
