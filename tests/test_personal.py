@@ -98,3 +98,37 @@ def test_each_copy_has_its_own_footer_link_and_verp_sender_and_bounces_to_it_sco
     status, body = http(urls[live], ONE_CLICK)
     assert status == 200 and "unsubscribed" in body
     assert live not in cli(bed.listmilter.config_path, "members", "ls", lst).stdout.split()
+
+
+SIGNED = ("Content-Type: multipart/signed; protocol=\"application/pgp-signature\"; micalg=pgp-sha256; "
+          "boundary=\"SIG\"\r\n\r\n--SIG\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\nSigned words.\r\n"
+          "--SIG\r\nContent-Type: application/pgp-signature\r\n\r\n-----BEGIN PGP SIGNATURE-----\r\n"
+          "iQEzBAEBCAAdFiEE\r\n-----END PGP SIGNATURE-----\r\n--SIG--\r\n")
+ATTACHED = ("Content-Type: multipart/mixed; boundary=\"MIX\"\r\n\r\n--MIX\r\nContent-Type: text/plain; "
+            "charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\nSGVyZSBpcyB0aGUgcmVwb3J0Lg==\r\n"
+            "--MIX\r\nContent-Type: application/pdf; name=r.pdf\r\nContent-Disposition: attachment; filename=r.pdf\r\n"
+            "Content-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQK/wA=\r\n--MIX--\r\n")
+
+
+def test_signed_mail_goes_without_a_footer_and_an_attachment_keeps_its_bytes(sbed):  # noqa: F811 (the fixture)
+    bed = sbed
+    lst = bed.new_list(["sa@example.net", "sb@example.com"], posting="open", footer=FOOTER, postal_address=POSTAL)
+    for subject, mime in (("signed", SIGNED), ("attached", ATTACHED)):
+        data = (f"From: carol@example.net\r\nTo: {lst}\r\nSubject: {subject}\r\nMIME-Version: 1.0\r\n" + mime).encode()
+        bed.smtp("carol@example.net", [lst], data)
+    bed.sink.wait_for_recipients(4)
+    bed.settle()
+    for member, copies in bed.sink.by_recipient().items():
+        by_subject = {str(c.message["Subject"]): c for c in copies}
+        signed = by_subject["signed"]
+        # Byte for byte the signed body as posted: the signature still verifies.
+        assert signed.content.replace(b"\r\n", b"\n").endswith(SIGNED.partition("\r\n\r\n")[2].replace("\r\n", "\n")
+                                                               .encode())
+        assert member.encode() not in signed.content.partition(b"\r\n\r\n")[2]
+        attached = by_subject["attached"].message
+        text, pdf = [p for p in attached.walk() if not p.is_multipart()]
+        assert text.get_content().startswith("Here is the report.\r\n\r\nTo leave ") and f"Sent to {member}." in \
+            text.get_content()
+        assert pdf.get_content() == b"%PDF-1.4\n\xff\x00" and pdf.get_filename() == "r.pdf"
+    assert f"list=<{lst}>, from=<carol@example.net>, status=no footer: multipart/signed (signed or encrypted " \
+           "mail is left untouched)" in bed.listmilter.log()
