@@ -493,6 +493,28 @@ def test_personal_copies_are_submitted_each_with_its_own_link_then_the_original_
     assert any("status=expanded (personal copies), members=2" in x for x in log)
 
 
+@pytest.mark.parametrize("with_web", [False, True])
+def test_a_footer_makes_personal_copies_with_the_mailto_link_without_one_click(tmp_path, monkeypatch, log, with_web):
+    w = _world(tmp_path, monkeypatch, web=with_web)
+    footer = "Leave: {unsubscribe_url}\nTo {member} from {list_address}, {postal_address}"
+    # Without web.base_url, or with one_click off: one copy per member all the same, for the footer.
+    lst = w.new_list("dev@example.org", ["p1@example.net", "p2@example.com"], posting="open", footer=footer,
+                     postal_address="1 Main St", one_click=False)
+    s = Session()
+    assert s.send("carol@example.net", [lst], post()) == Milter.DISCARD
+    subs = w.submissions()
+    assert [argv[-1] for argv, _ in subs] == ["p1@example.net", "p2@example.com"]
+    for (argv, copy), member in zip(subs, ["p1@example.net", "p2@example.com"], strict=True):
+        m = email.message_from_bytes(copy, policy=email.policy.default)
+        assert m["List-Unsubscribe"] == "<mailto:dev-unsubscribe@example.org>" and m["List-Unsubscribe-Post"] is None
+        # (This post's body has Unix line ends: the footer follows them.)
+        assert m.get_content() == (f"Hello, list.\n\nLeave: mailto:dev-unsubscribe@example.org\n"
+                                   f"To {member} from dev@example.org, 1 Main St\n")
+        assert argv[2].startswith("dev-bounces+")
+    assert any("status=footer added (text/plain)" in x for x in log)
+    w.store.close()
+
+
 def test_a_personal_copy_failing_part_way_tempfails_and_the_original_is_kept(web_world, log):
     w = web_world
     lst = w.new_list("dev@example.org", ["p1@example.net", "p2@example.net", "p3@example.net"], posting="open")

@@ -280,14 +280,14 @@ class ListMilter(Milter.Base):
         return plan.personal(self.config.web.base_url,
                              self.config.list_settings(self._list(list_address).settings))
 
-    def _unsubscribe_url(self, found_on: dict[str, str], epochs: dict[tuple[str, str], float]):
+    def _unsubscribe_url(self, found_on: dict[str, str], epochs: dict[tuple[str, str], float], one_click: bool):
         """Each member's link names their membership (its `added`) of the list they are on (for a
         member of a nested list: that list), so it leaves that list and dies when that membership ends."""
         from listmilter.core.tokens import unsubscribe_token
-        base, secret = self.config.web.base_url, self.runtime.secret
+        base, secret = (self.config.web.base_url if one_click else None), self.runtime.secret
 
         def url(member: str) -> str:
-            if not base:        # personal for its footer only: the shared mailto: link
+            if not base:        # personal for its footer only (one_click off, or no web): the mailto: link
                 return ""
             on = found_on[member]
             added = epochs[(addresses.key(on), addresses.key(member))]
@@ -334,7 +334,8 @@ class ListMilter(Milter.Base):
             found, nested, epochs = self._members(ls.address, self.personal)
             in_place = plan.InPlace(ls, [m for m, _ in found], self.personal)
             if self.personal:
-                url_for = self._unsubscribe_url(dict(found), epochs)
+                one_click = self.config.list_settings(self._list(ls.address).settings).one_click
+                url_for = self._unsubscribe_url(dict(found), epochs, one_click)
         inner = " ".join(f"<{a}>" for a in nested) or None
         owners = {r.list_address: self._owners(r.list_address) for r in split.owners}
         todo = plan.end_of_message(self.recipients, split, in_place, owners, self.headers,
