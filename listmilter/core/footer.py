@@ -295,7 +295,9 @@ def _text(info: email.message.Message, body: bytes, is_html: bool) -> list[Piece
         decoded, encoding = binascii.a2b_qp(body), "qp"
     elif cte == "base64":
         try:
-            decoded = base64.b64decode(re.sub(rb"[^A-Za-z0-9+/=]", b"", body), validate=True)
+            # Strict: a part with anything but base64 and white space in it is left alone, never re-encoded
+            # without what a lenient decoder would have dropped.
+            decoded = base64.b64decode(re.sub(rb"[ \t\r\n]", b"", body), validate=True)
         except (binascii.Error, ValueError):
             raise _Skip("base64 body that does not decode") from None
         encoding = "base64"
