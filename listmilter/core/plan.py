@@ -115,7 +115,7 @@ def effective_settings(address: str, s: settings.ListSettings) -> ListSettings:
 def personal(base_url: str | None, s: settings.ListSettings) -> bool:
     """Does a post to a list with these settings go out as one copy per member? With a
     one-click link to give (web.base_url and one_click), or a footer to fill in per member."""
-    return bool(base_url) and s.one_click or bool(s.footer)
+    return (bool(base_url) and s.one_click) or bool(s.footer)
 
 
 def unique_members(list_address: str, members: list[str]) -> list[str]:
@@ -491,7 +491,7 @@ class InPlace:
     """What the edge looked up for the list this message becomes a post of."""
     settings: ListSettings
     members: list[str]
-    personal: bool                      # one copy per member (web.base_url and one_click)
+    personal: bool                      # one copy per member (plan.personal: one-click links or a footer)
 
 
 @dataclass(frozen=True)
