@@ -28,7 +28,7 @@ import pytest
 from Milter.testctx import TestCtx as _TestCtx  # (no Test* name here: pytest would collect it)
 
 from listmilter.app.runtime import Runtime
-from listmilter.core import envid, plan
+from listmilter.core import envid, plan, verp
 from listmilter.core.model import Member
 from listmilter.core.tokens import read_unsubscribe_token
 from listmilter.mta import milter as milter_mod
@@ -468,9 +468,14 @@ def test_personal_copies_are_submitted_each_with_its_own_link_then_the_original_
     assert s.send("carol@example.net", [lst], post()) == Milter.DISCARD
     assert s.ctx.edits == []
     subs = w.submissions()
-    assert [argv[:8] for argv, _ in subs] == [
-        ["-i", "-f", "dev-bounces@example.org", "-N", "failure", "-R", "hdrs", "-V"]] * 2
+    assert [argv[:2] + argv[3:8] for argv, _ in subs] == [["-i", "-f", "-N", "failure", "-R", "hdrs", "-V"]] * 2
     assert [argv[-2:] for argv, _ in subs] == [["--", "p1@example.net"], ["--", "p2@example.com"]]
+    # Each copy goes from its member's own VERP address, which names that member and this post.
+    for argv, _ in subs:
+        local, _, domain = argv[2].partition("@")
+        assert domain == "example.org" and local.startswith("dev-bounces+"), argv[2]
+        bound = verp.find(local.partition("+")[2], lst, ["p1@example.net", "p2@example.com"], w.runtime.secret)
+        assert bound is not None and bound.member == argv[-1] and bound.post_id == QUEUE_ID.lower()
     envid_value = subs[0][0][8]
     assert envid_value.startswith(f"{QUEUE_ID}.") and subs[1][0][8] == envid_value
     urls = []
@@ -486,6 +491,28 @@ def test_personal_copies_are_submitted_each_with_its_own_link_then_the_original_
         urls.append(url)
     assert urls[0] != urls[1]
     assert any("status=expanded (personal copies), members=2" in x for x in log)
+
+
+@pytest.mark.parametrize("with_web", [False, True])
+def test_a_footer_makes_personal_copies_with_the_mailto_link_without_one_click(tmp_path, monkeypatch, log, with_web):
+    w = _world(tmp_path, monkeypatch, web=with_web)
+    footer = "Leave: {unsubscribe_url}\nTo {member} from {list_address}, {postal_address}"
+    # Without web.base_url, or with one_click off: one copy per member all the same, for the footer.
+    lst = w.new_list("dev@example.org", ["p1@example.net", "p2@example.com"], posting="open", footer=footer,
+                     postal_address="1 Main St", one_click=False)
+    s = Session()
+    assert s.send("carol@example.net", [lst], post()) == Milter.DISCARD
+    subs = w.submissions()
+    assert [argv[-1] for argv, _ in subs] == ["p1@example.net", "p2@example.com"]
+    for (argv, copy), member in zip(subs, ["p1@example.net", "p2@example.com"], strict=True):
+        m = email.message_from_bytes(copy, policy=email.policy.default)
+        assert m["List-Unsubscribe"] == "<mailto:dev-unsubscribe@example.org>" and m["List-Unsubscribe-Post"] is None
+        # (This post's body has Unix line ends: the footer follows them.)
+        assert m.get_content() == (f"Hello, list.\n\nLeave: mailto:dev-unsubscribe@example.org\n"
+                                   f"To {member} from dev@example.org, 1 Main St\n")
+        assert argv[2].startswith("dev-bounces+")
+    assert any("status=footer added (text/plain)" in x for x in log)
+    w.store.close()
 
 
 def test_a_personal_copy_failing_part_way_tempfails_and_the_original_is_kept(web_world, log):

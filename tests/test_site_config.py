@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 
+from listmilter.core import verp
 from tests.bed.listmilter import cli
 from tests.bed.net import wait_until
 from tests.conftest import message
@@ -48,7 +49,11 @@ def test_outgoing_sendmail_carries_split_copies_and_personal_copies(own_bed):
     for member in ("b1@example.net", "b2@example.net"):
         (copy,) = got[member]
         # sendmail -N failure -R hdrs -V ENVID: Postfix passes them on (ORCPT it cannot take).
-        assert copy.mail_from == b.replace("@", "-bounces@")
+        # Each from its member's own VERP sender (sendmail -f), <list>-bounces+CODE@.
+        local, _, domain = copy.mail_from.partition("@")
+        assert domain == "example.org" and local.startswith(b.partition("@")[0] + "-bounces+")
+        secret = (lm.state_dir / "secret").read_bytes()
+        assert verp.find(local.partition("+")[2], b, ["b1@example.net", "b2@example.net"], secret).member == member
         assert "RET=HDRS" in copy.mail_options and any(o.startswith("ENVID=") for o in copy.mail_options)
         assert "NOTIFY=FAILURE" in copy.rcpt_options[0]
         assert copy.message["List-Unsubscribe"].startswith("<https://lists.example.org/u/")

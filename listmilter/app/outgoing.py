@@ -119,17 +119,20 @@ def _sendmail(path: str, sender: str, recipients: list[str], message: bytes,
 
 def send_copies(outgoing: Outgoing, sender: str, mail_options: tuple[str, ...], envid: str,
                 copies: list[tuple[str, tuple[str, ...], bytes]], progress=None,
-                every: int = 100, queue_ids: list[str] | None = None) -> dict[str, str]:
+                every: int = 100, queue_ids: list[str] | None = None,
+                senders: dict[str, str] | None = None) -> dict[str, str]:
     """One message per recipient, each with its own DSN options, over one SMTP session
-    (many transactions). A recipient the MTA refuses for good (5xx to RCPT) is skipped
-    and returned ({address: reply}); anything else raises OutgoingError. The queue id
-    of each copy the MTA took is appended to `queue_ids`."""
+    (many transactions), from senders[recipient] (its VERP address) or else `sender`.
+    A recipient the MTA refuses for good (5xx to RCPT) is skipped and returned
+    ({address: reply}); anything else raises OutgoingError. The queue id of each copy
+    the MTA took is appended to `queue_ids`."""
     refused_for_good: dict[str, str] = {}
     ids = queue_ids if queue_ids is not None else []
+    own = senders or {}
     if outgoing.sendmail:
         for n, (rcpt, _, message) in enumerate(copies, 1):
             # Postfix's sendmail: -N NOTIFY, -R RET, -V ENVID (ORCPT cannot be given).
-            _sendmail(outgoing.sendmail, sender, [rcpt], message,
+            _sendmail(outgoing.sendmail, own.get(rcpt, sender), [rcpt], message,
                       ["-N", "failure", "-R", "hdrs", "-V", envid])
             ids.append(UNKNOWN_ID)
             if progress and n % every == 0:
@@ -140,7 +143,7 @@ def send_copies(outgoing: Outgoing, sender: str, mail_options: tuple[str, ...], 
                    timeout=120) as smtp:
             for n, (rcpt, rcpt_options, message) in enumerate(copies, 1):
                 try:
-                    smtp.sendmail(sender, [rcpt], message, list(mail_options), list(rcpt_options))
+                    smtp.sendmail(own.get(rcpt, sender), [rcpt], message, list(mail_options), list(rcpt_options))
                     ids.append(queue_id(smtp.data_reply))
                 except smtplib.SMTPRecipientsRefused as e:
                     code, text = e.recipients.get(rcpt, (0, b""))

@@ -103,7 +103,8 @@ def _check_web(cfg, report: Report) -> None:
     web = cfg.web
     if web.base_url:
         report.notes.append(f"web: base_url={web.base_url}, listen={web.listen or '(not here)'}: posts go out "
-                            "as one copy per member with a one-click List-Unsubscribe (lists with one_click: true)")
+                            "as one copy per member with a one-click List-Unsubscribe (lists with one_click: true, "
+                            "or a footer)")
         if web.base_url.startswith("http://"):
             report.warnings.append(f"web.base_url {web.base_url} is not https: mail providers expect "
                                    "https one-click unsubscribe URLs (RFC 8058)")
@@ -111,8 +112,8 @@ def _check_web(cfg, report: Report) -> None:
             report.warnings.append("web.base_url with outgoing.sendmail: every personal copy of a post is "
                                    "one sendmail process; use outgoing.smtp for lists of any size")
     else:
-        report.notes.append("web: no base_url: posts carry only a mailto: List-Unsubscribe, "
-                            "confirmation mails have no link")
+        report.notes.append("web: no base_url: posts carry only a mailto: List-Unsubscribe (lists with a "
+                            "footer: one copy per member, for the footer), confirmation mails have no link")
         if web.listen:
             report.warnings.append(f"web.listen {web.listen} without web.base_url: no mail will link to it")
 

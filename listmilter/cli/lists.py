@@ -93,6 +93,9 @@ def shown(value) -> str:
         value = ", ".join(value)
     if value == "":
         return "(empty)"
+    if isinstance(value, str) and ("\n" in value or "\r" in value):
+        import json
+        return json.dumps(value, ensure_ascii=False)       # a footer: one line, \n for its line ends
     if isinstance(value, str) and value != value.strip():
         return f'"{value}"'         # the spaces matter (a subject prefix)
     return str(value)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Callable, Iterator, Sequence, cast
 
-from listmilter.core import addresses, envid, headers, policy, settings
+from listmilter.core import addresses, envid, footer, headers, policy, settings, verp
 from listmilter.core.keys import Keyring
 from listmilter.core.model import MailingList
 
@@ -103,10 +103,19 @@ class ListSettings:
     subject_prefix: str
     description: str
     list_id: str
+    footer: str = ""            # the footer template (core/footer.py); "" for none
+    postal_address: str = ""
 
 
 def effective_settings(address: str, s: settings.ListSettings) -> ListSettings:
-    return ListSettings(address, s.posting, s.subject_prefix, s.description, headers.list_id(address, s.list_id))
+    return ListSettings(address, s.posting, s.subject_prefix, s.description, headers.list_id(address, s.list_id),
+                        s.footer, s.postal_address)
+
+
+def personal(base_url: str | None, s: settings.ListSettings) -> bool:
+    """Does a post to a list with these settings go out as one copy per member? With a
+    one-click link to give (web.base_url and one_click), or a footer to fill in per member."""
+    return (bool(base_url) and s.one_click) or bool(s.footer)
 
 
 def unique_members(list_address: str, members: list[str]) -> list[str]:
@@ -406,11 +415,14 @@ def xtext(text: str) -> str:
 
 @dataclass(frozen=True)
 class Copies:
-    """A post as one message per member (each with its own List-Unsubscribe URL)."""
-    sender: str                                   # <list>-bounces@
+    """A post as one message per member (each with its own List-Unsubscribe URL, footer
+    and VERP envelope sender)."""
+    sender: str                                   # <list>-bounces@ (for a member without a VERP sender)
     mail_options: tuple[str, ...]                 # RET=HDRS ENVID=...
     envid: str
     copies: list[tuple[str, tuple[str, ...], bytes]]   # (member, RCPT options, message)
+    senders: dict[str, str] = field(default_factory=dict)   # member -> <list>-bounces+CODE@ (core/verp.py)
+    notes: tuple[str, ...] = ()                   # for the log: the footer's fate, VERP fallbacks
 
 
 def apply_header_edits(message_headers: list[tuple[str, str]], edits: Edits) -> list[tuple[str, str]]:
@@ -438,23 +450,45 @@ def _header_bytes(items: list[tuple[str, str]]) -> bytes:
 def personal_copies(ls: ListSettings, members: list[str], message_headers: list[tuple[str, str]],
                     body: bytes, post_id: str, secret: Keyring | bytes, url_for: Callable[[str], str],
                     posted_at: float) -> Copies:
-    """One message per member: the same edits as expand_list, plus a personal List-Unsubscribe."""
+    """One message per member: the same edits as expand_list, plus a personal List-Unsubscribe
+    (when url_for gives a URL; "" leaves the shared mailto: alone), the list's footer with the
+    member's values, and a VERP envelope sender naming member and post."""
     edits = expand_list(ls, [], members, message_headers, post_id, secret, posted_at)
     unsubscribe = {"list-unsubscribe", "list-unsubscribe-post"}
     edits.add_headers = [(n, v) for n, v in edits.add_headers if n.lower() not in unsubscribe]
     head = _header_bytes(apply_header_edits(message_headers, edits))
-    mailto = f"<mailto:{addresses.role_address(ls.address, 'unsubscribe')}>"
+    unsubscribe_address = addresses.role_address(ls.address, "unsubscribe")
+    mailto = f"<mailto:{unsubscribe_address}>"
     # expand_list always sets the sender (bounces address, ENVID).
     sender = cast(tuple[str, str], edits.sender)
     envid_value = sender[1].partition("ENVID=")[2]
+    # The body is read once, here; each copy only fills its member's values in (core/footer.py).
+    body_template = footer.prepare(message_headers, body) if ls.footer else footer.Template()
+    notes = list(body_template.notes)
     copies: list[tuple[str, tuple[str, ...], bytes]] = []
+    senders: dict[str, str] = {}
+    too_long = 0
     for member, _ in edits.add_rcpts:
-        personal = _header_bytes([("List-Unsubscribe", f"<{url_for(member)}>, {mailto}"),
-                                  ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")])
+        url = url_for(member)
+        if url:
+            personal = _header_bytes([("List-Unsubscribe", f"<{url}>, {mailto}"),
+                                      ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")])
+        else:
+            personal = _header_bytes([("List-Unsubscribe", mailto)])
+        own_body = footer.render(body_template, body, ls.footer, footer.Values(
+            url or f"mailto:{unsubscribe_address}", ls.address, member, ls.postal_address))
         copies.append((member, ("NOTIFY=FAILURE", f"ORCPT=rfc822;{xtext(member)}"),
-                       head + personal + b"\r\n" + body))
+                       head + personal + b"\r\n" + own_body))
+        verp_sender = verp.make(ls.address, member, post_id, posted_at, secret)
+        if verp_sender is None:
+            too_long += 1
+        else:
+            senders[member] = verp_sender
+    if too_long:
+        notes.append(f"VERP sender longer than {verp.MAX_LOCAL} characters before the @: "
+                     f"{too_long} copies go from the plain bounces address")
     return Copies(addresses.strip_brackets(sender[0]), ("RET=HDRS", f"ENVID={envid_value}"),
-                  envid_value, copies)
+                  envid_value, copies, senders, tuple(notes))
 
 
 # -- end of message: the whole decision for one message ------------------------------
@@ -463,7 +497,7 @@ class InPlace:
     """What the edge looked up for the list this message becomes a post of."""
     settings: ListSettings
     members: list[str]
-    personal: bool                      # one copy per member (web.base_url and one_click)
+    personal: bool                      # one copy per member (plan.personal: one-click links or a footer)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from listmilter.core import addresses
+from listmilter.core import addresses, footer
 from listmilter.core.errors import PermanentError
 
 
@@ -75,6 +75,16 @@ def _list_id(value: Any) -> str:
     return text
 
 
+def _footer(value: Any) -> str:
+    if not isinstance(value, str):
+        raise SettingError(f"must be a string (got {value!r})")
+    try:
+        footer.check_template(value)
+    except footer.FooterError as e:
+        raise SettingError(str(e)) from None
+    return value.replace("\r\n", "\n")
+
+
 def _folder(value: Any) -> str:
     text = _text(value)
     if text and not text.startswith("/"):
@@ -128,6 +138,12 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("one_click", True, _flag,
             "with web.base_url configured: send every member a copy of their own carrying a "
             "personal RFC 8058 one-click List-Unsubscribe URL (false: one copy for all, mailto only)"),
+    Setting("footer", "", _footer,
+            "text added to every post, each member's copy with its own values: {unsubscribe_url}, "
+            "{list_address}, {member}, {postal_address} (empty: no footer); a list with a footer sends "
+            "one copy per member, like one_click"),
+    Setting("postal_address", "", _text,
+            "the sender's postal address, for {postal_address} in the footer (CAN-SPAM asks for one)"),
     Setting("archive", False, _flag,
             "keep every accepted post, as it went out, in a Maildir under state_dir/archive/LIST/ "
             "(`listmilter archive` exports it)"),
@@ -177,6 +193,8 @@ class ListSettings:
     confirm_limit_per_client: int
     templates: str
     one_click: bool
+    footer: str
+    postal_address: str
     archive: bool
     bounce_action: str
     bounce_threshold: int

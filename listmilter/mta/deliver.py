@@ -80,10 +80,18 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
     from listmilter.store import site_secret as secret_of
     site_secret = secret_of(config)
     extra = {}
+    outcome = None
     if role.extension.partition("-")[0] in bounce_processing.DECISIONS:
         status = bounce_processing.decide(config, store, site_secret, mlist, role.extension, sender, data)
     else:
-        outcome = bounce_processing.handle(config, store, site_secret, mlist, sender, data)
+        if role.extension:      # <list>-bounces+CODE@: a personal copy's VERP sender
+            from listmilter.app import verp_bounces
+            if verp_bounces.is_code(role.extension):
+                outcome = verp_bounces.handle(config, store, site_secret, mlist, role.extension, sender, data)
+                if outcome is None:
+                    extra["verp"] = "not verified"
+        if outcome is None:
+            outcome = bounce_processing.handle(config, store, site_secret, mlist, sender, data)
         status = outcome.summary()
         if outcome.envid:
             extra["envid"] = outcome.envid

@@ -276,17 +276,19 @@ class ListMilter(Milter.Base):
         return plan.effective_settings(list_address, self.config.list_settings(self._list(list_address).settings))
 
     def _personalized(self, list_address: str) -> bool:
-        """One copy per member, each with its own one-click unsubscribe URL (web.base_url set)?"""
-        return bool(self.config.web.base_url) and \
-            self.config.list_settings(self._list(list_address).settings).one_click
+        """One copy per member (a one-click URL or a footer of their own: plan.personal)?"""
+        return plan.personal(self.config.web.base_url,
+                             self.config.list_settings(self._list(list_address).settings))
 
-    def _unsubscribe_url(self, found_on: dict[str, str], epochs: dict[tuple[str, str], float]):
+    def _unsubscribe_url(self, found_on: dict[str, str], epochs: dict[tuple[str, str], float], one_click: bool):
         """Each member's link names their membership (its `added`) of the list they are on (for a
         member of a nested list: that list), so it leaves that list and dies when that membership ends."""
         from listmilter.core.tokens import unsubscribe_token
-        base, secret = self.config.web.base_url, self.runtime.secret
+        base, secret = (self.config.web.base_url if one_click else None), self.runtime.secret
 
         def url(member: str) -> str:
+            if not base:        # personal for its footer only (one_click off, or no web): the mailto: link
+                return ""
             on = found_on[member]
             added = epochs[(addresses.key(on), addresses.key(member))]
             return f"{base}/u/{unsubscribe_token(secret, on, member, added)}"
@@ -332,7 +334,8 @@ class ListMilter(Milter.Base):
             found, nested, epochs = self._members(ls.address, self.personal)
             in_place = plan.InPlace(ls, [m for m, _ in found], self.personal)
             if self.personal:
-                url_for = self._unsubscribe_url(dict(found), epochs)
+                one_click = self.config.list_settings(self._list(ls.address).settings).one_click
+                url_for = self._unsubscribe_url(dict(found), epochs, one_click)
         inner = " ".join(f"<{a}>" for a in nested) or None
         owners = {r.list_address: self._owners(r.list_address) for r in split.owners}
         todo = plan.end_of_message(self.recipients, split, in_place, owners, self.headers,
@@ -354,8 +357,11 @@ class ListMilter(Milter.Base):
             copies = todo.copies
             started = time.monotonic()
             queued: list[str] = []
+            for note in copies.notes:
+                self._log(queue_id, note, split.in_place_list)
             refused = outgoing.send_copies(self.config.outgoing, copies.sender, copies.mail_options,
-                                           copies.envid, copies.copies, self._keepalive, queue_ids=queued)
+                                           copies.envid, copies.copies, self._keepalive, queue_ids=queued,
+                                           senders=copies.senders)
             for member, reply in refused.items():
                 # In place, the MTA would have bounced it to <list>-bounces@ later; here it says so now.
                 self._log(queue_id, f"member refused ({reply})", split.in_place_list, level=logging.WARNING,

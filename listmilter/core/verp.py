@@ -1,0 +1,166 @@
+"""VERP: each personal copy's envelope sender names its member and its post.
+
+A personal copy of a post goes out from `<list-local>-bounces+CODE@domain`,
+CODE = POSTID-TIME-MAC, e.g. `dev-bounces+4fx2q1z0d3-tpe8id-k3jq7w2xv9m4a@example.org`:
+POSTID the post's queue id, TIME its Unix time in base 36 (as in the ENVID,
+core/envid.py), MAC the first 13 base32 characters (65 bits) of an
+HMAC-SHA256 of list, member, POSTID and TIME under a key derived for "verp"
+from a site key (core/keys.py); any key still accepted verifies one.
+
+Anything that bounces to that address, from any MTA, a DSN or not, with the
+ENVID kept or dropped, names its member by the address it was sent to. The
+code does not carry the member's address (it would not fit the 64 characters
+of a local part): the reader checks the MAC against the addresses the bounce
+names, and else against the list's members (`find`).
+
+Only lower-case letters, digits and `-`: some MTAs lower-case local parts,
+and Postfix's own lookups do (addresses.candidates), so POSTID is lower-cased
+before the MAC is made. When the local part would exceed 64 characters the
+copy goes from the plain `<list>-bounces@` (`make` returns None).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from listmilter.core import addresses, bounces
+from listmilter.core.keys import Keyring, keyring
+
+USE = "verp"
+MAX_LOCAL = 64
+MAC_LENGTH = 13
+_CODE = re.compile(rf"([0-9a-z]{{1,20}})-([0-9a-z]{{1,8}})-([a-z2-7]{{{MAC_LENGTH}}})")
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+@dataclass(frozen=True)
+class Code:
+    """A code's parts as read from an address (not yet verified)."""
+    post_id: str
+    time: str
+    mac: str
+
+    @property
+    def posted_at(self) -> float:
+        return float(int(self.time, 36))
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A verified code: the member and the post it was made for."""
+    member: str
+    post_id: str
+    posted_at: float
+
+
+def _base36(n: int) -> str:
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = _DIGITS[r] + out
+        if not n:
+            return out
+
+
+def _mac(key: bytes, list_address: str, member: str, post_id: str, when: str) -> str:
+    text = "\0".join((USE, addresses.key(list_address), addresses.key(member), post_id, when))
+    digest = hmac.new(key, text.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+    return base64.b32encode(digest).decode().lower()[:MAC_LENGTH]
+
+
+def _key(ring: Keyring, kid: int) -> bytes:
+    key = ring.derive(kid, USE)
+    if key is None:     # a bug: only ring's own ids are passed
+        raise TypeError(f"key {kid} is not in the keyring")
+    return key
+
+
+def code(list_address: str, member: str, post_id: str, posted_at: float, secret: Keyring | bytes) -> str:
+    """The code for one member's copy of one post, under the current key."""
+    if not re.fullmatch(r"[A-Za-z0-9]{1,20}", post_id):
+        raise ValueError(f"post id must be 1-20 letters and digits: {post_id!r}")
+    ring = keyring(secret)
+    post, when = post_id.lower(), _base36(int(posted_at))
+    return f"{post}-{when}-{_mac(_key(ring, ring.current_id), list_address, member, post, when)}"
+
+
+def make(list_address: str, member: str, post_id: str, posted_at: float, secret: Keyring | bytes) -> str | None:
+    """The envelope sender of `member`'s copy; None if it would not fit in a local part
+    (the caller then sends from the plain bounces address, and says so), or for a post id
+    that is no 1-20 letters and digits."""
+    if not re.fullmatch(r"[A-Za-z0-9]{1,20}", post_id):
+        return None
+    address = addresses.role_address(list_address, "bounces",
+                                      code(list_address, member, post_id, posted_at, secret))
+    if len(address.rpartition("@")[0]) > MAX_LOCAL or not addresses.is_valid(address):
+        return None
+    return address
+
+
+def parse(extension: str) -> Code | None:
+    """The parts of a code (the text after `-bounces+`), or None if it is not one (never raises)."""
+    if not isinstance(extension, str) or len(extension) > MAX_LOCAL:
+        return None
+    m = _CODE.fullmatch(extension.strip().lower())
+    return Code(m.group(1), m.group(2), m.group(3)) if m else None
+
+
+def verify(parsed: Code, list_address: str, member: str, secret: Keyring | bytes) -> bool:
+    """Was `parsed` made for `member` of `list_address` with a key still accepted?"""
+    ring = keyring(secret)
+    return _verify(parsed, list_address, member, [_key(ring, kid) for kid in ring.ids])
+
+
+def _verify(parsed: Code, list_address: str, member: str, keys: list[bytes]) -> bool:
+    given = parsed.mac.encode()
+    return any(hmac.compare_digest(given, _mac(key, list_address, member, parsed.post_id, parsed.time).encode())
+               for key in keys)
+
+
+def find(extension: str, list_address: str, candidates: Iterable[str], secret: Keyring | bytes) -> Bound | None:
+    """The member among `candidates` that the code in `extension` was made for (None: not a
+    code, forged, made for someone else or under a key no longer accepted). Never raises.
+
+    Costs one HMAC per candidate and accepted key: callers pass the addresses the bounce
+    names first, and the list's members only when none of those is it."""
+    parsed = parse(extension)
+    if parsed is None:
+        return None
+    ring = keyring(secret)
+    keys = [_key(ring, kid) for kid in ring.ids]
+    for member in candidates:
+        if isinstance(member, str) and member.isascii() and _verify(parsed, list_address, member, keys):
+            return Bound(member, parsed.post_id, parsed.posted_at)
+    return None
+
+
+# -- what a bounce to a VERP address says ------------------------------------------
+NON_DSN = "a bounce to the member's VERP address that names no failure (not a DSN)"
+
+
+def failure_of(report: bounces.Report, member: str, null_sender: bool) -> bounces.Failure | None:
+    """The failure a message that reached `member`'s verified VERP address reports for that
+    member, None if it reports none. The address it was sent to names the member, so:
+
+    - any failure it names (a DSN or a bounce flufl.bounce reads, the ENVID kept or not) is
+      the member's, whatever address it names (forwarding, rewriting); a permanent one first;
+    - a message from the null sender that names no failure is a bounce all the same (a
+      non-DSN bounce in words only a person reads): a permanent failure of the member;
+    - an auto-response, a DSN that reports no failure (delivered, relayed), or mail from
+      anyone else that names no failure is none.
+    """
+    if report.kind == bounces.AUTORESPONSE:
+        return None
+    if report.failures:
+        own = [f for f in report.failures if addresses.key(f.address) == addresses.key(member)]
+        named = own or list(report.failures)
+        first = next((f for f in named if f.permanent), named[0])
+        return bounces.Failure(member, first.permanent, first.status, first.diagnostic)
+    if null_sender and report.kind != bounces.DSN:
+        return bounces.Failure(member, True, "", NON_DSN)
+    return None
