@@ -340,7 +340,10 @@ def looks_like_ndr(msg: email.message.Message) -> bool:
     auto = mailparse.text(msg.get("Auto-Submitted")).strip().lower()
     if auto.startswith("auto-generated"):
         return True
-    sender = addresses.strip_brackets(email.utils.parseaddr(mailparse.text(msg.get("From"))[:1000])[1])
+    try:
+        sender = email.utils.parseaddr(mailparse.text(msg.get("From"))[:1000])[1]
+    except Exception:       # the stdlib's address parser on hostile text
+        sender = ""
     if _NDR_FROM.match(sender) or _NDR_FROM.match(mailparse.text(msg.get("From"))):
         return True
     return bool(_NDR_SUBJECT.search(_decoded(msg.get("Subject"))))
