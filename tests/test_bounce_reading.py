@@ -110,6 +110,20 @@ def test_every_dsn_shape_is_read_with_its_envid(name):
     assert all(f.verdict == bounces.Verdict.TEMPORARY for f in explained.failures[1:])
 
 
+def test_a_report_inside_the_returned_message_is_not_read():
+    """A post carrying a DSN as an attachment, returned in full by a real DSN: only the real
+    report's recipients count (else the attachment's would borrow the real ENVID)."""
+    attached = HEAD + (b"Content-Type: multipart/report; report-type=delivery-status; boundary=\"Q\"\n\n"
+                       b"--Q\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; x\n\n"
+                       b"Final-Recipient: rfc822; carol@example.net\nAction: failed\nStatus: 5.1.1\n\n--Q--\n")
+    data = HEAD + _report(b"message/delivery-status", PER_MESSAGE + b"\n" + BOB,
+                          extra_part=b"--R\nContent-Type: message/rfc822\n\n" + attached + b"\n")
+    # The attached report alone is read (it is a report).
+    assert [f.address for f in bounces.read_bytes(attached, True).failures] == ["carol@example.net"]
+    report = bounces.read_bytes(data, null_sender=True)
+    assert report.envid == ENVID and [f.address for f in report.failures] == ["bob@example.net"]
+
+
 def test_global_delivery_status_reads_utf8_fields():
     data = HEAD + _report(b"message/global-delivery-status", PER_MESSAGE +
                           "\nOriginal-Recipient: utf-8; jörg@example.net\n"

@@ -231,8 +231,24 @@ def _per_recipient(blocks: list[list[tuple[str, str]]]) -> tuple[dict[str, str],
 
 def _delivery_statuses(msg: email.message.Message) -> list[email.message.Message]:
     """Every delivery-status part, at any depth: inside multipart/mixed, or in a report
-    forwarded as message/rfc822. (mailparse.parse bounds the depth.)"""
-    return [part for part in msg.walk() if part.get_content_type() in _STATUS_TYPES]
+    forwarded as message/rfc822 (mailparse.parse bounds the depth). Not inside the
+    message a report returns: a post that carried a report as an attachment would
+    otherwise lend its recipients to the real report's ENVID."""
+    found = []
+    todo = [msg]
+    while todo:
+        part = todo.pop()
+        ctype = part.get_content_type()
+        if ctype in _STATUS_TYPES:
+            found.append(part)
+            continue
+        if not part.is_multipart():
+            continue
+        children = [p for p in part.get_payload() if isinstance(p, email.message.Message)]
+        if ctype == "multipart/report" and any(c.get_content_type() in _STATUS_TYPES for c in children):
+            children = [c for c in children if c.get_content_type() in _STATUS_TYPES]
+        todo.extend(reversed(children))       # in document order
+    return found
 
 
 _STATUS_TYPES = ("message/delivery-status", "message/global-delivery-status")
