@@ -130,7 +130,10 @@ def _multipart(content_type: str, body: bytes, retry: bool = True) -> dict[str, 
         value = part.get_payload(decode=True)
         if not isinstance(name, (str, tuple)) or not isinstance(value, bytes):   # no name, or nested
             continue
-        form[email.utils.collapse_rfc2231_value(name)] = value.decode("utf-8", "replace")
+        # get_param unquoted a plain name already; collapse_rfc2231_value would also strip
+        # a name's own <...> (email.utils.unquote), so it is only for RFC 2231 (charset) names.
+        key = name if isinstance(name, str) else email.utils.collapse_rfc2231_value(name)
+        form[key] = value.decode("utf-8", "replace")
     return form
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import multiprocessing
 import sqlite3
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from listmilter.core import bounces, envid
+from listmilter.store import kept as kept_mail
 from listmilter.store.bounce_records import BounceDB
 from tests.bed.listmilter import cli
 from tests.bed.net import wait_until
@@ -416,6 +418,15 @@ def test_forged_and_unprovable_bounces_score_nobody_and_go_to_the_owner(clean_be
     assert {m.mail_from for m in forwarded} == {lst.replace("@", "-owner@")}
     kept = cli(bed.listmilter.config_path, "bounces", lst, "--kept").stdout
     assert kept.count(".eml") == len(envids)
+    # Each kept file, as Postfix delivered it, through `bounces --explain`: the same verdicts.
+    explained = []
+    for path in Path(kept_mail.folder(str(bed.listmilter.state_dir), lst)).glob("*.eml"):
+        got = json.loads(cli(bed.listmilter.config_path, "bounces", lst, "--explain", str(path), "--json").stdout)
+        assert got["kind"] == "dsn"
+        assert [(f["address"], f["status"], f["permanent"]) for f in got["failures"]] == \
+            [("victim@example.net", "5.1.1", True)]
+        explained.append((got["failures"][0]["binding"], got["failures"][0]["verdict"]))
+    assert sorted(explained) == sorted([("none", "unverified")] * 2 + [("envid", "not-recipient")] * (len(envids) - 2))
 
 
 def test_verdicts_not_member_counted_today_not_recipient_and_unrecognised_keep(clean_bed, owner):

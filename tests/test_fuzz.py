@@ -239,7 +239,7 @@ def test_body_text_of_any_charset_and_encoding(charset, cte, body, multipart):
     assert isinstance(mailparse.body_text(data, 500), str)
 
 
-KINDS = {bounces.DSN, bounces.HEURISTIC, bounces.AUTORESPONSE, bounces.UNRECOGNISED}
+KINDS = {bounces.DSN, bounces.HEURISTIC, bounces.AUTORESPONSE, bounces.UNRECOGNISED, bounces.FEEDBACK}
 
 
 def _assert_report(report: bounces.Report) -> None:
@@ -257,6 +257,7 @@ def _assert_report(report: bounces.Report) -> None:
 def test_bounce_reading_has_an_answer_for_everything(data, null_sender):
     """As deliver reads -bounces@ mail (DSN, then flufl.bounce's detectors), and as a caller with
     Python's own compat32 parse (Header objects for 8-bit) would: a Report, never an exception."""
+    _assert_report(bounces.read_bytes(data, null_sender))        # as deliver reads it, bounded
     _assert_report(bounces.read(mailparse.parse(data), null_sender))
     if mailparse.readable(data):        # else Python's own parser gives up (RecursionError)
         _assert_report(bounces.read(email.message_from_bytes(data, policy=email.policy.compat32), null_sender))

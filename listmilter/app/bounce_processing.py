@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import threading
 import time
@@ -22,10 +21,10 @@ from listmilter.core.bounces import Verdict
 from listmilter.core.keys import Keyring, keyring
 from listmilter.core.model import ACTIVE, DISABLED, MailingList, NoSuchList
 from listmilter.log import fields, logger
-from listmilter.store import open_bounces, site_secret, statedir
+from listmilter.store import kept, open_bounces, site_secret
 from listmilter.store.bounce_records import BounceDB, Row
 
-KEPT_FOLDER = "bounces"
+KEPT_FOLDER = kept.FOLDER
 
 
 @dataclass(frozen=True)
@@ -85,40 +84,54 @@ def handle(config, store, secret: Keyring, mlist: MailingList, sender: str, data
 def read(data: bytes, sender: str) -> bounces.Report:
     """What the message is. Reading never fails: what cannot be read is UNREADABLE, kept for the owner."""
     try:
-        return bounces.read(mailparse.parse(data), null_sender=(sender == ""))
+        return bounces.read_bytes(data, null_sender=(sender == ""))
     except Exception:   # a bug in reading hostile mail: keep the message, never retry it for days
         logger.exception("bounce: %s", fields(**{"from": f"<{sender}>"}, size=len(data),
                                                status="unreadable (internal error; kept for the owner)"))
         return bounces.Report(bounces.UNREADABLE)
 
 
-_NO_FAILURE: dict[str, str] = {bounces.UNREADABLE: "unreadable: listmilter could not read this message (see its log)"}
+_NO_FAILURE: dict[str, str] = {
+    bounces.UNREADABLE: "unreadable: listmilter could not read this message (see its log)",
+    bounces.FEEDBACK: "feedback: an abuse report (ARF): a recipient marked a post as spam; no delivery failed",
+}
 
 
 def keep_for_owner(config, db: BounceDB, mlist: MailingList, data: bytes, why: str, now: float) -> str:
-    """Keep a message that scored nobody: a file in state_dir/bounces/, and (forward) the owners."""
-    folder = os.path.join(config.state_dir, KEPT_FOLDER, addresses.key(mlist.address))
-    os.makedirs(folder, mode=0o750, exist_ok=True)
-    name = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + "-" + hashlib.sha256(data).hexdigest()[:12] + ".eml"
-    path = os.path.join(folder, name)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    statedir.adopt(config.state_dir, os.path.dirname(folder), folder, path)
+    """Keep a message that scored nobody (listmilter.store.kept: bounded, named by content hash),
+    and (forward) the owners."""
+    ls = config.list_settings(mlist.settings)
+    path, cut = kept.keep(config.state_dir, mlist.address, data, ls.bounce_kept_max_kb * 1024)
+    if cut:
+        why = f"{why} (kept: the first {ls.bounce_kept_max_kb} KB of {len(data) // 1024} KB)"
+    _prune(config, mlist, now, path)
     db.record(mlist.address, bounces.Failure("", False, "", why[:300]), Verdict.UNRECOGNISED,
               now=now, kept=path)
-    if config.list_settings(mlist.settings).bounce_unrecognised == "forward":
+    if ls.bounce_unrecognised == "forward":
         owners = config.owners(mlist.settings)
         # From the list's own <list>-owner@, so the owners' providers check SPF against
         # this host. Not -bounces@: a forward that failed would come back there,
         # score nobody and be forwarded again, forever; a failure to -owner@ reaches
         # the owners once, as a bounce from the null sender, and stops there.
         outgoing.send(config.outgoing, addresses.role_address(mlist.address, "owner"), list(owners),
-                      notices.unrecognised_bounce(mlist.address, owners, why, data))
+                      notices.unrecognised_bounce(mlist.address, owners, why,
+                                                  data[:ls.bounce_kept_max_kb * 1024]))
     return path
+
+
+def _prune(config, mlist: MailingList, now: float, keep_path: str = "") -> list[str]:
+    """Kept mail past the list's retention or over its quota goes; never fails the caller."""
+    ls = config.list_settings(mlist.settings)
+    try:
+        gone = kept.prune(config.state_dir, mlist.address, now, ls.bounce_kept_days,
+                          ls.bounce_kept_quota_mb * 1024 * 1024, keep_path)
+    except OSError as e:
+        logger.error("warning: bounce: cannot prune kept mail of %s: %s", mlist.address, e)
+        return []
+    if gone:
+        logger.info("bounce: %s", fields(list=f"<{mlist.address}>", deleted=len(gone),
+                                          status="kept mail past bounce_kept_days or bounce_kept_quota_mb"))
+    return gone
 
 
 def _evidence(db: BounceDB, list_address: str, address: str) -> list[tuple]:
@@ -180,6 +193,9 @@ def periodic(config, store, now: float | None = None) -> list[str]:
 
 def _periodic(config, store, db, secret: Keyring, now: float, done: list[str]) -> None:
     """One periodic run's work, appended to `done`."""
+    for lst in store.all_lists():
+        for path in _prune(config, lst, now):
+            done.append(f"deleted kept {path} ({lst.address})")
     for row in db.rows():
         mlist = store.get_list(row.list)
         if mlist is None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from listmilter.cli.common import admin, existing_list
+from os import EX_NOINPUT, EX_USAGE
+
+from listmilter.cli.common import Fail, admin, existing_list
 
 
 def add_parsers(sub) -> None:
@@ -13,12 +15,83 @@ def add_parsers(sub) -> None:
                    help="list the bounce-address mail that scored nobody, kept for the owner")
     s.add_argument("--run", action="store_true",
                    help="send due warnings and remove members now (listmilter serve does this hourly)")
+    s.add_argument("--explain", metavar="FILE",
+                   help="what listmilter reads in one message (FILE, or - for stdin): its kind, each "
+                        "failed address, status, binding and verdict; records nothing")
+    s.add_argument("--json", action="store_true", help="with --explain: one JSON object")
+
+
+def _explain(args, cfg, store) -> int:
+    """Thin over core.bounces.explain: read the file, look the ENVID and the members up, print."""
+    import json
+    import sys
+
+    from listmilter.core import addresses, bounces, envid, mailparse
+    from listmilter.core.model import DISABLED
+    from listmilter.store import site_secret
+    if args.explain == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            with open(args.explain, "rb") as stream:
+                data = stream.read()
+        except OSError as e:
+            raise Fail(f"cannot read {args.explain}: {e.strerror}", EX_NOINPUT) from None
+    sender = bounces.envelope_sender(mailparse.parse(data, headers_only=True))
+    report = bounce_report(data, "" if sender is None else sender)
+    mlist = existing_list(store, args.list) if args.list else None
+    if mlist is None and bounces.envid_list(report.envid):
+        mlist = store.get_list(addresses.key(bounces.envid_list(report.envid)))
+    posted_at = None
+    members: dict[str, tuple[float, bool]] | None = None
+    if mlist is not None:
+        post = envid.parse(report.envid, mlist.address, site_secret(cfg)) if report.envid else None
+        posted_at = post.posted_at if post is not None else None     # as deliver scores it
+        members = {}
+        for failure in report.failures:
+            member = store.member(mlist.address, failure.address)
+            if member is not None:
+                members[addresses.key(failure.address)] = (member.added, member.status != DISABLED)
+    result = bounces.explain(report, posted_at, members)
+    if args.json:
+        print(json.dumps(result.as_json(), ensure_ascii=False))
+        return 0
+    print(f"kind: {result.kind}: {bounces.KIND_MEANS.get(bounces.Kind(result.kind), result.kind)}")
+    print("sender: " + ("<> (from Return-Path)" if sender == "" else f"<{sender}> (from Return-Path)"
+                        if sender else "none recorded (no Return-Path): read as from the null sender <>"))
+    if report.envid:
+        if mlist is None:
+            state = "names no list of this site (name the LIST)"
+        elif posted_at is not None:
+            state = f"issued by this site for {mlist.address}"
+        else:
+            state = f"not one this site issued for {mlist.address}"
+        print(f"envid: {report.envid} ({state})")
+    else:
+        print("envid: none")
+    print(f"list: {mlist.address if mlist else 'none'}")
+    for f in result.failures:
+        print(f"<{f.address}> {f.status or '-'} {'permanent' if f.permanent else 'temporary'}, "
+              f"binding {f.binding}: {f.verdict}: {f.why}")
+    if not result.failures:
+        print("failures: none found")
+    return 0
+
+
+def bounce_report(data: bytes, sender: str):
+    """As `listmilter deliver` reads it (never raises: unreadable mail is UNREADABLE)."""
+    from listmilter.app import bounce_processing
+    return bounce_processing.read(data, sender)
 
 
 def _bounces(args, cfg, store):
     from listmilter.app import bounce_processing
     from listmilter.core import bounces
     from listmilter.store import open_bounces
+    if args.explain:
+        return _explain(args, cfg, store)
+    if args.json:
+        raise Fail("--json goes with --explain", EX_USAGE)
     if args.run:
         done = bounce_processing.periodic(cfg, store)
         for line in done:

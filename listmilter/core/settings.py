@@ -162,6 +162,12 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("bounce_unrecognised", "forward", _choice("forward", "keep"),
             "mail to <list>-bounces@ that scores nobody: forward (to the owners, and keep) or keep "
             "(in state_dir/bounces/, listed by `listmilter bounces`)"),
+    Setting("bounce_kept_max_kb", 1024, _count(1),
+            "a kept message is cut after this many KB (the owners' forwarded copy too)"),
+    Setting("bounce_kept_days", 30, _count(1),
+            "kept messages older than this many days are deleted (hourly, and at each new one)"),
+    Setting("bounce_kept_quota_mb", 100, _count(1),
+            "at most this many MB of kept messages per list: the oldest go first"),
 )}
 
 
@@ -202,6 +208,9 @@ class ListSettings:
     bounce_warnings: int
     bounce_warning_interval_days: int
     bounce_unrecognised: str
+    bounce_kept_max_kb: int
+    bounce_kept_days: int
+    bounce_kept_quota_mb: int
 
 
 @dataclass(frozen=True)
