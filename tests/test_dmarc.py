@@ -1,6 +1,6 @@
 """DMARC-safe From: the pure core (record parsing, policy choice, the From rewrite), the
 lookup against a real DNS server on 127.0.0.1 (tests/bed/dns.py), and the plan's edits.
-The same over the real Postfix: tests/test_dmarc_postfix.py."""
+The same over the real Postfix: tests/test_dmarc_mta.py."""
 
 from __future__ import annotations
 
@@ -60,8 +60,12 @@ def test_the_domain_record_comes_first_then_the_organizational_sp():
     assert dmarc.choose("a.example.com", "example.com", [], ["v=DMARC1; p=quarantine"]).policy == "quarantine"
     # sp= is for subdomains only: the organizational domain itself uses p=
     assert dmarc.choose("example.com", "example.com", ["v=DMARC1; p=none; sp=reject"], []).policy == "none"
-    none = dmarc.choose("a.example.com", "example.com", ["v=DMARC1; p=x"], [])
+    none = dmarc.choose("a.example.com", "example.com", ["spf"], ["v=DMARC1; p=x"])
     assert none.policy == dmarc.NO_POLICY and "p='x'" in none.reason and "_dmarc.example.com" in none.reason
+    # A DMARC record at the domain itself that does not parse, or two of them, end the search there.
+    for own in (["v=DMARC1; p=x"], ["v=DMARC1; p=none", "v=DMARC1; p=quarantine"]):
+        v = dmarc.choose("a.example.com", "example.com", own, ["v=DMARC1; p=reject"])
+        assert v.policy == dmarc.NO_POLICY and "_dmarc.example.com" not in v.reason
 
 
 @pytest.mark.parametrize("policy, mitigation, policies, expected", [
@@ -204,7 +208,7 @@ def verdict(lookup: Lookup, from_: str) -> dmarc.Verdict:
 @pytest.mark.parametrize("domain, policy", [
     ("reject.test", "reject"), ("quarantine.test", "quarantine"), ("none.test", "none"),
     ("norecord.test", dmarc.NO_POLICY), ("sub.parent.test", "reject"), ("malformed.test", dmarc.NO_POLICY),
-    ("other.test", dmarc.NO_POLICY), ("deep.down.reject.test", "reject"),
+    ("other.test", dmarc.NO_POLICY), ("deep.down.reject.test", "reject"), ("bad.parent.test", dmarc.NO_POLICY),
 ])
 def test_lookup_policies(dns, domain, policy):
     assert verdict(lookup_for(dns), f"a@{domain}").policy == policy

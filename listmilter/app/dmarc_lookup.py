@@ -117,7 +117,7 @@ class Lookup:
         try:
             own = self.txt(f"_dmarc.{who.domain}", deadline)
             org_txts: tuple[str, ...] = ()
-            if org != who.domain and not dmarc.select_record(own)[0]:
+            if org != who.domain and not dmarc.has_record(own):
                 org_txts = self.txt(f"_dmarc.{org}", deadline)
         except _Failed as e:
             return dmarc.Verdict(dmarc.UNKNOWN, str(e))

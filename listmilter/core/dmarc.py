@@ -58,12 +58,22 @@ def parse_record(txt: str) -> tuple[Record | None, str]:
     if p not in POLICIES:
         return None, f"malformed DMARC record: p={p[:20] if p is not None else '(missing)'!r}"
     sp = values.get("sp")
+    # RFC 7489 would make a bad sp= no policy at all; falling back to p= is the stricter side.
     return Record(p, sp if sp in POLICIES else None), ""
+
+
+def _candidates(txts: Sequence[str]) -> list[str]:
+    return [t for t in txts if t.lstrip().startswith("v=DMARC1")]
+
+
+def has_record(txts: Sequence[str]) -> bool:
+    """Is there a DMARC record at this name at all? Only if not is the organizational domain asked."""
+    return bool(_candidates(txts))
 
 
 def select_record(txts: Sequence[str]) -> tuple[Record | None, str]:
     """The DMARC record among the TXT records at one name (RFC 7489 6.6.3: exactly one, else none)."""
-    candidates = [t for t in txts if t.lstrip().startswith("v=DMARC1")]
+    candidates = _candidates(txts)
     if not candidates:
         return None, "no DMARC record"
     if len(candidates) > 1:
@@ -73,11 +83,13 @@ def select_record(txts: Sequence[str]) -> tuple[Record | None, str]:
 
 def choose(domain: str, org_domain: str, domain_txts: Sequence[str], org_txts: Sequence[str]) -> Verdict:
     """The policy for From domain `domain` (RFC 7489 6.6.3): its own record's p=, else the
-    organizational domain's sp= (or p=) when `domain` is a subdomain of it."""
+    organizational domain's sp= (or p=) when `domain` is a subdomain of it. Only a name
+    without any DMARC record falls back to the organizational domain; several records or
+    one that does not parse end the search with no policy."""
     record, why = select_record(domain_txts)
     if record is not None:
         return Verdict(record.p, f"p={record.p} at _dmarc.{domain}")
-    if org_domain and org_domain != domain:
+    if org_domain and org_domain != domain and not has_record(domain_txts):
         org, org_why = select_record(org_txts)
         if org is not None:
             if org.sp is not None:

@@ -30,6 +30,8 @@ ZONES = {
     # A subdomain without its own record: the organizational domain's sp= counts.
     "_dmarc.parent.test.": ["v=DMARC1; p=none; sp=reject"],
     "_dmarc.malformed.test.": ["v=DMARC1; p=bogus"],
+    # A subdomain's own record that does not parse: no policy, the parent's sp= does not apply.
+    "_dmarc.bad.parent.test.": ["v=DMARC1; p=rejected"],
     "_dmarc.other.test.": ["google-site-verification=abc"],     # a TXT record, not DMARC
 }
 SILENT = {"_dmarc.timeout.test."}

@@ -1,6 +1,6 @@
-"""DMARC-safe From over the real Postfix: listmilter's resolver points at a DNS server on
-127.0.0.1 (tests/bed/dns.py) through `dns.nameservers`, and the sink sees what members get.
-The pure half: tests/test_dmarc.py."""
+"""DMARC-safe From over the real Postfix (and once over Sendmail): listmilter's resolver
+points at a DNS server on 127.0.0.1 (tests/bed/dns.py) through `dns.nameservers`, and the
+sink sees what members get. The pure half: tests/test_dmarc.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from tests.bed.dns import dns_server
 from tests.bed.net import wait_until
-from tests.conftest import Bed, _clean, _finish, message
+from tests.conftest import Bed, SendmailBed, _clean, _finish, message
 
 pytestmark = pytest.mark.mta
 
@@ -139,3 +139,21 @@ def test_hostile_from_headers_are_mitigated_and_delivered(bed):
         assert len(froms) == 1 and froms[0].endswith(f"<{dev}>".encode()), got.content[:500]
     log = bed.listmilter.log()
     assert "DMARC policy unknown (2 From headers)" in log and "DMARC policy unknown (From has no usable domain)" in log
+
+
+def test_sendmail_rewrites_the_same_way(dns):
+    b = SendmailBed("sqlite", extra={"dns": {"nameservers": [dns.address]}})
+    passed = False
+    try:
+        member = "s@example.com"
+        dev = b.new_list([member], posting="open", name="dev")
+        poster, got = post_from(b, "reject.test", dev, member)
+        assert re.search(rf'^From: "Alice Example via dev\d*" <{re.escape(dev)}>\r?$', got.content.decode(), re.M)
+        assert got.message["X-Original-From"] == f"Alice Example <{poster}>"
+        assert [a.addr_spec for a in got.message["Reply-To"].addresses] == [poster]
+        b.sink.clear()
+        poster, got = post_from(b, "none.test", dev, member)
+        assert got.message["From"] == f"Alice Example <{poster}>" and got.message["X-Original-From"] is None
+        passed = True
+    finally:
+        _finish(b, keep_files=not passed)       # its logs stay after a failure
