@@ -96,6 +96,8 @@ class Config:
     log_target: str = "stderr"
     log_facility: str = "mail"
     web: Web = Web()
+    # dns.nameservers: (IP address, port) for DMARC lookups; empty: the system's resolver (resolv.conf).
+    dns_nameservers: tuple[tuple[str, int], ...] = ()
     mtime: float | None = None
 
     def effective(self, name: str, list_settings: dict[str, Any]) -> settings.Effective:
@@ -159,7 +161,7 @@ def _line(node: yaml.Node) -> int:
 class _Builder:
     """Turns the composed YAML tree into a Config, checking every value."""
 
-    TOP = {"milter", "socketmap", "store", "state_dir", "lists", "outgoing", "defaults", "site", "log", "web"}
+    TOP = {"milter", "socketmap", "store", "state_dir", "lists", "outgoing", "defaults", "site", "log", "web", "dns"}
 
     def __init__(self, path: str):
         self.path = path
@@ -271,6 +273,10 @@ class _Builder:
                 kw["log_facility"] = self.string(m["facility"][1], "log.facility")
         if "web" in top:
             kw["web"] = self.web(top["web"][1])
+        if "dns" in top:
+            m = self.mapping(top["dns"][1], "dns", {"nameservers"})
+            if "nameservers" in m:
+                kw["dns_nameservers"] = self.nameservers(m["nameservers"][1])
         if "lists" in top:
             kw["lists"] = self.lists(top["lists"][1])
             if kw["lists"] and kw.get("backend", "sqlite") != "yaml":
@@ -325,6 +331,29 @@ class _Builder:
         if not match or not 0 < int(match.group(2)) < 65536:
             raise self.error(m["smtp"][1], f"outgoing.smtp must be HOST:PORT such as 127.0.0.1:25 (got {spec!r})")
         return Outgoing(smtp_host=match.group(1), smtp_port=int(match.group(2)))
+
+    def nameservers(self, node: yaml.Node) -> tuple[tuple[str, int], ...]:
+        """HOST or HOST:PORT each, HOST an IP address ([v6]:PORT for IPv6 with a port)."""
+        import ipaddress
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            raise self.error(node, "dns.nameservers must be a list such as [127.0.0.1, \"192.0.2.53:5353\"]")
+        out = []
+        for item in node.value:
+            spec = str(self.scalar(item, "dns.nameservers")).strip()
+            host, port = spec, 53
+            match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([0-9.]+):(\d{1,5})", spec)
+            if match:
+                host = match.group(1) or match.group(3)
+                port = int(match.group(2) or match.group(4))
+            try:
+                ipaddress.ip_address(host.strip("[]"))
+            except ValueError:
+                raise self.error(item, f"dns.nameservers: {spec!r} is not an IP address or IP:PORT "
+                                 "such as 127.0.0.1:5353 or [::1]:5353") from None
+            if not 0 < port < 65536:
+                raise self.error(item, f"dns.nameservers: port out of range in {spec!r}")
+            out.append((host.strip("[]"), port))
+        return tuple(out)
 
     def web(self, node: yaml.Node) -> Web:
         m = self.mapping(node, "web", {"listen", "base_url", "trusted_proxies", "old_links_until"})

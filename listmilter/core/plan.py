@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Callable, Iterator, Sequence, cast
 
-from listmilter.core import addresses, envid, footer, headers, policy, settings, verp
+from listmilter.core import addresses, dmarc, envid, footer, headers, policy, settings, verp
 from listmilter.core.keys import Keyring
 from listmilter.core.model import MailingList
 
@@ -105,11 +105,17 @@ class ListSettings:
     list_id: str
     footer: str = ""            # the footer template (core/footer.py); "" for none
     postal_address: str = ""
+    dmarc_mitigation: str = "munge_from"
+    dmarc_policies: tuple[str, ...] = ("reject", "quarantine")
+
+    def wants_dmarc(self) -> bool:
+        """Is a DMARC lookup worth its time for a post to this list?"""
+        return self.dmarc_mitigation != "none" and bool(self.dmarc_policies)
 
 
 def effective_settings(address: str, s: settings.ListSettings) -> ListSettings:
     return ListSettings(address, s.posting, s.subject_prefix, s.description, headers.list_id(address, s.list_id),
-                        s.footer, s.postal_address)
+                        s.footer, s.postal_address, s.dmarc_mitigation, s.dmarc_policies)
 
 
 def personal(base_url: str | None, s: settings.ListSettings) -> bool:
@@ -139,8 +145,9 @@ def unique_members(list_address: str, members: list[str]) -> list[str]:
 
 def expand_list(ls: ListSettings, list_rcpts: list[str], members: list[str],
                 message_headers: list[tuple[str, str]], post_id: str, secret: Keyring | bytes,
-                posted_at: float) -> Edits:
-    """The edits that turn this message into a post of list `ls` to `members`."""
+                posted_at: float, verdict: dmarc.Verdict | None = None) -> Edits:
+    """The edits that turn this message into a post of list `ls` to `members`
+    (with a DMARC-safe From when `verdict`, the From domain's policy, asks for it)."""
     edits = Edits()
     edits.del_rcpts = list(list_rcpts)
     edits.add_rcpts = [(m, f"NOTIFY=FAILURE ORCPT=rfc822;{m}") for m in unique_members(ls.address, members)]
@@ -171,6 +178,12 @@ def expand_list(ls: ListSettings, list_rcpts: list[str], members: list[str],
     # Kept by other list servers (Mailman, Sympa) where they replace List-Id:
     # the post comes back to us with it if it loops through a list elsewhere.
     edits.add_headers.append((BEEN_THERE, ls.address))
+    if verdict is not None and dmarc.mitigate(verdict, ls.dmarc_mitigation, ls.dmarc_policies):
+        munged = dmarc.munge_from(message_headers, ls.address, ls.description)
+        edits.change_headers.extend(munged.change)
+        edits.del_headers.extend(munged.delete)
+        edits.del_headers.sort(key=lambda item: (item[0].lower(), -item[1]))
+        edits.add_headers.extend(munged.add)
     return edits
 
 
@@ -449,11 +462,12 @@ def _header_bytes(items: list[tuple[str, str]]) -> bytes:
 
 def personal_copies(ls: ListSettings, members: list[str], message_headers: list[tuple[str, str]],
                     body: bytes, post_id: str, secret: Keyring | bytes, url_for: Callable[[str], str],
-                    posted_at: float) -> Copies:
-    """One message per member: the same edits as expand_list, plus a personal List-Unsubscribe
-    (when url_for gives a URL; "" leaves the shared mailto: alone), the list's footer with the
-    member's values, and a VERP envelope sender naming member and post."""
-    edits = expand_list(ls, [], members, message_headers, post_id, secret, posted_at)
+                    posted_at: float, verdict: dmarc.Verdict | None = None) -> Copies:
+    """One message per member: the same edits as expand_list (with the DMARC rewrite the
+    verdict asks for), plus a personal List-Unsubscribe (when url_for gives a URL; "" leaves
+    the shared mailto: alone), the list's footer with the member's values, and a VERP
+    envelope sender naming member and post."""
+    edits = expand_list(ls, [], members, message_headers, post_id, secret, posted_at, verdict)
     unsubscribe = {"list-unsubscribe", "list-unsubscribe-post"}
     edits.add_headers = [(n, v) for n, v in edits.add_headers if n.lower() not in unsubscribe]
     head = _header_bytes(apply_header_edits(message_headers, edits))
@@ -498,6 +512,7 @@ class InPlace:
     settings: ListSettings
     members: list[str]
     personal: bool                      # one copy per member (plan.personal: one-click links or a footer)
+    verdict: dmarc.Verdict | None = None    # the From domain's DMARC policy (None: not looked up)
 
 
 @dataclass(frozen=True)
@@ -527,11 +542,11 @@ def end_of_message(recipients: list[Recipient], split_: Split, in_place: InPlace
     copies = None
     if in_place is not None and in_place.personal and url_for is not None:
         copies = personal_copies(in_place.settings, in_place.members, message_headers, body, post_id,
-                                 secret, url_for, now)
+                                 secret, url_for, now, in_place.verdict)
     elif in_place is not None:
         ls = in_place.settings
         rcpts = [r.rcpt for r in recipients if r.kind == LIST and r.list_address == ls.address]
-        post = expand_list(ls, rcpts, in_place.members, message_headers, post_id, secret, now)
+        post = expand_list(ls, rcpts, in_place.members, message_headers, post_id, secret, now, in_place.verdict)
         edits.append(post)
         assert post.sender is not None
         expanded.append((ls.address, len(post.add_rcpts), post.sender[1].partition("ENVID=")[2]))
@@ -548,9 +563,10 @@ def end_of_message(recipients: list[Recipient], split_: Split, in_place: InPlace
 
 # -- the archive -----------------------------------------------------------------------
 def archived_copy(ls: ListSettings, message_headers: list[tuple[str, str]], body: bytes,
-                  post_id: str, secret: Keyring | bytes, posted_at: float) -> bytes:
+                  post_id: str, secret: Keyring | bytes, posted_at: float,
+                  verdict: dmarc.Verdict | None = None) -> bytes:
     """The post as its members got it (List-* headers, prefixed Subject; the shared mailto:
     List-Unsubscribe, never a member's personal link), with Unix line ends for a Maildir."""
-    edits = expand_list(ls, [], [], message_headers, post_id, secret, posted_at)
+    edits = expand_list(ls, [], [], message_headers, post_id, secret, posted_at, verdict)
     data = _header_bytes(apply_header_edits(message_headers, edits)) + b"\r\n" + body
     return data.replace(b"\r\n", b"\n")

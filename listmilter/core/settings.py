@@ -60,6 +60,15 @@ def _count(minimum: int) -> Callable[[Any], int]:
     return parse
 
 
+def _policies(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [v for v in value.replace(",", " ").split() if v]
+    allowed = ("reject", "quarantine", "none")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v in allowed for v in value):
+        raise SettingError(f"must be a list of DMARC policies from {', '.join(allowed)} (got {value!r})")
+    return tuple(dict.fromkeys(value))
+
+
 def _flag(value: Any) -> bool:
     if isinstance(value, str) and value.lower() in ("true", "yes", "on", "false", "no", "off"):
         return value.lower() in ("true", "yes", "on")
@@ -111,6 +120,14 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "one line describing the list; shown in List-Id and help replies"),
     Setting("list_id", "", _list_id,
             "the RFC 2919 List-Id (empty: the list address with @ turned into a dot)"),
+    # DMARC (listmilter.core.dmarc): posts from domains whose policy would make receivers refuse them.
+    Setting("dmarc_mitigation", "munge_from", _choice("munge_from", "none"),
+            "for a post whose From domain publishes a DMARC policy in dmarc_policies: munge_from "
+            "(From: \"Alice via dev\" <dev@...>, the poster in Reply-To, the original in X-Original-From) "
+            "or none (sent as it came)"),
+    Setting("dmarc_policies", ("reject", "quarantine"), _policies,
+            "the DMARC policies (p=, or sp= for a subdomain) that trigger dmarc_mitigation; "
+            "a failed DNS lookup always does"),
     # Subscriptions (mail to <list>-request@, -subscribe@, -unsubscribe@, -confirm+TOKEN@; the web).
     Setting("subscribe_policy", "confirm", _choice("open", "confirm", "moderate", "confirm+moderate"),
             "joining: open (at once), confirm (the address confirms first), moderate (an owner approves), "
@@ -189,6 +206,8 @@ class ListSettings:
     subject_prefix: str
     description: str
     list_id: str
+    dmarc_mitigation: str
+    dmarc_policies: tuple[str, ...]
     subscribe_policy: str
     unsubscribe_confirm: bool
     owner_notices: bool

@@ -18,9 +18,9 @@ import time
 
 import Milter
 
-from listmilter.app import notices, outgoing
+from listmilter.app import dmarc_lookup, notices, outgoing
 from listmilter.app.runtime import Runtime
-from listmilter.core import addresses, plan, policy
+from listmilter.core import addresses, dmarc, plan, policy
 from listmilter.core.model import ACTIVE
 from listmilter.core.plan import LIST, OWNER, PLAIN, REFUSED, Recipient
 from listmilter.log import fields, logger
@@ -98,6 +98,7 @@ class ListMilter(Milter.Base):
         self.split: plan.Split | None = None
         self.personal = False      # the in-place list's post goes out as one copy per member
         self.archive = False       # the in-place list keeps its posts (setting `archive`)
+        self.verdict: dmarc.Verdict | None = None   # the From domain's DMARC policy, once looked up
 
     def _tempfail(self, why: str) -> int:
         self.setreply("451", "4.3.0", f"listmilter: {why}; try again later")
@@ -332,7 +333,7 @@ class ListMilter(Milter.Base):
         if split.in_place_list and not split.reject_reason:
             ls = self._settings(split.in_place_list)
             found, nested, epochs = self._members(ls.address, self.personal)
-            in_place = plan.InPlace(ls, [m for m, _ in found], self.personal)
+            in_place = plan.InPlace(ls, [m for m, _ in found], self.personal, self._dmarc(queue_id, ls))
             if self.personal:
                 one_click = self.config.list_settings(self._list(ls.address).settings).one_click
                 url_for = self._unsubscribe_url(dict(found), epochs, one_click)
@@ -386,13 +387,39 @@ class ListMilter(Milter.Base):
             self._archive(queue_id, list_address)
         return Milter.ACCEPT
 
+    def _dmarc(self, queue_id: str, ls: plan.ListSettings) -> dmarc.Verdict | None:
+        """The From domain's DMARC policy, for a list post that may need a DMARC-safe From.
+
+        Looked up here, at end of message and only for a post expanded in place:
+        every other message (and a list with dmarc_mitigation none) costs no DNS
+        query, and a post split to several lists is looked up once per copy, the
+        cache answering all but the first. Never raises: a failure is the safe side.
+        """
+        if not ls.wants_dmarc():
+            return None
+        started = time.monotonic()
+        who = dmarc.poster(self.headers)
+        try:
+            verdict = dmarc_lookup.for_nameservers(self.config.dns_nameservers).verdict(who)
+        except Exception as e:      # a lookup is never a reason to refuse or lose a post
+            verdict = dmarc.Verdict(dmarc.UNKNOWN, f"DMARC lookup failed ({e.__class__.__name__}: {e})")
+        mitigated = dmarc.mitigate(verdict, ls.dmarc_mitigation, ls.dmarc_policies)
+        if verdict.policy == dmarc.UNKNOWN:
+            self._log(queue_id, f"DMARC policy unknown ({verdict.reason}); From rewritten to be safe",
+                      ls.address, level=logging.WARNING)
+        elif mitigated:
+            self._log(queue_id, f"DMARC {verdict.reason}; From rewritten", ls.address,
+                      seconds=f"{time.monotonic() - started:.3f}")
+        self.verdict = verdict
+        return verdict
+
     def _archive(self, queue_id: str, list_address: str) -> None:
         """Keep the post in its list's archive; a failure is logged and never holds the post up."""
         if not self.archive:
             return
         try:
             data = plan.archived_copy(self._settings(list_address), self.headers, b"".join(self.body_chunks),
-                                      _post_id(queue_id), self.runtime.secret, time.time())
+                                      _post_id(queue_id), self.runtime.secret, time.time(), self.verdict)
             archive.add(self.config.state_dir, list_address, data, _post_id(queue_id))
         except Exception as e:      # a full disk, a folder of the wrong owner: the post goes all the same
             self._log(queue_id, f"not archived ({e.__class__.__name__}: {e}); the post went out",
