@@ -477,6 +477,14 @@ def _deferred(bed: Bed, to: str, pattern: str) -> bool:
     return any(f"to=<{to}>" in line and re.search(pattern, line) for line in bed.postfix.log().splitlines())
 
 
+def _bounce_deferred(bed: Bed, lst: str, pattern: str) -> bool:
+    """The same for a DSN to lst's bounce address: the plain one, or a member's VERP address
+    (`<list>-bounces+CODE@`, the sender of personal copies)."""
+    local, _, domain = lst.partition("@")
+    to = re.compile(rf"to=<{re.escape(local)}-bounces(\+[^@>]+)?@{re.escape(domain)}>")
+    return any(to.search(line) and re.search(pattern, line) for line in bed.postfix.log().splitlines())
+
+
 def bounce_list(bed: Bed, row: str) -> tuple[str, str, str]:
     """A list with a member the next hop refuses for good: a post to it makes Postfix write a DSN."""
     ok, dead = members(row, 2)
@@ -563,7 +571,7 @@ def _fault_then_recovery(bed: Bed, lst: str, ok: str, dead: str, leaver: str, de
         url = one_click_url(copy_for(bed, msg, leaver))
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             clicked = pool.submit(click, url)
-            wait_until(lambda: _deferred(bed, lst.replace("@", "-bounces@"), deferred), 60,
+            wait_until(lambda: _bounce_deferred(bed, lst, deferred), 60,
                        what="Postfix to defer the DSN")
             assert clicked.result()[0] == WEB_BUSY
     finally:
