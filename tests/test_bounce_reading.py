@@ -273,6 +273,20 @@ def test_kept_mail_never_leaves_state_dir(tmp_path, list_address):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
 
 
+@pytest.mark.parametrize("list_address", ["/etc/passwd@example.org", "../../../tmp/x@example.org",
+                                          ".hidden@example.org", "dev@example.org"])
+def test_archived_posts_never_leave_state_dir(tmp_path, list_address):
+    """The archive names its folder as kept mail does (statedir.list_folder_name), and writes 0640."""
+    from listmilter.store import archive
+    state = tmp_path / "state"
+    state.mkdir()
+    path = Path(archive.add(str(state), list_address, b"Subject: x\n\nbody\n", "Q1"))
+    assert path.resolve().parent.parent.parent == (state / "archive").resolve()
+    assert path.parent.name == "new" and stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
+    assert [p for _, p in archive.messages(str(state), list_address)] == [str(path)]
+
+
 def test_kept_files_are_named_by_content_capped_and_pruned(tmp_path):
     state = str(tmp_path)
     old_umask = os.umask(0)        # the mode must not depend on the caller's umask

@@ -48,7 +48,8 @@ def _key(ring: Keyring, kid: int) -> bytes:
     return key
 
 
-def _base36(n: int) -> str:
+def base36(n: int) -> str:
+    """n in lower-case base 36 (the ENVID's and the VERP code's time)."""
     out = ""
     while True:
         n, r = divmod(n, 36)
@@ -66,7 +67,7 @@ def make(post_id: str, list_address: str, secret: Keyring | bytes, posted_at: fl
     if not re.fullmatch(r"[A-Za-z0-9]+", post_id):
         raise ValueError(f"post id must be alphanumeric: {post_id!r}")
     ring = keyring(secret)
-    when = _base36(int(posted_at))
+    when = base36(int(posted_at))
     envid = f"{post_id}.{when}.{_mac(_key(ring, ring.current_id), post_id, when, list_address.lower())}"
     tail = "." + list_address
     if _SAFE.fullmatch(list_address) and "+" not in list_address and "=" not in list_address \

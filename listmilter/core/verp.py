@@ -28,14 +28,13 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from listmilter.core import addresses, bounces
+from listmilter.core import addresses, bounces, envid
 from listmilter.core.keys import Keyring, keyring
 
 USE = "verp"
 MAX_LOCAL = 64
 MAC_LENGTH = 13
 _CODE = re.compile(rf"([0-9a-z]{{1,20}})-([0-9a-z]{{1,8}})-([a-z2-7]{{{MAC_LENGTH}}})")
-_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
 @dataclass(frozen=True)
@@ -58,15 +57,6 @@ class Bound:
     posted_at: float
 
 
-def _base36(n: int) -> str:
-    out = ""
-    while True:
-        n, r = divmod(n, 36)
-        out = _DIGITS[r] + out
-        if not n:
-            return out
-
-
 def _mac(key: bytes, list_address: str, member: str, post_id: str, when: str) -> str:
     text = "\0".join((USE, addresses.key(list_address), addresses.key(member), post_id, when))
     digest = hmac.new(key, text.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
@@ -85,7 +75,7 @@ def code(list_address: str, member: str, post_id: str, posted_at: float, secret:
     if not re.fullmatch(r"[A-Za-z0-9]{1,20}", post_id):
         raise ValueError(f"post id must be 1-20 letters and digits: {post_id!r}")
     ring = keyring(secret)
-    post, when = post_id.lower(), _base36(int(posted_at))
+    post, when = post_id.lower(), envid.base36(int(posted_at))
     return f"{post}-{when}-{_mac(_key(ring, ring.current_id), list_address, member, post, when)}"
 
 

@@ -13,7 +13,6 @@ import os
 import socket
 import time
 
-from listmilter.core import addresses
 from listmilter.store import statedir
 
 FOLDER = "archive"
@@ -21,7 +20,7 @@ _SUBFOLDERS = ("tmp", "new", "cur")
 
 
 def folder(state_dir: str, list_address: str) -> str:
-    return os.path.join(state_dir, FOLDER, addresses.key(list_address))
+    return os.path.join(state_dir, FOLDER, statedir.list_folder_name(list_address))
 
 
 def add(state_dir: str, list_address: str, data: bytes, queue_id: str, now: float | None = None) -> str:
@@ -33,26 +32,8 @@ def add(state_dir: str, list_address: str, data: bytes, queue_id: str, now: floa
     host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
     # Unique without a lock: the queue id is unique per MTA, the microseconds per process.
     name = f"{int(now)}.M{int(now * 1e6) % 1000000}P{os.getpid()}Q{queue_id}.{host}"
-    tmp = os.path.join(base, "tmp", name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        path = os.path.join(base, "new", name)
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dirfd = os.open(os.path.join(base, "new"), os.O_RDONLY)
-    try:
-        os.fsync(dirfd)             # the rename itself survives a crash
-    finally:
-        os.close(dirfd)
+    path = os.path.join(base, "new", name)
+    statedir.write_durably(os.path.join(base, "tmp", name), path, data)
     statedir.adopt(state_dir, os.path.join(state_dir, FOLDER), base,
                    *(os.path.join(base, sub) for sub in _SUBFOLDERS), path)
     return path

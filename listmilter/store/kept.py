@@ -15,21 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import urllib.parse
 
-from listmilter.core import addresses, bounces
+from listmilter.core import bounces
 from listmilter.store import statedir
 
 FOLDER = "bounces"
 
 
-def folder_name(list_address: str) -> str:
-    """One path component for a list: its address, %-encoded but for letters, digits and @+=_.-,
-    and a leading dot encoded too (no '..', no hidden file, no '/')."""
-    name = urllib.parse.quote(addresses.key(list_address), safe="@+=_.-")
-    if name.startswith("."):
-        name = "%2E" + name[1:]
-    return name[:200] or "%00"
+folder_name = statedir.list_folder_name
 
 
 def folder(state_dir: str, list_address: str) -> str:
@@ -43,21 +36,7 @@ def keep(state_dir: str, list_address: str, data: bytes, max_bytes: int) -> tupl
     base = folder(state_dir, list_address)
     os.makedirs(base, mode=0o750, exist_ok=True)
     path = os.path.join(base, hashlib.sha256(data).hexdigest() + ".eml")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
-    try:
-        os.fchmod(fd, 0o640)       # whatever the umask
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    statedir.write_durably(f"{path}.{os.getpid()}.tmp", path, body)
     statedir.adopt(state_dir, os.path.join(state_dir, FOLDER), base, path)
     return path, cut
 

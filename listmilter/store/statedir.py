@@ -9,6 +9,9 @@ would lock them out.
 from __future__ import annotations
 
 import os
+import urllib.parse
+
+from listmilter.core import addresses
 
 
 def adopt(folder: str, *paths: str) -> None:
@@ -28,3 +31,37 @@ def adopt(folder: str, *paths: str) -> None:
                 os.chown(path, owner.st_uid, owner.st_gid)
         except OSError:
             pass
+
+
+def list_folder_name(list_address: str) -> str:
+    """One path component for a list's folder (kept bounces, archives): its address,
+    %-encoded but for letters, digits and @+=_.-, and a leading dot encoded too. Never a
+    path: a list whose local part starts with '/' or holds '..' stays inside its folder."""
+    name = urllib.parse.quote(addresses.key(list_address), safe="@+=_.-")
+    if name.startswith("."):
+        name = "%2E" + name[1:]
+    return name[:200] or "%00"
+
+
+def write_durably(tmp: str, path: str, data: bytes) -> None:
+    """Write `data` to `tmp` (0640 whatever the umask, never through a link), fsync it, rename
+    it to `path` and fsync that folder: after a crash `path` is whole or absent."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    try:
+        os.fchmod(fd, 0o640)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dirfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
