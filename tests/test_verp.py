@@ -157,3 +157,21 @@ def test_a_bare_bounce_to_a_members_verp_address_scores_that_member_in_process(s
     assert fuzz._check_run(site, records, to, "carol@example.net", words) == (0, "")
     (line,) = [r.getMessage() for r in records.records if "role=bounces" in r.getMessage()]
     assert "status=verp unrecognised, kept " in line and "scored" not in line, line
+
+
+def test_codes_too_old_or_dated_in_the_future_are_not_fresh():
+    code = verp.parse(_ext(verp.make(LIST, BOB, "Q1", T, SECRET)))
+    assert code is not None
+    assert verp.fresh(code, T) and verp.fresh(code, T + verp.MAX_AGE) and verp.fresh(code, T - verp.MAX_SKEW)
+    assert not verp.fresh(code, T + verp.MAX_AGE + 1) and not verp.fresh(code, T - verp.MAX_SKEW - 1)
+
+
+def test_member_scans_are_budgeted_per_list_and_hour():
+    """A bounce that names no member costs a scan of the list: anyone can send those, so each
+    list gets MEMBER_SCANS_PER_HOUR of them; the hour slides."""
+    from listmilter.app.verp_bounces import _ScanBudget
+    budget = _ScanBudget(3)
+    assert [budget.take(LIST, T + i) for i in range(4)] == [True, True, True, False]
+    assert budget.take("ops@example.org", T + 5)             # another list has its own
+    assert not budget.take(LIST, T + 3599)
+    assert budget.take(LIST, T + 3600.5)                      # the first scan left the hour

@@ -13,7 +13,9 @@ Kept apart from bounce_processing.py, whose reading and recording it reuses.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 
 from listmilter.app import bounce_processing
 from listmilter.app.bounce_processing import Outcome
@@ -21,7 +23,36 @@ from listmilter.core import bounces, envid, verp
 from listmilter.core.bounces import Verdict
 from listmilter.core.keys import Keyring
 from listmilter.core.model import DISABLED, MailingList
+from listmilter.log import logger
 from listmilter.store import open_bounces
+
+# A bounce that names none of the list's members costs one HMAC per member to tie to its
+# code (about 1 s at 100,000 members): anyone can send such mail from the null sender, so
+# serve does at most this many of those scans per list and hour; past it, the message is
+# handled as mail to the plain bounce address (kept for the owners, nobody scored).
+MEMBER_SCANS_PER_HOUR = 30
+
+
+class _ScanBudget:
+    """Member scans done per list in the last hour (serve's hand-off threads share it)."""
+
+    def __init__(self, per_hour: int):
+        self.per_hour = per_hour
+        self._done: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, list_address: str, now: float) -> bool:
+        with self._lock:
+            done = self._done.setdefault(list_address, deque())
+            while done and done[0] <= now - 3600:
+                done.popleft()
+            if len(done) >= self.per_hour:
+                return False
+            done.append(now)
+            return True
+
+
+member_scans = _ScanBudget(MEMBER_SCANS_PER_HOUR)
 
 
 def is_code(extension: str) -> bool:
@@ -35,12 +66,20 @@ def handle(config, store, secret: Keyring, mlist: MailingList, extension: str, s
     address the message names or any member of the list (the caller then handles it as
     mail to the plain bounce address)."""
     now = time.time() if now is None else now
+    code = verp.parse(extension)
+    if code is None or not verp.fresh(code, now):
+        return None
     report = bounce_processing.read(data, sender)
     named = [f.address for f in report.failures]
     # The addresses the bounce names first: one HMAC each. Only a bounce that names
     # none (or only forwarded addresses) costs one per member of the list.
-    bound = verp.find(extension, mlist.address, named, secret) or \
-        verp.find(extension, mlist.address, (m.address for m in store.members(mlist.address)), secret)
+    bound = verp.find(extension, mlist.address, named, secret)
+    if bound is None:
+        if not member_scans.take(mlist.address, now):
+            logger.warning("verp: %s: more than %d bounces an hour name no member; this one is handled "
+                           "as mail to the plain bounce address", mlist.address, MEMBER_SCANS_PER_HOUR)
+            return None
+        bound = verp.find(extension, mlist.address, (m.address for m in store.members(mlist.address)), secret)
     if bound is None:
         return None
     failure = verp.failure_of(report, bound.member, sender == "")

@@ -33,6 +33,10 @@ from listmilter.core.keys import Keyring, keyring
 
 USE = "verp"
 MAX_LOCAL = 64
+# A bounce comes back within Postfix's maximal_queue_lifetime (5 days by default) of the
+# post; later ones, and codes dated in the future, are no copy of ours worth a look.
+MAX_AGE = 30 * 86400
+MAX_SKEW = 3600
 MAC_LENGTH = 13
 _CODE = re.compile(rf"([0-9a-z]{{1,20}})-([0-9a-z]{{1,8}})-([a-z2-7]{{{MAC_LENGTH}}})")
 
@@ -98,6 +102,11 @@ def parse(extension: str) -> Code | None:
         return None
     m = _CODE.fullmatch(extension.strip().lower())
     return Code(m.group(1), m.group(2), m.group(3)) if m else None
+
+
+def fresh(parsed: Code, now: float) -> bool:
+    """Is the code's time one a bounce of our copy can carry (not too old, not in the future)?"""
+    return now - MAX_AGE <= parsed.posted_at <= now + MAX_SKEW
 
 
 def verify(parsed: Code, list_address: str, member: str, secret: Keyring | bytes) -> bool:
