@@ -251,10 +251,7 @@ def _decision_token(list_address: str, member: str, decision: str, secret: Keyri
                     kid: int | None = None) -> str:
     """The code under key `kid` (default: the current key; key 0 as 0.x made it)."""
     ring = keyring(secret)
-    kid = ring.current_id if kid is None else kid
-    key = ring.mac_key(kid, "bounce decision")
-    if key is None:     # a bug: callers pass only ring's own ids, always accepted (hmac.new(None) would raise it too)
-        raise TypeError(f"key {kid} is not in the keyring")
+    key = ring.own_mac_key(ring.current_id if kid is None else kid, "bounce decision")
     mac = hmac.new(key, "\0".join(("bounce-decision", addresses.key(list_address),
                                    addresses.key(member), decision)).encode(), hashlib.sha256)
     return mac.hexdigest()[:20]

@@ -40,14 +40,6 @@ def _mac(secret: bytes, *parts: str) -> str:
     return hmac.new(secret, "\0".join(parts).encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:16]
 
 
-def _key(ring: Keyring, kid: int) -> bytes:
-    """The MAC key of ring's own key `kid`."""
-    key = ring.mac_key(kid, "envid")
-    if key is None:     # a bug: callers pass only ring's own ids, always accepted (hmac.new(None) would raise it too)
-        raise TypeError(f"key {kid} is not in the keyring")
-    return key
-
-
 def base36(n: int) -> str:
     """n in lower-case base 36 (the ENVID's and the VERP code's time)."""
     out = ""
@@ -68,7 +60,8 @@ def make(post_id: str, list_address: str, secret: Keyring | bytes, posted_at: fl
         raise ValueError(f"post id must be alphanumeric: {post_id!r}")
     ring = keyring(secret)
     when = base36(int(posted_at))
-    envid = f"{post_id}.{when}.{_mac(_key(ring, ring.current_id), post_id, when, list_address.lower())}"
+    mac = _mac(ring.own_mac_key(ring.current_id, "envid"), post_id, when, list_address.lower())
+    envid = f"{post_id}.{when}.{mac}"
     tail = "." + list_address
     if _SAFE.fullmatch(list_address) and "+" not in list_address and "=" not in list_address \
             and len(envid) + len(tail) <= MAX_LENGTH:
@@ -86,7 +79,7 @@ def parse(envid: str, list_address: str, secret: Keyring | bytes) -> Post | None
     list_key = list_address.lower()
     parts = envid.split(".", 3)
     if len(parts) >= 3 and re.fullmatch(r"[0-9a-z]{1,8}", parts[1]) \
-            and any(_same(parts[2], _mac(_key(ring, kid), parts[0], parts[1], list_key))
+            and any(_same(parts[2], _mac(ring.own_mac_key(kid, "envid"), parts[0], parts[1], list_key))
                     for kid in ring.ids):
         if len(parts) == 4 and parts[3].lower() != list_key:
             return None

@@ -58,6 +58,22 @@ class Keyring:
             return self.secret(kid)
         return self.derive(kid, use)
 
+    # For making a value, or checking one against each of `ids`: the id is the ring's own, so
+    # a missing key is a caller's bug, not a forged input.
+    def own_key(self, kid: int, use: str, length: int = 32) -> bytes:
+        """derive() for one of this ring's ids."""
+        return _own(self.derive(kid, use, length), kid)
+
+    def own_mac_key(self, kid: int, use: str) -> bytes:
+        """mac_key() for one of this ring's ids."""
+        return _own(self.mac_key(kid, use), kid)
+
+
+def _own(key: bytes | None, kid: int) -> bytes:
+    if key is None:
+        raise TypeError(f"key {kid} is not in the keyring")
+    return key
+
 
 def keyring(secret: Keyring | bytes) -> Keyring:
     """A Keyring; raw bytes are the `secret` file's contents, i.e. key 0 alone."""

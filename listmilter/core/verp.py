@@ -67,20 +67,13 @@ def _mac(key: bytes, list_address: str, member: str, post_id: str, when: str) ->
     return base64.b32encode(digest).decode().lower()[:MAC_LENGTH]
 
 
-def _key(ring: Keyring, kid: int) -> bytes:
-    key = ring.derive(kid, USE)
-    if key is None:     # a bug: only ring's own ids are passed
-        raise TypeError(f"key {kid} is not in the keyring")
-    return key
-
-
 def code(list_address: str, member: str, post_id: str, posted_at: float, secret: Keyring | bytes) -> str:
     """The code for one member's copy of one post, under the current key."""
     if not re.fullmatch(r"[A-Za-z0-9]{1,20}", post_id):
         raise ValueError(f"post id must be 1-20 letters and digits: {post_id!r}")
     ring = keyring(secret)
     post, when = post_id.lower(), envid.base36(int(posted_at))
-    return f"{post}-{when}-{_mac(_key(ring, ring.current_id), list_address, member, post, when)}"
+    return f"{post}-{when}-{_mac(ring.own_key(ring.current_id, USE), list_address, member, post, when)}"
 
 
 def make(list_address: str, member: str, post_id: str, posted_at: float, secret: Keyring | bytes) -> str | None:
@@ -112,7 +105,7 @@ def fresh(parsed: Code, now: float) -> bool:
 def verify(parsed: Code, list_address: str, member: str, secret: Keyring | bytes) -> bool:
     """Was `parsed` made for `member` of `list_address` with a key still accepted?"""
     ring = keyring(secret)
-    return _verify(parsed, list_address, member, [_key(ring, kid) for kid in ring.ids])
+    return _verify(parsed, list_address, member, [ring.own_key(kid, USE) for kid in ring.ids])
 
 
 def _verify(parsed: Code, list_address: str, member: str, keys: list[bytes]) -> bool:
@@ -131,7 +124,7 @@ def find(extension: str, list_address: str, candidates: Iterable[str], secret: K
     if parsed is None:
         return None
     ring = keyring(secret)
-    keys = [_key(ring, kid) for kid in ring.ids]
+    keys = [ring.own_key(kid, USE) for kid in ring.ids]
     for member in candidates:
         if isinstance(member, str) and member.isascii() and _verify(parsed, list_address, member, keys):
             return Bound(member, parsed.post_id, parsed.posted_at)
