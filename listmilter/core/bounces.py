@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import email.header
 import email.message
 import email.utils
 import quopri
@@ -36,7 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from listmilter.core import addresses, mailparse, settings
+from listmilter.core import addresses, headers, mailparse, settings
 
 
 class Kind(StrEnum):
@@ -339,16 +338,6 @@ _NDR_FROM = re.compile(r"^\s*[\"<]?(mailer[-_]daemon|postmaster|mdaemon|mail del
                        re.IGNORECASE)
 
 
-def _decoded(value: object) -> str:
-    """A header's RFC 2047 words decoded (the raw text if they cannot be)."""
-    raw = mailparse.text(value)[:1000]
-    try:
-        return "".join(part.decode(charset or "utf-8", "replace") if isinstance(part, bytes) else part
-                       for part, charset in email.header.decode_header(raw))
-    except Exception:       # unknown charsets, broken words: the text as it came
-        return raw
-
-
 def looks_like_ndr(msg: email.message.Message) -> bool:
     """An MTA's non-delivery report rather than a person's or a vacation program's reply:
     RFC 3834's auto-generated (not auto-replied), a mailer-daemon or postmaster in From,
@@ -362,7 +351,7 @@ def looks_like_ndr(msg: email.message.Message) -> bool:
         sender = ""
     if _NDR_FROM.match(sender) or _NDR_FROM.match(mailparse.text(msg.get("From"))):
         return True
-    return bool(_NDR_SUBJECT.search(_decoded(msg.get("Subject"))))
+    return bool(_NDR_SUBJECT.search(headers.decode(mailparse.text(msg.get("Subject"))[:1000])))
 
 
 def read(msg: email.message.Message, null_sender: bool,

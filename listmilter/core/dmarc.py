@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from email.header import decode_header, make_header
 from email.utils import formataddr, getaddresses
 from typing import Sequence
+
+from listmilter.core import headers
 
 POLICIES = ("none", "quarantine", "reject")
 NO_POLICY = ""              # no DMARC record (or none that parses): nothing to mitigate
@@ -124,14 +125,6 @@ def _domain(address: str) -> str | None:
     return domain
 
 
-def _decoded(name: str) -> str:
-    try:
-        text = str(make_header(decode_header(name)))
-    except Exception:       # a broken encoded-word, an unknown charset: keep the raw text
-        text = name
-    return text.encode("utf-8", "replace").decode("utf-8")   # 8-bit bytes (surrogates) become U+FFFD
-
-
 def poster(message_headers: Sequence[tuple[str, str]]) -> Poster:
     """Who the From field names, and the domain whose policy counts."""
     froms = [v for n, v in message_headers if n.lower() == "from"]
@@ -150,7 +143,7 @@ def poster(message_headers: Sequence[tuple[str, str]]) -> Poster:
         return Poster("", "", None, f"From names {len(pairs)} addresses")
     name, address = pairs[0]
     domain = _domain(address)
-    return Poster(_decoded(name), address, domain, "" if domain else "From has no usable domain")
+    return Poster(headers.decode(name), address, domain, "" if domain else "From has no usable domain")
 
 
 def _clean(text: str) -> str:
