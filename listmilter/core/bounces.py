@@ -252,6 +252,7 @@ def _delivery_statuses(msg: email.message.Message) -> list[email.message.Message
 
 _STATUS_TYPES = ("message/delivery-status", "message/global-delivery-status")
 _ENVID_HEADERS = ("Original-Envelope-Id", "X-Original-Envelope-Id")
+_ENVID_FIELDS = tuple(h.lower() for h in _ENVID_HEADERS)      # as _blocks names them
 
 
 def _returned_envid(msg: email.message.Message) -> str:
@@ -261,7 +262,7 @@ def _returned_envid(msg: email.message.Message) -> str:
         if ctype == "text/rfc822-headers":
             for block in _blocks(mailparse.payload_text(part)[:MAX_HEADERS_TEXT])[:1]:
                 for name, value in block:
-                    if name in ("original-envelope-id", "x-original-envelope-id"):
+                    if name in _ENVID_FIELDS:
                         return _one_line(value, 100)
         elif ctype == "message/rfc822":
             inner = part.get_payload()
