@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.bed.listmilter import ListmilterServer
-from tests.bed.net import wait_until
+from tests.bed.net import free_port, wait_until
 from tests.bed.postfix import Postfix
 from tests.bed.sendmail import Sendmail, run_dir
 from tests.bed.sink import Sink
@@ -36,7 +36,8 @@ _names = itertools.count(1)
 class Bed:
     """Sink + listmilter + Postfix, wired as docs/postfix.md says."""
 
-    def __init__(self, backend: str = "sqlite", unix_sockets: bool = False, extra: dict | None = None):
+    def __init__(self, backend: str = "sqlite", unix_sockets: bool = False, extra: dict | None = None,
+                 reinject: bool = True):
         self.dir = Path(tempfile.mkdtemp(prefix=f"lmbed-{backend}-"))
         self.dir.chmod(0o755)
         self.sink = Sink().start()
@@ -53,7 +54,10 @@ class Bed:
                                            postfix_socket_dir="listmilter" if unix_sockets else None,
                                            extra=extra)
         self.postfix = self.mta = Postfix(milter=None, sink_port=self.sink.port,
-                                          config_path=self.listmilter.config_path, workdir=self.dir / "postfix")
+                                          config_path=self.listmilter.config_path, workdir=self.dir / "postfix",
+                                          reinject_port=free_port() if reinject else None)
+        # Personal posts fan out from Postfix's queue into its listener without milters.
+        self.listmilter.reinject_port = self.postfix.reinject_port
         try:
             # listmilter re-submits split-off copies and sends notices through this Postfix.
             self.listmilter.outgoing_port = self.postfix.port

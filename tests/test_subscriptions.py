@@ -151,7 +151,7 @@ def test_subscribe_by_mail_confirm_by_reply_then_one_click_unsubscribe(sbed, own
     url = one_click_url(got)
     assert url.startswith(f"{bed.web}/u/") and "new" not in url and "example.net" not in url
     assert url != one_click_url(old)
-    assert "expanded (personal copies)" in bed.listmilter.log()
+    assert "fanned out (personal copies)" in bed.listmilter.log()
 
     # 4. GET (a link scanner) shows a button and unsubscribes nobody.
     status, body = http(url)

@@ -7,6 +7,7 @@
     bounces.py        bounces
     trace.py          trace
     archive.py        archive
+    posts.py          posts (personal posts in fan-out)
     subscriptions.py  pending, approve, reject
     secret.py         secret rotate|show
     db.py             db upgrade, migrate (the state databases; SQLite to PostgreSQL)
@@ -23,7 +24,7 @@ import sys
 
 from listmilter import __version__
 
-GROUPS = ("serve", "check", "subscriptions", "lists", "members", "bounces", "secret", "trace", "archive", "db")
+GROUPS = ("serve", "check", "subscriptions", "lists", "members", "bounces", "secret", "trace", "archive", "posts", "db")
 
 
 def _parser():

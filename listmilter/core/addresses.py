@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from listmilter.core.errors import PermanentError
 
-ROLES = ("bounces", "request", "subscribe", "unsubscribe", "confirm", "owner")
+ROLES = ("bounces", "request", "subscribe", "unsubscribe", "confirm", "owner", "fanout")
 DELIMITER = "+"
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"

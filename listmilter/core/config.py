@@ -51,9 +51,18 @@ class Outgoing:
     smtp_host: str | None = "127.0.0.1"
     smtp_port: int = 25
     sendmail: str | None = None
+    # The MTA's listener without milters (Postfix's re-injection smtpd): with it, a personal
+    # post is queued at once and its copies go there from serve (core/fanout.py).
+    reinject_host: str | None = None
+    reinject_port: int = 0
+    sessions: int = 8               # parallel SMTP sessions of one fan-out
 
     def describe(self) -> str:
         return f"sendmail: {self.sendmail}" if self.sendmail else f"smtp: {self.smtp_host}:{self.smtp_port}"
+
+    @property
+    def reinject(self) -> str | None:
+        return f"{self.reinject_host}:{self.reinject_port}" if self.reinject_host else None
 
 
 @dataclass(frozen=True)
@@ -318,19 +327,33 @@ class _Builder:
             kw["password_file"] = path
 
     def outgoing(self, node: yaml.Node) -> Outgoing:
-        m = self.mapping(node, "outgoing", {"smtp", "sendmail"})
-        if len(m) != 1:
+        m = self.mapping(node, "outgoing", {"smtp", "sendmail", "reinject", "sessions"})
+        if ("smtp" in m) == ("sendmail" in m):
             raise self.error(node, "outgoing needs exactly one of smtp: HOST:PORT or sendmail: PATH")
+        extra: dict[str, Any] = {}
+        if "reinject" in m:
+            extra["reinject_host"], extra["reinject_port"] = self.host_port(
+                m["reinject"][1], "outgoing.reinject", "127.0.0.1:10025")
+        if "sessions" in m:
+            sessions = self.scalar(m["sessions"][1], "outgoing.sessions")
+            if not isinstance(sessions, int) or isinstance(sessions, bool) or not 1 <= sessions <= 64:
+                raise self.error(m["sessions"][1],
+                                 f"outgoing.sessions must be a number from 1 to 64 (got {sessions!r})")
+            extra["sessions"] = sessions
         if "sendmail" in m:
             path = self.string(m["sendmail"][1], "outgoing.sendmail")
             if not path.startswith("/"):
                 raise self.error(m["sendmail"][1], "outgoing.sendmail must be an absolute path")
-            return Outgoing(smtp_host=None, sendmail=path)
-        spec = str(self.scalar(m["smtp"][1], "outgoing.smtp"))
+            return Outgoing(smtp_host=None, sendmail=path, **extra)
+        host, port = self.host_port(m["smtp"][1], "outgoing.smtp", "127.0.0.1:25")
+        return Outgoing(smtp_host=host, smtp_port=port, **extra)
+
+    def host_port(self, node: yaml.Node, what: str, example: str) -> tuple[str, int]:
+        spec = str(self.scalar(node, what))
         match = _HOSTPORT.fullmatch(spec)
         if not match or not 0 < int(match.group(2)) < 65536:
-            raise self.error(m["smtp"][1], f"outgoing.smtp must be HOST:PORT such as 127.0.0.1:25 (got {spec!r})")
-        return Outgoing(smtp_host=match.group(1), smtp_port=int(match.group(2)))
+            raise self.error(node, f"{what} must be HOST:PORT such as {example} (got {spec!r})")
+        return match.group(1), int(match.group(2))
 
     def nameservers(self, node: yaml.Node) -> tuple[tuple[str, int], ...]:
         """HOST or HOST:PORT each, HOST an IP address ([v6]:PORT for IPv6 with a port)."""

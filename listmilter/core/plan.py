@@ -460,49 +460,85 @@ def _header_bytes(items: list[tuple[str, str]]) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def personal_copies(ls: ListSettings, members: list[str], message_headers: list[tuple[str, str]],
-                    body: bytes, post_id: str, secret: Keyring | bytes, url_for: Callable[[str], str],
-                    posted_at: float, verdict: dmarc.Verdict | None = None) -> Copies:
-    """One message per member: the same edits as expand_list (with the DMARC rewrite the
-    verdict asks for), plus a personal List-Unsubscribe (when url_for gives a URL; "" leaves
-    the shared mailto: alone), the list's footer with the member's values, and a VERP
-    envelope sender naming member and post."""
-    edits = expand_list(ls, [], members, message_headers, post_id, secret, posted_at, verdict)
-    unsubscribe = {"list-unsubscribe", "list-unsubscribe-post"}
-    edits.add_headers = [(n, v) for n, v in edits.add_headers if n.lower() not in unsubscribe]
-    head = _header_bytes(apply_header_edits(message_headers, edits))
-    unsubscribe_address = addresses.role_address(ls.address, "unsubscribe")
-    mailto = f"<mailto:{unsubscribe_address}>"
-    # expand_list always sets the sender (bounces address, ENVID).
-    sender = cast(tuple[str, str], edits.sender)
-    envid_value = sender[1].partition("ENVID=")[2]
-    # The body is read once, here; each copy only fills its member's values in (core/footer.py).
-    body_template = footer.prepare(message_headers, body) if ls.footer else footer.Template()
-    notes = list(body_template.notes)
-    copies: list[tuple[str, tuple[str, ...], bytes]] = []
-    senders: dict[str, str] = {}
-    too_long = 0
-    for member, _ in edits.add_rcpts:
-        url = url_for(member)
+@dataclass(frozen=True)
+class Copy:
+    """One member's copy of a post."""
+    member: str
+    rcpt_options: tuple[str, ...]       # NOTIFY=FAILURE ORCPT=rfc822;...
+    sender: str                         # its VERP sender, or the plain bounces address
+    message: bytes
+
+
+class PersonalTemplate:
+    """A post made ready once to be copied per member: the same edits as expand_list (with
+    the DMARC rewrite the verdict asks for), plus, per copy, a personal List-Unsubscribe
+    (when url_for gives a URL; "" leaves the shared mailto: alone), the list's footer with
+    the member's values, and a VERP envelope sender naming member and post.
+
+    The shared header block and the body (cut for the footer) are made here once; `copy`
+    only fills in one member's values, so copies can be streamed one at a time."""
+
+    def __init__(self, ls: ListSettings, message_headers: list[tuple[str, str]], body: bytes, post_id: str,
+                 secret: Keyring | bytes, url_for: Callable[[str], str], posted_at: float,
+                 verdict: dmarc.Verdict | None = None):
+        self.ls, self.body, self.post_id, self.secret = ls, body, post_id, secret
+        self.url_for, self.posted_at = url_for, posted_at
+        edits = expand_list(ls, [], [], message_headers, post_id, secret, posted_at, verdict)
+        unsubscribe = {"list-unsubscribe", "list-unsubscribe-post"}
+        edits.add_headers = [(n, v) for n, v in edits.add_headers if n.lower() not in unsubscribe]
+        self.head = _header_bytes(apply_header_edits(message_headers, edits))
+        self.unsubscribe_address = addresses.role_address(ls.address, "unsubscribe")
+        # expand_list always sets the sender (bounces address, ENVID).
+        sender = cast(tuple[str, str], edits.sender)
+        self.sender = addresses.strip_brackets(sender[0])
+        self.envid = sender[1].partition("ENVID=")[2]
+        self.mail_options = ("RET=HDRS", f"ENVID={self.envid}")
+        # The body is read once, here; each copy only fills its member's values in (core/footer.py).
+        self.body_template = footer.prepare(message_headers, body) if ls.footer else footer.Template()
+        self.notes = list(self.body_template.notes)
+        # One entry per copy that goes from the plain bounces address (its VERP sender too long);
+        # a list, as copies are made in several threads at once and append is atomic.
+        self.too_long: list[str] = []
+
+    def members(self, members: list[str]) -> list[str]:
+        """The members that get a copy: once each, never the list's own addresses."""
+        return unique_members(self.ls.address, members)
+
+    def copy(self, member: str) -> Copy:
+        url = self.url_for(member)
+        mailto = f"<mailto:{self.unsubscribe_address}>"
         if url:
             personal = _header_bytes([("List-Unsubscribe", f"<{url}>, {mailto}"),
                                       ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")])
         else:
             personal = _header_bytes([("List-Unsubscribe", mailto)])
-        own_body = footer.render(body_template, body, ls.footer, footer.Values(
-            url or f"mailto:{unsubscribe_address}", ls.address, member, ls.postal_address))
-        copies.append((member, ("NOTIFY=FAILURE", f"ORCPT=rfc822;{xtext(member)}"),
-                       head + personal + b"\r\n" + own_body))
-        verp_sender = verp.make(ls.address, member, post_id, posted_at, secret)
+        own_body = footer.render(self.body_template, self.body, self.ls.footer, footer.Values(
+            url or f"mailto:{self.unsubscribe_address}", self.ls.address, member, self.ls.postal_address))
+        verp_sender = verp.make(self.ls.address, member, self.post_id, self.posted_at, self.secret)
         if verp_sender is None:
-            too_long += 1
-        else:
-            senders[member] = verp_sender
-    if too_long:
-        notes.append(f"VERP sender longer than {verp.MAX_LOCAL} characters before the @: "
-                     f"{too_long} copies go from the plain bounces address")
-    return Copies(addresses.strip_brackets(sender[0]), ("RET=HDRS", f"ENVID={envid_value}"),
-                  envid_value, copies, senders, tuple(notes))
+            self.too_long.append(member)
+        return Copy(member, ("NOTIFY=FAILURE", f"ORCPT=rfc822;{xtext(member)}"), verp_sender or self.sender,
+                    self.head + personal + b"\r\n" + own_body)
+
+    def all_notes(self) -> tuple[str, ...]:
+        """For the log: the footer's fate, and VERP fallbacks among the copies made so far."""
+        notes = list(self.notes)
+        if self.too_long:
+            notes.append(f"VERP sender longer than {verp.MAX_LOCAL} characters before the @: "
+                         f"{len(self.too_long)} copies go from the plain bounces address")
+        return tuple(notes)
+
+
+def personal_copies(ls: ListSettings, members: list[str], message_headers: list[tuple[str, str]],
+                    body: bytes, post_id: str, secret: Keyring | bytes, url_for: Callable[[str], str],
+                    posted_at: float, verdict: dmarc.Verdict | None = None) -> Copies:
+    """Every member's copy at once (the inline path, without outgoing.reinject: the poster
+    waits); the fan-out streams them from a PersonalTemplate instead."""
+    template = PersonalTemplate(ls, message_headers, body, post_id, secret, url_for, posted_at, verdict)
+    made = [template.copy(m) for m in template.members(members)]
+    return Copies(template.sender, template.mail_options, template.envid,
+                  [(c.member, c.rcpt_options, c.message) for c in made],
+                  {c.member: c.sender for c in made if c.sender != template.sender}, template.all_notes())
 
 
 # -- end of message: the whole decision for one message ------------------------------
@@ -528,19 +564,26 @@ class EndOfMessage:
     copies: Copies | None = None
     edits: tuple[Edits, ...] = ()
     expanded: tuple[tuple[str, int, str], ...] = ()      # (list, members, ENVID) for the log
+    fanout: str | None = None           # the post waits at this address for serve's fan-out
 
 
 def end_of_message(recipients: list[Recipient], split_: Split, in_place: InPlace | None,
                    owners: dict[str, tuple[str, ...]], message_headers: list[tuple[str, str]],
                    body: bytes, post_id: str, secret: Keyring | bytes, url_for: Callable[[str], str] | None,
-                   now: float) -> EndOfMessage:
-    """The plan for one message at end of message; `in_place` is given when split_.in_place_list is."""
+                   now: float, fanout_address: str | None = None) -> EndOfMessage:
+    """The plan for one message at end of message; `in_place` is given when split_.in_place_list is.
+    A personal post is copied here (`url_for`, the inline path) or, given `fanout_address`,
+    left in the MTA's queue for serve's fan-out."""
     if split_.reject_reason:
         return EndOfMessage(reject=split_.reject_reason)
     edits: list[Edits] = []
     expanded: list[tuple[str, int, str]] = []
     copies = None
-    if in_place is not None and in_place.personal and url_for is not None:
+    if in_place is not None and in_place.personal and fanout_address is not None:
+        # The copies are made later, by serve, from the MTA's queue (core/fanout.py).
+        rcpts = [r.rcpt for r in recipients if r.kind == LIST and r.list_address == in_place.settings.address]
+        edits.append(Edits(del_rcpts=rcpts, add_rcpts=[(fanout_address, None)]))
+    elif in_place is not None and in_place.personal and url_for is not None:
         copies = personal_copies(in_place.settings, in_place.members, message_headers, body, post_id,
                                  secret, url_for, now, in_place.verdict)
     elif in_place is not None:
@@ -558,7 +601,8 @@ def end_of_message(recipients: list[Recipient], split_: Split, in_place: InPlace
     for r in split_.refused:
         edits.append(Edits(del_rcpts=[r.rcpt]))
     return EndOfMessage(resubmit=split_.reinject, refusals=split_.refused, copies=copies,
-                        edits=tuple(edits), expanded=tuple(expanded))
+                        edits=tuple(edits), expanded=tuple(expanded), fanout=fanout_address if (
+                            in_place is not None and in_place.personal) else None)
 
 
 # -- the archive -----------------------------------------------------------------------

@@ -67,13 +67,15 @@ def _mac(key: bytes, list_address: str, member: str, post_id: str, when: str) ->
     return base64.b32encode(digest).decode().lower()[:MAC_LENGTH]
 
 
-def code(list_address: str, member: str, post_id: str, posted_at: float, secret: Keyring | bytes) -> str:
-    """The code for one member's copy of one post, under the current key."""
+def code(list_address: str, member: str, post_id: str, posted_at: float, secret: Keyring | bytes,
+         use: str = USE) -> str:
+    """The code for one member's copy of one post, under the current key (of `use`:
+    core/fanout.py makes its codes here under a key of its own)."""
     if not re.fullmatch(r"[A-Za-z0-9]{1,20}", post_id):
         raise ValueError(f"post id must be 1-20 letters and digits: {post_id!r}")
     ring = keyring(secret)
     post, when = post_id.lower(), envid.base36(int(posted_at))
-    return f"{post}-{when}-{_mac(ring.own_key(ring.current_id, USE), list_address, member, post, when)}"
+    return f"{post}-{when}-{_mac(ring.own_key(ring.current_id, use), list_address, member, post, when)}"
 
 
 def make(list_address: str, member: str, post_id: str, posted_at: float, secret: Keyring | bytes) -> str | None:
@@ -102,10 +104,10 @@ def fresh(parsed: Code, now: float) -> bool:
     return now - MAX_AGE <= parsed.posted_at <= now + MAX_SKEW
 
 
-def verify(parsed: Code, list_address: str, member: str, secret: Keyring | bytes) -> bool:
-    """Was `parsed` made for `member` of `list_address` with a key still accepted?"""
+def verify(parsed: Code, list_address: str, member: str, secret: Keyring | bytes, use: str = USE) -> bool:
+    """Was `parsed` made for `member` of `list_address` with a key (of `use`) still accepted?"""
     ring = keyring(secret)
-    return _verify(parsed, list_address, member, [ring.own_key(kid, USE) for kid in ring.ids])
+    return _verify(parsed, list_address, member, [ring.own_key(kid, use) for kid in ring.ids])
 
 
 def _verify(parsed: Code, list_address: str, member: str, keys: list[bytes]) -> bool:

@@ -72,6 +72,12 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
         return EX_NOUSER, f"{recipient}: no such mailing list"
     if role is None or role.role == "owner":
         return _unexpanded(config, mlist, role is not None, recipient, sender, data, base, can_resubmit)
+    if role.role == "fanout":       # a personal post queued by the milter (core/fanout.py)
+        from listmilter.app import fanout
+        from listmilter.store import site_secret as keys_of
+        status = fanout.deliver(config, store, keys_of(config), mlist, role.extension, sender, data)
+        logger.info("deliver: %s", fields(**base, list=f"<{mlist.address}>", role=role.role, status=status))
+        return EX_OK, ""
     if role.role in ("request", "subscribe", "unsubscribe", "confirm"):
         from listmilter.app import subscription_service as service
         return service.deliver_command(config, store, mlist, role, sender, data), ""

@@ -19,9 +19,9 @@ import time
 import Milter
 
 from listmilter.app import dmarc_lookup, notices, outgoing
+from listmilter.app import fanout as app_fanout
 from listmilter.app.runtime import Runtime
-from listmilter.core import addresses, dmarc, plan, policy
-from listmilter.core.model import ACTIVE
+from listmilter.core import addresses, dmarc, fanout, plan, policy
 from listmilter.core.plan import LIST, OWNER, PLAIN, REFUSED, Recipient
 from listmilter.log import fields, logger
 from listmilter.mta import killpoint
@@ -97,6 +97,7 @@ class ListMilter(Milter.Base):
         self.need_body = False
         self.split: plan.Split | None = None
         self.personal = False      # the in-place list's post goes out as one copy per member
+        self.fanout = False        # ... made by serve's fan-out from the MTA's queue
         self.archive = False       # the in-place list keeps its posts (setting `archive`)
         self.verdict: dmarc.Verdict | None = None   # the From domain's DMARC policy, once looked up
 
@@ -187,6 +188,10 @@ class ListMilter(Milter.Base):
         if mlist is None:
             return Recipient(rcpt, address)
         if role is not None:
+            if role.role == fanout.ROLE:
+                # The milter writes this address itself (core/fanout.py); nobody may send to it.
+                return Recipient(rcpt, address, REFUSED, mlist.address,
+                                 f"{address} is for listmilter's own use; no mail is taken for it")
             if role.role == "owner":
                 return Recipient(rcpt, address, OWNER, mlist.address)
             return Recipient(rcpt, address, PLAIN, mlist.address)   # for the pipe transport
@@ -221,11 +226,14 @@ class ListMilter(Milter.Base):
             self.split = plan.split(self.recipients)
             in_place = self.split.in_place_list
             self.personal = in_place is not None and self._personalized(in_place)
-            self.archive = in_place is not None and \
+            # With a re-injection listener a personal post waits in the MTA's queue for
+            # serve's fan-out, which makes (and archives) the copies: no body needed here.
+            self.fanout = self.personal and self.config.outgoing.reinject is not None
+            self.archive = in_place is not None and not self.fanout and \
                 self.config.list_settings(self._list(in_place).settings).archive
         except Exception as e:
             return self._failed(queue_id, e)
-        self.need_body = bool(self.split.reinject) or self.personal or self.archive
+        self.need_body = bool(self.split.reinject) or (self.personal and not self.fanout) or self.archive
         return Milter.CONTINUE
 
     def _mark_loops(self, queue_id: str) -> list[Recipient]:
@@ -281,35 +289,6 @@ class ListMilter(Milter.Base):
         return plan.personal(self.config.web.base_url,
                              self.config.list_settings(self._list(list_address).settings))
 
-    def _unsubscribe_url(self, found_on: dict[str, str], epochs: dict[tuple[str, str], float], one_click: bool):
-        """Each member's link names their membership (its `added`) of the list they are on (for a
-        member of a nested list: that list), so it leaves that list and dies when that membership ends."""
-        from listmilter.core.tokens import unsubscribe_token
-        base, secret = (self.config.web.base_url if one_click else None), self.runtime.secret
-
-        def url(member: str) -> str:
-            if not base:        # personal for its footer only (one_click off, or no web): the mailto: link
-                return ""
-            on = found_on[member]
-            added = epochs[(addresses.key(on), addresses.key(member))]
-            return f"{base}/u/{unsubscribe_token(secret, on, member, added)}"
-        return url
-
-    def _members(self, list_address: str, personal: bool):
-        """([(member, the list it is on)], nested lists, {(list, member): added} when personal):
-        the list's members, with those of lists on this server that are members of it."""
-        epochs: dict[tuple[str, str], float] = {}
-
-        def members_of(address: str) -> list[str]:
-            if not personal:
-                return self.store.recipients(address)
-            members = self.store.members(address)      # with `added`, for the links
-            epochs.update({(addresses.key(address), addresses.key(m.address)): m.added for m in members})
-            return [m.address for m in members if m.status == ACTIVE]
-        list_of = plan.list_finder([m.address for m in self.store.all_lists()])
-        found, nested = plan.nested_members(list_address, members_of, list_of)
-        return found, nested, epochs
-
     def _keepalive(self) -> None:
         try:
             self.progress()        # resets Postfix's milter timeouts during a long loop
@@ -328,20 +307,27 @@ class ListMilter(Milter.Base):
         split = self.split
         assert split is not None
         # Look up what the plan needs; everything that can fail comes before the first change.
-        in_place, url_for = None, None
+        in_place, url_for, fanout_address = None, None, None
         nested: list[str] = []
-        if split.in_place_list and not split.reject_reason:
+        post_id, now = _post_id(queue_id), time.time()
+        if split.in_place_list and not split.reject_reason and self.fanout:
+            # Members, links, DMARC and archive are the fan-out's business (app/fanout.py).
             ls = self._settings(split.in_place_list)
-            found, nested, epochs = self._members(ls.address, self.personal)
+            in_place = plan.InPlace(ls, [], True)
+            fanout_address = fanout.address(ls.address, post_id, now, self.runtime.secret)
+        elif split.in_place_list and not split.reject_reason:
+            ls = self._settings(split.in_place_list)
+            found, nested, epochs = app_fanout.post_members(self.store, ls.address, self.personal)
             in_place = plan.InPlace(ls, [m for m, _ in found], self.personal, self._dmarc(queue_id, ls))
             if self.personal:
                 one_click = self.config.list_settings(self._list(ls.address).settings).one_click
-                url_for = self._unsubscribe_url(dict(found), epochs, one_click)
+                url_for = app_fanout.unsubscribe_urls(self.config.web.base_url if one_click else None,
+                                                      self.runtime.secret, dict(found), epochs)
         inner = " ".join(f"<{a}>" for a in nested) or None
         owners = {r.list_address: self._owners(r.list_address) for r in split.owners}
         todo = plan.end_of_message(self.recipients, split, in_place, owners, self.headers,
-                                   b"".join(self.body_chunks), _post_id(queue_id), self.runtime.secret,
-                                   url_for, time.time())
+                                   b"".join(self.body_chunks), post_id, self.runtime.secret,
+                                   url_for, now, fanout_address)
         if todo.reject:
             return self._refuse(todo.reject)
 
@@ -377,10 +363,17 @@ class ListMilter(Milter.Base):
             # Only list recipients were left in this message: nothing more to deliver.
             return Milter.DISCARD
 
+        if todo.fanout:
+            # Before any recipient changes: the fan-out logs under the queue id it names.
+            self.addheader(app_fanout.POST_ID_HEADER, post_id)
         for step, args in plan.edit_steps(todo.edits):
             getattr(self, step)(*args)      # in plan's order: safe to stop after any step
         killpoint.reached("eom-edited")
         self._log_resubmitted(queue_id, todo, resubmitted)
+        if todo.fanout:
+            assert split.in_place_list is not None
+            self._log(queue_id, "queued for fan-out (personal copies)", split.in_place_list, client=True,
+                      fanout=f"<{todo.fanout}>")
         for list_address, count, envid_text in todo.expanded:
             self._log(queue_id, "expanded", list_address, client=True, members=count, nested=inner,
                       envid=envid_text)

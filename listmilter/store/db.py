@@ -8,7 +8,7 @@ overlay), bounces.sqlite and pending.sqlite all open through `Database`:
   `release()` closes the calling thread's, `close()` all of them;
 - WAL, so the milter reads while the CLI or a pipe process writes;
   synchronous=NORMAL; a busy timeout instead of "database is locked" at once;
-- files created with umask 027 and, when root creates them, given to the
+- files created 0640 (statedir.create_private, never by the umask) and, when root creates them, given to the
   state folder's owner (statedir.adopt);
 - writes in `BEGIN IMMEDIATE` transactions (`Transaction`);
 - sqlite3 errors as StoreError naming the database (`sqlite_errors`);
@@ -161,12 +161,11 @@ class Database:
             raise StoreError(f"{self.describe} does not exist")
         try:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o750, exist_ok=True)
-            old = os.umask(0o027)
-            try:
-                conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
-                                       check_same_thread=False)
-            finally:
-                os.umask(old)
+            if self.create and not os.path.exists(self.path):
+                # 0640 made here: SQLite gives its -wal and -shm files the database file's mode.
+                statedir.create_private(self.path)
+            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
+                                   check_same_thread=False)
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"{self.describe}: cannot open: {e}") from e
         try:

@@ -18,7 +18,7 @@ import time
 from listmilter.core import addresses
 from listmilter.core.subscriptions import OWN, Request, Sent
 from listmilter.core.tokens import DAY, KEEP_DAYS, Pending, new_token, token_hash
-from listmilter.store import StoreError
+from listmilter.store import StoreError, statedir
 from listmilter.store.db import Database, adopt_owner, sqlite_errors
 
 FILE_NAME = "pending.sqlite"
@@ -73,11 +73,7 @@ class PendingDB:
         one step across processes (the pipe transport runs several deliveries at once)."""
         path = os.path.join(os.path.dirname(self.path), LOCK_NAME)
         try:
-            old = os.umask(0o027)
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o660)
-            finally:
-                os.umask(old)
+            fd = statedir.open_private(path)
             adopt_owner(path)
         except OSError as e:
             raise StoreError(f"pending lock {path}: {e}") from e

@@ -43,6 +43,36 @@ def list_folder_name(list_address: str) -> str:
     return name[:200] or "%00"
 
 
+def open_private(path: str, flags: int = os.O_RDWR, mode: int = 0o640) -> int:
+    """os.open that creates `path` if missing, with exactly `mode` whatever the umask.
+
+    Never by changing the umask: it is one setting for the whole process, and two
+    threads that set and restore it at once can leave it changed for good (every
+    later file and folder of the process then gets the wrong mode)."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+    os.fchmod(fd, mode)
+    return fd
+
+
+def create_private(path: str, mode: int = 0o640) -> None:
+    """Create `path`, empty, with exactly `mode`, if it does not exist; never open one that does.
+
+    For a database file: closing any descriptor of a file drops every POSIX lock the
+    process holds on it, so opening SQLite's file next to its live connections would
+    let another process take it for unused (and checkpoint away its WAL)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
 def write_durably(tmp: str, path: str, data: bytes) -> None:
     """Write `data` to `tmp` (0640 whatever the umask, never through a link), fsync it, rename
     it to `path` and fsync that folder: after a crash `path` is whole or absent."""

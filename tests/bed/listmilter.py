@@ -81,6 +81,7 @@ class ListmilterServer:
         os.chmod(self.state_dir, 0o751)
         self.lists: dict[str, dict] = {}
         self.outgoing_port = outgoing_port
+        self.reinject_port: int | None = None     # the MTA's listener without milters (outgoing.reinject)
         self.extra = dict(extra or {})
         self.env: dict[str, str] = {}      # extra environment for serve (e.g. LISTMILTER_PERIODIC_INTERVAL)
         self.prefix: list[str] = []        # a command serve runs under (it must exec serve: same pid)
@@ -125,6 +126,8 @@ class ListmilterServer:
         }
         if self.outgoing_port:
             cfg["outgoing"] = {"smtp": f"127.0.0.1:{self.outgoing_port}"}
+            if self.reinject_port:
+                cfg["outgoing"]["reinject"] = f"127.0.0.1:{self.reinject_port}"
         if self.backend == "yaml" and self.lists:
             cfg["lists"] = self.lists
         cfg.update(self.extra)

@@ -69,12 +69,23 @@ def pipe_runtime() -> Path:
     return _pipe_runtime
 
 
+# The re-injection listener docs/postfix.md gives (personal copies from serve's fan-out).
+REINJECT_SERVICE = ("127.0.0.1:{port} inet n - n - - smtpd"
+                    " -o syslog_name=postfix/reinject"
+                    " -o smtpd_milters= -o receive_override_options=no_milters,no_header_body_checks"
+                    " -o smtpd_client_restrictions= -o smtpd_helo_restrictions="
+                    " -o smtpd_sender_restrictions= -o smtpd_relay_restrictions="
+                    " -o smtpd_recipient_restrictions=permit_mynetworks,reject"
+                    " -o mynetworks=127.0.0.0/8 -o smtpd_client_connection_count_limit=0")
+
+
 class Postfix:
     """One private Postfix: start(), stop(), submit(), queue inspection."""
 
     def __init__(self, *, milter: str | None, sink_port: int, config_path: Path | None = None,
                  socketmap: str | None = None, list_domain: str = "example.org",
-                 main_cf: dict[str, str] | None = None, workdir: Path | None = None):
+                 main_cf: dict[str, str] | None = None, workdir: Path | None = None,
+                 reinject_port: int | None = None):
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="postfix-"))
         self.port = free_port()
         self.milter = milter
@@ -83,6 +94,7 @@ class Postfix:
         self.socketmap = socketmap
         self.list_domain = list_domain
         self.extra = dict(main_cf or {})
+        self.reinject_port = reinject_port      # the re-injection smtpd without milters (docs/postfix.md)
         self.pipe_log = self.dir / "pipe.log"
         self.config_by_env = False      # the pipe finds its config by $LISTMILTER_CONFIG, not -c
         self.running = False
@@ -146,6 +158,9 @@ class Postfix:
         self.postconf("-MX", "smtp/inet")
         self.postconf("-Me", f"127.0.0.1:{self.port}/inet = 127.0.0.1:{self.port} inet n - n - - smtpd")
         self.postconf("-F", "*/*/chroot = n")
+        if self.reinject_port:
+            self.postconf("-Me", f"127.0.0.1:{self.reinject_port}/inet = " + REINJECT_SERVICE.format(
+                port=self.reinject_port))
         if self.socketmap:
             runtime = pipe_runtime()
             config = f"-c {self.config_path} " if self.config_path else ""
