@@ -130,7 +130,7 @@ class SendmailBed(Bed):
     """Sink + listmilter + Sendmail, wired as docs/sendmail.md says."""
 
     def __init__(self, backend: str = "sqlite", eom_timeout: str = "10m", extra: dict | None = None,
-                 **sendmail_options):
+                 reinject: bool = False, **sendmail_options):
         self.dir = Path(tempfile.mkdtemp(prefix=f"lmbed-sendmail-{backend}-"))
         self.dir.chmod(0o755)
         self.sink = Sink().start()
@@ -142,6 +142,11 @@ class SendmailBed(Bed):
             milter=f"local:{self.listmilter.milter_path}", sink_port=self.sink.port,
             config_path=self.listmilter.config_path, socketmap_port=None, eom_timeout=eom_timeout,
             **sendmail_options)
+        if reinject:
+            # docs/sendmail.md: a listener without the milter (InputMailFilters=) for serve's fan-out.
+            self.sendmail.extra_milters["reinject"] = None
+            self.sendmail.ports["reinject"] = free_port()
+            self.listmilter.reinject_port = self.sendmail.ports["reinject"]
         try:
             self.listmilter.outgoing_port = self.sendmail.port
             self.listmilter.write_config()

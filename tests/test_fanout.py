@@ -164,3 +164,44 @@ def test_serve_killed_half_way_through_a_20000_member_fan_out_loses_nobody(own_b
     assert "fan-out resumed" in bed.listmilter.log()
     (row,) = _posts(bed, lst)
     assert row[3] == "done" and int(row[4]) + int(row[5]) >= KILLED - BATCH, row
+
+
+def test_check_names_a_missing_listener_and_says_when_the_poster_would_wait(clean_bed):
+    bed = clean_bed
+    lm = bed.listmilter
+    bed.new_list(["fc1@example.net"], posting="open", footer=FOOTER)
+    env = {"MAIL_CONFIG": str(bed.postfix.dir)}
+    proc = cli(lm.config_path, "check", env=env, check=False)
+    assert "reinject" not in proc.stderr and "outgoing" not in proc.stderr, proc.stderr
+    good = lm.reinject_port
+    try:
+        lm.reinject_port = good + 1 if good < 65535 else good - 1
+        lm.write_config()
+        proc = cli(lm.config_path, "check", env=env, check=False)
+        assert proc.returncode != 0
+        assert f"no master.cf service listens on outgoing.reinject 127.0.0.1:{lm.reinject_port}" in proc.stderr
+        lm.reinject_port = None
+        lm.write_config()
+        proc = cli(lm.config_path, "check", env=env, check=False)
+        assert "send one copy per member and outgoing.reinject is not set: the poster waits" in proc.stderr
+    finally:
+        mark = len(lm.log())
+        lm.reinject_port = good
+        lm.write_config()
+        wait_until(lambda: "config reloaded" in lm.log()[mark:], 15, what="serve to reload its config")
+
+
+@pytest.mark.parametrize("own_smbed", [{"reinject": True}], indirect=True)
+def test_sendmail_fans_out_through_its_listener_without_the_milter(own_smbed):
+    bed = own_smbed
+    who = _members("fs", 40)
+    lst = bed.new_list(who, posting="open", footer=FOOTER)
+    reply = bed.submit("carol@example.net", [lst], _post(lst, "sendmail fan out"))
+    assert reply.code == 250, reply
+    bed.sink.wait_for_recipients(len(who), timeout=120)
+    bed.settle(f"list=<{lst}>, from=<carol@example.net>, status=fanned out (personal copies), members=40")
+    by = bed.sink.by_recipient()
+    assert sorted(by) == who and all(len(v) == 1 for v in by.values())
+    for member, (copy,) in by.items():
+        assert f"Sent to {member}." in copy.message.get_content()
+        assert copy.mail_from.startswith(lst.partition("@")[0] + "-bounces+")

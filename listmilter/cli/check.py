@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from listmilter.cli.common import plural
 from listmilter.core import config as config_mod
-from listmilter.core import settings
+from listmilter.core import plan, settings
 from listmilter.mta import postfix_check as mta
 from listmilter.store import StoreError, open_store
 
@@ -73,7 +73,10 @@ def run(path: str, explicit: bool) -> Report:
     where = {"yaml": cfg.path, "postgresql": getattr(store, "path", "")}.get(cfg.backend, cfg.store_path)
     report.notes.append(f"store: {cfg.backend} ({where}), {plural(len(lists), 'list')}")
 
+    personal = []       # (members, list) of the lists whose posts go one copy per member
     for mlist in lists:
+        if plan.personal(cfg.web.base_url, cfg.list_settings(mlist.settings)):
+            personal.append((len(store.recipients(mlist.address)), mlist.address))
         for name, value in mlist.settings.items():
             try:
                 settings.parse(name, list(value) if isinstance(value, tuple) else value)
@@ -95,6 +98,13 @@ def run(path: str, explicit: bool) -> Report:
                     f"'552 5.3.4 message file too big'. Set message_size_limit (and mailbox_size_limit) "
                     f"to at least {estimate * 5 // 4} in main.cf")
     store.close()
+    if personal and not cfg.outgoing.reinject:
+        report.warnings.append(
+            f"{plural(len(personal), 'list')} (the biggest: {max(personal)[1]}) send one copy per member and "
+            "outgoing.reinject is not set: the poster waits until every copy is queued; "
+            "set it to the MTA's listener without milters (docs/postfix.md)")
+    elif personal and postfix is not None:
+        mta.check_fanout(postfix, cfg, report, max(personal)[0])
     return report
 
 

@@ -168,6 +168,42 @@ def check(pf: Postfix, cfg, report) -> None:
     _check_pipe(pf, cfg.transport, report)
 
 
+# Copies a second a fan-out keeps up at least (docs/performance.md measures several times more):
+# what the pipe's time limit is held against.
+SAFE_COPIES_PER_SECOND = 200
+
+
+def check_fanout(pf: Postfix, cfg, report, biggest: int) -> None:
+    """The re-injection listener (outgoing.reinject) and the pipe's time for the biggest
+    personal list (`biggest` members), as docs/postfix.md gives them."""
+    host, port = cfg.outgoing.reinject_host, cfg.outgoing.reinject_port
+    proc = _postconf("-M", f"{host}:{port}/inet")
+    line = proc.stdout.strip() if proc.returncode == 0 else ""
+    if not line:
+        report.errors.append(
+            f"postfix: no master.cf service listens on outgoing.reinject {host}:{port}: personal posts "
+            f"wait in the queue until it does; add the re-injection listener docs/postfix.md gives")
+    elif "no_milters" not in line and not re.search(r"smtpd_milters=(\s|$)", line):
+        report.errors.append(
+            f"postfix: the master.cf service on {host}:{port} (outgoing.reinject) runs the milters: "
+            "give it -o smtpd_milters= -o receive_override_options=no_milters,no_header_body_checks")
+    limit_name = f"{cfg.transport}_time_limit"
+    limit = _seconds(pf.param(limit_name) or pf.param("command_time_limit") or "1000s")
+    needed = biggest // SAFE_COPIES_PER_SECOND
+    if limit is not None and needed > limit:
+        report.warnings.append(
+            f"postfix: the biggest personal list has {biggest} members; at {SAFE_COPIES_PER_SECOND} copies a "
+            f"second its fan-out takes {needed}s, more than the pipe's {limit}s ({limit_name}): each attempt "
+            f"goes on where the last stopped, but set {limit_name} = {needed * 2}s in main.cf")
+
+
+def _seconds(value: str) -> int | None:
+    m = re.fullmatch(r"(\d+)([smhdw]?)", value.strip())
+    if not m:
+        return None
+    return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+
+
 def _default_action(report, what: str, action: str, fix: str) -> None:
     """accept: other mail flows while listmilter is down (list addresses wait on the socketmap)."""
     if action == "tempfail":
