@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.bed import listmilter as bed_listmilter
 from tests.bed.listmilter import ListmilterServer
 from tests.bed.net import wait_until
 from tests.bed.postfix import Postfix
@@ -410,8 +411,11 @@ def pytest_configure(config):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     ServerGuard.current = item
+    # The fast tier runs `listmilter` commands in process (tests/bed/listmilter.py, cli()).
+    bed_listmilter.IN_PROCESS = item.get_closest_marker("mta") is None
     yield
     ServerGuard.current = None
+    bed_listmilter.IN_PROCESS = False
 
 
 @pytest.fixture(autouse=True)
