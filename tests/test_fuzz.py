@@ -338,8 +338,10 @@ def test_envids_round_trip_and_changed_ones_are_refused(post_id, noise, where):
 
 
 # -- addresses and the list lookup ------------------------------------------------------------
+# Not named `site`: conftest.MTA_FIXTURES marks every user of a fixture of that name mta (test_web's
+# `site` starts `listmilter web` and nginx), which put these in-process properties in the slow tier.
 @pytest.fixture(scope="module")
-def site():
+def pipe_site():
     """A real state folder, SQLite store and config for the in-process pipe transport."""
     root = Path(tempfile.mkdtemp(prefix="lmfuzz-"))
     sendmail = root / "sendmail"
@@ -363,8 +365,8 @@ def site():
 @given(hostile_text)
 @example("a\udcff@example.org")
 @example("dev-confirm+\udcff@example.org")
-def test_any_address_checks_and_looks_up_without_raising(site, text):
-    _, store = site
+def test_any_address_checks_and_looks_up_without_raising(pipe_site, text):
+    _, store = pipe_site
     try:
         assert addresses.check(text) == text
     except addresses.AddressError:
@@ -484,8 +486,8 @@ role_recipients = st.one_of(
 senders = st.one_of(st.sampled_from(["", "<>", "MAILER-DAEMON", "bob@example.net", "Ann@Example.NET"]), nasty_text)
 
 
-def _check_run(site, records, recipient, sender, data) -> tuple[int, str]:
-    cfg, store = site
+def _check_run(pipe_site, records, recipient, sender, data) -> tuple[int, str]:
+    cfg, store = pipe_site
     records.records.clear()
     code, text = deliver.run(lambda: (cfg, store), recipient, sender, data)
     formatter = log.Formatter("%(message)s")
@@ -506,17 +508,17 @@ def _check_run(site, records, recipient, sender, data) -> tuple[int, str]:
 @example("dev-bounces+keep-\u00e9abc@example.org", "boss@example.com", b"Subject: x\n\nkeep\n")
 @example("dev-request@example.org", "ann@example.net",
          b"From: ann@example.net\nSubject: help\nAuto-Submitted: yes\n\tstatus=subscribed (confirmed)\n\nhi\n")
-def test_the_pipe_transport_answers_every_message_to_a_role_address_with_exit_0(site, records, recipient,
+def test_the_pipe_transport_answers_every_message_to_a_role_address_with_exit_0(pipe_site, records, recipient,
                                                                                  sender, data):
-    code, text = _check_run(site, records, recipient, sender, data)
+    code, text = _check_run(pipe_site, records, recipient, sender, data)
     assert (code, text) == (0, "")
     assert records.records, "every delivery logs what it did"
 
 
 @scaled(0.3)
 @given(senders, st.one_of(bounce_like, messages()))
-def test_the_list_address_itself_is_discarded_or_deferred_for_the_milter(site, records, sender, data):
-    code, text = _check_run(site, records, LIST, sender, data)
+def test_the_list_address_itself_is_discarded_or_deferred_for_the_milter(pipe_site, records, sender, data):
+    code, text = _check_run(pipe_site, records, LIST, sender, data)
     # 75 only while the post waits for serve to put it through the milter (plan.unexpanded_at_pipe:
     # serve not running, or a re-submitted copy that came back unexpanded), else 0.
     assert code == 0 or (code == 75 and ("listmilter serve is not running" in text
@@ -552,8 +554,8 @@ socketmap_request = st.one_of(      # bytes, as Postfix sends them
 
 @given(socketmap_request)
 @example(b"recipients a\xff@example.org")
-def test_socketmap_answers_any_request(site, request):
-    cfg, store = site
+def test_socketmap_answers_any_request(pipe_site, request):
+    cfg, store = pipe_site
     try:
         decoded = socketmap.read_netstring(io.BytesIO(netstring.encode(request)))
     except netstring.Malformed:         # the server closes the connection
@@ -590,8 +592,8 @@ def _exchange(path: str, data: bytes) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def socketmap_server(site):
-    cfg, store = site
+def socketmap_server(pipe_site):
+    cfg, store = pipe_site
     folder = tempfile.mkdtemp(prefix="lmsm-")
     server = socketmap.start(_Runtime(cfg, store), f"unix:{folder}/sm")
     yield f"{folder}/sm"
