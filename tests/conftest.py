@@ -9,6 +9,7 @@ fails any unmarked test that tries. docs/testing.md describes the tiers.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import shutil
@@ -357,6 +358,12 @@ def pytest_collection_modifyitems(config, items):
         on_postgresql = any(v in ("postgresql", "yaml+postgresql") for v in params.values())
         if MTA_FIXTURES & set(getattr(item, "fixturenames", ())) or on_postgresql:
             item.add_marker(pytest.mark.mta)
+
+
+def pytest_collection_finish(session):
+    # What collection made (modules, strategies, items) lives until the end: keep the cyclic
+    # garbage collector from walking it again in every full collection (~0.7 s of the fast tier).
+    gc.freeze()
 
 
 # What starting a server looks like on a command line.
