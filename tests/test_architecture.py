@@ -50,6 +50,8 @@ def test_ruff_finds_nothing():
 
 def test_mypy_finds_nothing():
     """Types hold everywhere, strictly in core/ (pyproject's [tool.mypy])."""
-    proc = _run(str(BIN / "mypy"), "--no-incremental")
+    # Incremental: mypy re-checks what changed since its cache (.mypy_cache, ignored by git by
+    # mypy itself), and what depends on it; a cold run takes ~2 s, a warm one ~0.2 s.
+    proc = _run(str(BIN / "mypy"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("Success: no issues found"), proc.stdout

@@ -14,7 +14,7 @@ from listmilter.core import addresses, bounces, plan, verp
 from listmilter.core.keys import Keyring, keyring
 from tests import test_fuzz as fuzz
 from tests.conftest import dsn_message
-from tests.test_fuzz import hostile_text, records, scaled, site  # noqa: F401 (fixtures)
+from tests.test_fuzz import hostile_text, pipe_site, records, scaled  # noqa: F401 (fixtures)
 
 SECRET = b"v" * 32
 LIST = "dev@example.org"
@@ -121,7 +121,7 @@ def test_any_failure_to_the_verp_address_is_the_members_and_a_bare_null_sender_b
     assert verp.failure_of(_report(delivered, True), BOB, True) is None
 
 
-# -- the pipe transport, in process (tests/test_fuzz.py's site: dev@example.org, bob and carol) -------------
+# -- the pipe transport, in process (tests/test_fuzz.py's pipe_site: dev@example.org, bob and carol) ------
 verp_recipients = st.one_of(
     st.builds(lambda member, post, when: verp.make(fuzz.LIST, member, post, when, fuzz.SECRET),
               st.sampled_from(fuzz.MEMBERS + ("gone@example.net",)), st.sampled_from(["Q1", "4Fx2Q1Z0D3"]),
@@ -132,11 +132,11 @@ verp_recipients = st.one_of(
 @scaled(0.5)
 @given(verp_recipients, fuzz.senders, st.one_of(fuzz.bounce_like, fuzz.messages()))
 @example("dev-bounces+q1-tpf715-aaaaaaaaaaaaa@example.org", "", b"Subject: x\n\nbounced\n")
-def test_mail_to_a_verp_address_real_or_forged_is_answered_with_exit_0(site, records, recipient, sender,  # noqa: F811
-                                                                     data):
+def test_mail_to_a_verp_address_real_or_forged_is_answered_with_exit_0(pipe_site, records,  # noqa: F811
+                                                                     recipient, sender, data):
     from listmilter.app import verp_bounces
     verp_bounces.member_scans = verp_bounces._ScanBudget(verp_bounces.MEMBER_SCANS_PER_HOUR)  # each example its own
-    code, text = fuzz._check_run(site, records, recipient, sender, data)
+    code, text = fuzz._check_run(pipe_site, records, recipient, sender, data)
     assert (code, text) == (0, "")
     (line,) = [r.getMessage() for r in records.records if "role=bounces" in r.getMessage()]
     ext = recipient.partition("@")[0].partition("+")[2]
@@ -151,14 +151,14 @@ def test_mail_to_a_verp_address_real_or_forged_is_answered_with_exit_0(site, rec
         assert "scored" not in line or f"<{genuine.member}>" in line, line
 
 
-def test_a_bare_bounce_to_a_members_verp_address_scores_that_member_in_process(site, records):  # noqa: F811
+def test_a_bare_bounce_to_a_members_verp_address_scores_that_member_in_process(pipe_site, records):  # noqa: F811
     to = verp.make(fuzz.LIST, "carol@example.net", "Q7", time.time(), fuzz.SECRET)
     words = b"From: MAILER-DAEMON@mx.example.net\nSubject: failure notice\n\nSorry, it did not work out.\n"
-    assert fuzz._check_run(site, records, to, "", words) == (0, "")
+    assert fuzz._check_run(pipe_site, records, to, "", words) == (0, "")
     (line,) = [r.getMessage() for r in records.records if "role=bounces" in r.getMessage()]
     assert re.search(r"status=verp unrecognised: <carol@example.net> - (scored|counted-today)", line), line
     # From a person, the same words are no bounce: kept for the owner, nobody scored.
-    assert fuzz._check_run(site, records, to, "carol@example.net", words) == (0, "")
+    assert fuzz._check_run(pipe_site, records, to, "carol@example.net", words) == (0, "")
     (line,) = [r.getMessage() for r in records.records if "role=bounces" in r.getMessage()]
     assert "status=verp unrecognised, kept " in line and "scored" not in line, line
 

@@ -17,15 +17,96 @@ import yaml
 from .net import PortTaken, free_port, start_with_retry, wait_for_own_port, wait_for_port, wait_for_unix, wait_until
 from .postfix import PIPE_GROUP, PIPE_USER, pipe_runtime
 
+# Set by tests/conftest.py for each test: True when it is not marked mta (the fast tier).
+IN_PROCESS = False
+
 
 def cli(config: Path, *args: str, input: str | None = None, env: dict | None = None,
-        check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "listmilter", "-c", str(config), *args],
-                          input=input, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+        check: bool = True, process: bool | None = None) -> subprocess.CompletedProcess:
+    """`listmilter -c CONFIG ARGS...`: its exit code, stdout and stderr (text, as subprocess gives them).
+
+    In the fast tier it runs in this process (`cli_in_process`): an interpreter start and
+    the package's imports cost ~0.15 s a command, most of what a CLI test took. The mta
+    tier, `process=True` and `deliver` (the pipe transport, an entry point of its own:
+    tests/test_handoff.py) run a real `python -m listmilter`; tests/test_cli.py and
+    tests/test_site_config.py keep real processes for the entry point itself."""
+    if process is None:
+        process = not IN_PROCESS or "deliver" in args
+    argv = ["-c", str(config), *args]
+    if process:
+        proc = subprocess.run([sys.executable, "-m", "listmilter", *argv],
+                              input=input, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, **(env or {})})
+    else:
+        proc = cli_in_process(argv, input=input, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"listmilter {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
     return proc
+
+
+def cli_in_process(argv: list[str], input: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`listmilter.cli.main(argv)` as `python -m listmilter` would run it, in this process:
+    stdin, stdout and stderr are pipes' worth of bytes with the encodings and error handlers
+    a child gets under a UTF-8 locale, read back as text with universal newlines (as
+    subprocess.run(text=True) does); `env` is set for the call; SystemExit gives the exit
+    code and any other exception a traceback on stderr and exit 1, as the interpreter would.
+    What the command changes in this process is put back: the listmilter logger (log.setup
+    points it at stderr and stops propagation), the environment, the umask."""
+    import io
+    import logging
+    import traceback
+
+    from listmilter.cli import main
+
+    def stream(data: bytes, errors: str) -> io.TextIOWrapper:
+        return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors=errors, write_through=True)
+
+    stdin = stream((input or "").encode("utf-8", "surrogateescape"), "surrogateescape")
+    stdout, stderr = stream(b"", "surrogateescape"), stream(b"", "backslashreplace")
+    logger = logging.getLogger("listmilter")
+    saved_logger = (list(logger.handlers), logger.level, logger.propagate)
+    saved_env = {k: os.environ.get(k) for k in (env or {})}
+    saved_std = (sys.stdin, sys.stdout, sys.stderr)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.environ.update(env or {})
+    sys.stdin, sys.stdout, sys.stderr = stdin, stdout, stderr
+    try:
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+                code = 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        for f in (stdout, stderr):
+            f.flush()
+    finally:
+        sys.stdin, sys.stdout, sys.stderr = saved_std
+        os.umask(umask)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for handler in list(logger.handlers):
+            if handler not in saved_logger[0]:
+                logger.removeHandler(handler)
+                handler.close()
+        for handler in saved_logger[0]:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+        logger.setLevel(saved_logger[1])
+        logger.propagate = saved_logger[2]
+
+    def text(f: io.TextIOWrapper) -> str:
+        return io.TextIOWrapper(io.BytesIO(f.buffer.getvalue()), encoding="utf-8").read()     # newline=None
+
+    return subprocess.CompletedProcess(["listmilter", *argv], code, text(stdout), text(stderr))
 
 
 def socketmap_query(where: int | str, request: str) -> str:

@@ -281,6 +281,19 @@ def backdate(config_dir: Path) -> None:
             pass
 
 
+def empty_config(folder: Path) -> str:
+    """A Postfix config folder with an empty main.cf and master.cf (every parameter at its
+    default, no services), for MAIL_CONFIG: `listmilter check` reads it through postconf in
+    milliseconds. Without one (no main.cf in /etc/postfix on a test machine) postconf
+    exits fatal, and Postfix's fatal exit sleeps a second first."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("main.cf", "master.cf"):
+        (folder / name).touch()
+    backdate(folder)
+    return str(folder)
+
+
 def _alive(pidfile: Path) -> bool:
     try:
         pid = int(pidfile.read_text().split()[0])
