@@ -95,7 +95,8 @@ def test_a_database_without_the_schema_is_refused_until_db_upgrade(pg_server, tm
     assert "store: postgresql" in proc.stdout
     # One newer than the code: refused, and check says why.
     db.psql("UPDATE meta SET value='99' WHERE name='schema'")
-    with pytest.raises(StoreError, match=f"has schema version 99, this listmilter needs {len(MIGRATIONS)}: it was written by a newer"):
+    with pytest.raises(StoreError, match=f"has schema version 99, this listmilter needs {len(MIGRATIONS)}: "
+                                         "it was written by a newer"):
         open_store(cfg)
     proc = cli(path, "check", check=False)
     assert proc.returncode == 1 and "written by a newer listmilter" in proc.stderr

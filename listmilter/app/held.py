@@ -179,8 +179,9 @@ def carry_out(config, store, pending, queue, post: HeldPost) -> str:
                                        status={APPROVE: "released from hold (approved)", REJECT: "deleted (rejected)",
                                                DISCARD: "deleted (discarded)", EXPIRE: "deleted (expired)"}[decision],
                                        by=post.decided_by, poster=told or None))
-    return f"{qid}: {'approved, released' if decision == APPROVE else decision + 'ed, deleted'}" + \
-        (f"; poster {told}" if told else "")
+    done = {APPROVE: "approved, released", REJECT: "rejected, deleted", DISCARD: "discarded, deleted",
+            EXPIRE: "expired, deleted"}[decision]
+    return f"{qid}: {done}" + (f"; poster {told}" if told else "")
 
 
 def _tell_poster(config, store, post: HeldPost) -> str:
