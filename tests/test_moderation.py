@@ -4,7 +4,10 @@ decisions (app/held.py) over a stand-in queue. Over the real Postfix: tests/test
 
 from __future__ import annotations
 
+import re
+import shlex
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import example, given
@@ -272,7 +275,6 @@ def test_hold_records_and_tells_the_owners_once(env):
     [(sender, rcpts, data)] = sent
     assert sender == "" and rcpts == ["boss@x.org"]
     text = data.decode()
-    import re
     code = re.search(r"^Subject: Held for dev@example.org: hi \(approve ([a-z2-7]{24})\)\r?$", text, re.M).group(1)
     assert "Reply-To: dev-request@example.org" in text and "listmilter held approve 4ABC" in text
     assert "    first line" in text and "321 bytes" in text and "out@x.org is not a member" in text
@@ -334,3 +336,33 @@ def test_a_list_that_is_gone_expires_its_held_posts_at_once(env):
     q = FakeQueue("4G")
     assert held.periodic(cfg, store, db, q) == ["4G: expired, deleted"]     # null sender: nobody to tell
     assert not sent
+
+
+# -- the docs' exact lines -----------------------------------------------------------------------
+DOC = Path(__file__).parents[1] / "docs" / "moderation.md"
+
+
+def test_the_docs_config_example_parses_to_what_they_say():
+    block = re.search(r"```yaml\n(.*?)```", DOC.read_text(), re.S).group(1)
+    cfg = config.parse("store: {backend: yaml}\n" + block, "docs/moderation.md")
+    eff = cfg.list_settings(cfg.lists["dev@example.org"].settings)
+    assert (eff.nonmember_action, eff.max_message_size, eff.hold_days, eff.reply_to) == ("hold", 2000000, 14, "list")
+    rules = moderation.rules_of(eff)
+    assert moderation.decide(rules, "dev@example.org", "carol@partner.example", False).action == ACCEPT
+    assert moderation.decide(rules, "dev@example.org", "carol@elsewhere.example", False).action == HOLD
+    assert moderation.decide(rules, "dev@example.org", "newbie@example.net", True).action == HOLD
+
+
+def test_the_docs_list_set_lines_work(tmp_path):
+    from tests.bed.listmilter import cli
+    path = tmp_path / "listmilter.yaml"
+    path.write_text(f"state_dir: {tmp_path}\n")
+    cli(path, "list", "create", "dev@example.org")
+    lines = [line.strip() for line in DOC.read_text().splitlines() if line.strip().startswith("listmilter list set")]
+    assert len(lines) == 6
+    for line in lines:
+        cli(path, *shlex.split(line)[1:])
+    show = cli(path, "list", "show", "dev@example.org").stdout
+    assert re.search(r"accept_nonmembers\s.*bob@partner\.example", show) and "hold_days = 7" in show
+    # listmilter held with nothing held (postqueue is only asked when there is something).
+    assert cli(path, "held", "dev@example.org").stdout == "no held posts\n"

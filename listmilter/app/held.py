@@ -220,8 +220,9 @@ def periodic(config, store, pending, queue, now: float | None = None) -> list[st
 
 def listing(pending, queue, list_address: str | None = None) -> list[tuple[HeldPost, QueueEntry | None]]:
     """The posts listmilter holds (of one list, or all), each with its hold-queue entry (None: gone)."""
-    entries = queue.held()
-    return [(post, entries.get(post.queue_id)) for post in pending.held_posts(list_address)]
+    posts = pending.held_posts(list_address)
+    entries = queue.held() if posts else {}
+    return [(post, entries.get(post.queue_id)) for post in posts]
 
 
 PERIOD = 300.0
