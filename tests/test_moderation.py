@@ -366,3 +366,60 @@ def test_the_docs_list_set_lines_work(tmp_path):
     assert re.search(r"accept_nonmembers\s.*bob@partner\.example", show) and "hold_days = 7" in show
     # listmilter held with nothing held (postqueue is only asked when there is something).
     assert cli(path, "held", "dev@example.org").stdout == "no held posts\n"
+
+
+# -- the milter, in process (pymilter's TestCtx; tests/test_milter.py's harness) ------------------
+@pytest.fixture
+def mworld(tmp_path, monkeypatch):
+    from tests import test_milter as tm
+    monkeypatch.setattr(tm.Ctx, "quarantine", lambda self, reason: self.edits.append(("quarantine", reason)),
+                        raising=False)
+    w = tm._world(tmp_path, monkeypatch)
+    yield w, tm
+    w.store.close()
+
+
+def test_the_milter_expands_a_held_post_then_quarantines_it(mworld):
+    w, tm = mworld
+    lst = w.new_list("dev@example.org", ["m1@example.com", "m2@example.com"], nonmember_action="hold",
+                     owners=["boss@example.com"], footer="-- \nLeave: {unsubscribe_url}\n")
+    s = tm.Session()
+    assert s.send("out@example.net", [lst], tm.post(to=lst)) == tm.Milter.ACCEPT
+    kinds = [e[0] for e in s.ctx.edits]
+    # Expanded in this message (not as personal copies: those would go before any approval), then held.
+    assert kinds[-1] == "quarantine" and kinds.count("addrcpt") == 2 and "delrcpt" in kinds
+    assert "out@example.net is not a member of dev@example.org" in s.ctx.edits[-1][1]
+    [(argv, notice)] = w.submissions()          # the owners' notice, and no copy for any member
+    assert "boss@example.com" in argv and b"Subject: Held for dev@example.org: hello (approve " in notice
+    db = PendingDB(str(w.root / "state"))
+    try:
+        [row] = db.held_posts()
+        assert (row.queue_id, row.sender, row.list) == (tm.QUEUE_ID, "out@example.net", lst)
+    finally:
+        db.close()
+    # A member's post is not held.
+    s2 = tm.Session()
+    assert s2.send("m1@example.com", [lst], tm.post(sender="m1@example.com", to=lst)) == tm.Milter.DISCARD
+    assert not any(e[0] == "quarantine" for e in s2.ctx.edits)
+
+
+def test_a_notice_that_cannot_be_sent_defers_the_post_and_holds_nothing(mworld):
+    w, tm = mworld
+    lst = w.new_list("dev@example.org", ["m1@example.com"], moderated=True)
+    w.fail_after.write_text("0")
+    s = tm.Session()
+    assert s.send("m1@example.com", [lst], tm.post(sender="m1@example.com", to=lst)) == tm.Milter.TEMPFAIL
+    assert s.reply[0] == "451" and s.ctx.edits == []
+    db = PendingDB(str(w.root / "state"))
+    try:
+        assert db.held_posts() == []
+    finally:
+        db.close()
+
+
+def test_a_discarding_list_drops_the_post_at_end_of_message(mworld):
+    w, tm = mworld
+    lst = w.new_list("dev@example.org", ["m1@example.com"], nonmember_action="discard")
+    s = tm.Session()
+    assert s.send("out@example.net", [lst], tm.post(to=lst)) == tm.Milter.DISCARD
+    assert s.ctx.edits == [] and w.submissions() == []
