@@ -409,7 +409,7 @@ def test_a_notice_that_cannot_be_sent_defers_the_post_and_holds_nothing(mworld):
     w.fail_after.write_text("0")
     s = tm.Session()
     assert s.send("m1@example.com", [lst], tm.post(sender="m1@example.com", to=lst)) == tm.Milter.TEMPFAIL
-    assert s.reply[0] == "451" and s.ctx.edits == []
+    assert s.reply == ("451", "4.3.0", "listmilter: cannot hold the post; try again later") and s.ctx.edits == []
     db = PendingDB(str(w.root / "state"))
     try:
         assert db.held_posts() == []

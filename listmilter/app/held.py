@@ -137,8 +137,10 @@ def hold(config, pending, queue_id: str, list_address: str, owners: tuple[str, .
     try:
         outgoing.send(config.outgoing, "", list(owners), owner_notice(
             list_address, owners, queue_id, code, reason, message_headers, body, size, hold_days, templates))
-    except Exception:
+    except Exception as e:
         pending.held_done(queue_id)       # never listed as held: the client retries with a new queue id
+        if isinstance(e, outgoing.OutgoingError):
+            raise QueueError(f"the owners' notice could not be sent: {e}") from e
         raise
 
 
