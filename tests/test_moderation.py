@@ -111,7 +111,7 @@ def test_a_bad_regex_in_the_config_file_is_reported_with_file_and_line():
             "      - ^[a-z+@partner\\.test$\n")
     with pytest.raises(config.ConfigError) as info:
         config.parse(text, "/etc/listmilter.yaml")
-    assert str(info.value).startswith("/etc/listmilter.yaml:6: lists.dev@example.org.accept_nonmembers: "
+    assert str(info.value).startswith("/etc/listmilter.yaml:7: lists.dev@example.org.accept_nonmembers: "
                                       "'^[a-z+@partner\\\\.test$' is not a valid regular expression")
 
 
