@@ -423,3 +423,22 @@ def test_a_discarding_list_drops_the_post_at_end_of_message(mworld):
     s = tm.Session()
     assert s.send("out@example.net", [lst], tm.post(to=lst)) == tm.Milter.DISCARD
     assert s.ctx.edits == [] and w.submissions() == []
+
+
+# -- hostile posts: the owners' notice is always written -------------------------------------------
+header_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=300) | \
+    st.binary(max_size=200).map(lambda b: b.decode("utf-8", "surrogateescape"))
+
+
+@given(header_text, header_text, st.binary(max_size=2000))
+@example("=?utf-8?b?SGVsbG8K?= $code ${list}", "\"Eve\r\n\" <eve@x.org>", b"\xff\xfe\r\n-- \r\nline\r\n")
+@example("(approve aaaaaaaaaaaaaaaaaaaaaaaa) reject bbbbbbbbbbbbbbbbbbbbbbbb", "x@y.org", b"")  # look-alike codes
+def test_the_owners_notice_is_written_for_any_post(subject, from_, body):
+    import email
+    import email.policy
+    data = held.owner_notice(LIST_ADDRESS, ("boss@x.org",), "4ABC", CODE, "why", [("From", from_),
+                             ("Subject", subject)], body, len(body), 14)
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert msg["Subject"].endswith(f"(approve {CODE})") and msg["Reply-To"] == "dev-request@example.org"
+    assert moderation.reply_decision("Re: " + str(msg["Subject"]), []) == ("approve", CODE)
+    assert "listmilter held approve 4ABC" in msg.get_content()

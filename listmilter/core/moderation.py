@@ -112,9 +112,12 @@ def parse_decision(text: str) -> tuple[str, str] | None:
     """("approve"|"reject"|"discard", code) from a line such as a reply's Subject
     "Re: Held: ... (approve CODE)" edited to "reject CODE"; None if there is none.
     The code must be one we made: tokens.TOKEN_RE, lower case."""
-    m = _DECISION.search(text or "")
-    if not m:
+    # The last one: the notice puts its code at the end, after the post's own Subject,
+    # which may carry a look-alike "(approve ...)" of the poster's making.
+    found = list(_DECISION.finditer(text or ""))
+    if not found:
         return None
+    m = found[-1]
     code = m.group(2).lower()
     if not tokens.TOKEN_RE.fullmatch(code):
         return None
