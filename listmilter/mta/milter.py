@@ -397,10 +397,11 @@ class ListMilter(Milter.Base):
         for step, args in plan.edit_steps(todo.edits):
             getattr(self, step)(*args)      # in plan's order: safe to stop after any step
         killpoint.reached("eom-edited")
+        self._log_resubmitted(queue_id, todo, resubmitted)
         if todo.hold:
+            # Not archived: the post is not sent yet, and may never be (docs/moderation.md, "Limits").
             self._quarantine(queue_id, split.in_place_list or "", todo.hold)
             return Milter.ACCEPT
-        self._log_resubmitted(queue_id, todo, resubmitted)
         for list_address, count, envid_text in todo.expanded:
             self._log(queue_id, "expanded", list_address, client=True, members=count, nested=inner,
                       envid=envid_text)
