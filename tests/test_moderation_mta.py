@@ -215,3 +215,15 @@ def test_a_held_post_to_a_list_with_a_footer_goes_out_once_approved(bed, owner):
     wait_until(lambda: all(bed.sink.for_recipient(m) for m in members), 60, what="the approved post")
     bed.settle()
     assert [len(bed.sink.for_recipient(m)) for m in members] == [1, 1]
+
+
+def test_reply_to_list_and_an_accepted_non_member(bed, owner):
+    member = "m-replyto@example.com"
+    lst = new_list(bed, owner, [member], reply_to="list", accept_nonmembers=r"^.*@partner\.example$")
+    poster = "carol@partner.example"
+    assert bed.submit(poster, [lst], message("from a partner", poster, lst, extra="Reply-To: me@else.example\r\n")
+                      ).code == 250
+    wait_until(lambda: bed.sink.for_recipient(member), 60, what="the post")
+    bed.settle()
+    [got] = bed.sink.for_recipient(member)
+    assert got.message.get_all("Reply-To") == [lst] and not bed.sink.for_recipient(owner)
