@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from listmilter.app import notices, outgoing
-from listmilter.core import addresses, commands, mailparse, plan, subscriptions, tokens
+from listmilter.core import addresses, commands, mailparse, moderation, plan, subscriptions, tokens
 from listmilter.core.keys import Keyring
 from listmilter.core.model import MailingList, Member
 from listmilter.core.subscriptions import OWNERS, SENDER, Outcome, Request, State
@@ -107,6 +107,11 @@ class Service:
             logger.info("deliver: %s", fields(**base, status=f"ignored ({reason})"))
             return "ignored"
         subject = _header_text(msg.get("Subject"))
+        if role.role == "request":
+            # An owner's reply to a held post's notice (app/held.py): "approve CODE" in the Subject.
+            decision = moderation.reply_decision(subject, commands.body_lines(_body_text(data)))
+            if decision is not None:
+                return self._held_reply(mlist, sender, _header_text(msg.get("From")), decision, base)
         cmd = commands.parse(role.role, role.extension, sender, _header_text(msg.get("From")), subject,
                              _body_text(data), mailparse.message_id(msg.get("Message-ID")))
         if not addresses.is_valid(cmd.address):
@@ -143,6 +148,24 @@ class Service:
         logger.log(level, "deliver: %s", fields(**base, command=cmd.kind, address=f"<{ctx.address}>",
                                                  status=outcome.status))
         return outcome.status
+
+    def _held_reply(self, mlist: MailingList, sender: str, from_header: str, decision: tuple[str, str],
+                    base: dict) -> str:
+        """approve|reject|discard CODE from an owner: the code names the post, and only the owners got it."""
+        from listmilter.app import held
+        verb, code = decision
+        post = self.pending.held_by_code(code)
+        from_address, _ = commands.who(sender, from_header)
+        owners = {addresses.key(o) for o in self.owners(mlist)}
+        if post is None or post.list != addresses.key(mlist.address):
+            status, level = "refused (no held post has this code)", logging.WARNING
+        elif addresses.key(sender) not in owners and addresses.key(from_address) not in owners:
+            status, level = "refused (the reply is not from an owner)", logging.WARNING
+        else:
+            status, level = held.decide(self.config, self.store, self.pending, held.queue_for(self.config),
+                                        post.queue_id, verb, f"reply from {sender}"), logging.INFO
+        logger.log(level, "deliver: %s", fields(**base, command=f"held {verb}", status=status))
+        return status
 
     # -- the web -------------------------------------------------------------------
     def check_link(self, token: str, client: str) -> tuple[int, tokens.UnsubscribeLink | None, str]:

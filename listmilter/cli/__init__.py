@@ -5,6 +5,7 @@
     lists.py          list create|delete|show|ls|set|unset
     members.py        members add|remove|ls|import|export|enable|disable|history
     bounces.py        bounces
+    held.py           held [LIST], held approve|reject|discard ID...
     trace.py          trace
     archive.py        archive
     posts.py          posts (personal posts in fan-out)
@@ -24,7 +25,8 @@ import sys
 
 from listmilter import __version__
 
-GROUPS = ("serve", "check", "subscriptions", "lists", "members", "bounces", "secret", "trace", "archive", "posts", "db")
+GROUPS = ("serve", "check", "subscriptions", "lists", "members", "bounces", "held", "secret", "trace", "archive",
+          "posts", "db")
 
 
 def _parser():

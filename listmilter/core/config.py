@@ -233,8 +233,19 @@ class _Builder:
             try:
                 out[name] = settings.parse(name, self.value(vnode, f"{what}.{name}"))
             except settings.SettingError as e:
-                raise self.error(vnode, f"{what}.{name}: {e}") from None
+                raise self.error(self._culprit(name, vnode), f"{what}.{name}: {e}") from None
         return out, items
+
+    def _culprit(self, name: str, node: yaml.Node) -> yaml.Node:
+        """The item of a sequence that a setting refuses (its line is the one to fix), else the node."""
+        if isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                try:
+                    settings.parse(name, [self.scalar(item, name)])
+                except (settings.SettingError, ConfigError):
+                    found: yaml.Node = item
+                    return found
+        return node
 
     def build(self, root: yaml.Node | None, mtime: float | None) -> Config:
         if root is None:

@@ -33,10 +33,11 @@ class Kind(StrEnum):
     LIST = "list"          # a post to expand
     OWNER = "owner"        # <list>-owner@: an alias for the list's owners
     REFUSED = "refused"    # a post the sender may not make (kept only where the MTA cannot reject)
+    DROPPED = "dropped"    # a post the list discards silently (nonmember_action: discard)
     PLAIN = "plain"        # anything else: a person, a role address for the pipe transport
 
 
-LIST, OWNER, REFUSED, PLAIN = Kind.LIST, Kind.OWNER, Kind.REFUSED, Kind.PLAIN
+LIST, OWNER, REFUSED, PLAIN, DROPPED = Kind.LIST, Kind.OWNER, Kind.REFUSED, Kind.PLAIN, Kind.DROPPED
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Recipient:
     kind: Kind = PLAIN
     list_address: str = ""
     reason: str = ""
+    hold: str = ""               # LIST: why the post waits for the owners (core/moderation.py); "" to send it
 
 
 def find_list(address: str, get_list: Callable[[str], MailingList | None]
@@ -67,6 +69,8 @@ class Split:
     refused: tuple[Recipient, ...]       # refused posts to remove from this message
     owners: tuple[Recipient, ...]        # <list>-owner@ recipients to expand in place
     reject_reason: str | None = None     # set when nothing is left: refuse the whole message
+    dropped: tuple[Recipient, ...] = ()  # posts a list discards: removed from this message
+    discard_all: bool = False            # nothing else is left: the whole message is dropped
 
 
 def split(recipients: list[Recipient]) -> Split:
@@ -75,13 +79,16 @@ def split(recipients: list[Recipient]) -> Split:
         if r.kind == LIST and r.list_address not in lists:
             lists.append(r.list_address)
     refused = tuple(r for r in recipients if r.kind == REFUSED)
+    dropped = tuple(r for r in recipients if r.kind == DROPPED)
     owners = tuple(r for r in recipients if r.kind == OWNER)
     plain = [r for r in recipients if r.kind in (PLAIN, OWNER)]
     if not lists and not plain and refused:
-        return Split(None, (), refused, (), reject_reason=refused[0].reason)
+        return Split(None, (), refused, (), reject_reason=refused[0].reason, dropped=dropped)
+    if not lists and not plain and dropped:
+        return Split(None, (), (), (), dropped=dropped, discard_all=True)
     if plain or not lists:
-        return Split(None, tuple(lists), refused, owners)
-    return Split(lists[0], tuple(lists[1:]), refused, owners)
+        return Split(None, tuple(lists), refused, owners, dropped=dropped)
+    return Split(lists[0], tuple(lists[1:]), refused, owners, dropped=dropped)
 
 
 @dataclass
@@ -107,6 +114,7 @@ class ListSettings:
     postal_address: str = ""
     dmarc_mitigation: str = "munge_from"
     dmarc_policies: tuple[str, ...] = ("reject", "quarantine")
+    reply_to: str = "poster"    # poster | list | an address (settings.reply_to)
 
     def wants_dmarc(self) -> bool:
         """Is a DMARC lookup worth its time for a post to this list?"""
@@ -115,7 +123,7 @@ class ListSettings:
 
 def effective_settings(address: str, s: settings.ListSettings) -> ListSettings:
     return ListSettings(address, s.posting, s.subject_prefix, s.description, headers.list_id(address, s.list_id),
-                        s.footer, s.postal_address, s.dmarc_mitigation, s.dmarc_policies)
+                        s.footer, s.postal_address, s.dmarc_mitigation, s.dmarc_policies, s.reply_to)
 
 
 def personal(base_url: str | None, s: settings.ListSettings) -> bool:
@@ -179,12 +187,57 @@ def expand_list(ls: ListSettings, list_rcpts: list[str], members: list[str],
     # the post comes back to us with it if it loops through a list elsewhere.
     edits.add_headers.append((BEEN_THERE, ls.address))
     if verdict is not None and dmarc.mitigate(verdict, ls.dmarc_mitigation, ls.dmarc_policies):
-        munged = dmarc.munge_from(message_headers, ls.address, ls.description)
+        # The munged From needs the poster in Reply-To (dmarc.munge_from merges it into what is there,
+        # so reply_to: list gives "Reply-To: list, poster" below).
+        munged = dmarc.munge_from(reply_to_edited(message_headers, ls), ls.address, ls.description)
         edits.change_headers.extend(munged.change)
         edits.del_headers.extend(munged.delete)
-        edits.del_headers.sort(key=lambda item: (item[0].lower(), -item[1]))
         edits.add_headers.extend(munged.add)
+        _merge_reply_to(edits, message_headers, ls, munged)
+    else:
+        _apply_reply_to(edits, message_headers, ls)
+    edits.del_headers.sort(key=lambda item: (item[0].lower(), -item[1]))
     return edits
+
+
+def reply_to_value(ls: ListSettings) -> str | None:
+    """The Reply-To the list sets (None: the poster's own stays)."""
+    if ls.reply_to == "poster":
+        return None
+    return ls.address if ls.reply_to == "list" else ls.reply_to
+
+
+def reply_to_edited(message_headers: list[tuple[str, str]], ls: ListSettings) -> list[tuple[str, str]]:
+    """The headers with the list's Reply-To in place of the poster's (unchanged for reply_to: poster)."""
+    value = reply_to_value(ls)
+    if value is None:
+        return message_headers
+    return [(n, v) for n, v in message_headers if n.lower() != "reply-to"] + [("Reply-To", value)]
+
+
+def _apply_reply_to(edits: Edits, message_headers: list[tuple[str, str]], ls: ListSettings) -> None:
+    value = reply_to_value(ls)
+    if value is None:
+        return
+    count = sum(1 for n, _ in message_headers if n.lower() == "reply-to")
+    edits.del_headers.extend(("Reply-To", i) for i in range(count, 0, -1))
+    edits.add_headers.append(("Reply-To", value))
+
+
+def _merge_reply_to(edits: Edits, message_headers: list[tuple[str, str]], ls: ListSettings,
+                    munged: dmarc.Munged) -> None:
+    """munge_from saw the headers as reply_to_edited made them: its Reply-To change or addition
+    (the last Reply-To there is the list's) becomes, in the real message, the poster's Reply-To
+    fields removed and one Reply-To added."""
+    if reply_to_value(ls) is None:
+        return
+    merged = [v for n, _, v in munged.change if n.lower() == "reply-to"] + \
+        [v for n, v in munged.add if n.lower() == "reply-to"]
+    edits.change_headers[:] = [c for c in edits.change_headers if c[0].lower() != "reply-to"]
+    edits.add_headers[:] = [a for a in edits.add_headers if a[0].lower() != "reply-to"]
+    count = sum(1 for n, _ in message_headers if n.lower() == "reply-to")
+    edits.del_headers.extend(("Reply-To", i) for i in range(count, 0, -1))
+    edits.add_headers.append(("Reply-To", merged[-1] if merged else reply_to_value(ls) or ""))
 
 
 # The milter calls (pymilter's names) that carry out edits, in this order.
@@ -549,6 +602,7 @@ class InPlace:
     members: list[str]
     personal: bool                      # one copy per member (plan.personal: one-click links or a footer)
     verdict: dmarc.Verdict | None = None    # the From domain's DMARC policy (None: not looked up)
+    hold: str = ""                      # why the post waits for the owners (core/moderation.py); "" to send
 
 
 @dataclass(frozen=True)
@@ -565,6 +619,8 @@ class EndOfMessage:
     edits: tuple[Edits, ...] = ()
     expanded: tuple[tuple[str, int, str], ...] = ()      # (list, members, ENVID) for the log
     fanout: str | None = None           # the post waits at this address for serve's fan-out
+    discard: bool = False               # every recipient was a list that drops the post: discard it
+    hold: str = ""                      # after the edits, put the message on the hold queue, for this reason
 
 
 def end_of_message(recipients: list[Recipient], split_: Split, in_place: InPlace | None,
@@ -576,14 +632,19 @@ def end_of_message(recipients: list[Recipient], split_: Split, in_place: InPlace
     left in the MTA's queue for serve's fan-out."""
     if split_.reject_reason:
         return EndOfMessage(reject=split_.reject_reason)
+    if split_.discard_all:
+        return EndOfMessage(discard=True)
     edits: list[Edits] = []
     expanded: list[tuple[str, int, str]] = []
     copies = None
     if in_place is not None and in_place.personal and fanout_address is not None:
-        # The copies are made later, by serve, from the MTA's queue (core/fanout.py).
+        # The copies are made later, by serve, from the MTA's queue (core/fanout.py); a held
+        # post waits on the hold queue with this recipient, and its release starts the fan-out.
         rcpts = [r.rcpt for r in recipients if r.kind == LIST and r.list_address == in_place.settings.address]
         edits.append(Edits(del_rcpts=rcpts, add_rcpts=[(fanout_address, None)]))
-    elif in_place is not None and in_place.personal and url_for is not None:
+    # Without a fan-out, a held post is expanded in this message, which the hold queue keeps:
+    # personal copies would be messages of their own, sent before anyone approved them.
+    elif in_place is not None and in_place.personal and url_for is not None and not in_place.hold:
         copies = personal_copies(in_place.settings, in_place.members, message_headers, body, post_id,
                                  secret, url_for, now, in_place.verdict)
     elif in_place is not None:
@@ -598,11 +659,12 @@ def end_of_message(recipients: list[Recipient], split_: Split, in_place: InPlace
     if split_.reinject:
         edits.append(Edits(del_rcpts=[r.rcpt for r in recipients
                                       if r.kind == LIST and r.list_address in split_.reinject]))
-    for r in split_.refused:
+    for r in split_.refused + split_.dropped:
         edits.append(Edits(del_rcpts=[r.rcpt]))
     return EndOfMessage(resubmit=split_.reinject, refusals=split_.refused, copies=copies,
-                        edits=tuple(edits), expanded=tuple(expanded), fanout=fanout_address if (
-                            in_place is not None and in_place.personal) else None)
+                        edits=tuple(edits), expanded=tuple(expanded),
+                        fanout=fanout_address if in_place is not None and in_place.personal else None,
+                        hold=in_place.hold if in_place is not None and copies is None else "")
 
 
 # -- the archive -----------------------------------------------------------------------

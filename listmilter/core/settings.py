@@ -7,6 +7,7 @@ file, then the built-in default below.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -94,6 +95,42 @@ def _footer(value: Any) -> str:
     return value.replace("\r\n", "\n")
 
 
+def _patterns(value: Any) -> tuple[str, ...]:
+    """Addresses, or regular expressions written with a leading ^ (matched against the whole
+    sender address, case-insensitively), as Mailman writes them in accept_these_nonmembers."""
+    if isinstance(value, str):
+        value = [v for v in value.replace(",", " ").split() if v]
+    if not isinstance(value, (list, tuple)):
+        raise SettingError(f"must be a list of addresses or ^regular expressions (got {value!r})")
+    out = []
+    for item in value:
+        if not isinstance(item, str):
+            raise SettingError(f"must be a list of addresses or ^regular expressions (got {item!r})")
+        item = item.strip()
+        if item.startswith("^"):
+            try:
+                re.compile(item, re.IGNORECASE)
+            except re.error as e:
+                raise SettingError(f"{item!r} is not a valid regular expression: {e}") from None
+            out.append(item)
+            continue
+        try:
+            out.append(addresses.check(item))
+        except addresses.AddressError as e:
+            raise SettingError(f"{e} (a regular expression starts with ^)") from None
+    return tuple(out)
+
+
+def _reply_to(value: Any) -> str:
+    text = _text(value).strip()
+    if text in ("poster", "list"):
+        return text
+    try:
+        return addresses.check(text)
+    except addresses.AddressError:
+        raise SettingError(f"must be poster, list or a mail address (got {text!r})") from None
+
+
 def _folder(value: Any) -> str:
     text = _text(value)
     if text and not text.startswith("/"):
@@ -120,6 +157,24 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "one line describing the list; shown in List-Id and help replies"),
     Setting("list_id", "", _list_id,
             "the RFC 2919 List-Id (empty: the list address with @ turned into a dot)"),
+    # Moderation (listmilter.core.moderation): a held post waits in the MTA's hold queue.
+    Setting("moderated", False, _flag,
+            "hold every post (except the owners') for an owner's decision"),
+    Setting("nonmember_action", "reject", _choice("hold", "reject", "discard", "accept"),
+            "posting: members lists, a post from someone who is no member (nor in accept_nonmembers): "
+            "hold (for the owners), reject (550 at RCPT, as before), discard (silently), accept"),
+    Setting("accept_nonmembers", (), _patterns,
+            "addresses, or regular expressions starting with ^, that may post to a members list "
+            "without being members"),
+    Setting("moderated_members", (), _addresses,
+            "addresses whose posts are held for the owners"),
+    Setting("max_message_size", 0, _count(0),
+            "a post larger than this many bytes (header and body) is held; 0: no limit"),
+    Setting("hold_days", 14, _count(1),
+            "a held post nobody decided on is discarded after this many days (the poster is told)"),
+    Setting("reply_to", "poster", _reply_to,
+            "Reply-To of the posts: poster (left as the poster wrote it), list (the list address) "
+            "or a mail address"),
     # DMARC (listmilter.core.dmarc): posts from domains whose policy would make receivers refuse them.
     Setting("dmarc_mitigation", "munge_from", _choice("munge_from", "none"),
             "for a post whose From domain publishes a DMARC policy in dmarc_policies: munge_from "
@@ -206,6 +261,13 @@ class ListSettings:
     subject_prefix: str
     description: str
     list_id: str
+    moderated: bool
+    nonmember_action: str
+    accept_nonmembers: tuple[str, ...]
+    moderated_members: tuple[str, ...]
+    max_message_size: int
+    hold_days: int
+    reply_to: str
     dmarc_mitigation: str
     dmarc_policies: tuple[str, ...]
     subscribe_policy: str

@@ -68,6 +68,21 @@ class Pending:
         return "pending"
 
 
+@dataclass(frozen=True)
+class HeldPost:
+    """A post on the MTA's hold queue, as the pending database records it."""
+    queue_id: str
+    list: str
+    sender: str
+    reason: str
+    subject: str
+    size: int
+    held: float
+    decision: str          # "" until someone decides: approve | reject | discard | expire
+    decided_by: str
+    done: float | None     # when the decision was carried out on the queue
+
+
 def new_token() -> str:
     return base64.b32encode(secrets.token_bytes(15)).decode().lower()
 

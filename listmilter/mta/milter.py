@@ -18,17 +18,17 @@ import time
 
 import Milter
 
-from listmilter.app import dmarc_lookup, notices, outgoing
+from listmilter.app import dmarc_lookup, held, notices, outgoing
 from listmilter.app import fanout as app_fanout
 from listmilter.app.runtime import Runtime
-from listmilter.core import addresses, dmarc, fanout, plan, policy
-from listmilter.core.plan import LIST, OWNER, PLAIN, REFUSED, Recipient
+from listmilter.core import addresses, dmarc, fanout, moderation, plan, policy
+from listmilter.core.plan import DROPPED, LIST, OWNER, PLAIN, REFUSED, Recipient
 from listmilter.log import fields, logger
 from listmilter.mta import killpoint
-from listmilter.store import StoreError, archive
+from listmilter.store import StoreError, archive, open_pending
 
 ACTIONS = (Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.ADDRCPT_PAR
-           | Milter.DELRCPT | Milter.CHGFROM)
+           | Milter.DELRCPT | Milter.CHGFROM | Milter.QUARANTINE)
 
 
 class InFlight:
@@ -100,6 +100,7 @@ class ListMilter(Milter.Base):
         self.fanout = False        # ... made by serve's fan-out from the MTA's queue
         self.archive = False       # the in-place list keeps its posts (setting `archive`)
         self.verdict: dmarc.Verdict | None = None   # the From domain's DMARC policy, once looked up
+        self.need_body_for_hold = False
 
     def _tempfail(self, why: str) -> int:
         self.setreply("451", "4.3.0", f"listmilter: {why}; try again later")
@@ -117,6 +118,8 @@ class ListMilter(Milter.Base):
         exception that escapes a callback with 451 4.3.0 too, but unlogged.)"""
         if isinstance(e, StoreError):
             status, why, level = f"list store: {e}", "list store unavailable", logging.ERROR
+        elif isinstance(e, held.QueueError):
+            status, why, level = f"cannot hold the post: {e}", "cannot hold the post", logging.ERROR
         elif isinstance(e, outgoing.OutgoingError):
             status, why, level = f"cannot re-submit: {e}", "cannot split the message", logging.ERROR
         elif isinstance(e, Milter.milter.error):
@@ -205,14 +208,19 @@ class ListMilter(Milter.Base):
         if self.sender == policy.NULL_SENDER:
             return Recipient(rcpt, address, PLAIN, mlist.address, "null sender")
         eff = self.config.list_settings(mlist.settings)
-        refusal = policy.posting_refusal(
-            eff.posting, mlist.address, self.sender,
-            self.store.is_member(mlist.address, self.sender), eff.owners)
-        if refusal:
-            return Recipient(rcpt, address, REFUSED, mlist.address, refusal)
-        return Recipient(rcpt, address, LIST, mlist.address)
+        decision = moderation.decide(moderation.rules_of(eff), mlist.address, self.sender,
+                                     self.store.is_member(mlist.address, self.sender))
+        if decision.action == moderation.REJECT:
+            return Recipient(rcpt, address, REFUSED, mlist.address, decision.reason)
+        if decision.action == moderation.DISCARD:
+            return Recipient(rcpt, address, DROPPED, mlist.address, decision.reason)
+        hold = decision.reason if decision.action == moderation.HOLD else ""
+        return Recipient(rcpt, address, LIST, mlist.address, hold=hold)
 
     def data(self):
+        for r in self.recipients:
+            if r.kind == DROPPED:
+                self._log(self._queue_id(), f"discarded ({r.reason})", r.list_address, client=True)
         if not any(r.kind != PLAIN for r in self.recipients):
             self._end()
             return Milter.ACCEPT       # no list work: skip the rest of this message
@@ -238,9 +246,14 @@ class ListMilter(Milter.Base):
             self.fanout = self.personal and self.config.outgoing.reinject is not None
             self.archive = in_place is not None and not self.fanout and \
                 self.config.list_settings(self._list(in_place).settings).archive
+            # A held post's notice quotes its first lines; max_message_size needs the size.
+            self.need_body_for_hold = in_place is not None and (
+                bool(self._hold_reason(in_place)) or
+                self.config.list_settings(self._list(in_place).settings).max_message_size > 0)
         except Exception as e:
             return self._failed(queue_id, e)
-        self.need_body = bool(self.split.reinject) or (self.personal and not self.fanout) or self.archive
+        self.need_body = bool(self.split.reinject) or (self.personal and not self.fanout) or self.archive \
+            or self.need_body_for_hold
         return Milter.CONTINUE
 
     def _mark_loops(self, queue_id: str) -> list[Recipient]:
@@ -320,12 +333,13 @@ class ListMilter(Milter.Base):
         if split.in_place_list and not split.reject_reason and self.fanout:
             # Members, links, DMARC and archive are the fan-out's business (app/fanout.py).
             ls = self._settings(split.in_place_list)
-            in_place = plan.InPlace(ls, [], True)
+            in_place = plan.InPlace(ls, [], True, None, self._hold_at_end(ls.address))
             fanout_address = fanout.address(ls.address, post_id, now, self.runtime.secret)
         elif split.in_place_list and not split.reject_reason:
             ls = self._settings(split.in_place_list)
             found, nested, epochs = app_fanout.post_members(self.store, ls.address, self.personal)
-            in_place = plan.InPlace(ls, [m for m, _ in found], self.personal, self._dmarc(queue_id, ls))
+            in_place = plan.InPlace(ls, [m for m, _ in found], self.personal, self._dmarc(queue_id, ls),
+                                    self._hold_at_end(ls.address))
             if self.personal:
                 one_click = self.config.list_settings(self._list(ls.address).settings).one_click
                 url_for = app_fanout.unsubscribe_urls(self.config.web.base_url if one_click else None,
@@ -337,6 +351,10 @@ class ListMilter(Milter.Base):
                                    url_for, now, fanout_address)
         if todo.reject:
             return self._refuse(todo.reject)
+        if todo.discard:
+            return Milter.DISCARD       # logged at DATA, recipient by recipient
+        if todo.hold:
+            self._record_hold(queue_id, split.in_place_list or "", todo.hold)
 
         original = self._original_message() if todo.resubmit else b""
         resubmitted: list[str] = []     # queue ids, in the order of the messages given
@@ -381,11 +399,53 @@ class ListMilter(Milter.Base):
             assert split.in_place_list is not None
             self._log(queue_id, "queued for fan-out (personal copies)", split.in_place_list, client=True,
                       fanout=f"<{todo.fanout}>")
+        if todo.hold:
+            # Not archived: the post is not sent yet, and may never be (docs/moderation.md, "Limits").
+            self._quarantine(queue_id, split.in_place_list or "", todo.hold)
+            return Milter.ACCEPT
         for list_address, count, envid_text in todo.expanded:
             self._log(queue_id, "expanded", list_address, client=True, members=count, nested=inner,
                       envid=envid_text)
             self._archive(queue_id, list_address)
         return Milter.ACCEPT
+
+    # -- moderation (core/moderation.py, app/held.py) ------------------------------------
+    def _hold_reason(self, list_address: str) -> str:
+        """Why the post to this list is held, as decided at RCPT ("" for none yet)."""
+        return next((r.hold for r in self.recipients
+                     if r.kind == LIST and r.list_address == list_address and r.hold), "")
+
+    def _size(self) -> int:
+        return len(self._original_message())
+
+    def _hold_at_end(self, list_address: str) -> str:
+        """The hold reason at end of message: RCPT's, else the size against max_message_size."""
+        reason = self._hold_reason(list_address)
+        if reason:
+            return reason
+        eff = self.config.list_settings(self._list(list_address).settings)
+        if not eff.max_message_size:
+            return ""
+        decision = moderation.decide(moderation.rules_of(eff), list_address, self.sender, True, self._size())
+        return decision.reason if decision.action == moderation.HOLD else ""
+
+    def _record_hold(self, queue_id: str, list_address: str, reason: str) -> None:
+        """Before any edit: the held post's record and the owners' notice (a failure is a 451)."""
+        eff = self.config.list_settings(self._list(list_address).settings)
+        if not (queue_id.isalnum() and queue_id != "NOQUEUE"):
+            raise held.QueueError("no queue id for a post to hold ({i} macro not sent)")
+        pending = open_pending(self.config)
+        try:
+            held.hold(self.config, pending, queue_id, list_address, self._owners(list_address), self.sender,
+                      reason, self.headers, b"".join(self.body_chunks), self._size(), eff.hold_days, eff.templates)
+        finally:
+            pending.close()
+
+    def _quarantine(self, queue_id: str, list_address: str, reason: str) -> None:
+        """After the edits: the expanded post goes on the MTA's hold queue (Postfix: `postqueue -p`
+        shows it with !); approving it releases it to the members added above."""
+        self.quarantine(f"listmilter: held for the owners of {list_address}: {reason}"[:200])
+        self._log(queue_id, f"held ({reason})", list_address, client=True)
 
     def _dmarc(self, queue_id: str, ls: plan.ListSettings) -> dmarc.Verdict | None:
         """The From domain's DMARC policy, for a list post that may need a DMARC-safe From.

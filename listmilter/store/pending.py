@@ -17,7 +17,7 @@ import time
 
 from listmilter.core import addresses
 from listmilter.core.subscriptions import OWN, Request, Sent
-from listmilter.core.tokens import DAY, KEEP_DAYS, Pending, new_token, token_hash
+from listmilter.core.tokens import DAY, KEEP_DAYS, HeldPost, Pending, new_token, token_hash
 from listmilter.store import StoreError, statedir
 from listmilter.store.db import Database, adopt_owner, sqlite_errors
 
@@ -55,6 +55,22 @@ CREATE INDEX IF NOT EXISTS sent_list ON sent(list, at);
 ALTER TABLE sent ADD COLUMN budget TEXT NOT NULL DEFAULT 'own';   -- own | unverified (core.subscriptions)
 ALTER TABLE sent ADD COLUMN sender TEXT NOT NULL DEFAULT '';      -- address key of the envelope sender
 ALTER TABLE sent ADD COLUMN client TEXT NOT NULL DEFAULT '';      -- the SMTP client's IP address, if known
+""", """
+-- Posts on the MTA's hold queue for an owner's decision (listmilter.app.held).
+CREATE TABLE IF NOT EXISTS held (
+    queue_id   TEXT PRIMARY KEY,     -- the MTA's queue id of the held message
+    list       TEXT NOT NULL,        -- list key
+    sender     TEXT NOT NULL,        -- the envelope sender, as given
+    reason     TEXT NOT NULL,
+    subject    TEXT NOT NULL DEFAULT '',
+    size       INTEGER NOT NULL DEFAULT 0,
+    hash       TEXT NOT NULL,        -- sha256 of the code in the owners' notice
+    held       REAL NOT NULL,
+    decision   TEXT NOT NULL DEFAULT '',   -- approve | reject | discard | expire, once asked for
+    decided_by TEXT NOT NULL DEFAULT '',
+    done       REAL                  -- when the decision was carried out on the queue
+);
+CREATE INDEX IF NOT EXISTS held_hash ON held(hash);
 """)
 
 
@@ -163,6 +179,79 @@ class PendingDB:
             query += " AND list=?"
             params += (addresses.key(list_address),)
         return [self._row(r) for r in self._conn().execute(query + " ORDER BY created", params)]
+
+    # -- held posts ------------------------------------------------------------
+    _HELD = "SELECT queue_id, list, sender, reason, subject, size, held, decision, decided_by, done FROM held "
+
+    @sqlite_errors
+    def add_held(self, queue_id: str, list_address: str, sender: str, reason: str, subject: str, size: int,
+                 now: float | None = None) -> str:
+        """Record a held post; returns the code for the owners' notice (shown once, stored hashed).
+        A queue id Postfix uses again (after the old message is long gone) replaces the old row."""
+        now = time.time() if now is None else now
+        code = new_token()
+        with self._tx() as conn:
+            conn.execute("INSERT INTO held(queue_id, list, sender, reason, subject, size, hash, held) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(queue_id) DO UPDATE SET list=excluded.list, "
+                         "sender=excluded.sender, reason=excluded.reason, subject=excluded.subject, "
+                         "size=excluded.size, hash=excluded.hash, held=excluded.held, decision='', "
+                         "decided_by='', done=NULL",
+                         (queue_id, addresses.key(list_address), sender, reason, subject, size,
+                          token_hash(code), now))
+        return code
+
+    @staticmethod
+    def _held_row(row) -> HeldPost:
+        return HeldPost(*row)
+
+    @sqlite_errors
+    def held_post(self, queue_id: str) -> HeldPost | None:
+        row = self._conn().execute(self._HELD + "WHERE queue_id=?", (queue_id,)).fetchone()
+        return self._held_row(row) if row else None
+
+    @sqlite_errors
+    def held_by_code(self, code: str) -> HeldPost | None:
+        row = self._conn().execute(self._HELD + "WHERE hash=?", (token_hash(code),)).fetchone()
+        return self._held_row(row) if row else None
+
+    @sqlite_errors
+    def held_posts(self, list_address: str | None = None, open_only: bool = True) -> list[HeldPost]:
+        """Held posts (of one list, or all), oldest first; open_only: not yet carried out."""
+        query = self._HELD + "WHERE 1=1"
+        params: tuple = ()
+        if open_only:
+            query += " AND done IS NULL"
+        if list_address:
+            query += " AND list=?"
+            params += (addresses.key(list_address),)
+        return [self._held_row(r) for r in self._conn().execute(query + " ORDER BY held", params)]
+
+    @sqlite_errors
+    def decide_held(self, queue_id: str, decision: str, by: str) -> bool:
+        """Ask for a decision on a held post: True for the one caller whose decision counts
+        (the first; a later approve after a reject changes nothing)."""
+        with self._tx() as conn:
+            row = conn.execute("UPDATE held SET decision=?, decided_by=? WHERE queue_id=? AND decision='' "
+                               "AND done IS NULL RETURNING queue_id", (decision, by, queue_id)).fetchone()
+        return row is not None
+
+    @sqlite_errors
+    def undecide_held(self, queue_id: str) -> None:
+        """Undo decide_held when the queue could not be told (the post is still held)."""
+        with self._tx() as conn:
+            conn.execute("UPDATE held SET decision='', decided_by='' WHERE queue_id=? AND done IS NULL",
+                         (queue_id,))
+
+    @sqlite_errors
+    def held_done(self, queue_id: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as conn:
+            conn.execute("UPDATE held SET done=? WHERE queue_id=?", (now, queue_id))
+
+    @sqlite_errors
+    def purge_held(self, before: float) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM held WHERE done IS NOT NULL AND done<?", (before,))
 
     # -- rate limits -----------------------------------------------------------
     @sqlite_errors

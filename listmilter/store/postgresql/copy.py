@@ -4,7 +4,7 @@ What is copied, from the config's state folder:
 
     listmilter.sqlite (store.backend sqlite)    lists, list_settings, members, events
     or state.sqlite (the yaml overlay)
-    pending.sqlite                              pending, sent
+    pending.sqlite                              pending, sent, held
     bounces.sqlite                              scores, bounces
     secret, secret.keys                         site_keys (with their ids and grace periods)
 
@@ -30,7 +30,7 @@ from listmilter.store.postgresql import db as pgdb
 from listmilter.store.postgresql.stores import LISTS_POSTGRESQL, LISTS_YAML
 
 LIST_TABLES = ("lists", "list_settings", "members", "events")
-PENDING_TABLES = ("pending", "sent")
+PENDING_TABLES = ("pending", "sent", "held")
 BOUNCE_TABLES = ("scores", "bounces")
 # Emptied by `replace`; also what "not empty" looks at.
 DATA_TABLES = LIST_TABLES + PENDING_TABLES + BOUNCE_TABLES + ("site_keys",)

@@ -129,4 +129,20 @@ CREATE TABLE site_keys (
     created  double precision,
     until    double precision
 );
-""",)
+""", """
+-- Posts on the MTA's hold queue for an owner's decision (pending.sqlite's held).
+CREATE TABLE held (
+    queue_id   text PRIMARY KEY,
+    list       text NOT NULL,
+    sender     text NOT NULL,
+    reason     text NOT NULL,
+    subject    text NOT NULL DEFAULT '',
+    size       bigint NOT NULL DEFAULT 0,
+    hash       text NOT NULL,
+    held       double precision NOT NULL,
+    decision   text NOT NULL DEFAULT '',
+    decided_by text NOT NULL DEFAULT '',
+    done       double precision
+);
+CREATE INDEX held_hash ON held(hash);
+""")
