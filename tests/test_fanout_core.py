@@ -56,14 +56,18 @@ def test_any_bytes_read_as_a_record_or_none(data):
 
 @given(st.lists(st.emails(), unique_by=addresses.key, max_size=40), st.integers(min_value=0, max_value=40))
 def test_resuming_after_any_member_leaves_exactly_those_after_it(members, cut):
-    order = fanout.in_order(members, "")
-    assert sorted(order) == sorted(members)
+    found = [(m, LIST) for m in members]
+    order = list(fanout.in_order(found, ""))
+    assert sorted(order) == sorted((m, LIST) for m in members)
+    assert [addresses.key(m) for m, _ in order] == sorted(addresses.key(m) for m in members)
     if cut < len(order):
-        after = addresses.key(order[cut])
-        assert fanout.in_order(members, after) == order[cut + 1:]
-    # A member who joined meanwhile with a key before the mark is not sent this post.
-    assert fanout.in_order(members + ["zzzz@late.example"], addresses.key(order[-1]) if order else "") in (
-        [], ["zzzz@late.example"])
+        after = addresses.key(order[cut][0])
+        assert fanout.in_order(list(found), after) == order[cut + 1:]
+    # Members who joined meanwhile are sent the post only if they sort after the mark.
+    last = addresses.key(order[-1][0]) if order else ""
+    late = [("zzzz@late.example", LIST), ("0000@early.example", LIST)]
+    assert [m for m, _ in fanout.in_order(found + late, last)] == sorted(
+        (m for m, _ in late if addresses.key(m) > last), key=addresses.key)
 
 
 def test_the_queued_post_loses_what_delivery_added_and_keeps_folds():

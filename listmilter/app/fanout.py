@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from listmilter.app import dmarc_lookup, reinject
-from listmilter.core import addresses, dmarc, fanout, plan, verp
+from listmilter.core import dmarc, fanout, plan, verp
 from listmilter.core.errors import TemporaryError
 from listmilter.core.keys import Keyring
 from listmilter.core.model import ACTIVE, MailingList
@@ -39,35 +39,35 @@ class Deferred(TemporaryError):
 
 # -- who gets a post, and their links (the milter's inline path uses these too) ---------------
 def post_members(store, list_address: str, personal: bool):
-    """([(member, the list it is on)], nested lists, {(list, member): added} when personal):
-    the list's active members, with those of lists on this server that are members of it."""
-    epochs: dict[tuple[str, str], float] = {}
+    """([(member, the list it is on)], nested lists, {list: {member: added}} when personal):
+    the list's active members, with those of lists on this server that are members of it.
+    Each list's Member records are dropped as soon as read: only address and `added` stay."""
+    epochs: dict[str, dict[str, float]] = {}
 
     def members_of(address: str) -> list[str]:
         if not personal:
             return store.recipients(address)
-        members = store.members(address)      # with `added`, for the links
-        epochs.update({(addresses.key(address), addresses.key(m.address)): m.added for m in members})
-        return [m.address for m in members if m.status == ACTIVE]
+        added = {m.address: m.added for m in store.members(address) if m.status == ACTIVE}
+        epochs[address] = added      # for the links
+        return list(added)
     list_of = plan.list_finder([m.address for m in store.all_lists()])
     found, nested = plan.nested_members(list_address, members_of, list_of)
     return found, nested, epochs
 
 
-def unsubscribe_urls(base_url: str | None, secret: Keyring, found_on: dict[str, str],
-                     epochs: dict[tuple[str, str], float]) -> Callable[[str], str]:
-    """Each member's one-click link names their membership (its `added`) of the list they are on
-    (for a member of a nested list: that list), so it leaves that list and dies when that
-    membership ends. "" for all without a base URL: the copy keeps the mailto: link."""
+def unsubscribe_links(base_url: str | None, secret: Keyring,
+                      epochs: dict[str, dict[str, float]]) -> Callable[[str, str], str]:
+    """link(member, list it is on): the member's one-click link, naming their membership (its
+    `added`) of the list they are on (for a member of a nested list: that list), so it leaves
+    that list and dies when that membership ends. "" without a base URL: the copy keeps the
+    mailto: link."""
     from listmilter.core.tokens import unsubscribe_token
 
-    def url(member: str) -> str:
+    def link(member: str, on: str) -> str:
         if not base_url:
             return ""
-        on = found_on[member]
-        added = epochs[(addresses.key(on), addresses.key(member))]
-        return f"{base_url}/u/{unsubscribe_token(secret, on, member, added)}"
-    return url
+        return f"{base_url}/u/{unsubscribe_token(secret, on, member, epochs[on][member])}"
+    return link
 
 
 # -- the queued post ----------------------------------------------------------------------
@@ -99,8 +99,7 @@ def _post_id(message_headers: list[tuple[str, str]], code: verp.Code) -> str:
     return code.post_id
 
 
-def deliver(config, store, secret: Keyring, mlist: MailingList, extension: str, sender: str,
-            data: bytes, headers: list[tuple[str, str]] | None = None) -> str:
+def deliver(config, store, secret: Keyring, mlist: MailingList, extension: str, sender: str, data: bytes) -> str:
     """Fan the post out (or go on with it); the status for the pipe's log line.
     Raises a TemporaryError when the post must stay queued."""
     now = time.time()
@@ -128,16 +127,17 @@ def _fan_out(config, store, secret: Keyring, mlist: MailingList, code: verp.Code
         return "fan-out already done"
     eff = config.list_settings(mlist.settings)
     ls = plan.effective_settings(mlist.address, eff)
+    # (member, list it is on), each once (plan.nested_members): a few hundred bytes a member.
     found, nested, epochs = post_members(store, mlist.address, True)
-    base_url = config.web.base_url if eff.one_click else None
-    url_for = unsubscribe_urls(base_url, secret, dict(found), epochs)
+    link = unsubscribe_links(config.web.base_url if eff.one_click else None, secret, epochs)
     verdict = _dmarc(config, ls, message_headers, post_id, sender)
-    template = plan.PersonalTemplate(ls, message_headers, body, post_id, secret, url_for, code.posted_at, verdict)
-    members = template.members([m for m, _ in found])
+    template = plan.PersonalTemplate(ls, message_headers, body, post_id, secret, lambda m: "", code.posted_at,
+                                     verdict)
+    members = len(found)
     first = record is None
     if record is None:
         record = fanout.Progress(mlist.address, post_id, code.posted_at, started=time.time())
-    todo = fanout.in_order(members, record.after)
+    todo = fanout.in_order(found, record.after)
     record = replace(record, members=record.sent + record.refused + len(todo), attempts=record.attempts + 1,
                      updated=time.time())
     fanout_records.write(config.state_dir, key, record)
@@ -145,7 +145,7 @@ def _fan_out(config, store, secret: Keyring, mlist: MailingList, code: verp.Code
         _archive(config, eff, ls, message_headers, body, post_id, code.posted_at, secret, verdict)
     host, port = _listener(config)
     started = time.monotonic()
-    _log(post_id, mlist.address, sender, "fan-out started" if first else "fan-out resumed", members=len(members),
+    _log(post_id, mlist.address, sender, "fan-out started" if first else "fan-out resumed", members=members,
          left=len(todo), nested=" ".join(f"<{a}>" for a in nested) or None, envid=template.envid,
          to=f"{host}:{port}", sessions=config.outgoing.sessions)
     for note in template.notes:
@@ -154,11 +154,11 @@ def _fan_out(config, store, secret: Keyring, mlist: MailingList, code: verp.Code
     try:
         for i in range(0, len(todo), BATCH):
             batch = todo[i:i + BATCH]
-            sent = pool.send(batch, template.copy, template.mail_options)
+            sent = pool.send(batch, lambda pair: template.copy(pair[0], link(*pair)), template.mail_options)
             for member, reply in sent.refused.items():
                 _log(post_id, mlist.address, sender, f"member refused ({reply})", logging.WARNING, to=f"<{member}>")
             _log_ids(post_id, mlist.address, sent.queued)
-            record = record.advanced(batch[-1], len(sent.queued), len(sent.refused), time.time())
+            record = record.advanced(batch[-1][0], len(sent.queued), len(sent.refused), time.time())
             fanout_records.write(config.state_dir, key, record)
     except TemporaryError as e:
         _log(post_id, mlist.address, sender, f"fan-out deferred ({e})", logging.WARNING, sent=record.sent,

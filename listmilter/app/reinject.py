@@ -23,6 +23,7 @@ import socket
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from listmilter.app.outgoing import UNKNOWN_ID, queue_id
 from listmilter.core.errors import TemporaryError
@@ -30,6 +31,7 @@ from listmilter.core.plan import Copy
 
 TIMEOUT = 300.0         # Postfix's smtpd waits as long for a client; a reply never takes longer
 MAX_REPLY = 64 * 1024
+T = TypeVar("T")
 
 
 class ReinjectError(TemporaryError):
@@ -178,8 +180,8 @@ class Pool:
         self.sessions: list[Session] = []
         self.executor = ThreadPoolExecutor(sessions, thread_name_prefix="fanout")
 
-    def send(self, members: list[str], make: Callable[[str], Copy], mail_options: tuple[str, ...]) -> Sent:
-        """Every member's copy, the members shared out among the sessions; returns when
+    def send(self, members: list[T], make: Callable[[T], Copy], mail_options: tuple[str, ...]) -> Sent:
+        """Every member's copy (`make` makes one), the members shared out among the sessions; returns when
         the MTA has answered for every copy (or raises ReinjectError)."""
         share = max(1, -(-len(members) // self.size))
         slices = [members[i:i + share] for i in range(0, len(members), share)]

@@ -101,7 +101,11 @@ def loads(data: bytes) -> Progress | None:
         return None
 
 
-def in_order(members: list[str], after: str) -> list[str]:
-    """The members still to do, in the order the record counts them (by address key)."""
-    keyed = sorted((addresses.key(m), m) for m in members)
-    return [m for k, m in keyed if k > after]
+def in_order(found: list[tuple[str, str]], after: str) -> list[tuple[str, str]]:
+    """The (member, list it is on) pairs still to do, in the order the record counts them (by
+    the member's address key). Sorts `found` in place: no second copy of a big list is made."""
+    found.sort(key=lambda pair: addresses.key(pair[0]))
+    start = 0
+    if after:
+        start = next((i for i, (m, _) in enumerate(found) if addresses.key(m) > after), len(found))
+    return found[start:]

@@ -557,8 +557,9 @@ class PersonalTemplate:
         """The members that get a copy: once each, never the list's own addresses."""
         return unique_members(self.ls.address, members)
 
-    def copy(self, member: str) -> Copy:
-        url = self.url_for(member)
+    def copy(self, member: str, url: str | None = None) -> Copy:
+        """One member's copy; `url` their one-click link ("" for none), else url_for's."""
+        url = self.url_for(member) if url is None else url
         mailto = f"<mailto:{self.unsubscribe_address}>"
         if url:
             personal = _header_bytes([("List-Unsubscribe", f"<{url}>, {mailto}"),

@@ -342,8 +342,10 @@ class ListMilter(Milter.Base):
                                     self._hold_at_end(ls.address))
             if self.personal:
                 one_click = self.config.list_settings(self._list(ls.address).settings).one_click
-                url_for = app_fanout.unsubscribe_urls(self.config.web.base_url if one_click else None,
-                                                      self.runtime.secret, dict(found), epochs)
+                link = app_fanout.unsubscribe_links(self.config.web.base_url if one_click else None,
+                                                    self.runtime.secret, epochs)
+                found_on = dict(found)
+                url_for = lambda member: link(member, found_on[member])  # noqa: E731
         inner = " ".join(f"<{a}>" for a in nested) or None
         owners = {r.list_address: self._owners(r.list_address) for r in split.owners}
         todo = plan.end_of_message(self.recipients, split, in_place, owners, self.headers,
