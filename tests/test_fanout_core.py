@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from listmilter.app.fanout import POST_ID_HEADER, queued_post
-from listmilter.app.reinject import stuffed
+from listmilter.app.reinject import Stuffer, stuffed
 from listmilter.core import addresses, config, fanout, plan
 from listmilter.core.config import ConfigError
 
@@ -89,10 +89,24 @@ def test_any_queued_post_splits_without_raising(data):
 def test_stuffed_data_never_holds_the_end_of_data_line(body):
     message = body.replace(b"\r", b"").replace(b"\n", b"\r\n")
     out = stuffed(message)
-    assert out.endswith(b"\r\n") and b"\r\n.\r\n" not in out and not out.startswith(b".\r\n")
+    assert (out == b"" or out.endswith(b"\r\n")) and b"\r\n.\r\n" not in out and not out.startswith(b".\r\n")
     # Undoing the stuffing gives the message back.
     undone = (b"\r\n" + out).replace(b"\r\n..", b"\r\n.")[2:]
-    assert undone == (message if message.endswith(b"\r\n") else message + b"\r\n")
+    assert undone == (message if not message or message.endswith(b"\r\n") else message + b"\r\n")
+
+
+@given(st.lists(st.sampled_from([b".", b"\r\n", b"..x", b"a", b"\n", b"." * 5000, b"\r\n." * 3000]),
+                max_size=12), st.data())
+def test_a_copy_stuffed_in_parts_is_the_message_stuffed_whole(pieces, data):
+    """Parts may begin mid-line (a footer inside a line): only a dot at a line's start doubles,
+    and a big part stuffed once from the cache is the same as stuffed afresh."""
+    shared = Stuffer()
+    for _ in range(2):      # the second time from the cache
+        cut = sorted(data.draw(st.lists(st.integers(0, len(b"".join(pieces))), max_size=5)))
+        whole = b"".join(pieces)
+        parts = tuple(whole[a:b] for a, b in zip([0, *cut], [*cut, len(whole)], strict=True))
+        assert b"".join(shared.parts(parts)) == stuffed(whole)
+        assert b"".join(shared.parts(tuple(pieces))) == stuffed(whole)
 
 
 def _load(tmp_path, text: str):

@@ -51,18 +51,50 @@ class Sent:
 
 def stuffed(message: bytes) -> bytes:
     """The message as DATA content: CRLF at the end, a dot doubled at each line start."""
-    if not message.endswith(b"\r\n"):
-        message += b"\r\n"
-    if message.startswith(b"."):
-        message = b"." + message
-    return message.replace(b"\r\n.", b"\r\n..")
+    return b"".join(Stuffer().parts((message,)))
+
+
+class Stuffer:
+    """DATA content from a copy's parts, a dot doubled at each line start (after any LF:
+    Postfix's smtpd ends a line at a bare LF too). A big part that every copy shares (the
+    post's header block and body, the stretches around a footer) is stuffed once per
+    fan-out, not once per copy: the sessions share this cache."""
+
+    BIG = 4096
+
+    def __init__(self) -> None:
+        self.cache: dict[tuple[int, bool], tuple[bytes, bytes]] = {}   # (id, at line start) -> (part, stuffed)
+
+    def _one(self, part: bytes, at_start: bool) -> bytes:
+        key = (id(part), at_start)
+        if len(part) >= self.BIG:
+            hit = self.cache.get(key)
+            if hit is not None and hit[0] is part:      # the object itself, not one reusing its id
+                return hit[1]
+        out = part.replace(b"\n.", b"\n..")
+        if at_start and out.startswith(b"."):
+            out = b"." + out
+        if len(part) >= self.BIG:
+            self.cache[key] = (part, out)
+        return out
+
+    def parts(self, parts: tuple[bytes, ...]) -> list[bytes]:
+        out, at_start = [], True
+        for part in parts:
+            if part:
+                out.append(self._one(part, at_start))
+                at_start = part.endswith(b"\n")
+        if not at_start:
+            out.append(b"\r\n")
+        return out
 
 
 class Session:
     """One SMTP session to the listener."""
 
-    def __init__(self, host: str, port: int, timeout: float = TIMEOUT):
+    def __init__(self, host: str, port: int, timeout: float = TIMEOUT, stuffer: Stuffer | None = None):
         self.where = f"{host}:{port}"
+        self.stuffer = stuffer or Stuffer()
         try:
             self.sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as e:
@@ -116,11 +148,11 @@ class Session:
                         f"RCPT TO:<{c.member}> {' '.join(c.rcpt_options)}\r\n".encode("utf-8", "surrogateescape"),
                         b"DATA\r\n"]
             if pending is not None:
-                data = stuffed(pending.message) + b".\r\n"
+                self._send_data(pending)
                 if self.pipelining:
-                    commands[0] = data + commands[0]
+                    commands[0] = b".\r\n" + commands[0]
                 else:
-                    self._send(data)
+                    self._send(b".\r\n")
                     self._end_of_data(pending, out)
             if self.pipelining:
                 self._send(b"".join(commands))
@@ -147,9 +179,25 @@ class Session:
             self._send(b"RSET\r\n")         # MAIL opened a transaction: close it for the next copy
             self._expect(self._reply(), 250, "RSET")
         if pending is not None:
-            self._send(stuffed(pending.message) + b".\r\n")
+            self._send_data(pending)
+            self._send(b".\r\n")
             self._end_of_data(pending, out)
         return out
+
+    def _send_data(self, c: Copy) -> None:
+        """The copy's content, part by part (never joined into one more copy of a big message)."""
+        parts = self.stuffer.parts(c.parts)
+        small = b""
+        for part in parts:
+            if len(part) < Stuffer.BIG:
+                small += part
+                continue
+            if small:
+                self._send(small)
+                small = b""
+            self._send(part)
+        if small:
+            self._send(small)
 
     def _end_of_data(self, c: Copy, out: Sent) -> None:
         code, text = self._reply()
@@ -178,6 +226,7 @@ class Pool:
     def __init__(self, host: str, port: int, sessions: int):
         self.host, self.port, self.size = host, port, sessions
         self.sessions: list[Session] = []
+        self.stuffer = Stuffer()
         self.executor = ThreadPoolExecutor(sessions, thread_name_prefix="fanout")
 
     def send(self, members: list[T], make: Callable[[T], Copy], mail_options: tuple[str, ...]) -> Sent:
@@ -186,7 +235,7 @@ class Pool:
         share = max(1, -(-len(members) // self.size))
         slices = [members[i:i + share] for i in range(0, len(members), share)]
         while len(self.sessions) < len(slices):
-            self.sessions.append(Session(self.host, self.port))
+            self.sessions.append(Session(self.host, self.port, stuffer=self.stuffer))
         futures = [self.executor.submit(session.send, (make(m) for m in part), mail_options)
                    for session, part in zip(self.sessions[:len(slices)], slices, strict=True)]
         out = Sent()

@@ -126,10 +126,16 @@ class Template:
 
 def render(tmpl: Template, body: bytes, template: str, values: Values) -> bytes:
     """The body with this member's footer (`body` itself when the template has no slot)."""
+    return b"".join(render_parts(tmpl, body, template, values))
+
+
+def render_parts(tmpl: Template, body: bytes, template: str, values: Values) -> tuple[bytes, ...]:
+    """`render` in pieces: the stretches that stay as they are are the template's own bytes
+    objects (the same for every member), the footer's bytes between them."""
     if tmpl.untouched:
-        return body
+        return (body,)
     text, markup = render_text(template, values), render_html(template, values)
-    return b"".join(p if isinstance(p, bytes) else _fill(p, markup if p.html else text) for p in tmpl.pieces)
+    return tuple(p if isinstance(p, bytes) else _fill(p, markup if p.html else text) for p in tmpl.pieces)
 
 
 def _fill(slot: Slot, footer: str) -> bytes:

@@ -519,7 +519,13 @@ class Copy:
     member: str
     rcpt_options: tuple[str, ...]       # NOTIFY=FAILURE ORCPT=rfc822;...
     sender: str                         # its VERP sender, or the plain bounces address
-    message: bytes
+    # The message in pieces: the post's header block and body are the same objects in every
+    # copy (written from one template, never copied per member); the member's own bytes between.
+    parts: tuple[bytes, ...]
+
+    @property
+    def message(self) -> bytes:
+        return b"".join(self.parts)
 
 
 class PersonalTemplate:
@@ -566,13 +572,13 @@ class PersonalTemplate:
                                       ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")])
         else:
             personal = _header_bytes([("List-Unsubscribe", mailto)])
-        own_body = footer.render(self.body_template, self.body, self.ls.footer, footer.Values(
+        own_body = footer.render_parts(self.body_template, self.body, self.ls.footer, footer.Values(
             url or f"mailto:{self.unsubscribe_address}", self.ls.address, member, self.ls.postal_address))
         verp_sender = verp.make(self.ls.address, member, self.post_id, self.posted_at, self.secret)
         if verp_sender is None:
             self.too_long.append(member)
         return Copy(member, ("NOTIFY=FAILURE", f"ORCPT=rfc822;{xtext(member)}"), verp_sender or self.sender,
-                    self.head + personal + b"\r\n" + own_body)
+                    (self.head, personal + b"\r\n", *own_body))
 
     def all_notes(self) -> tuple[str, ...]:
         """For the log: the footer's fate, and VERP fallbacks among the copies made so far."""
