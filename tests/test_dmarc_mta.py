@@ -57,7 +57,7 @@ def test_a_post_from_a_strict_or_unknown_domain_goes_out_from_the_list(bed, doma
     assert [a.addr_spec for a in msg["Reply-To"].addresses] == [poster]
     assert msg["X-Original-From"] == f"Alice Example <{poster}>"
     assert len(msg.get_all("From")) == 1 and msg["Subject"] == f"from {domain}"
-    log = bed.listmilter.log()
+    log = bed.deliver_log()
     if domain == "timeout.test":
         assert f"list=<{dev}>" in log and "DMARC policy unknown (_dmarc.timeout.test: DNS lookup failed" in log
     else:
@@ -137,7 +137,7 @@ def test_hostile_from_headers_are_mitigated_and_delivered(bed):
     for got in bed.sink.for_recipient(member):
         froms = [line for line in got.content.split(b"\r\n") if line.lower().startswith(b"from:")]
         assert len(froms) == 1 and froms[0].endswith(f"<{dev}>".encode()), got.content[:500]
-    log = bed.listmilter.log()
+    log = bed.deliver_log()
     assert "DMARC policy unknown (2 From headers)" in log and "DMARC policy unknown (From has no usable domain)" in log
 
 

@@ -72,7 +72,7 @@ def test_each_copy_has_its_own_footer_link_and_verp_sender_and_bounces_to_it_sco
         assert "1 Main St &amp; Co" in html and html.rstrip().endswith("</div>\r\n</body></html>")
         urls[member] = url
     assert urls[live] != urls[other]
-    assert "footer added (multipart/alternative)" in bed.listmilter.log()
+    assert "footer added (multipart/alternative)" in bed.deliver_log()
 
     # The DSN came to the dead member's VERP address and scored that member.
     to = re.search(r"deliver: to=<([^>]+)>", line).group(1)
@@ -131,4 +131,4 @@ def test_signed_mail_goes_without_a_footer_and_an_attachment_keeps_its_bytes(sbe
             text.get_content()
         assert pdf.get_content() == b"%PDF-1.4\n\xff\x00" and pdf.get_filename() == "r.pdf"
     assert f"list=<{lst}>, from=<carol@example.net>, status=no footer: multipart/signed (signed or encrypted " \
-           "mail is left untouched)" in bed.listmilter.log()
+           "mail is left untouched)" in bed.deliver_log()

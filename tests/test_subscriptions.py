@@ -151,7 +151,7 @@ def test_subscribe_by_mail_confirm_by_reply_then_one_click_unsubscribe(sbed, own
     url = one_click_url(got)
     assert url.startswith(f"{bed.web}/u/") and "new" not in url and "example.net" not in url
     assert url != one_click_url(old)
-    assert "fanned out (personal copies)" in bed.listmilter.log()
+    assert "fanned out (personal copies)" in bed.deliver_log()
 
     # 4. GET (a link scanner) shows a button and unsubscribes nobody.
     status, body = http(url)
@@ -332,7 +332,7 @@ def test_personal_copies_skip_refused_members_and_one_click_off_stays_in_place(s
     bed.settle()
     assert sorted(bed.sink.recipients()) == ["p1@example.net", "p2@example.com"]
     assert all(len(m.rcpt_tos) == 1 for m in bed.sink.messages)
-    assert "member refused (550" in bed.listmilter.log() and "to=<nosuchuser@example.org>" in bed.listmilter.log()
+    assert "member refused (550" in bed.deliver_log() and "to=<nosuchuser@example.org>" in bed.deliver_log()
     # one_click: false: one message for all, in place, with the mailto: link only.
     bed.sink.clear()
     lst = bed.new_list(["q1@example.net", "q2@example.com"], posting="open", one_click="false")

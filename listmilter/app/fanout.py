@@ -1,10 +1,11 @@
 """A personal post's fan-out: its copies, from the MTA's queue, into the re-injection listener.
 
 `listmilter deliver` gets the queued post for `<list>-fanout+CODE@` (core/fanout.py)
-and serve runs `deliver` below. The post stays in the MTA's queue until this
-returns 0, so every failure a retry can fix (the store, the listener, serve
-killed) raises a TemporaryError: `deliver` exits 75 and the MTA tries again
-later, and the fan-out goes on from its progress record.
+and runs `deliver` below in its own process (mta/handoff.py says why not in serve).
+The post stays in the MTA's queue until this returns 0, so every failure a retry
+can fix (the store, the listener) raises a TemporaryError: `deliver` exits 75
+(or is killed) and the MTA tries again later, and the fan-out goes on from its
+progress record.
 
 Members are sent in address-key order, BATCH at a time shared among the
 sessions (app/reinject.py); the record moves on once the MTA has answered for

@@ -52,6 +52,7 @@ STATUS_MAGIC = b"listmilter-status/1"
 MAX_HEADER = 10000
 MAX_MESSAGE = 1 << 30
 CONNECT_TIMEOUT = 2.0
+FANOUT_MARK = "-fanout+"   # core/fanout.py's address, <list>-fanout+CODE@ (not imported: start-up time)
 GO_TIMEOUT = 10.0          # serve answers "go" at once unless wedged; then work alone
 ANSWER_TIMEOUT = 600.0     # outgoing mail and a busy database each have their own, shorter limits
 
@@ -129,6 +130,11 @@ def deliver(argv: list[str]) -> int | None:
     if parsed is None:
         return None
     config, recipient, sender = parsed
+    if FANOUT_MARK in recipient.lower():
+        # A post's fan-out (core/fanout.py) runs in this process, not in serve: its memory goes
+        # back to the system when it ends, and a restart of serve does not cut it short.
+        why_alone = "a fan-out runs in the pipe's own process"
+        return None
     config_path, _ = paths.path_from_environment(config)
     socket_path = os.path.join(state_dir_of(config_path), SOCKET_NAME)
     header = b"\0".join([MAGIC, _encode(os.path.abspath(config_path)), _encode(recipient)]
