@@ -160,26 +160,19 @@ class ListMilter(Milter.Base):
         self.client = f"{name}[{ip}]"
         return Milter.CONTINUE
 
-    # No reply to MAIL FROM: on an MX most mail is no list mail, and each reply is a
-    # round trip the MTA waits for (bench/run_nonlist.py). What could refuse it here
-    # (stopping, no config) answers the first RCPT TO instead, as 451 all the same.
-    @Milter.noreply
     def envfrom(self, mailfrom, *params):
-        self._end()         # a message the MTA gave up on without telling (no abort)
         self._reset()
         self.sender = addresses.strip_brackets(mailfrom)
+        if not self._begin():
+            return self._tempfail("shutting down")
+        try:
+            self.config, self.store = self.runtime.current()
+        except Exception:
+            logger.exception("NOQUEUE: cannot load config or store")
+            return self._tempfail("configuration unavailable")
         return Milter.CONTINUE
 
     def envrcpt(self, to, *params):
-        if not self.in_message:         # the message's first recipient
-            if not self._begin():
-                return self._tempfail("shutting down")
-            try:
-                self.config, self.store = self.runtime.current()
-            except Exception:
-                self._end()
-                logger.exception("NOQUEUE: cannot load config or store")
-                return self._tempfail("configuration unavailable")
         address = addresses.strip_brackets(to)
         try:
             recipient = self._classify(to, address)
