@@ -138,3 +138,37 @@ def test_with_a_listener_the_plan_for_a_personal_post_only_swaps_its_recipients(
     (edits,) = todo.edits
     assert edits.del_rcpts == ["<dev@example.org>"] and edits.add_rcpts == [(to, None)]
     assert edits.sender is None and not edits.add_headers and not edits.change_headers
+
+
+@pytest.mark.mta       # starts a server (the sink), though no MTA
+def test_pipelined_sessions_send_each_copy_whole_and_skip_what_the_server_refuses():
+    """app/reinject.py against a real SMTP server (the test sink, aiosmtpd), no MTA: copies
+    shared among 3 pipelined sessions arrive byte for byte, a dot at a line start survives,
+    a 550 at RCPT is reported and the session goes on, and an address that would inject
+    a command is never sent."""
+    from listmilter.app.reinject import Pool
+    from listmilter.core.plan import Copy
+    from tests.bed.sink import Sink
+
+    big = b"line\r\n" * 2000 + b".starts with a dot\r\n"       # a shared part past Stuffer.BIG
+    head = b"Subject: t\r\n"
+    members = [f"r{i}@example.net" for i in range(20)] + ["bad\r\nRSET@example.net"]
+
+    def make(member: str) -> Copy:
+        return Copy(member, ("NOTIFY=FAILURE",), "dev-bounces@example.org",
+                    (head, f"X-Member: {member}\r\n\r\n".encode(), big, b".footer " + member.encode() + b"\r\n"))
+    with Sink() as sink:
+        sink.replies["r3@example.net"] = "550 5.1.1 no such user"
+        pool = Pool("127.0.0.1", sink.port, 3)
+        try:
+            sent = pool.send(members, make, ("RET=HDRS",))
+        finally:
+            pool.close()
+        assert sorted(sent.refused) == ["bad\r\nRSET@example.net", "r3@example.net"]
+        assert sent.refused["r3@example.net"].startswith("550 5.1.1")
+        assert len(sent.queued) == 19
+        got = {m.rcpt_tos[0]: m for m in sink.messages}
+        assert sorted(got) == sorted(m for m in members[:20] if m != "r3@example.net")
+        for member, m in got.items():
+            assert m.content.replace(b"\r\n", b"\n") == make(member).message.replace(b"\r\n", b"\n")
+            assert m.mail_from == "dev-bounces@example.org" and m.mail_options == ["RET=HDRS"]

@@ -19,6 +19,7 @@ What the MTA answers decides each copy:
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ from listmilter.core.plan import Copy
 TIMEOUT = 300.0         # Postfix's smtpd waits as long for a client; a reply never takes longer
 MAX_REPLY = 64 * 1024
 T = TypeVar("T")
+_UNSAFE = re.compile(r"[\x00-\x20\x7f<>]")
 
 
 class ReinjectError(TemporaryError):
@@ -144,6 +146,11 @@ class Session:
         pending: Copy | None = None
         options = (" " + " ".join(mail_options)) if mail_options else ""
         for c in copies:
+            if _UNSAFE.search(c.member) or _UNSAFE.search(c.sender):
+                # The stores accept only checked addresses; should one be bad anyway, it must not
+                # become a command of its own on this session.
+                out.refused[c.member] = "not an address listmilter can send to (control character or <>)"
+                continue
             commands = [f"MAIL FROM:<{c.sender}>{options}\r\n".encode("utf-8", "surrogateescape"),
                         f"RCPT TO:<{c.member}> {' '.join(c.rcpt_options)}\r\n".encode("utf-8", "surrogateescape"),
                         b"DATA\r\n"]
