@@ -232,3 +232,42 @@ def save(name: str, data: dict) -> Path:
     path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(data, indent=2))
     return path
+
+
+def stop_all(*stops) -> None:
+    """Call each stop (None: skipped), whatever the others do; a failure is only reported."""
+    for stop in stops:
+        if stop:
+            try:
+                stop()
+            except Exception as e:
+                print(f"warning: stopping: {e}", file=sys.stderr)
+
+
+def submit_post(port: int, list_address: str, content: bytes, timeout: float = 600.0) -> tuple[float, float, str]:
+    """One post over SMTP (content with CRLF line ends): (time of its final ".", seconds to the
+    250, the 250's text); RuntimeError for any other answer."""
+    data = re.sub(rb"(?m)^\.", b"..", content) + b"\r\n.\r\n"
+    s = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.net", timeout=timeout)
+    try:
+        s.ehlo()
+        s.mail("alice@example.net")
+        code, resp = s.rcpt(list_address)
+        if code != 250:
+            raise RuntimeError(f"RCPT: {code} {resp!r}")
+        code, resp = s.docmd("DATA")
+        if code != 354:
+            raise RuntimeError(f"DATA: {code} {resp!r}")
+        t0 = time.perf_counter()
+        s.send(data)
+        code, resp = s.getreply()
+        t_250 = time.perf_counter() - t0
+        try:
+            s.quit()
+        except smtplib.SMTPException:
+            pass
+    finally:
+        s.close()
+    if code != 250:
+        raise RuntimeError(f"post to {list_address} answered {code} {resp!r}")
+    return t0, t_250, resp.decode(errors="replace")

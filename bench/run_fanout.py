@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
-import smtplib
 import subprocess
 import sys
 import tempfile
@@ -31,7 +29,18 @@ import threading
 import time
 from pathlib import Path
 
-from common import BIG_LIMITS, MaillogTail, SmtpSink, machine, median, members, save, write_members
+from common import (
+    BIG_LIMITS,
+    MaillogTail,
+    SmtpSink,
+    machine,
+    median,
+    members,
+    save,
+    stop_all,
+    submit_post,
+    write_members,
+)
 
 from tests.bed.listmilter import ListmilterServer, cli
 from tests.bed.net import free_port
@@ -96,24 +105,7 @@ def wait_sent(tail: MaillogTail, n: int, t0: float, timeout: float) -> float:
 
 def post(port: int, list_address: str, n: int, size: int, postfix: Postfix, timeout: float) -> dict:
     tail = MaillogTail(postfix.dir / "maillog")
-    data = re.sub(rb"(?m)^\.", b"..", message(list_address, size)) + b"\r\n.\r\n"
-    s = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.net", timeout=600)
-    try:
-        s.ehlo()
-        s.mail("alice@example.net")
-        code, resp = s.rcpt(list_address)
-        if code != 250:
-            raise RuntimeError(f"RCPT: {code} {resp!r}")
-        s.docmd("DATA")
-        t0 = time.perf_counter()
-        s.send(data)
-        code, resp = s.getreply()
-        t_250 = time.perf_counter() - t0
-        s.quit()
-    finally:
-        s.close()
-    if code != 250:
-        raise RuntimeError(f"post to {list_address}: {code} {resp!r}")
+    t0, t_250, _ = submit_post(port, list_address, message(list_address, size), 600)
     return {"to_250": t_250, "to_last": wait_sent(tail, n, t0, timeout)}
 
 
@@ -203,12 +195,7 @@ def main() -> int:
                         time.sleep(1)
             memory.append({"members": n, "peak_rss_mib": round(peak.peak, 1)})
     finally:
-        for stop in ((postfix.stop if postfix else None), lm.stop, sink.stop):
-            if stop:
-                try:
-                    stop()
-                except Exception as e:
-                    print(f"warning: stopping: {e}", file=sys.stderr)
+        stop_all(postfix.stop if postfix else None, lm.stop, sink.stop)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BenchPostfix, MaillogTail, SmtpSink, machine, save
+from common import BenchPostfix, MaillogTail, SmtpSink, machine, save, stop_all
 
 from tests.bed.listmilter import ListmilterServer, cli
 
@@ -78,12 +78,7 @@ def main() -> int:
             print(f"  round {r}: with listmilter {got['with']:7.0f}/s, without {got['without']:7.0f}/s, "
                   f"ratio {got['ratio']:.2f}", flush=True)
     finally:
-        for stop in ((postfix.stop if postfix else None), lm.stop, sink.stop):
-            if stop:
-                try:
-                    stop()
-                except Exception as e:
-                    print(f"warning: stopping: {e}", file=sys.stderr)
+        stop_all(postfix.stop if postfix else None, lm.stop, sink.stop)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     ratio = statistics.median(r["ratio"] for r in rounds)

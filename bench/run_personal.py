@@ -15,9 +15,7 @@ the 250 reply (every personal copy is queued by then) and to the N-th
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
-import smtplib
 import sys
 import tempfile
 import time
@@ -33,6 +31,8 @@ from common import (
     message,
     rss,
     save,
+    stop_all,
+    submit_post,
     wait_queue_empty,
     write_members,
 )
@@ -43,25 +43,8 @@ from tests.bed.postfix import Postfix
 
 def post(port: int, list_address: str, n: int, tail: MaillogTail, timeout: float = 1200.0) -> dict:
     """One post; seconds to the 250 and to the n-th delivery logged after it (any queue id)."""
-    data = re.sub(rb"(?m)^\.", b"..", message(list_address, n)) + b"\r\n.\r\n"
     before = sum(tail.sent.values())
-    s = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.net", timeout=timeout)
-    try:
-        s.ehlo()
-        s.mail("alice@example.net")
-        code, resp = s.rcpt(list_address)
-        if code != 250:
-            raise RuntimeError(f"RCPT: {code} {resp!r}")
-        s.docmd("DATA")
-        t0 = time.perf_counter()
-        s.send(data)
-        code, resp = s.getreply()
-        t_250 = time.perf_counter() - t0
-        s.quit()
-    finally:
-        s.close()
-    if code != 250:
-        raise RuntimeError(f"post to {list_address} answered {code} {resp!r}")
+    t0, t_250, _ = submit_post(port, list_address, message(list_address, n), timeout)
     deadline = time.monotonic() + timeout
     while True:
         tail.poll()
@@ -120,12 +103,7 @@ def main() -> int:
                           f"{res['to_last_delivery']:8.3f} s", flush=True)
                     time.sleep(1)
     finally:
-        for stop in ((postfix.stop if postfix else None), lm.stop, sink.stop):
-            if stop:
-                try:
-                    stop()
-                except Exception as e:
-                    print(f"warning: stopping: {e}", file=sys.stderr)
+        stop_all(postfix.stop if postfix else None, lm.stop, sink.stop)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 

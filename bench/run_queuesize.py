@@ -29,6 +29,7 @@ from common import (
     machine,
     message,  # noqa: E402
     save,
+    stop_all,
     write_members,
 )
 
@@ -90,12 +91,7 @@ def main() -> int:
                 print(f"  N={n:<6} len={length:<3} queue file {size:>9} bytes "
                       f"({size / n:7.1f} per recipient); check.py estimate {estimate:>9}", flush=True)
     finally:
-        for stop in ((postfix.stop if postfix else None), lm.stop, sink.stop):
-            if stop:
-                try:
-                    stop()
-                except Exception as e:
-                    print(f"warning: stopping: {e}", file=sys.stderr)
+        stop_all(postfix.stop if postfix else None, lm.stop, sink.stop)
         shutil.rmtree(work, ignore_errors=True)
 
     # Per-recipient slope for each length, then a + b * len across lengths.
