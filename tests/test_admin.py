@@ -33,11 +33,11 @@ def doc_block(path: Path, after: str) -> list[str]:
 def _trace(bed, queue_id: str) -> subprocess.CompletedProcess:
     """`listmilter trace` over Postfix's log and listmilter's own (the bed keeps them apart)."""
     return cli(bed.listmilter.config_path, "trace", queue_id, "--log", str(bed.postfix.dir / "maillog"),
-               "--log", str(bed.listmilter.log_path), check=False)
+               "--log", str(bed.listmilter.log_path), "--log", str(bed.postfix.pipe_log), check=False)
 
 
 def _lines(bed, pattern: str) -> list[str]:
-    return [line for line in bed.listmilter.log().splitlines() if re.search(pattern, line)]
+    return [line for line in bed.deliver_log().splitlines() if re.search(pattern, line)]
 
 
 def _queue_id(line: str) -> str:
@@ -98,13 +98,15 @@ def test_personal_copies_are_linked_to_the_post_and_their_bounce_too(clean_bed):
     post = _queue_id(copies)
     ids = copies.rpartition("queued_as=")[2].split()
     assert len(ids) == 3 and post not in ids
-    # The original was discarded after its copies were queued: that is Postfix's milter-discard.
-    assert re.search(rf"{post}: milter-discard: END-OF-MESSAGE", bed.postfix.log())
+    # The post waited in the queue for its fan-out address, and went to the pipe once its copies were queued.
+    assert re.search(rf"{post}: to=<[^>]*-fanout\+[0-9a-z-]+@example.org>.*relay=listmilter.*status=sent",
+                     bed.postfix.log())
     proc = _trace(bed, ids[-1])
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert f"post {post}: " in out and "deliveries: 1 bounced, 2 sent" in out, out
-    assert "milter-discard" in out and "sender non-delivery notification" in out
+    # Sent: the two copies, and the post itself to its fan-out address (the pipe).
+    assert f"post {post}: " in out and "deliveries: 1 bounced, 3 sent" in out, out
+    assert "status=fanned out (personal copies)" in out and "sender non-delivery notification" in out
     # The DSN came to pcdead@'s own VERP sender, <list>-bounces+CODE@ (docs/bounces.md).
     assert re.search(r"deliver: to=<[^>]*-bounces\+[0-9a-z-]+@example.org>.*"
                      r"verp dsn: <pcdead@example.net> 5.1.1 scored", out), out

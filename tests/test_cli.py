@@ -226,8 +226,11 @@ def test_shipped_example_config_gives_exactly_the_built_in_behaviour(tmp_path):
     full = config.parse(uncommented, "uncommented")
     built_in = config.Config()
     for name in ("milter_socket", "socketmap_socket", "transport", "backend", "store_path", "state_dir",
-                 "outgoing", "log_facility"):
+                 "log_facility"):
         assert getattr(full, name) == getattr(built_in, name), name
+    # outgoing.reinject is an example (no listener is there by default); the rest are the defaults.
+    assert full.outgoing.reinject == "127.0.0.1:10025"
+    assert dataclasses.replace(full.outgoing, reinject_host=None, reinject_port=0) == built_in.outgoing
     for name in ("posting", "subscribe_policy", "archive"):
         assert full.effective(name, {}).value == built_in.effective(name, {}).value, name
     assert full.web.base_url and full.site_admin == "postmaster@example.org"

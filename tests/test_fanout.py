@@ -63,6 +63,8 @@ def test_the_poster_is_answered_at_once_and_each_member_gets_one_copy_of_their_o
         assert copy.message["List-Id"] and copy.message["Subject"] == "fan out one"
         senders.add(copy.mail_from)
     assert len(senders) == len(who)
+    # Everything the fan-out needs is installed where `deliver` runs (the DMARC lookup's PSL too).
+    assert "DMARC lookup failed" not in bed.deliver_log() and "Traceback" not in bed.deliver_log()
     log = bed.deliver_log()
     # The milter queued it for the fan-out under the queue id the poster was given; the copies' queue ids follow.
     assert f"{queue_id}: list=<{lst}>, from=<carol@example.net>, client=" in log

@@ -25,6 +25,7 @@ adopts them unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -163,7 +164,10 @@ class Database:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o750, exist_ok=True)
             if self.create and not os.path.exists(self.path):
                 # 0640 made here: SQLite gives its -wal and -shm files the database file's mode.
-                statedir.create_private(self.path)
+                # A folder this user may not write: SQLite's own error below, in the words
+                # troubleshooting.md gives.
+                with contextlib.suppress(PermissionError):
+                    statedir.create_private(self.path)
             conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
                                    check_same_thread=False)
         except (OSError, sqlite3.Error) as e:

@@ -27,8 +27,10 @@ PIPE_GROUP = "nogroup"
 # (cryptography's compiled parts need cffi's backend module; without the copy the
 # system's own python3-cryptography would be used, not the version pip installs.)
 # psycopg (with its C part and pool) for store.dsn.
+# pyproject's dependencies (and the postgresql extra) that `deliver` imports, by import name.
 _PIPE_PACKAGES = ("listmilter", "yaml", "flufl", "public", "dns", "waitress", "cryptography", "cffi",
-                  "_cffi_backend", "psycopg", "psycopg_c", "psycopg_pool", "typing_extensions.py")
+                  "_cffi_backend", "psycopg", "psycopg_c", "psycopg_pool", "typing_extensions.py",
+                  "publicsuffixlist")
 _pipe_runtime: Path | None = None
 
 
