@@ -147,33 +147,7 @@ class MaillogTail:
 def post(port: int, list_address: str, n: int, tail: MaillogTail, timeout: float = 600.0) -> dict:
     """Send one post; return seconds from the end of DATA (the final dot) to the
     250 reply, and to the last of n `status=sent` lines for its queue id."""
-    content = message(list_address, n)      # CRLF line ends already
-    data = re.sub(rb"(?m)^\.", b"..", content) + b"\r\n.\r\n"
-    s = smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.net", timeout=timeout)
-    try:
-        s.ehlo()
-        code, resp = s.mail("alice@example.net")
-        if code != 250:
-            raise RuntimeError(f"MAIL: {code} {resp!r}")
-        code, resp = s.rcpt(list_address)
-        if code != 250:
-            raise RuntimeError(f"RCPT: {code} {resp!r}")
-        code, resp = s.docmd("DATA")
-        if code != 354:
-            raise RuntimeError(f"DATA: {code} {resp!r}")
-        t0 = time.perf_counter()
-        s.send(data)
-        code, resp = s.getreply()
-        t_250 = time.perf_counter() - t0
-        try:
-            s.quit()
-        except smtplib.SMTPException:
-            pass
-    finally:
-        s.close()
-    text = resp.decode(errors="replace")
-    if code != 250:
-        raise RuntimeError(f"post to {list_address} answered {code} {text}")
+    t0, t_250, text = submit_post(port, list_address, message(list_address, n), timeout)
     qid = text.rsplit(" ", 1)[-1]
     deadline = time.monotonic() + timeout
     while True:

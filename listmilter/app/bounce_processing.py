@@ -315,17 +315,5 @@ PERIOD = 3600.0
 
 def start_periodic(runtime, period: float = PERIOD, first: float = 60.0) -> threading.Thread:
     """`listmilter serve` runs `periodic` hourly (the first run a minute after start)."""
-    def loop() -> None:
-        delay = first
-        while True:
-            time.sleep(delay)
-            delay = period
-            try:
-                config, store = runtime.current()
-                for line in periodic(config, store):
-                    logger.info("bounce: periodic: %s", line)
-            except Exception as e:   # a busy store or MTA now is retried next hour
-                logger.error("warning: bounce: periodic run failed, will retry: %s", e)
-    thread = threading.Thread(target=loop, name="bounce-periodic", daemon=True)
-    thread.start()
-    return thread
+    from listmilter.app.runtime import every
+    return every(runtime, "bounce", period, first, periodic)

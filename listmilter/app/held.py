@@ -16,7 +16,6 @@ the default config directory (listmilter.mta.postfix_check).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import threading
@@ -233,23 +232,13 @@ PERIOD = 300.0
 def start_periodic(runtime, period: float = PERIOD, first: float = 60.0) -> threading.Thread:
     """`listmilter serve` runs `periodic` every few minutes (decisions taken by reply when
     the pipe transport could not tell the queue itself, and expiry)."""
+    from listmilter.app.runtime import every
     from listmilter.store import open_pending
 
-    def loop() -> None:
-        delay = first
-        while True:
-            time.sleep(delay)
-            delay = period
-            try:
-                config, store = runtime.current()
-                pending = open_pending(config)
-                try:
-                    for line in periodic(config, store, pending, queue_for(config)):
-                        logger.info("held: periodic: %s", line)
-                finally:
-                    pending.close()
-            except Exception as e:   # a busy store or MTA now is retried next time
-                logger.log(logging.ERROR, "warning: held: periodic run failed, will retry: %s", e)
-    thread = threading.Thread(target=loop, name="held-periodic", daemon=True)
-    thread.start()
-    return thread
+    def job(config, store):
+        pending = open_pending(config)
+        try:
+            yield from periodic(config, store, pending, queue_for(config))
+        finally:
+            pending.close()
+    return every(runtime, "held", period, first, job)

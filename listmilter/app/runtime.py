@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 
 from listmilter.core import config as config_mod
 from listmilter.log import logger, setup
@@ -114,3 +115,25 @@ class Runtime:
         logger.info("config reloaded from %s: backend=%s, lists=%d", self.path, new.backend,
                     len(store.all_lists()))
         return True
+
+
+def every(runtime: Runtime, name: str, period: float, first: float,
+          job: Callable[[config_mod.Config, Store], Iterable[str]]) -> threading.Thread:
+    """Run job(config, store) with the running config every `period` seconds, the first time
+    after `first`, in a thread of its own (serve's periodic work: bounces, held posts). Each
+    line it yields is logged as `NAME: periodic: LINE`; a failure (a busy store or MTA) is
+    logged and tried again next time."""
+    def loop() -> None:
+        delay = first
+        while True:
+            time.sleep(delay)
+            delay = period
+            try:
+                config, store = runtime.current()
+                for line in job(config, store):
+                    logger.info("%s: periodic: %s", name, line)
+            except Exception as e:
+                logger.error("warning: %s: periodic run failed, will retry: %s", name, e)
+    thread = threading.Thread(target=loop, name=f"{name}-periodic", daemon=True)
+    thread.start()
+    return thread
