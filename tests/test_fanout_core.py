@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from listmilter.app.fanout import POST_ID_HEADER, queued_post
-from listmilter.app.reinject import Stuffer, stuffed
+from listmilter.app.reinject import Stuffer
 from listmilter.core import addresses, config, fanout, plan
 from listmilter.core.config import ConfigError
 
@@ -73,16 +73,23 @@ def test_resuming_after_any_member_leaves_exactly_those_after_it(members, cut):
 def test_the_queued_post_loses_what_delivery_added_and_keeps_folds():
     data = (b"Return-Path: <carol@example.net>\n" + POST_ID_HEADER.encode() + b": 4Fx2Q1Z0D3\n"
             b"Subject: a folded\n\tsubject\nFrom: carol@example.net\n\nline\n.dot\n")
-    headers, body = queued_post(data)
+    headers, body, marks = queued_post(data)
     assert headers == [("Subject", "a folded\n\tsubject"), ("From", "carol@example.net")]
+    assert marks == ["4Fx2Q1Z0D3"]
     assert body == b"line\r\n.dot\r\n"
 
 
 @given(st.binary(max_size=500))
 def test_any_queued_post_splits_without_raising(data):
-    headers, body = queued_post(data)
+    headers, body, marks = queued_post(data)
     assert all(isinstance(n, str) and isinstance(v, str) for n, v in headers)
+    assert all(isinstance(m, str) for m in marks)
     assert b"\n" not in body.replace(b"\r\n", b"")
+
+
+def stuffed(message: bytes) -> bytes:
+    """A message as DATA content, stuffed whole (one part)."""
+    return b"".join(Stuffer().parts((message,)))
 
 
 @given(st.binary(max_size=300))

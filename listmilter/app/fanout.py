@@ -72,10 +72,11 @@ def unsubscribe_links(base_url: str | None, secret: Keyring,
 
 
 # -- the queued post ----------------------------------------------------------------------
-def queued_post(data: bytes) -> tuple[list[tuple[str, str]], bytes]:
-    """(header fields, body with CRLF line ends) of the post as the pipe gives it, without what
-    delivery added (a leading `From ` line, Return-Path) and without listmilter's own marker.
-    Folded fields keep their folds, as the milter sees them."""
+def queued_post(data: bytes) -> tuple[list[tuple[str, str]], bytes, list[str]]:
+    """(header fields, body with CRLF line ends, the values of listmilter's own POST_ID_HEADER)
+    of the post as the pipe gives it; the fields without what delivery added (a leading
+    `From ` line, Return-Path) and without that marker. Folded fields keep their folds, as
+    the milter sees them."""
     text = data.replace(b"\r\n", b"\n")
     if text.startswith(b"From "):
         text = text.partition(b"\n")[2]
@@ -87,17 +88,14 @@ def queued_post(data: bytes) -> tuple[list[tuple[str, str]], bytes]:
         elif ":" in line:
             name, _, value = line.partition(":")
             fields_.append((name, value.lstrip(" ")))
-    drop = {"return-path", POST_ID_HEADER.lower()}
-    kept = [(n, v) for n, v in fields_ if n.strip().lower() not in drop]
-    return kept, body.replace(b"\n", b"\r\n")
+    marks = [v.strip() for n, v in fields_ if n.strip().lower() == POST_ID_HEADER.lower()]
+    kept = [(n, v) for n, v in fields_ if n.strip().lower() not in ("return-path", POST_ID_HEADER.lower())]
+    return kept, body.replace(b"\n", b"\r\n"), marks
 
 
-def _post_id(message_headers: list[tuple[str, str]], code: verp.Code) -> str:
+def _post_id(marks: list[str], code: verp.Code) -> str:
     """The queue id the milter wrote down, when it is the code's (else the code's, lower-cased)."""
-    for name, value in message_headers:
-        if name.strip().lower() == POST_ID_HEADER.lower() and value.strip().lower() == code.post_id:
-            return value.strip()
-    return code.post_id
+    return next((m for m in marks if m.lower() == code.post_id), code.post_id)
 
 
 def deliver(config, store, secret: Keyring, mlist: MailingList, extension: str, sender: str, data: bytes) -> str:
@@ -120,8 +118,8 @@ def deliver(config, store, secret: Keyring, mlist: MailingList, extension: str, 
 
 def _fan_out(config, store, secret: Keyring, mlist: MailingList, code: verp.Code, key: str, sender: str,
              data: bytes) -> str:
-    message_headers, body = queued_post(data)
-    post_id = _post_id(plan.header_fields(data), code)
+    message_headers, body, marks = queued_post(data)
+    post_id = _post_id(marks, code)
     record = fanout_records.read(config.state_dir, key)
     if record is not None and record.done:
         _log(post_id, mlist.address, sender, "fan-out already done", sent=record.sent, refused=record.refused)
@@ -132,8 +130,7 @@ def _fan_out(config, store, secret: Keyring, mlist: MailingList, code: verp.Code
     found, nested, epochs = post_members(store, mlist.address, True)
     link = unsubscribe_links(config.web.base_url if eff.one_click else None, secret, epochs)
     verdict = _dmarc(config, ls, message_headers, post_id, sender)
-    template = plan.PersonalTemplate(ls, message_headers, body, post_id, secret, lambda m: "", code.posted_at,
-                                     verdict)
+    template = plan.PersonalTemplate(ls, message_headers, body, post_id, secret, code.posted_at, verdict)
     members = len(found)
     first = record is None
     if record is None:

@@ -52,16 +52,12 @@ class Sent:
         self.refused.update(other.refused)
 
 
-def stuffed(message: bytes) -> bytes:
-    """The message as DATA content: CRLF at the end, a dot doubled at each line start."""
-    return b"".join(Stuffer().parts((message,)))
-
-
 class Stuffer:
-    """DATA content from a copy's parts, a dot doubled at each line start (after any LF:
-    Postfix's smtpd ends a line at a bare LF too). A big part that every copy shares (the
-    post's header block and body, the stretches around a footer) is stuffed once per
-    fan-out, not once per copy: the sessions share this cache."""
+    """DATA content from a copy's parts: a dot doubled at each line start (after any LF:
+    Postfix's smtpd ends a line at a bare LF too), and CRLF at the end if the last part has
+    none. A big part that every copy shares (the post's header block and body, the
+    stretches around a footer) is stuffed once per fan-out, not once per copy: the
+    sessions share this cache."""
 
     BIG = 4096
 

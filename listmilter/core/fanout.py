@@ -8,10 +8,10 @@ replaces the post's list recipients with one address,
     <list-local>-fanout+CODE@domain       CODE = POSTID-TIME-MAC (core/verp.py's form)
 
 and the MTA answers the poster 250 as for any other message. The socketmap
-routes that address to the pipe transport, `listmilter deliver` hands the
-queued post to serve, and serve sends the copies (app/fanout.py). The post
-stays in the MTA's queue until serve says it is done: if serve dies, the MTA
-retries the pipe and the fan-out goes on from its progress record.
+routes that address to the pipe transport, and that `listmilter deliver`
+process sends the copies (app/fanout.py). The post stays in the MTA's queue
+until `deliver` says it is done: if it dies, the MTA retries the pipe and the
+fan-out goes on from its progress record.
 
 The MAC (a key of its own, "fanout") binds list, post id and time: an outsider
 who writes to `dev-fanout+...@` cannot make a post go to the members
@@ -25,6 +25,7 @@ or left meanwhile.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, replace
 
 from listmilter.core import addresses, verp
@@ -104,8 +105,7 @@ def loads(data: bytes) -> Progress | None:
 def in_order(found: list[tuple[str, str]], after: str) -> list[tuple[str, str]]:
     """The (member, list it is on) pairs still to do, in the order the record counts them (by
     the member's address key). Sorts `found` in place: no second copy of a big list is made."""
-    found.sort(key=lambda pair: addresses.key(pair[0]))
-    start = 0
-    if after:
-        start = next((i for i, (m, _) in enumerate(found) if addresses.key(m) > after), len(found))
-    return found[start:]
+    def key(pair: tuple[str, str]) -> str:
+        return addresses.key(pair[0])
+    found.sort(key=key)
+    return found[bisect.bisect_right(found, after, key=key):]

@@ -531,17 +531,15 @@ class Copy:
 class PersonalTemplate:
     """A post made ready once to be copied per member: the same edits as expand_list (with
     the DMARC rewrite the verdict asks for), plus, per copy, a personal List-Unsubscribe
-    (when url_for gives a URL; "" leaves the shared mailto: alone), the list's footer with
+    (the member's one-click URL; without one the shared mailto: alone), the list's footer with
     the member's values, and a VERP envelope sender naming member and post.
 
     The shared header block and the body (cut for the footer) are made here once; `copy`
     only fills in one member's values, so copies can be streamed one at a time."""
 
     def __init__(self, ls: ListSettings, message_headers: list[tuple[str, str]], body: bytes, post_id: str,
-                 secret: Keyring | bytes, url_for: Callable[[str], str], posted_at: float,
-                 verdict: dmarc.Verdict | None = None):
-        self.ls, self.body, self.post_id, self.secret = ls, body, post_id, secret
-        self.url_for, self.posted_at = url_for, posted_at
+                 secret: Keyring | bytes, posted_at: float, verdict: dmarc.Verdict | None = None):
+        self.ls, self.body, self.post_id, self.secret, self.posted_at = ls, body, post_id, secret, posted_at
         edits = expand_list(ls, [], [], message_headers, post_id, secret, posted_at, verdict)
         unsubscribe = {"list-unsubscribe", "list-unsubscribe-post"}
         edits.add_headers = [(n, v) for n, v in edits.add_headers if n.lower() not in unsubscribe]
@@ -559,13 +557,8 @@ class PersonalTemplate:
         # a list, as copies are made in several threads at once and append is atomic.
         self.too_long: list[str] = []
 
-    def members(self, members: list[str]) -> list[str]:
-        """The members that get a copy: once each, never the list's own addresses."""
-        return unique_members(self.ls.address, members)
-
-    def copy(self, member: str, url: str | None = None) -> Copy:
-        """One member's copy; `url` their one-click link ("" for none), else url_for's."""
-        url = self.url_for(member) if url is None else url
+    def copy(self, member: str, url: str) -> Copy:
+        """One member's copy; `url` their one-click link ("" for none)."""
         mailto = f"<mailto:{self.unsubscribe_address}>"
         if url:
             personal = _header_bytes([("List-Unsubscribe", f"<{url}>, {mailto}"),
@@ -594,8 +587,8 @@ def personal_copies(ls: ListSettings, members: list[str], message_headers: list[
                     posted_at: float, verdict: dmarc.Verdict | None = None) -> Copies:
     """Every member's copy at once (the inline path, without outgoing.reinject: the poster
     waits); the fan-out streams them from a PersonalTemplate instead."""
-    template = PersonalTemplate(ls, message_headers, body, post_id, secret, url_for, posted_at, verdict)
-    made = [template.copy(m) for m in template.members(members)]
+    template = PersonalTemplate(ls, message_headers, body, post_id, secret, posted_at, verdict)
+    made = [template.copy(m, url_for(m)) for m in unique_members(ls.address, members)]
     return Copies(template.sender, template.mail_options, template.envid,
                   [(c.member, c.rcpt_options, c.message) for c in made],
                   {c.member: c.sender for c in made if c.sender != template.sender}, template.all_notes())
