@@ -334,3 +334,15 @@ def test_the_documented_lines_parse():
     block = "\n".join(line[2:] for line in shipped.splitlines()
                       if line.startswith(("# dns:", "#   nameservers:")))
     assert config.parse(block).dns_nameservers == (("192.0.2.53", 53), ("192.0.2.54", 5353))
+
+
+def test_the_log_says_why_a_from_was_rewritten_and_nothing_when_it_was_not():
+    reject = dmarc.Verdict("reject", "p=reject for example.com")
+    none = dmarc.Verdict("none", "p=none for example.com")
+    failed = dmarc.Verdict(dmarc.UNKNOWN, "DMARC lookup failed (Timeout: 2 s)")
+    policies = ("reject", "quarantine")
+    assert dmarc.log_status(reject, "munge_from", policies) == "DMARC p=reject for example.com; From rewritten"
+    assert dmarc.log_status(none, "munge_from", policies) is None
+    assert dmarc.log_status(reject, "none", policies) is None
+    assert dmarc.log_status(failed, "munge_from", policies) == \
+        "DMARC policy unknown (DMARC lookup failed (Timeout: 2 s)); From rewritten to be safe"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Sequence
 
 import dns.exception
 import dns.message
@@ -150,3 +150,13 @@ def for_nameservers(nameservers: tuple[tuple[str, int], ...]) -> Lookup:
         if nameservers not in _lookups:
             _lookups[nameservers] = Lookup(nameservers)
         return _lookups[nameservers]
+
+
+def post_verdict(nameservers: tuple[tuple[str, int], ...],
+                 message_headers: Sequence[tuple[str, str]]) -> dmarc.Verdict:
+    """The policy of a post's From domain. Never raises: a lookup is never a reason to refuse,
+    hold up or lose a post, and a failure is the safe side (UNKNOWN: mitigate)."""
+    try:
+        return for_nameservers(nameservers).verdict(dmarc.poster(message_headers))
+    except Exception as e:
+        return dmarc.Verdict(dmarc.UNKNOWN, f"DMARC lookup failed ({e.__class__.__name__}: {e})")

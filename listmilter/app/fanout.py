@@ -194,16 +194,10 @@ def _dmarc(config, ls: plan.ListSettings, message_headers, post_id: str, sender:
     """The From domain's DMARC policy, looked up when the copies are made. Never raises."""
     if not ls.wants_dmarc():
         return None
-    who = dmarc.poster(message_headers)
-    try:
-        verdict = dmarc_lookup.for_nameservers(config.dns_nameservers).verdict(who)
-    except Exception as e:      # a lookup is never a reason to hold a post up
-        verdict = dmarc.Verdict(dmarc.UNKNOWN, f"DMARC lookup failed ({e.__class__.__name__}: {e})")
-    if verdict.policy == dmarc.UNKNOWN:
-        _log(post_id, ls.address, sender, f"DMARC policy unknown ({verdict.reason}); From rewritten to be safe",
-             logging.WARNING)
-    elif dmarc.mitigate(verdict, ls.dmarc_mitigation, ls.dmarc_policies):
-        _log(post_id, ls.address, sender, f"DMARC {verdict.reason}; From rewritten")
+    verdict = dmarc_lookup.post_verdict(config.dns_nameservers, message_headers)
+    status = dmarc.log_status(verdict, ls.dmarc_mitigation, ls.dmarc_policies)
+    if status:
+        _log(post_id, ls.address, sender, status, logging.WARNING if verdict.policy == dmarc.UNKNOWN else logging.INFO)
     return verdict
 
 

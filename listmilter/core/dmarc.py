@@ -107,6 +107,16 @@ def mitigate(verdict: Verdict, mitigation: str, policies: Sequence[str]) -> bool
     return verdict.policy == UNKNOWN or verdict.policy in policies
 
 
+def log_status(verdict: Verdict, mitigation: str, policies: Sequence[str]) -> str | None:
+    """What the log says of a post's DMARC verdict (None: nothing, its From stays); the
+    unknown policy is a warning (`verdict.policy == UNKNOWN`)."""
+    if verdict.policy == UNKNOWN:
+        return f"DMARC policy unknown ({verdict.reason}); From rewritten to be safe"
+    if mitigate(verdict, mitigation, policies):
+        return f"DMARC {verdict.reason}; From rewritten"
+    return None
+
+
 # -- the From field ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Poster:

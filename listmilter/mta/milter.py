@@ -453,18 +453,12 @@ class ListMilter(Milter.Base):
         if not ls.wants_dmarc():
             return None
         started = time.monotonic()
-        who = dmarc.poster(self.headers)
-        try:
-            verdict = dmarc_lookup.for_nameservers(self.config.dns_nameservers).verdict(who)
-        except Exception as e:      # a lookup is never a reason to refuse or lose a post
-            verdict = dmarc.Verdict(dmarc.UNKNOWN, f"DMARC lookup failed ({e.__class__.__name__}: {e})")
-        mitigated = dmarc.mitigate(verdict, ls.dmarc_mitigation, ls.dmarc_policies)
-        if verdict.policy == dmarc.UNKNOWN:
-            self._log(queue_id, f"DMARC policy unknown ({verdict.reason}); From rewritten to be safe",
-                      ls.address, level=logging.WARNING)
-        elif mitigated:
-            self._log(queue_id, f"DMARC {verdict.reason}; From rewritten", ls.address,
-                      seconds=f"{time.monotonic() - started:.3f}")
+        verdict = dmarc_lookup.post_verdict(self.config.dns_nameservers, self.headers)
+        status = dmarc.log_status(verdict, ls.dmarc_mitigation, ls.dmarc_policies)
+        if status and verdict.policy == dmarc.UNKNOWN:
+            self._log(queue_id, status, ls.address, level=logging.WARNING)
+        elif status:
+            self._log(queue_id, status, ls.address, seconds=f"{time.monotonic() - started:.3f}")
         self.verdict = verdict
         return verdict
 
