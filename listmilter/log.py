@@ -64,6 +64,20 @@ def fields(**kw) -> str:
     return ", ".join(parts)
 
 
+# Queue ids on one log line: a syslog line stays well under the 8 KB rsyslog keeps.
+IDS_PER_LINE = 100
+
+
+def log_queue_ids(queue_id: str, list_address: str, ids: list[str]) -> None:
+    """The queue ids of a post's copies (`listmilter trace` follows them), IDS_PER_LINE to
+    a line: `QUEUEID: list=<LIST>, copies=N[, part=K/M], queued_as=ID ID ...`."""
+    chunks = [ids[i:i + IDS_PER_LINE] for i in range(0, len(ids), IDS_PER_LINE)]
+    for n, chunk in enumerate(chunks, 1):
+        logger.info("%s: %s", queue_id, fields(
+            list=f"<{list_address}>", copies=len(ids),
+            part=f"{n}/{len(chunks)}" if len(chunks) > 1 else None, queued_as=" ".join(chunk)))
+
+
 class Formatter(logging.Formatter):
     """Every line escaped (see `escape`), whatever a caller put in it; a traceback,
     which only a bug writes, follows on lines of its own, each indented."""

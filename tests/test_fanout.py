@@ -69,7 +69,7 @@ def test_the_poster_is_answered_at_once_and_each_member_gets_one_copy_of_their_o
     # The milter queued it for the fan-out under the queue id the poster was given; the copies' queue ids follow.
     assert f"{queue_id}: list=<{lst}>, from=<carol@example.net>, client=" in log
     assert "status=queued for fan-out (personal copies)" in log
-    assert f"{queue_id}: list=<{lst}>, copies=100, queued_as=" in log
+    assert f"{queue_id}: list=<{lst}>, copies=300, part=1/3, queued_as=" in log
     (row,) = _posts(bed, lst)
     assert row[0] == queue_id and row[3:8] == ["done", "300", "0", "0", "1"], row
 

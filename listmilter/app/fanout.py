@@ -25,11 +25,10 @@ from listmilter.core import dmarc, fanout, plan, verp
 from listmilter.core.errors import TemporaryError
 from listmilter.core.keys import Keyring
 from listmilter.core.model import ACTIVE, MailingList
-from listmilter.log import fields, logger
+from listmilter.log import fields, log_queue_ids, logger
 from listmilter.store import archive, fanout_records
 
 BATCH = 500             # copies between two records: the bound on copies sent twice after a crash
-IDS_PER_LINE = 100      # queue ids on one log line: a syslog line stays well under rsyslog's 8 KB
 # The queue id the milter gave the post, for the log (the code carries it lower-cased).
 POST_ID_HEADER = "X-Listmilter-Post-Id"
 
@@ -155,7 +154,7 @@ def _fan_out(config, store, secret: Keyring, mlist: MailingList, code: verp.Code
             sent = pool.send(batch, lambda pair: template.copy(pair[0], link(*pair)), template.mail_options)
             for member, reply in sent.refused.items():
                 _log(post_id, mlist.address, sender, f"member refused ({reply})", logging.WARNING, to=f"<{member}>")
-            _log_ids(post_id, mlist.address, sent.queued)
+            log_queue_ids(post_id, mlist.address, sent.queued)
             record = record.advanced(batch[-1][0], len(sent.queued), len(sent.refused), time.time())
             fanout_records.write(config.state_dir, key, record)
     except TemporaryError as e:
@@ -212,9 +211,3 @@ def _archive(config, eff, ls, message_headers, body, post_id: str, posted_at: fl
     except Exception as e:      # a full disk, a folder of the wrong owner: the post goes all the same
         logger.log(logging.ERROR, "%s: %s", post_id, fields(
             list=f"<{ls.address}>", status=f"not archived ({e.__class__.__name__}: {e}); the post went out"))
-
-
-def _log_ids(post_id: str, list_address: str, ids: list[str]) -> None:
-    for i in range(0, len(ids), IDS_PER_LINE):
-        logger.info("%s: %s", post_id, fields(list=f"<{list_address}>", copies=len(ids[i:i + IDS_PER_LINE]),
-                                              queued_as=" ".join(ids[i:i + IDS_PER_LINE])))

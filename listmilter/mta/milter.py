@@ -23,7 +23,7 @@ from listmilter.app import fanout as app_fanout
 from listmilter.app.runtime import Runtime
 from listmilter.core import addresses, dmarc, fanout, moderation, plan, policy
 from listmilter.core.plan import DROPPED, LIST, OWNER, PLAIN, REFUSED, Recipient
-from listmilter.log import fields, logger
+from listmilter.log import fields, log_queue_ids, logger
 from listmilter.mta import killpoint
 from listmilter.store import StoreError, archive, open_pending
 
@@ -378,7 +378,7 @@ class ListMilter(Milter.Base):
                       members=len(copies.copies) - len(refused), nested=inner,
                       seconds=f"{time.monotonic() - started:.2f}", envid=copies.envid)
             assert split.in_place_list is not None     # personal copies are of the in-place list
-            self._log_copies(queue_id, split.in_place_list, queued)
+            log_queue_ids(queue_id, split.in_place_list, queued)
             self._archive(queue_id, split.in_place_list)
             # Only list recipients were left in this message: nothing more to deliver.
             return Milter.DISCARD
@@ -474,9 +474,6 @@ class ListMilter(Milter.Base):
             self._log(queue_id, f"not archived ({e.__class__.__name__}: {e}); the post went out",
                       list_address, level=logging.ERROR)
 
-    # Queue ids on one log line: a syslog line stays well under the 8 KB rsyslog keeps.
-    IDS_PER_LINE = 100
-
     def _log_resubmitted(self, queue_id: str, todo: plan.EndOfMessage, ids: list[str]) -> None:
         """The queue id each split-off copy and refusal notice got (`listmilter trace` follows them)."""
         queued = iter(ids)
@@ -486,14 +483,6 @@ class ListMilter(Milter.Base):
         for r in todo.refusals:
             self._log(queue_id, "refusal notice sent to the sender", r.list_address,
                       queued_as=next(queued, outgoing.UNKNOWN_ID))
-
-    def _log_copies(self, queue_id: str, list_address: str, ids: list[str]) -> None:
-        """Every queue id of a post's personal copies, IDS_PER_LINE to a line."""
-        chunks = [ids[i:i + self.IDS_PER_LINE] for i in range(0, len(ids), self.IDS_PER_LINE)]
-        for n, chunk in enumerate(chunks, 1):
-            logger.info("%s: %s", queue_id, fields(
-                list=f"<{list_address}>", copies=len(ids),
-                part=f"{n}/{len(chunks)}" if len(chunks) > 1 else None, queued_as=" ".join(chunk)))
 
     def _original_message(self) -> bytes:
         head = "".join(f"{n}: {v}\r\n" for n, v in self.headers).replace("\r\n", "\n").replace("\n", "\r\n")
