@@ -75,22 +75,26 @@ def run(path: str, explicit: bool) -> Report:
 
     personal = []       # (members, list) of the lists whose posts go one copy per member
     for mlist in lists:
-        if plan.personal(cfg.web.base_url, cfg.list_settings(mlist.settings)):
-            personal.append((len(store.recipients(mlist.address)), mlist.address))
+        eff = cfg.list_settings(mlist.settings)
+        is_personal = plan.personal(cfg.web.base_url, eff)
+        # Read once, and only when a check below needs them (a big list is a big read).
+        recipients = store.recipients(mlist.address) if is_personal or limit else []
+        if is_personal:
+            personal.append((len(recipients), mlist.address))
         for name, value in mlist.settings.items():
             try:
                 settings.parse(name, list(value) if isinstance(value, tuple) else value)
             except settings.SettingError as e:
                 report.errors.append(f"{mlist.origin}: list {mlist.address}: {name}: {e}")
-        folder = cfg.list_settings(mlist.settings).templates
+        folder = eff.templates
         if folder and not os.path.isdir(folder):
             report.warnings.append(f"{mlist.origin}: list {mlist.address}: templates folder {folder} "
                                    "does not exist; the shipped templates are used")
-        if not cfg.list_settings(mlist.settings).owners:
+        if not eff.owners:
             report.warnings.append(f"{mlist.origin}: list {mlist.address} has no owners; "
                                    f"mail to its -owner address goes to {cfg.site_admin}")
         if limit:
-            estimate = queue_file_estimate(store.recipients(mlist.address))
+            estimate = queue_file_estimate(recipients)
             if estimate > limit:
                 report.warnings.append(
                     f"list {mlist.address}: a post makes a Postfix queue file of about {estimate} bytes, "
