@@ -35,17 +35,24 @@ def _text(value: Any) -> str:
     return value
 
 
-def _addresses(value: Any) -> tuple[str, ...]:
+def _items(value: Any, what: str) -> list[str]:
+    """A list setting's items, stripped: a YAML list, or one string split at commas and blanks
+    (`list set`); SettingError "must be WHAT" for anything else."""
     if isinstance(value, str):
         value = [v for v in value.replace(",", " ").split() if v]
     if not isinstance(value, (list, tuple)):
-        raise SettingError(f"must be a list of addresses (got {value!r})")
-    out = []
+        raise SettingError(f"must be {what} (got {value!r})")
     for item in value:
         if not isinstance(item, str):
-            raise SettingError(f"must be a list of addresses (got {item!r})")
+            raise SettingError(f"must be {what} (got {item!r})")
+    return [item.strip() for item in value]
+
+
+def _addresses(value: Any) -> tuple[str, ...]:
+    out = []
+    for item in _items(value, "a list of addresses"):
         try:
-            out.append(addresses.check(item.strip()))
+            out.append(addresses.check(item))
         except addresses.AddressError as e:
             raise SettingError(str(e)) from None
     return tuple(out)
@@ -98,15 +105,8 @@ def _footer(value: Any) -> str:
 def _patterns(value: Any) -> tuple[str, ...]:
     """Addresses, or regular expressions written with a leading ^ (matched against the whole
     sender address, case-insensitively), as Mailman writes them in accept_these_nonmembers."""
-    if isinstance(value, str):
-        value = [v for v in value.replace(",", " ").split() if v]
-    if not isinstance(value, (list, tuple)):
-        raise SettingError(f"must be a list of addresses or ^regular expressions (got {value!r})")
     out = []
-    for item in value:
-        if not isinstance(item, str):
-            raise SettingError(f"must be a list of addresses or ^regular expressions (got {item!r})")
-        item = item.strip()
+    for item in _items(value, "a list of addresses or ^regular expressions"):
         if item.startswith("^"):
             try:
                 re.compile(item, re.IGNORECASE)
