@@ -8,6 +8,8 @@ docs/postfix.md wires it) as its milter, one with no milter. smtp-source sends -
 single-recipient messages to people (no list) with --sessions sessions into one listener, then
 the other, alternating which goes first per round. Messages a second from smtp-source's start
 to the last `status=sent` in the Postfix log; the ratio with/without per round, and its median.
+Beside it, the CPU serve used per message with it: a figure that other load on the machine
+does not change much, where the rates do.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BenchPostfix, MaillogTail, SmtpSink, machine, save, stop_all
+from common import BenchPostfix, MaillogTail, SmtpSink, cpu_seconds, machine, save, stop_all
+
+from tests.bed.net import free_port, wait_for_port
 
 from tests.bed.listmilter import ListmilterServer, cli
 
@@ -42,6 +46,9 @@ def run(port: int, n: int, sessions: int, postfix: BenchPostfix) -> float:
     return n / (time.perf_counter() - t0)
 
 
+KINDS = ("with", "bare", "without")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--messages", type=int, default=3000)
@@ -54,38 +61,54 @@ def main() -> int:
     workdir.chmod(0o755)
     sink = SmtpSink().start()
     lm = ListmilterServer(workdir / "listmilter", "sqlite")
+    bare_port = free_port()
+    bare = subprocess.Popen([sys.executable, str(Path(__file__).with_name("bare_milter.py")),
+                             f"inet:{bare_port}@127.0.0.1"])
     postfix = None
     rounds = []
     try:
+        wait_for_port(bare_port)
         cli(lm.config_path, "list", "create", "dev@example.org")
         lm.start()
         postfix = BenchPostfix(milter=None, sink_port=sink.port, config_path=lm.config_path,
                                socketmap=lm.socketmap_spec, workdir=workdir / "postfix",
-                               extra_listeners={"with": lm.milter_spec, "without": ""},
+                               extra_listeners={"with": lm.milter_spec, "bare": f"inet:127.0.0.1:{bare_port}",
+                                                "without": ""},
                                main_cf={"default_process_limit": "200"})
         postfix.start()
-        with_port, without_port = postfix.ports["with"], postfix.ports["without"]
-        run(with_port, 300, args.sessions, postfix)          # warm-up
-        run(without_port, 300, args.sessions, postfix)
+        pids = {"with": lm.proc.pid, "bare": bare.pid}
+        for kind in KINDS:                                   # warm-up
+            run(postfix.ports[kind], 300, args.sessions, postfix)
         for r in range(args.rounds):
-            order = ["with", "without"] if r % 2 == 0 else ["without", "with"]
+            order = KINDS[r % 3:] + KINDS[:r % 3]            # each kind goes first in turn
             got = {}
             for kind in order:
+                cpu = cpu_seconds(pids[kind]) if kind in pids else 0.0
                 got[kind] = run(postfix.ports[kind], args.messages, args.sessions, postfix)
+                if kind in pids:
+                    got[f"{kind}_cpu_us"] = (cpu_seconds(pids[kind]) - cpu) / args.messages * 1e6
                 time.sleep(1)
             got["ratio"] = got["with"] / got["without"]
+            got["bare_ratio"] = got["bare"] / got["without"]
             rounds.append(got)
-            print(f"  round {r}: with listmilter {got['with']:7.0f}/s, without {got['without']:7.0f}/s, "
-                  f"ratio {got['ratio']:.2f}", flush=True)
+            print(f"  round {r}: with listmilter {got['with']:5.0f}/s, with a bare pymilter {got['bare']:5.0f}/s, "
+                  f"without {got['without']:5.0f}/s; ratios {got['ratio']:.2f} and {got['bare_ratio']:.2f}; "
+                  f"milter CPU a message: listmilter {got['with_cpu_us']:.0f} us, bare {got['bare_cpu_us']:.0f} us",
+                  flush=True)
     finally:
-        stop_all(postfix.stop if postfix else None, lm.stop, sink.stop)
+        bare.terminate()
+        stop_all(postfix.stop if postfix else None, lm.stop, sink.stop, bare.wait)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    ratio = statistics.median(r["ratio"] for r in rounds)
-    print(f"\nmedian ratio with/without listmilter over {len(rounds)} rounds: {ratio:.2f} "
-          f"(with {statistics.median(r['with'] for r in rounds):.0f}/s, "
-          f"without {statistics.median(r['without'] for r in rounds):.0f}/s)")
-    out = save("nonlist", {"machine": machine(), "args": vars(args), "median_ratio": ratio, "rounds": rounds})
+
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in rounds)
+    print(f"\nmedian over {len(rounds)} rounds: with listmilter {median('with'):.0f}/s, with a bare pymilter "
+          f"{median('bare'):.0f}/s, without {median('without'):.0f}/s")
+    print(f"ratio with/without listmilter {median('ratio'):.2f}; bare pymilter/without {median('bare_ratio'):.2f}")
+    print(f"milter CPU a message: listmilter {median('with_cpu_us'):.0f} us, bare pymilter {median('bare_cpu_us'):.0f} us")
+    out = save("nonlist", {"machine": machine(), "args": vars(args), "median_ratio": median("ratio"),
+                           "median_bare_ratio": median("bare_ratio"), "rounds": rounds})
     print(f"wrote {out}")
     return 0
 
