@@ -71,6 +71,14 @@ def check_template(template: str) -> str:
     return template
 
 
+def fields_of(template: str) -> frozenset[str]:
+    """The placeholders a (checked) template uses."""
+    try:
+        return frozenset(name for _, name, _, _ in string.Formatter().parse(template) if name)
+    except ValueError:
+        return frozenset()
+
+
 @dataclass(frozen=True)
 class Values:
     """One member's values for the placeholders."""
