@@ -1,4 +1,6 @@
-"""The list footer, added to each personal copy of a post, MIME-aware.
+"""The list footer, added to a post, MIME-aware: to each personal copy with its member's
+values, or once, in the post itself, when it names nothing of a member's own
+(plan.footer_in_place; the milter's body replacement).
 
 A list's `footer` setting is a template with the placeholders in FIELDS
 (`{unsubscribe_url}`, `{list_address}`, `{member}`, `{postal_address}`;
