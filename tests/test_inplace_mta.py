@@ -11,6 +11,7 @@ import re
 import pytest
 
 from tests.bed.dns import dns_server
+from tests.bed.net import wait_until
 from tests.conftest import Bed, SendmailBed, _clean, _finish
 
 pytestmark = pytest.mark.mta
@@ -182,3 +183,35 @@ def test_sendmail_replaces_the_body_the_same_way(dns):
         passed = True
     finally:
         _finish(b, keep_files=not passed)
+
+
+def test_personal_copies_from_the_fan_out_are_wrapped_too(bed):
+    """With one-click links the copies are made by serve's fan-out from Postfix's queue: each
+    is wrapped around the post as it came, with its member's own link and footer after it."""
+    mark = len(bed.listmilter.log())
+    bed.listmilter.extra["web"] = {"base_url": "https://lists.example.org"}
+    bed.listmilter.write_config()
+    try:
+        wait_until(lambda: "config reloaded from" in bed.listmilter.log()[mark:], 10, what="the config reload")
+        members = ["wp1@example.net", "wp2@example.com"]
+        lst = bed.new_list(members, posting="open", name="dev", dmarc_mitigation="wrap_message",
+                           footer="Sent to {member}; leave: {unsubscribe_url}")
+        data = post(lst, "fanned", "text/plain; charset=utf-8", "Gr\u00fc\u00dfe, list.\r\n",
+                    sender="alice@reject.test", extra=SIGNATURE)
+        bed.smtp("alice@reject.test", [lst], data)
+        bed.sink.wait_for_recipients(2)
+        bed.settle()
+        for member in members:
+            (got,) = bed.sink.for_recipient(member)
+            msg = got.message
+            assert msg["From"].addresses[0].addr_spec == lst and msg["List-Unsubscribe"].startswith("<https://")
+            assert data in got.content
+            inner, own = msg.iter_parts()
+            assert inner.get_content_type() == "message/rfc822"
+            assert own.get_content().strip().startswith(f"Sent to {member}; leave: https://lists.example.org/u/")
+        assert "fanned out (personal copies)" in bed.deliver_log()
+    finally:
+        mark = len(bed.listmilter.log())
+        bed.listmilter.extra.pop("web")
+        bed.listmilter.write_config()
+        wait_until(lambda: "config reloaded from" in bed.listmilter.log()[mark:], 10, what="the config reload")
