@@ -71,6 +71,10 @@ class Ctx(_TestCtx):
         self._eom_only("chgfrom")
         self.edits.append(("chgfrom", sender, params))
 
+    def replacebody(self, chunk):
+        self._eom_only("replacebody")
+        self.edits.append(("replacebody", chunk))
+
     def progress(self):
         self.progress_calls += 1
 

@@ -382,7 +382,8 @@ def mworld(tmp_path, monkeypatch):
 def test_the_milter_expands_a_held_post_then_quarantines_it(mworld):
     w, tm = mworld
     lst = w.new_list("dev@example.org", ["m1@example.com", "m2@example.com"], nonmember_action="hold",
-                     owners=["boss@example.com"], footer="-- \nLeave: {unsubscribe_url}\n")
+                     owners=["boss@example.com"],
+                     footer="-- \nLeave: {unsubscribe_url}\nSent to {member}\n")      # {member}: personal copies
     s = tm.Session()
     assert s.send("out@example.net", [lst], tm.post(to=lst)) == tm.Milter.ACCEPT
     kinds = [e[0] for e in s.ctx.edits]

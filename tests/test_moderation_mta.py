@@ -208,7 +208,7 @@ def test_a_held_post_to_a_list_with_a_footer_goes_out_once_approved(bed, owner):
     """A list that sends one copy per member (its footer) holds the post expanded in place: once
     approved, each member gets it once (as one copy for all; docs/moderation.md, "Limits")."""
     members = ["m-foot1@example.com", "m-foot2@example.com"]
-    lst = new_list(bed, owner, members, footer="-- \nLeave: {unsubscribe_url}\n")
+    lst = new_list(bed, owner, members, footer="-- \nLeave: {unsubscribe_url}\nSent to {member}\n")
     queue_id, _ = post_held(bed, lst, owner, "to a footer list")
     assert not any(bed.sink.for_recipient(m) for m in members)
     assert held_cli(bed, "approve", queue_id).stdout == f"{queue_id}: approved, released\n"

@@ -118,7 +118,7 @@ def _check_web(cfg, report: Report) -> None:
     if web.base_url:
         report.notes.append(f"web: base_url={web.base_url}, listen={web.listen or '(not here)'}: posts go out "
                             "as one copy per member with a one-click List-Unsubscribe (lists with one_click: true, "
-                            "or a footer)")
+                            "or a footer with {member})")
         if web.base_url.startswith("http://"):
             report.warnings.append(f"web.base_url {web.base_url} is not https: mail providers expect "
                                    "https one-click unsubscribe URLs (RFC 8058)")
@@ -127,7 +127,7 @@ def _check_web(cfg, report: Report) -> None:
                                    "one sendmail process; use outgoing.smtp for lists of any size")
     else:
         report.notes.append("web: no base_url: posts carry only a mailto: List-Unsubscribe (lists with a "
-                            "footer: one copy per member, for the footer), confirmation mails have no link")
+                            "footer naming {member}: one copy per member), confirmation mails have no link")
         if web.listen:
             report.warnings.append(f"web.listen {web.listen} without web.base_url: no mail will link to it")
 

@@ -4,7 +4,9 @@ A list post keeps the poster's From but goes out from the list's server, so
 a receiver that enforces the poster's DMARC policy (RFC 7489) rejects or
 quarantines it, and bounce processing then scores innocent members. For
 such posts the From becomes the list's own address ("Alice via dev"), as
-Mailman 3's munge_from does. Everything here is pure: the DNS lookup is
+Mailman 3's munge_from does; or (wrap_message, as Mailman 3's) the post goes
+out as a message of the list's own with the original attached whole, so the
+poster's DKIM signature still verifies inside it. Everything here is pure: the DNS lookup is
 listmilter.app.dmarc_lookup; the milter applies the header edits plan makes.
 Nothing here raises on hostile headers: what cannot be understood is the
 safe side (mitigate), with a reason the edge logs.
@@ -20,6 +22,7 @@ from typing import Sequence
 from listmilter.core import headers
 
 POLICIES = ("none", "quarantine", "reject")
+MUNGE_FROM, WRAP_MESSAGE, NO_MITIGATION = "munge_from", "wrap_message", "none"     # dmarc_mitigation
 NO_POLICY = ""              # no DMARC record (or none that parses): nothing to mitigate
 UNKNOWN = "unknown"         # the lookup failed (timeout, SERVFAIL) or the From has no domain: mitigate
 ORIGINAL_FROM = "X-Original-From"
@@ -102,7 +105,7 @@ def choose(domain: str, org_domain: str, domain_txts: Sequence[str], org_txts: S
 
 def mitigate(verdict: Verdict, mitigation: str, policies: Sequence[str]) -> bool:
     """Rewrite this post's From? A failed lookup is the safe side: yes."""
-    if mitigation == "none":
+    if mitigation == NO_MITIGATION:
         return False
     return verdict.policy == UNKNOWN or verdict.policy in policies
 
@@ -110,10 +113,11 @@ def mitigate(verdict: Verdict, mitigation: str, policies: Sequence[str]) -> bool
 def log_status(verdict: Verdict, mitigation: str, policies: Sequence[str]) -> str | None:
     """What the log says of a post's DMARC verdict (None: nothing, its From stays); the
     unknown policy is a warning (`verdict.policy == UNKNOWN`)."""
-    if verdict.policy == UNKNOWN:
-        return f"DMARC policy unknown ({verdict.reason}); From rewritten to be safe"
+    done = "post wrapped" if mitigation == WRAP_MESSAGE else "From rewritten"
+    if verdict.policy == UNKNOWN and mitigation != NO_MITIGATION:
+        return f"DMARC policy unknown ({verdict.reason}); {done} to be safe"
     if mitigate(verdict, mitigation, policies):
-        return f"DMARC {verdict.reason}; From rewritten"
+        return f"DMARC {verdict.reason}; {done}"
     return None
 
 
@@ -218,3 +222,67 @@ def munge_from(message_headers: Sequence[tuple[str, str]], list_address: str, li
             change.append(("Reply-To", reply_to[0], f"{reply_to[1].rstrip().rstrip(',')}, {poster_value}"))
     delete.sort(key=lambda item: -item[1])
     return Munged(tuple(change), tuple(delete), tuple(add))
+
+
+# -- wrap_message ---------------------------------------------------------------------------
+# What the wrapper keeps of the post's own header (Mailman 3's KEEPERS, plus the trace and
+# the addressees a reply needs): everything else (Sender, DKIM-Signature, Content-*...) is
+# the original's, and stays in the attached original only. From and Reply-To are rewritten
+# (munge_from); the caller's own headers (`keep`, List-*) are the caller's business.
+WRAPPER_KEEPS = frozenset({"received", "date", "message-id", "in-reply-to", "references", "subject", "to", "cc",
+                           "precedence", "auto-submitted", "x-beenthere", "from", "reply-to"})
+
+
+@dataclass(frozen=True)
+class Wrapped:
+    """The wrapper's header edits (deletions by (name, 1-based index), additions) and its body."""
+    delete: tuple[tuple[str, int], ...]
+    add: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+def original_message(message_headers: Sequence[tuple[str, str]], body: bytes) -> bytes:
+    """The message as it came (header fields as the MTA passed them, CRLF line ends), for the attachment."""
+    head = "".join(f"{n}: {v}\r\n" for n, v in message_headers).replace("\r\n", "\n").replace("\n", "\r\n")
+    try:
+        data = head.encode("utf-8", "surrogateescape")      # 8-bit bytes as they came
+    except UnicodeEncodeError:      # a lone surrogate no bytes could have made: never from the MTA
+        data = head.encode("utf-8", "replace")
+    return data + b"\r\n" + body
+
+
+def wrap_message(message_headers: Sequence[tuple[str, str]], body: bytes, seed: str,
+                 keep: frozenset[str] = frozenset(), inner_drop: frozenset[str] = frozenset()) -> Wrapped:
+    """The post as a message/rfc822 part of a multipart/mixed wrapper (Mailman 3's wrap_message).
+
+    The attached original is the post byte for byte as it came (less the `inner_drop` fields,
+    listmilter's own markers), so a DKIM signature on it still verifies; the Message-ID stays
+    on the wrapper so replies thread as they do for every other post. `seed` (the post id)
+    makes the boundary, which is checked not to occur in the original."""
+    inner = original_message([(n, v) for n, v in message_headers if n.lower() not in inner_drop], body)
+    delete: list[tuple[str, int]] = []
+    counts: dict[str, int] = {}
+    for name, _ in message_headers:
+        lname = name.lower()
+        counts[lname] = counts.get(lname, 0) + 1
+        if lname in WRAPPER_KEEPS or lname in keep or lname.startswith("list-"):
+            continue
+        delete.append((name, counts[lname]))
+    delete.sort(key=lambda item: (item[0].lower(), -item[1]))
+    n = 0
+    while True:
+        boundary = f"=_listmilter.{_token(seed)}.{n}"
+        if ("--" + boundary).encode() not in inner:
+            break
+        n += 1
+    eight_bit = any(b > 127 for b in inner)
+    part = (f"--{boundary}\r\nContent-Type: message/rfc822\r\nContent-Disposition: inline\r\n"
+            + ("Content-Transfer-Encoding: 8bit\r\n" if eight_bit else "") + "\r\n").encode()
+    add = [("MIME-Version", "1.0"), ("Content-Type", f'multipart/mixed; boundary="{boundary}"')]
+    if eight_bit:
+        add.append(("Content-Transfer-Encoding", "8bit"))
+    return Wrapped(tuple(delete), tuple(add), part + inner + f"\r\n--{boundary}--\r\n".encode())
+
+
+def _token(seed: str) -> str:
+    return "".join(c for c in seed if c.isascii() and c.isalnum())[:40] or "post"

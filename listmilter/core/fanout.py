@@ -1,7 +1,7 @@
 """The fan-out address and the fan-out's progress record: a personal post waits in the MTA's queue.
 
-A post to a list delivered per member (a one-click link or a footer of each
-member's own, plan.personal) is not copied while the poster waits. When
+A post to a list delivered per member (a one-click link or a footer with
+each member's own values, plan.personal) is not copied while the poster waits. When
 `outgoing.reinject` names the MTA's listener without milters, the milter
 replaces the post's list recipients with one address,
 

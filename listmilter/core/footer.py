@@ -1,4 +1,6 @@
-"""The list footer, added to each personal copy of a post, MIME-aware.
+"""The list footer, added to a post, MIME-aware: to each personal copy with its member's
+values, or once, in the post itself, when it names nothing of a member's own
+(plan.footer_in_place; the milter's body replacement).
 
 A list's `footer` setting is a template with the placeholders in FIELDS
 (`{unsubscribe_url}`, `{list_address}`, `{member}`, `{postal_address}`;
@@ -69,6 +71,14 @@ def check_template(template: str) -> str:
         if spec or conversion:
             raise FooterError(f"placeholder {{{name}}} takes no format or conversion")
     return template
+
+
+def fields_of(template: str) -> frozenset[str]:
+    """The placeholders a (checked) template uses."""
+    try:
+        return frozenset(name for _, name, _, _ in string.Formatter().parse(template) if name)
+    except ValueError:
+        return frozenset()
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ unexpanded_at_pipe.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Callable, Iterator, Sequence, cast
 
@@ -100,6 +100,8 @@ class Edits:
     del_headers: list[tuple[str, int]] = field(default_factory=list)        # (name, 1-based index)
     change_headers: list[tuple[str, int, str]] = field(default_factory=list)
     add_headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes | None = None           # the new body (a shared footer, wrap_message); None: unchanged
+    notes: tuple[str, ...] = ()         # for the log: the footer's fate
 
 
 @dataclass(frozen=True)
@@ -126,10 +128,53 @@ def effective_settings(address: str, s: settings.ListSettings) -> ListSettings:
                         s.footer, s.postal_address, s.dmarc_mitigation, s.dmarc_policies, s.reply_to)
 
 
+def one_click_links(base_url: str | None, s: settings.ListSettings) -> bool:
+    """Does each member get a one-click unsubscribe link of their own (web.base_url and one_click)?"""
+    return bool(base_url) and s.one_click
+
+
+def footer_per_member(base_url: str | None, s: settings.ListSettings) -> bool:
+    """Does the list's footer need each member's own values: {member}, or {unsubscribe_url}
+    where every member has a one-click link of their own? Any other footer is the same for
+    all ({unsubscribe_url} is then the list's mailto: unsubscribe address) and goes in place."""
+    used = footer.fields_of(s.footer)
+    return "member" in used or ("unsubscribe_url" in used and one_click_links(base_url, s))
+
+
 def personal(base_url: str | None, s: settings.ListSettings) -> bool:
     """Does a post to a list with these settings go out as one copy per member? With a
-    one-click link to give (web.base_url and one_click), or a footer to fill in per member."""
-    return (bool(base_url) and s.one_click) or bool(s.footer)
+    one-click link to give, or a footer to fill in per member."""
+    return one_click_links(base_url, s) or footer_per_member(base_url, s)
+
+
+def footer_in_place(base_url: str | None, s: settings.ListSettings) -> bool:
+    """Is the list's footer added once, by the milter's body replacement, for all members?"""
+    return bool(s.footer) and not personal(base_url, s)
+
+
+def body_needed(ls: ListSettings, personal_post: bool) -> bool:
+    """Must the milter keep a post's body to edit it in place: a shared footer to add, or a
+    post that may be wrapped (wrap_message; known only once the From domain's policy is)?"""
+    return (bool(ls.footer) and not personal_post) or \
+        (ls.dmarc_mitigation == dmarc.WRAP_MESSAGE and ls.wants_dmarc())
+
+
+def shared_values(ls: ListSettings, member: str = "") -> footer.Values:
+    """The footer's values without a one-click link: the list's mailto: unsubscribe address."""
+    return footer.Values(f"mailto:{addresses.role_address(ls.address, 'unsubscribe')}", ls.address, member,
+                         ls.postal_address)
+
+
+def shared_footer(ls: ListSettings, message_headers: list[tuple[str, str]], body: bytes
+                  ) -> tuple[bytes | None, tuple[str, ...]]:
+    """The post's body (`message_headers` as it goes out) with the list's footer, the same for
+    every member: (the new body, or None to leave it as it is; notes for the log). The same
+    core/footer.py code as for a personal copy, so the bytes are a personal copy's without
+    its member's values."""
+    tmpl = footer.prepare(message_headers, body)
+    if tmpl.untouched:
+        return None, tuple(tmpl.notes)
+    return footer.render(tmpl, body, ls.footer, shared_values(ls)), tuple(tmpl.notes)
 
 
 def unique_members(list_address: str, members: list[str]) -> list[str]:
@@ -153,9 +198,10 @@ def unique_members(list_address: str, members: list[str]) -> list[str]:
 
 def expand_list(ls: ListSettings, list_rcpts: list[str], members: list[str],
                 message_headers: list[tuple[str, str]], post_id: str, secret: Keyring | bytes,
-                posted_at: float, verdict: dmarc.Verdict | None = None) -> Edits:
+                posted_at: float, verdict: dmarc.Verdict | None = None, body: bytes | None = None) -> Edits:
     """The edits that turn this message into a post of list `ls` to `members`
-    (with a DMARC-safe From when `verdict`, the From domain's policy, asks for it)."""
+    (with a DMARC-safe From when `verdict`, the From domain's policy, asks for it; for
+    wrap_message that is a new body too, made from `body`, which must then be given)."""
     edits = Edits()
     edits.del_rcpts = list(list_rcpts)
     edits.add_rcpts = [(m, f"NOTIFY=FAILURE ORCPT=rfc822;{m}") for m in unique_members(ls.address, members)]
@@ -194,6 +240,16 @@ def expand_list(ls: ListSettings, list_rcpts: list[str], members: list[str],
         edits.del_headers.extend(munged.delete)
         edits.add_headers.extend(munged.add)
         _merge_reply_to(edits, message_headers, ls, munged)
+        if ls.dmarc_mitigation == dmarc.WRAP_MESSAGE:
+            if body is None:
+                raise ValueError("wrap_message needs the post's body")
+            # The same From and Reply-To on a wrapper around the post; the list's own headers
+            # (deleted and added above) are left to this function.
+            wrapped = dmarc.wrap_message(message_headers, body, post_id, keep=frozenset(owned),
+                                         inner_drop=frozenset({RESUBMITTED.lower()}))
+            edits.del_headers.extend(wrapped.delete)
+            edits.add_headers.extend(wrapped.add)
+            edits.body = wrapped.body
     else:
         _apply_reply_to(edits, message_headers, ls)
     edits.del_headers.sort(key=lambda item: (item[0].lower(), -item[1]))
@@ -241,7 +297,8 @@ def _merge_reply_to(edits: Edits, message_headers: list[tuple[str, str]], ls: Li
 
 
 # The milter calls (pymilter's names) that carry out edits, in this order.
-ADDRCPT, DELRCPT, CHGFROM, CHGHEADER, ADDHEADER = "addrcpt", "delrcpt", "chgfrom", "chgheader", "addheader"
+ADDRCPT, DELRCPT, CHGFROM, CHGHEADER, ADDHEADER, REPLACEBODY = \
+    "addrcpt", "delrcpt", "chgfrom", "chgheader", "addheader", "replacebody"
 
 
 def edit_steps(edits: Sequence[Edits]) -> Iterator[tuple[str, tuple[object, ...]]]:
@@ -254,7 +311,9 @@ def edit_steps(edits: Sequence[Edits]) -> Iterator[tuple[str, tuple[object, ...]
     still has the list address, the pipe transport re-submits it, and the
     members already added get a second copy (a duplicate, never a loss).
     Header edits come after the removals, so such a message never carries
-    the list's own List-Id, which would mark it as a loop.
+    the list's own List-Id, which would mark it as a loop. The body comes
+    last: cut short before it, a post goes without its footer (or, wrapped,
+    with a wrapper's header over the original body), never to nobody.
 
     A generator: a 100,000-member post would otherwise hold a second list of
     100,000 steps (about 20 MiB) beside the recipients it is made from.
@@ -275,6 +334,9 @@ def edit_steps(edits: Sequence[Edits]) -> Iterator[tuple[str, tuple[object, ...]
             yield CHGHEADER, (name, index, value)
         for name, value in e.add_headers:
             yield ADDHEADER, (name, value)
+    for e in edits:
+        if e.body is not None:
+            yield REPLACEBODY, (e.body,)
 
 
 def expand_owners(owner_rcpts: list[Recipient], owners_of: Callable[[str], tuple[str, ...]]) -> Edits:
@@ -539,11 +601,13 @@ class PersonalTemplate:
 
     def __init__(self, ls: ListSettings, message_headers: list[tuple[str, str]], body: bytes, post_id: str,
                  secret: Keyring | bytes, posted_at: float, verdict: dmarc.Verdict | None = None):
-        self.ls, self.body, self.post_id, self.secret, self.posted_at = ls, body, post_id, secret, posted_at
-        edits = expand_list(ls, [], [], message_headers, post_id, secret, posted_at, verdict)
+        self.ls, self.post_id, self.secret, self.posted_at = ls, post_id, secret, posted_at
+        edits = expand_list(ls, [], [], message_headers, post_id, secret, posted_at, verdict, body)
         unsubscribe = {"list-unsubscribe", "list-unsubscribe-post"}
         edits.add_headers = [(n, v) for n, v in edits.add_headers if n.lower() not in unsubscribe]
-        self.head = _header_bytes(apply_header_edits(message_headers, edits))
+        out_headers = apply_header_edits(message_headers, edits)
+        self.head = _header_bytes(out_headers)
+        self.body = body if edits.body is None else edits.body      # wrap_message: the wrapper's
         self.unsubscribe_address = addresses.role_address(ls.address, "unsubscribe")
         # expand_list always sets the sender (bounces address, ENVID).
         sender = cast(tuple[str, str], edits.sender)
@@ -551,7 +615,7 @@ class PersonalTemplate:
         self.envid = sender[1].partition("ENVID=")[2]
         self.mail_options = ("RET=HDRS", f"ENVID={self.envid}")
         # The body is read once, here; each copy only fills its member's values in (core/footer.py).
-        self.body_template = footer.prepare(message_headers, body) if ls.footer else footer.Template()
+        self.body_template = footer.prepare(out_headers, self.body) if ls.footer else footer.Template()
         self.notes = list(self.body_template.notes)
         # One entry per copy that goes from the plain bounces address (its VERP sender too long);
         # a list, as copies are made in several threads at once and append is atomic.
@@ -565,8 +629,9 @@ class PersonalTemplate:
                                       ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")])
         else:
             personal = _header_bytes([("List-Unsubscribe", mailto)])
-        own_body = footer.render_parts(self.body_template, self.body, self.ls.footer, footer.Values(
-            url or f"mailto:{self.unsubscribe_address}", self.ls.address, member, self.ls.postal_address))
+        values = shared_values(self.ls, member)
+        own_body = footer.render_parts(self.body_template, self.body, self.ls.footer,
+                                       replace(values, unsubscribe_url=url) if url else values)
         verp_sender = verp.make(self.ls.address, member, self.post_id, self.posted_at, self.secret)
         if verp_sender is None:
             self.too_long.append(member)
@@ -600,7 +665,7 @@ class InPlace:
     """What the edge looked up for the list this message becomes a post of."""
     settings: ListSettings
     members: list[str]
-    personal: bool                      # one copy per member (plan.personal: one-click links or a footer)
+    personal: bool                      # one copy per member (plan.personal: one-click links or a member's footer)
     verdict: dmarc.Verdict | None = None    # the From domain's DMARC policy (None: not looked up)
     hold: str = ""                      # why the post waits for the owners (core/moderation.py); "" to send
 
@@ -621,6 +686,7 @@ class EndOfMessage:
     fanout: str | None = None           # the post waits at this address for serve's fan-out
     discard: bool = False               # every recipient was a list that drops the post: discard it
     hold: str = ""                      # after the edits, put the message on the hold queue, for this reason
+    notes: tuple[str, ...] = ()         # for the log: the in-place footer's fate
 
 
 def end_of_message(recipients: list[Recipient], split_: Split, in_place: InPlace | None,
@@ -650,7 +716,13 @@ def end_of_message(recipients: list[Recipient], split_: Split, in_place: InPlace
     elif in_place is not None:
         ls = in_place.settings
         rcpts = [r.rcpt for r in recipients if r.kind == LIST and r.list_address == ls.address]
-        post = expand_list(ls, rcpts, in_place.members, message_headers, post_id, secret, now, in_place.verdict)
+        post = expand_list(ls, rcpts, in_place.members, message_headers, post_id, secret, now, in_place.verdict,
+                           body)
+        if ls.footer and not in_place.personal:
+            # One footer for all, by the milter's body replacement: the post stays one queue file.
+            new_body, post.notes = shared_footer(ls, apply_header_edits(message_headers, post),
+                                                 body if post.body is None else post.body)
+            post.body = new_body if new_body is not None else post.body
         edits.append(post)
         assert post.sender is not None
         expanded.append((ls.address, len(post.add_rcpts), post.sender[1].partition("ENVID=")[2]))
@@ -662,7 +734,7 @@ def end_of_message(recipients: list[Recipient], split_: Split, in_place: InPlace
     for r in split_.refused + split_.dropped:
         edits.append(Edits(del_rcpts=[r.rcpt]))
     return EndOfMessage(resubmit=split_.reinject, refusals=split_.refused, copies=copies,
-                        edits=tuple(edits), expanded=tuple(expanded),
+                        edits=tuple(edits), expanded=tuple(expanded), notes=tuple(n for e in edits for n in e.notes),
                         fanout=fanout_address if in_place is not None and in_place.personal else None,
                         hold=in_place.hold if in_place is not None and copies is None else "")
 
@@ -670,9 +742,14 @@ def end_of_message(recipients: list[Recipient], split_: Split, in_place: InPlace
 # -- the archive -----------------------------------------------------------------------
 def archived_copy(ls: ListSettings, message_headers: list[tuple[str, str]], body: bytes,
                   post_id: str, secret: Keyring | bytes, posted_at: float,
-                  verdict: dmarc.Verdict | None = None) -> bytes:
-    """The post as its members got it (List-* headers, prefixed Subject; the shared mailto:
-    List-Unsubscribe, never a member's personal link), with Unix line ends for a Maildir."""
-    edits = expand_list(ls, [], [], message_headers, post_id, secret, posted_at, verdict)
-    data = _header_bytes(apply_header_edits(message_headers, edits)) + b"\r\n" + body
+                  verdict: dmarc.Verdict | None = None, in_place_footer: bool = False) -> bytes:
+    """The post as its members got it (List-* headers, prefixed Subject, wrapped for wrap_message,
+    the footer when it was added in place; the shared mailto: List-Unsubscribe, never a member's
+    personal link or footer), with Unix line ends for a Maildir."""
+    edits = expand_list(ls, [], [], message_headers, post_id, secret, posted_at, verdict, body)
+    out_headers = apply_header_edits(message_headers, edits)
+    out_body = body if edits.body is None else edits.body
+    if in_place_footer and ls.footer:
+        out_body = shared_footer(ls, out_headers, out_body)[0] or out_body
+    data = _header_bytes(out_headers) + b"\r\n" + out_body
     return data.replace(b"\r\n", b"\n")

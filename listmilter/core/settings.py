@@ -176,10 +176,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "Reply-To of the posts: poster (left as the poster wrote it), list (the list address) "
             "or a mail address"),
     # DMARC (listmilter.core.dmarc): posts from domains whose policy would make receivers refuse them.
-    Setting("dmarc_mitigation", "munge_from", _choice("munge_from", "none"),
+    Setting("dmarc_mitigation", "munge_from", _choice("munge_from", "wrap_message", "none"),
             "for a post whose From domain publishes a DMARC policy in dmarc_policies: munge_from "
-            "(From: \"Alice via dev\" <dev@...>, the poster in Reply-To, the original in X-Original-From) "
-            "or none (sent as it came)"),
+            "(From: \"Alice via dev\" <dev@...>, the poster in Reply-To, the original in X-Original-From), "
+            "wrap_message (the same From and Reply-To on a message of the list's own, the post attached "
+            "whole as message/rfc822, its DKIM signature intact) or none (sent as it came)"),
     Setting("dmarc_policies", ("reject", "quarantine"), _policies,
             "the DMARC policies (p=, or sp= for a subdomain) that trigger dmarc_mitigation; "
             "a failed DNS lookup always does"),
@@ -211,9 +212,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "with web.base_url configured: send every member a copy of their own carrying a "
             "personal RFC 8058 one-click List-Unsubscribe URL (false: one copy for all, mailto only)"),
     Setting("footer", "", _footer,
-            "text added to every post, each member's copy with its own values: {unsubscribe_url}, "
-            "{list_address}, {member}, {postal_address} (empty: no footer); a list with a footer sends "
-            "one copy per member, like one_click"),
+            "text added to every post: {unsubscribe_url}, {list_address}, {member}, {postal_address} "
+            "(empty: no footer). A footer with {member}, or {unsubscribe_url} on a list with one-click "
+            "links, makes the list send one copy per member; any other is added once, in place"),
     Setting("postal_address", "", _text,
             "the sender's postal address, for {postal_address} in the footer (CAN-SPAM asks for one)"),
     Setting("archive", False, _flag,

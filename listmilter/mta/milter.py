@@ -27,7 +27,8 @@ from listmilter.log import fields, log_queue_ids, logger
 from listmilter.mta import killpoint
 from listmilter.store import StoreError, archive, open_pending
 
-ACTIONS = (Milter.ADDHDRS | Milter.CHGHDRS | Milter.ADDRCPT | Milter.ADDRCPT_PAR
+# CHGBODY: a footer added in place, a wrapped post (dmarc_mitigation: wrap_message).
+ACTIONS = (Milter.ADDHDRS | Milter.CHGHDRS | Milter.CHGBODY | Milter.ADDRCPT | Milter.ADDRCPT_PAR
            | Milter.DELRCPT | Milter.CHGFROM | Milter.QUARANTINE)
 
 
@@ -101,6 +102,7 @@ class ListMilter(Milter.Base):
         self.archive = False       # the in-place list keeps its posts (setting `archive`)
         self.verdict: dmarc.Verdict | None = None   # the From domain's DMARC policy, once looked up
         self.need_body_for_hold = False
+        self.body_edit = False      # the in-place post may get a new body (plan.body_needed)
 
     def _tempfail(self, why: str) -> int:
         self.setreply("451", "4.3.0", f"listmilter: {why}; try again later")
@@ -239,6 +241,8 @@ class ListMilter(Milter.Base):
             self.fanout = self.personal and self.config.outgoing.reinject is not None
             self.archive = in_place is not None and not self.fanout and \
                 self.config.list_settings(self._list(in_place).settings).archive
+            self.body_edit = in_place is not None and not self.fanout and \
+                plan.body_needed(self._settings(in_place), self.personal)
             # A held post's notice quotes its first lines; max_message_size needs the size.
             self.need_body_for_hold = in_place is not None and (
                 bool(self._hold_reason(in_place)) or
@@ -246,7 +250,7 @@ class ListMilter(Milter.Base):
         except Exception as e:
             return self._failed(queue_id, e)
         self.need_body = bool(self.split.reinject) or (self.personal and not self.fanout) or self.archive \
-            or self.need_body_for_hold
+            or self.need_body_for_hold or self.body_edit
         return Milter.CONTINUE
 
     def _mark_loops(self, queue_id: str) -> list[Recipient]:
@@ -386,6 +390,8 @@ class ListMilter(Milter.Base):
         if todo.fanout:
             # Before any recipient changes: the fan-out logs under the queue id it names.
             self.addheader(app_fanout.POST_ID_HEADER, post_id)
+        for note in todo.notes:
+            self._log(queue_id, note, split.in_place_list)
         for step, args in plan.edit_steps(todo.edits):
             getattr(self, step)(*args)      # in plan's order: safe to stop after any step
         killpoint.reached("eom-edited")
@@ -468,7 +474,8 @@ class ListMilter(Milter.Base):
             return
         try:
             data = plan.archived_copy(self._settings(list_address), self.headers, b"".join(self.body_chunks),
-                                      _post_id(queue_id), self.runtime.secret, time.time(), self.verdict)
+                                      _post_id(queue_id), self.runtime.secret, time.time(), self.verdict,
+                                      in_place_footer=not self.personal)
             archive.add(self.config.state_dir, list_address, data, _post_id(queue_id))
         except Exception as e:      # a full disk, a folder of the wrong owner: the post goes all the same
             self._log(queue_id, f"not archived ({e.__class__.__name__}: {e}); the post went out",
