@@ -9,7 +9,9 @@ At end of message, for a recipient that names a loaded list: delrcpt of that
 recipient, addrcpt("<m>", "NOTIFY=FAILURE ORCPT=rfc822;m") for every member,
 chgfrom to the list's -bounces address with "RET=HDRS ENVID=...", and the same
 7 headers listmilter adds (List-Id, List-Post, List-Help, List-Subscribe,
-List-Unsubscribe, List-Owner, Precedence).
+List-Unsubscribe, List-Owner, Precedence). A message to no list is accepted at DATA,
+as listmilter accepts it: with no --list, the least any pymilter milter costs mail
+(run_nonlist.py).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class FloorMilter(Milter.Base):
     def __init__(self) -> None:
         self.rcpts: list[tuple[str, str]] = []
 
-    # connect and data do nothing, but they must be there: without them the
+    # connect and data do little, but they must be there: without them the
     # reply at end of message came ~40 ms later (measured: 1,000 members took
     # 0.094 s to the 250 instead of 0.052 s), which made this "floor" slower
     # than listmilter. listmilter has both callbacks too.
@@ -43,7 +45,8 @@ class FloorMilter(Milter.Base):
         return Milter.CONTINUE
 
     def data(self):
-        return Milter.CONTINUE
+        # As listmilter does: no list among the recipients, nothing more to see.
+        return Milter.CONTINUE if self.rcpts else Milter.ACCEPT
 
     def envfrom(self, mailfrom, *params):
         self.rcpts = []
