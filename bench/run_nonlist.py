@@ -26,9 +26,8 @@ from pathlib import Path
 
 from common import BenchPostfix, MaillogTail, SmtpSink, cpu_seconds, machine, save, stop_all
 
-from tests.bed.net import free_port, wait_for_port
-
 from tests.bed.listmilter import ListmilterServer, cli
+from tests.bed.net import free_port, wait_for_port
 
 
 def run(port: int, n: int, sessions: int, postfix: BenchPostfix) -> float:
@@ -107,7 +106,8 @@ def main() -> int:
     print(f"\nmedian over {len(rounds)} rounds: with listmilter {median('with'):.0f}/s, with the floor milter "
           f"{median('bare'):.0f}/s, without {median('without'):.0f}/s")
     print(f"ratio with/without listmilter {median('ratio'):.2f}; floor milter/without {median('bare_ratio'):.2f}")
-    print(f"milter CPU a message: listmilter {median('with_cpu_us'):.0f} us, floor milter {median('bare_cpu_us'):.0f} us")
+    print(f"milter CPU a message: listmilter {median('with_cpu_us'):.0f} us, "
+          f"floor milter {median('bare_cpu_us'):.0f} us")
     out = save("nonlist", {"machine": machine(), "args": vars(args), "median_ratio": median("ratio"),
                            "median_bare_ratio": median("bare_ratio"), "rounds": rounds})
     print(f"wrote {out}")
