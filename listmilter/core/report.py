@@ -265,11 +265,11 @@ def build(list_address: str, since: float, now: float, posts: Iterable[Post], fa
 
     deltas = _deltas(all_events)
 
-    def size_at(t: float) -> tuple[int, int]:
-        """(members, active) at time t: now's, with every later event undone."""
+    def size_before(t: float) -> tuple[int, int]:
+        """(members, active) just before time t: now's, with every event from t on undone."""
         members, active = members_now, active_now
         for at, dm, da in deltas:
-            if t < at <= now:
+            if t <= at <= now:
                 members, active = members - dm, active - da
         return members, active
 
@@ -277,9 +277,9 @@ def build(list_address: str, since: float, now: float, posts: Iterable[Post], fa
     first = parse_date(day_of(since))
     start = first
     while start <= now:
-        end = min(start + DAY, now)
         in_day = [ln for ln in lines if start <= ln.at < start + DAY]
-        members, active = size_at(end)
+        # At the day's end (before the next day's first event), or now for today.
+        members, active = size_before(start + DAY) if start + DAY <= now else (members_now, active_now)
         days.append(Day(day_of(start), members, active, len(in_day), sum(ln.recipients for ln in in_day),
                         sum(ln.permanent for ln in in_day), sum(ln.temporary for ln in in_day),
                         sum(1 for e in all_events if e.action == "subscribed" and since <= e.at <= now
@@ -287,7 +287,7 @@ def build(list_address: str, since: float, now: float, posts: Iterable[Post], fa
                         sum(1 for e in all_events if e.action == "unsubscribed" and since <= e.at <= now
                             and start <= e.at < start + DAY)))
         start += DAY
-    members_start, active_start = size_at(since)
+    members_start, active_start = size_before(since)
     return Report(list_address, since, now, lines, other_permanent, other_temporary, classes, joined, left,
                   disabled, removed, enabled, members_start, active_start, members_now, active_now, tuple(days))
 
