@@ -19,6 +19,7 @@ from listmilter.app import outgoing, reports
 from listmilter.core import config, report
 from listmilter.core.bounces import Failure, Policy, Verdict
 from listmilter.core.model import Event, Member
+from listmilter.mta.milter import ListMilter
 from listmilter.store import open_bounces, open_store
 from tests.bed.listmilter import cli
 from tests.test_milter import QUEUE_ID, Session, _world, post
@@ -300,3 +301,18 @@ def test_the_weekly_report_goes_to_the_owners_once_a_week(cfg, monkeypatch):
     finally:
         store.close()
         bounce_db.close()
+
+
+def test_a_held_post_counts_as_held_and_leaves_the_report_if_never_sent(tmp_path, monkeypatch):
+    w = _world(tmp_path, monkeypatch)
+    try:
+        w.new_list(LIST, ["m1@example.net", "m2@example.net"], posting="open", moderated=True,
+                   owners=["boss@example.org"])
+        quarantined = []
+        monkeypatch.setattr(ListMilter, "quarantine", lambda self, reason: quarantined.append(reason))  # not in TestCtx
+        assert Session().send("carol@example.net", [LIST], post()) == Milter.ACCEPT
+        assert quarantined and [(p, n) for p, _, n, _ in w.store.posts(LIST)] == [(QUEUE_ID, 2)]
+        w.store.forget_post(LIST, QUEUE_ID)         # what app/held.py does for a rejected one
+        assert w.store.posts(LIST) == []
+    finally:
+        w.store.close()

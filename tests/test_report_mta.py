@@ -23,7 +23,8 @@ pytestmark = pytest.mark.mta
 def bed(request):
     """A bed whose serve runs its periodic work every 2 seconds (the weekly report's check)."""
     b = Bed(request.param)
-    b.listmilter.env["LISTMILTER_PERIODIC_INTERVAL"] = "2"
+    b.env = {"MAIL_CONFIG": str(b.postfix.dir)}      # `held approve` finds this Postfix's queue
+    b.listmilter.env.update(b.env, LISTMILTER_PERIODIC_INTERVAL="2")
     b.listmilter.stop()
     b.listmilter.start()
     yield b
@@ -99,3 +100,22 @@ def test_posts_a_real_dsn_a_one_click_unsubscribe_and_a_subscription_are_counted
     bed.settle()
     assert sum("Delivery report for" in str(m.message["Subject"]) for m in bed.sink.for_recipient(owner)) == 1
     _set(bed, lst, "report_weekly", "false")
+
+
+def test_a_held_post_counts_once_approved_and_not_once_rejected(clean_bed, owner):
+    bed = clean_bed
+    # In place (one_click false: one copy for all), so the held message carries the members already.
+    lst = bed.new_list(["m1@example.net", "m2@example.net"], posting="members", nonmember_action="hold",
+                       one_click="false", owners=(owner,))
+    ids = []
+    for subject in ("approve me", "reject me"):
+        reply = bed.submit("out@example.net", [lst], message(subject, "out@example.net", lst))
+        assert reply.code == 250, str(reply)
+        ids.append(re.search(r"queued as (\w+)", reply.text).group(1))
+    wait_until(lambda: len(bed.sink.for_recipient(owner)) == 2, 60, what="the owners' notices")
+    assert [p["post_id"] for p in _report(bed, lst)["posts"]] == ids      # counted as held
+    cli(bed.listmilter.config_path, "held", "approve", ids[0], env=bed.env)
+    cli(bed.listmilter.config_path, "held", "reject", ids[1], env=bed.env)
+    mail_to(bed, "m2@example.net", "approve me")
+    bed.settle()
+    assert [(p["post_id"], p["recipients"]) for p in _report(bed, lst)["posts"]] == [(ids[0], 2)]

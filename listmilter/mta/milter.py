@@ -398,6 +398,10 @@ class ListMilter(Milter.Base):
         if todo.hold:
             # Not archived: the post is not sent yet, and may never be (docs/moderation.md, "Limits").
             self._quarantine(queue_id, split.in_place_list or "", todo.hold)
+            # Counted as it is held (its members are added already); a post that is never
+            # released leaves the report again (app/held.py). A held fan-out counts when released.
+            for list_address, count, _ in todo.expanded:
+                self._record_post(queue_id, list_address, count)
             return Milter.ACCEPT
         for list_address, count, envid_text in todo.expanded:
             self._log(queue_id, "expanded", list_address, client=True, members=count, nested=inner,

@@ -340,6 +340,12 @@ class SQLiteStore:
                          (addresses.key(list_address), post_id, at, recipients, refused))
 
     @sqlite_errors
+    def forget_post(self, list_address: str, post_id: str) -> None:
+        """A held post that was never sent (rejected, discarded, expired) leaves the report."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM posts WHERE list=? AND post_id=?", (addresses.key(list_address), post_id))
+
+    @sqlite_errors
     def posts(self, list_address: str, since: float = 0) -> list[tuple[str, float, int, int]]:
         """(post_id, at, recipients, refused) of the list's posts since `since`, oldest first."""
         return [tuple(r) for r in self._conn().execute(

@@ -154,6 +154,12 @@ class YAMLStore:
     def record_post(self, list_address: str, post_id: str, at: float, recipients: int, refused: int = 0) -> None:
         self._writable_overlay().record_post(self._list_key(list_address), post_id, at, recipients, refused)
 
+    def forget_post(self, list_address: str, post_id: str) -> None:
+        key = self._list_key(list_address)
+        state = self._overlay_store(create=False)
+        if state:
+            state.forget_post(key, post_id)
+
     def posts(self, list_address: str, since: float = 0) -> list[tuple[str, float, int, int]]:
         key = self._list_key(list_address)
         state = self._overlay_store(create=False)
