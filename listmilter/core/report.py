@@ -21,6 +21,7 @@ Times are seconds since the epoch; days are UTC days.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import datetime
 import io
@@ -263,30 +264,38 @@ def build(list_address: str, since: float, now: float, posts: Iterable[Post], fa
         elif e.action == "enabled":
             enabled += 1
 
-    deltas = _deltas(all_events)
+    # Suffix sums over the changes up to now: the size before any time is one bisect away.
+    deltas = [d for d in _deltas(all_events) if d[0] <= now]
+    ats = [at for at, _, _ in deltas]
+    after_members, after_active = [0] * (len(deltas) + 1), [0] * (len(deltas) + 1)
+    for i in range(len(deltas) - 1, -1, -1):
+        after_members[i] = after_members[i + 1] + deltas[i][1]
+        after_active[i] = after_active[i + 1] + deltas[i][2]
 
     def size_before(t: float) -> tuple[int, int]:
-        """(members, active) just before time t: now's, with every event from t on undone."""
-        members, active = members_now, active_now
-        for at, dm, da in deltas:
-            if t <= at <= now:
-                members, active = members - dm, active - da
-        return members, active
+        """(members, active) just before time t: now's, with every change from t on undone."""
+        i = bisect.bisect_left(ats, t)
+        return members_now - after_members[i], active_now - after_active[i]
 
-    days = []
     first = parse_date(day_of(since))
-    start = first
-    while start <= now:
-        in_day = [ln for ln in lines if start <= ln.at < start + DAY]
-        # At the day's end (before the next day's first event), or now for today.
+    per_day: dict[int, list[int]] = {}      # day number -> [posts, recipients, permanent, temporary, joined, left]
+    for ln in lines:
+        row = per_day.setdefault(int((ln.at - first) // DAY), [0] * 6)
+        row[0] += 1
+        row[1] += ln.recipients
+        row[2] += ln.permanent
+        row[3] += ln.temporary
+    for e in all_events:
+        if since <= e.at <= now and e.action in ("subscribed", "unsubscribed"):
+            per_day.setdefault(int((e.at - first) // DAY), [0] * 6)[4 if e.action == "subscribed" else 5] += 1
+    days = []
+    n = 0
+    while first + n * DAY <= now:
+        start = first + n * DAY
+        # At the day's end (before the next day's first change), or now for today.
         members, active = size_before(start + DAY) if start + DAY <= now else (members_now, active_now)
-        days.append(Day(day_of(start), members, active, len(in_day), sum(ln.recipients for ln in in_day),
-                        sum(ln.permanent for ln in in_day), sum(ln.temporary for ln in in_day),
-                        sum(1 for e in all_events if e.action == "subscribed" and since <= e.at <= now
-                            and start <= e.at < start + DAY),
-                        sum(1 for e in all_events if e.action == "unsubscribed" and since <= e.at <= now
-                            and start <= e.at < start + DAY)))
-        start += DAY
+        days.append(Day(day_of(start), members, active, *per_day.get(n, [0] * 6)))
+        n += 1
     members_start, active_start = size_before(since)
     return Report(list_address, since, now, lines, other_permanent, other_temporary, classes, joined, left,
                   disabled, removed, enabled, members_start, active_start, members_now, active_now, tuple(days))
