@@ -81,7 +81,7 @@ def test_one_week_counted_by_post_status_class_and_channel():
              report.Post("OLD", T0 - DAY, 4)]
     failures = [report.Failure(T0 + 0.6 * DAY, "P1", "b@x.org", True, "5.1.1"),
                 report.Failure(T0 + 0.6 * DAY, "P1", "c@x.org", False, "4.4.7"),
-                report.Failure(T0 + 3.6 * DAY, "P2", "c@x.org", True, "5.2.2"),
+                report.Failure(T0 + 3.6 * DAY, "p2", "c@x.org", True, "5.2.2"),     # a VERP code's, lower-cased
                 report.Failure(T0 + 3.7 * DAY, "OLD", "c@x.org", True, "5.1.1"),     # an older post
                 report.Failure(T0 + 3.8 * DAY, "", "z@x.org", False, ""),             # no post named
                 report.Failure(T0 - 0.5 * DAY, "OLD", "b@x.org", True, "5.1.1")]      # before the period

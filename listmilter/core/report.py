@@ -227,6 +227,11 @@ def build(list_address: str, since: float, now: float, posts: Iterable[Post], fa
     by_id: dict[str, dict[str, Any]] = {}
     for p in period_posts:
         by_id.setdefault(p.post_id, {"post": p, "permanent": 0, "temporary": 0, "classes": {}})
+    # A bounce bound by a VERP code alone names the post lower-cased (core/verp.py); queue ids
+    # that differ only in case are not worth telling apart here.
+    by_lower: dict[str, dict[str, Any]] = {}
+    for pid, v in by_id.items():
+        by_lower.setdefault(pid.lower(), v)
     other_permanent = other_temporary = 0
     classes: dict[str, int] = {}
     for f in failures:
@@ -234,7 +239,7 @@ def build(list_address: str, since: float, now: float, posts: Iterable[Post], fa
             continue
         cls = status_class(f.status)
         classes[cls] = classes.get(cls, 0) + 1
-        line = by_id.get(f.post_id) if f.post_id else None
+        line = (by_id.get(f.post_id) or by_lower.get(f.post_id.lower())) if f.post_id else None
         if line is None:
             if f.permanent:
                 other_permanent += 1
