@@ -195,6 +195,17 @@ def test_the_milter_records_each_post_it_expands(tmp_path, monkeypatch):
         w.store.close()
 
 
+def test_the_milter_records_personal_copies_as_the_mta_took_them(tmp_path, monkeypatch):
+    w = _world(tmp_path, monkeypatch, web=True)
+    try:
+        w.new_list(LIST, ["p1@example.net", "p2@example.com"], posting="open")
+        assert Session().send("carol@example.net", [LIST], post()) == Milter.DISCARD
+        assert len(w.submissions()) == 2
+        assert [(p, n, refused) for p, _, n, refused in w.store.posts(LIST)] == [(QUEUE_ID, 2, 0)]
+    finally:
+        w.store.close()
+
+
 def test_a_post_that_cannot_be_recorded_still_goes(tmp_path, monkeypatch, caplog):
     w = _world(tmp_path, monkeypatch)
     try:
