@@ -252,6 +252,10 @@ class FakeQueue:
 class Store:
     def __init__(self, lists):
         self.lists = lists
+        self.forgotten: list[str] = []      # posts taken out of the delivery report
+
+    def forget_post(self, list_address, post_id):
+        self.forgotten.append(post_id)
 
     def get_list(self, address):
         from listmilter.core.model import MailingList
@@ -286,7 +290,7 @@ def test_approve_then_a_second_decision_changes_nothing(env):
     db.add_held("4ABC", LIST_ADDRESS, "out@x.org", "why", "hi", 10)
     q = FakeQueue("4ABC")
     assert held.decide(cfg, store, db, q, "4ABC", "approve", "cli root") == "4ABC: approved, released"
-    assert q.released == ["4ABC"] and not sent
+    assert q.released == ["4ABC"] and not sent and store.forgotten == []       # it went: counted
     assert "already done" in held.decide(cfg, store, db, q, "4ABC", "reject", "cli root")
     assert q.deleted == [] and db.held_posts() == []
     with pytest.raises(held.HeldError):
@@ -303,6 +307,7 @@ def test_reject_deletes_and_tells_the_poster_discard_does_not(env):
     assert rcpts == ["out@x.org"] and b"Subject: Your post to dev@example.org was rejected" in data
     assert held.decide(cfg, store, db, q, "4B", "discard", "x") == "4B: discarded, deleted"
     assert q.deleted == ["4A", "4B"] and len(sent) == 1
+    assert store.forgotten == ["4A", "4B"]      # never sent: out of the delivery report
 
 
 def test_a_queue_that_cannot_be_told_keeps_the_decision_for_the_periodic_run(env):

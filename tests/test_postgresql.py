@@ -76,7 +76,7 @@ def test_every_sqlite_table_and_column_is_in_the_postgresql_schema(pg_database, 
         for table, columns in _sqlite_columns(migrations, tmp_path).items():
             assert sorted(pg[table]) == columns, table
     assert set(pg) == {"meta", "lists", "list_settings", "members", "events", "scores", "bounces",
-                       "pending", "sent", "held", "site_keys"}
+                       "pending", "sent", "held", "site_keys", "posts", "reports_sent"}
 
 
 def test_a_database_without_the_schema_is_refused_until_db_upgrade(pg_server, tmp_path):
@@ -315,6 +315,8 @@ def _sqlite_site(tmp_path: Path, backend: str = "sqlite") -> tuple[Path, dict]:
         store.remove_members(LIST, ["m7@example.net"])
     store.subscribe(LIST, Member("carol@example.net"), "mail", "<1@example.net>")
     store.set_status(LIST, "carol@example.net", DISABLED, "bounce", detail="5.1.1")
+    store.record_post(LIST, "P0", time.time() - 2 * DAY, 300)          # the delivery reports' rows
+    store.claim_report(LIST, time.time() - DAY, time.time())
     store.close()
     pend = open_pending(cfg)
     token = pend.create(tokens.CONFIRM, LIST, "dan@example.net", "subscribe", 3)
@@ -339,10 +341,11 @@ def test_migrate_copies_a_state_folder_and_verifies_the_counts(pg_database, tmp_
     out = cli(path, "migrate", "--to", pg_database.url, password).stdout
     lines = out.splitlines()
     assert lines[0] == f"copied {tmp_path}/state ({backend}) into {pg_database.url}:"
-    counted = {line.split()[0]: (int(line.split()[1]), int(line.split()[3])) for line in lines[1:11]}
+    counted = {line.split()[0]: (int(line.split()[1]), int(line.split()[3])) for line in lines[1:13]}
     assert counted["members"] == ((300 - 1 + 1, 300 - 1 + 1) if backend == "sqlite" else (1, 1))
     assert counted["pending"] == (1, 1) and counted["sent"] == (1, 1) and counted["bounces"] == (2, 2)
     assert counted["site_keys"] == (1, 1) and counted["scores"] == (1, 1) and counted["held"] == (0, 0)
+    assert counted["posts"] == (1, 1) and counted["reports_sent"] == (1, 1)
     assert "Counts verified." in out
     # The config lines it prints are what the site uses from now on.
     new = tmp_path / "pg.yaml"
@@ -361,6 +364,7 @@ def test_migrate_copies_a_state_folder_and_verifies_the_counts(pg_database, tmp_
     assert open_pending(cfg).lookup(made["token"]).address == "dan@example.net"   # its link still works
     assert site_secret(cfg) == made["secret"]                                    # and so do ENVIDs
     assert open_bounces(cfg).row(LIST, "carol@example.net").score == 2
+    assert [(p, n) for p, _, n, _ in after.posts(LIST)] == [("P0", 300)] and after.report_sent(LIST)
     # New rows continue after the copied ids.
     after.subscribe(LIST, Member("erin@example.net"), "web", "192.0.2.1")
     assert after.history(LIST)[-1].address == "erin@example.net"

@@ -113,3 +113,25 @@ def test_members_history_cli_shows_and_exports_the_record(tmp_path):
         ["ann@example.net", "subscribed"], ["bob@example.net", "subscribed"], ["bob@example.net", "unsubscribed"]]
     proc = cli(path, "members", "history", LIST, "nobody@example.net", check=False)
     assert proc.returncode == 1 and "no membership changes recorded for nobody@example.net" in proc.stderr
+
+
+def test_delivery_report_rows(store):
+    """The posts sent and the weekly report's last time (core/report.py), on every backend."""
+    assert store.posts(LIST) == [] and store.report_sent(LIST) is None
+    store.record_post(LIST, "P1", 1000.0, 2, 1)
+    store.record_post(LIST, "P2", 2000.0, 5)
+    store.record_post(LIST, "P1", 1000.0, 3, 0)           # a resumed fan-out's final count
+    assert store.posts(LIST) == [("P1", 1000.0, 3, 0), ("P2", 2000.0, 5, 0)]
+    assert store.posts(LIST.upper(), since=1500) == [("P2", 2000.0, 5, 0)]
+    store.forget_post(LIST, "P2")
+    store.forget_post(LIST, "NONE")
+    assert store.posts(LIST) == [("P1", 1000.0, 3, 0)]
+    # The weekly report: claimed once until `last_before` has passed, given back on failure.
+    assert store.claim_report(LIST, 100.0, 50.0)
+    assert not store.claim_report(LIST, 120.0, 100.0)     # sent at 100, not before 100: not again
+    assert store.report_sent(LIST) == 100.0
+    assert store.claim_report(LIST, 200.0, 101.0)
+    store.unclaim_report(LIST, 100.0)
+    assert store.report_sent(LIST) == 100.0
+    store.unclaim_report(LIST, None)
+    assert store.report_sent(LIST) is None

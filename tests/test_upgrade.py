@@ -159,7 +159,27 @@ def test_the_first_0_1_schema_gains_the_consent_record(tmp_path):
         assert [(e.address, e.action) for e in store.history(LIST)] == [("bob@example.net", "unsubscribed")]
     finally:
         store.close()
-    assert user_version(path) == 2
+    assert user_version(path) == len(sqlite.MIGRATIONS)
+
+
+def test_a_schema_2_store_gains_the_delivery_report_tables(state):
+    """0.1.0's listmilter.sqlite and state.sqlite (schema 2) get step 3: posts and reports_sent, empty,
+    and today's code writes and reads them; the members and the consent record stay as they were."""
+    for name, cfg in (("listmilter.sqlite", "sqlite.yaml"), ("state.sqlite", "yaml.yaml")):
+        assert user_version(state / name) == 2
+        store = open_store(config.load(str(state.parent / cfg)))
+        try:
+            assert store.posts(LIST) == [] and store.report_sent(LIST) is None
+            history = store.history(LIST)
+            assert user_version(state / name) == 3
+            store.record_post(LIST, "4XyZ1s2B3c", T, 2, 1)
+            store.record_post(LIST, "4XyZ1s2B3c", T, 3, 0)       # a resumed fan-out's final count
+            assert store.posts(LIST) == [("4XyZ1s2B3c", T, 3, 0)]
+            assert store.claim_report(LIST, T, T - 1) and not store.claim_report(LIST, T + 1, T - 1)
+            assert store.report_sent(LIST) == T
+            assert store.history(LIST) == history
+        finally:
+            store.close()
 
 
 # Each file opened by what uses it (the yaml store opens its overlay when asked about members).
@@ -195,7 +215,8 @@ def test_the_cli_says_which_database_is_too_new(state):
         proc = cli(state.parent / "sqlite.yaml", *command, check=False)
         assert proc.returncode == 75 and "Traceback" not in proc.stderr
         assert proc.stderr.strip() == (f"listmilter: sqlite store {state}/listmilter.sqlite has schema version 7, "
-                                       "this listmilter needs 2: it was written by a newer listmilter "
+                                       f"this listmilter needs {VERSIONS['listmilter.sqlite']}: it was written by "
+                                       "a newer listmilter "
                                        "(docs/upgrade.md)")
     conn = sqlite3.connect(state / "bounces.sqlite")
     conn.execute("PRAGMA user_version=9")

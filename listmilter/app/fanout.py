@@ -169,6 +169,11 @@ def _fan_out(config, store, secret: Keyring, mlist: MailingList, code: verp.Code
         _log(post_id, mlist.address, sender, note)
     _log(post_id, mlist.address, sender, "fanned out (personal copies)", members=record.sent, refused=record.refused,
          seconds=f"{time.monotonic() - started:.2f}", envid=template.envid)
+    try:        # for the delivery reports (core/report.py); never holds the post up
+        store.record_post(mlist.address, post_id, code.posted_at, record.sent, record.refused)
+    except Exception as e:
+        _log(post_id, mlist.address, sender, f"not recorded for the delivery report ({e.__class__.__name__}: {e})",
+             logging.ERROR)
     if first:       # records whose codes no longer verify: no delivery can ask for them
         fanout_records.expire(config.state_dir, time.time() - verp.MAX_AGE - 86400)
     return f"fanned out ({record.sent} copies, {record.refused} refused)"

@@ -173,6 +173,8 @@ def carry_out(config, store, pending, queue, post: HeldPost) -> str:
         logger.warning("%s: %s", qid, fields(list=f"<{post.list}>", status=f"{decision}: not on the hold queue "
                                                                           "(released or deleted by other means?)"))
         return f"{qid}: not on the hold queue any more"
+    if decision != APPROVE:
+        _not_sent(store, post)
     told = ""
     if decision in (REJECT, EXPIRE) and post.sender:
         told = _tell_poster(config, store, post)
@@ -183,6 +185,15 @@ def carry_out(config, store, pending, queue, post: HeldPost) -> str:
     done = {APPROVE: "approved, released", REJECT: "rejected, deleted", DISCARD: "discarded, deleted",
             EXPIRE: "expired, deleted"}[decision]
     return f"{qid}: {done}" + (f"; poster {told}" if told else "")
+
+
+def _not_sent(store, post: HeldPost) -> None:
+    """The milter counted the post for the delivery reports as it held it: it never went."""
+    try:
+        store.forget_post(post.list, post.queue_id)
+    except Exception as e:      # the report counts one post too many; the decision stands
+        logger.error("%s: %s", post.queue_id, fields(list=f"<{post.list}>",
+                                                     status=f"not taken out of the delivery report ({e})"))
 
 
 def _tell_poster(config, store, post: HeldPost) -> str:

@@ -9,6 +9,7 @@
     trace.py          trace
     archive.py        archive
     posts.py          posts (personal posts in fan-out)
+    report.py         report (a list's delivery report)
     subscriptions.py  pending, approve, reject
     secret.py         secret rotate|show
     db.py             db upgrade, migrate (the state databases; SQLite to PostgreSQL)
@@ -26,7 +27,7 @@ import sys
 from listmilter import __version__
 
 GROUPS = ("serve", "check", "subscriptions", "lists", "members", "bounces", "held", "secret", "trace", "archive",
-          "posts", "db")
+          "posts", "report", "db")
 
 
 def _parser():

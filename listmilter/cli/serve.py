@@ -85,13 +85,15 @@ def serve(args, path: str, explicit: bool) -> int:
                 cfg.path or "built-in defaults",
                 cfg.backend, runtime.store.path,
                 len(runtime.store.all_lists()))
-    from listmilter.app import bounce_processing, held
+    from listmilter.app import bounce_processing, held, reports
     if periodic:
         bounce_processing.start_periodic(runtime, period=periodic, first=periodic)
         held.start_periodic(runtime, period=periodic, first=periodic)
+        reports.start_periodic(runtime, period=periodic, first=periodic)
     else:
         bounce_processing.start_periodic(runtime)
         held.start_periodic(runtime)       # decisions by reply the pipe could not carry out; expiry
+        reports.start_periodic(runtime)    # weekly reports of the lists with report_weekly: true
     runtime.watch()
     try:
         milter.run(runtime, socket, grace=grace, on_reload=lambda: _reload(runtime))

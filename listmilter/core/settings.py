@@ -220,6 +220,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("archive", False, _flag,
             "keep every accepted post, as it went out, in a Maildir under state_dir/archive/LIST/ "
             "(`listmilter archive` exports it)"),
+    Setting("report_weekly", False, _flag,
+            "mail the owners the list's delivery report of the past week, once a week "
+            "(`listmilter report` prints it at any time)"),
     # Bounce processing (listmilter deliver for <list>-bounces@).
     Setting("bounce_action", "disable", _choice("remove", "disable", "notify"),
             "what a bouncing member's score leads to: remove (and tell the owner), disable (warn, "
@@ -284,6 +287,7 @@ class ListSettings:
     footer: str
     postal_address: str
     archive: bool
+    report_weekly: bool
     bounce_action: str
     bounce_threshold: int
     bounce_stale_days: int

@@ -383,6 +383,7 @@ class ListMilter(Milter.Base):
                       seconds=f"{time.monotonic() - started:.2f}", envid=copies.envid)
             assert split.in_place_list is not None     # personal copies are of the in-place list
             log_queue_ids(queue_id, split.in_place_list, queued)
+            self._record_post(queue_id, split.in_place_list, len(copies.copies) - len(refused), len(refused))
             self._archive(queue_id, split.in_place_list)
             # Only list recipients were left in this message: nothing more to deliver.
             return Milter.DISCARD
@@ -403,10 +404,15 @@ class ListMilter(Milter.Base):
         if todo.hold:
             # Not archived: the post is not sent yet, and may never be (docs/moderation.md, "Limits").
             self._quarantine(queue_id, split.in_place_list or "", todo.hold)
+            # Counted as it is held (its members are added already); a post that is never
+            # released leaves the report again (app/held.py). A held fan-out counts when released.
+            for list_address, count, _ in todo.expanded:
+                self._record_post(queue_id, list_address, count)
             return Milter.ACCEPT
         for list_address, count, envid_text in todo.expanded:
             self._log(queue_id, "expanded", list_address, client=True, members=count, nested=inner,
                       envid=envid_text)
+            self._record_post(queue_id, list_address, count)
             self._archive(queue_id, list_address)
         return Milter.ACCEPT
 
@@ -480,6 +486,15 @@ class ListMilter(Milter.Base):
         except Exception as e:      # a full disk, a folder of the wrong owner: the post goes all the same
             self._log(queue_id, f"not archived ({e.__class__.__name__}: {e}); the post went out",
                       list_address, level=logging.ERROR)
+
+    def _record_post(self, queue_id: str, list_address: str, recipients: int, refused: int = 0) -> None:
+        """The post's row for the delivery reports (core/report.py); a failure is logged and never
+        holds the post up: the report lacks one post, the members get it."""
+        try:
+            self.store.record_post(list_address, _post_id(queue_id), time.time(), recipients, refused)
+        except Exception as e:
+            self._log(queue_id, f"not recorded for the delivery report ({e.__class__.__name__}: {e}); "
+                      "the post went out", list_address, level=logging.ERROR)
 
     def _log_resubmitted(self, queue_id: str, todo: plan.EndOfMessage, ids: list[str]) -> None:
         """The queue id each split-off copy and refusal notice got (`listmilter trace` follows them)."""

@@ -220,3 +220,11 @@ class BounceDB:
             query += " AND verdict=?"
             params += (verdict,)
         return self.conn.execute(query + " ORDER BY at, id", params).fetchall()
+
+    @sqlite_errors
+    def failures_since(self, list_address: str, since: float) -> list[tuple]:
+        """(at, post_id, address, permanent, status) of every bounce recorded for the list since
+        `since`, oldest first: the delivery report's failures (listmilter.core.report)."""
+        return self.conn.execute("SELECT at, post_id, address, permanent, status FROM bounces "
+                                 "WHERE list=? AND at>=? ORDER BY at, id",
+                                 (addresses.key(list_address), since)).fetchall()

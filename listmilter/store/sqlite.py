@@ -29,7 +29,8 @@ from listmilter.core.model import (
 from listmilter.store.db import Database, sqlite_errors
 
 # The schema, step by step (listmilter.store.db): step 1 is 0.1.0's first
-# schema, step 2 added the consent record. Both also make the yaml backend's overlay.
+# schema, step 2 added the consent record, step 3 the delivery reports' posts. All also make the
+# yaml backend's overlay.
 MIGRATIONS = (
     """
 CREATE TABLE IF NOT EXISTS lists (
@@ -68,6 +69,23 @@ CREATE TABLE IF NOT EXISTS events (
     at       REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_member ON events(list, key);
+""",
+    """
+-- Delivery reports (core/report.py): each post sent to a list, written when the MTA took its
+-- copies, and when each list's weekly report last went to its owners. Keyed by list address.
+CREATE TABLE IF NOT EXISTS posts (
+    list       TEXT NOT NULL,
+    post_id    TEXT NOT NULL,
+    at         REAL NOT NULL,
+    recipients INTEGER NOT NULL,
+    refused    INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (list, post_id)
+);
+CREATE INDEX IF NOT EXISTS posts_at ON posts(list, at);
+CREATE TABLE IF NOT EXISTS reports_sent (
+    list     TEXT PRIMARY KEY,
+    at       REAL NOT NULL
+);
 """,
 )
 # Status of an overlay row (yaml backend) for someone listed in the file who left.
@@ -309,6 +327,56 @@ class SQLiteStore:
             "SELECT m.address, m.name, m.attrs, m.status, m.added FROM members m "
             "JOIN lists ON lists.id = m.list_id WHERE lists.address=?", (addresses.key(list_address),))
         return {addresses.key(m.address): m for m in map(self._member, rows)}
+
+    # -- delivery reports (core/report.py) ------------------------------------
+    @sqlite_errors
+    def record_post(self, list_address: str, post_id: str, at: float, recipients: int, refused: int = 0) -> None:
+        """A post the MTA took for `recipients` members; a fan-out resumed after a crash writes
+        its row again with the final count."""
+        with self._write() as conn:
+            conn.execute("INSERT INTO posts(list, post_id, at, recipients, refused) VALUES (?, ?, ?, ?, ?) "
+                         "ON CONFLICT(list, post_id) DO UPDATE SET recipients=excluded.recipients, "
+                         "refused=excluded.refused",
+                         (addresses.key(list_address), post_id, at, recipients, refused))
+
+    @sqlite_errors
+    def forget_post(self, list_address: str, post_id: str) -> None:
+        """A held post that was never sent (rejected, discarded, expired) leaves the report."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM posts WHERE list=? AND post_id=?", (addresses.key(list_address), post_id))
+
+    @sqlite_errors
+    def posts(self, list_address: str, since: float = 0) -> list[tuple[str, float, int, int]]:
+        """(post_id, at, recipients, refused) of the list's posts since `since`, oldest first."""
+        return [tuple(r) for r in self._conn().execute(
+            "SELECT post_id, at, recipients, refused FROM posts WHERE list=? AND at>=? ORDER BY at, post_id",
+            (addresses.key(list_address), since))]
+
+    @sqlite_errors
+    def report_sent(self, list_address: str) -> float | None:
+        """When the list's weekly report last went out (None: never)."""
+        row = self._conn().execute("SELECT at FROM reports_sent WHERE list=?",
+                                   (addresses.key(list_address),)).fetchone()
+        return row[0] if row else None
+
+    @sqlite_errors
+    def claim_report(self, list_address: str, now: float, last_before: float) -> bool:
+        """Note that the weekly report goes out now, unless one went out at or after `last_before`
+        (another process or host claimed it meanwhile): True if this caller is to send it."""
+        with self._write() as conn:
+            row = conn.execute("INSERT INTO reports_sent(list, at) VALUES (?, ?) ON CONFLICT(list) DO UPDATE "
+                               "SET at=excluded.at WHERE reports_sent.at < ? RETURNING list",
+                               (addresses.key(list_address), now, last_before)).fetchone()
+        return row is not None
+
+    @sqlite_errors
+    def unclaim_report(self, list_address: str, previous: float | None) -> None:
+        """Undo claim_report when the mail could not be sent (the next run tries again)."""
+        with self._write() as conn:
+            if previous is None:
+                conn.execute("DELETE FROM reports_sent WHERE list=?", (addresses.key(list_address),))
+            else:
+                conn.execute("UPDATE reports_sent SET at=? WHERE list=?", (previous, addresses.key(list_address)))
 
     @sqlite_errors
     def check(self) -> list[str]:

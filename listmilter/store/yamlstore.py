@@ -150,6 +150,32 @@ class YAMLStore:
             key, current, status, "enabled" if status == ACTIVE else "disabled", how, who, detail)
         return True
 
+    # Delivery reports: kept in the overlay beside the run-time changes.
+    def record_post(self, list_address: str, post_id: str, at: float, recipients: int, refused: int = 0) -> None:
+        self._writable_overlay().record_post(self._list_key(list_address), post_id, at, recipients, refused)
+
+    def forget_post(self, list_address: str, post_id: str) -> None:
+        key = self._list_key(list_address)
+        state = self._overlay_store(create=False)
+        if state:
+            state.forget_post(key, post_id)
+
+    def posts(self, list_address: str, since: float = 0) -> list[tuple[str, float, int, int]]:
+        key = self._list_key(list_address)
+        state = self._overlay_store(create=False)
+        return state.posts(key, since) if state else []
+
+    def report_sent(self, list_address: str) -> float | None:
+        key = self._list_key(list_address)
+        state = self._overlay_store(create=False)
+        return state.report_sent(key) if state else None
+
+    def claim_report(self, list_address: str, now: float, last_before: float) -> bool:
+        return self._writable_overlay().claim_report(self._list_key(list_address), now, last_before)
+
+    def unclaim_report(self, list_address: str, previous: float | None) -> None:
+        self._writable_overlay().unclaim_report(self._list_key(list_address), previous)
+
     def _read_only(self, *args: Any, **kw: Any) -> NoReturn:
         raise ReadOnlyStore(f"lists in the yaml store are edited in {self.path} (under lists:); "
                             "listmilter picks up the change by itself")

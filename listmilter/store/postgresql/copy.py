@@ -2,7 +2,8 @@
 
 What is copied, from the config's state folder:
 
-    listmilter.sqlite (store.backend sqlite)    lists, list_settings, members, events
+    listmilter.sqlite (store.backend sqlite)    lists, list_settings, members, events, posts,
+                                                reports_sent
     or state.sqlite (the yaml overlay)
     pending.sqlite                              pending, sent, held
     bounces.sqlite                              scores, bounces
@@ -29,7 +30,7 @@ from listmilter.store import StoreError
 from listmilter.store.postgresql import db as pgdb
 from listmilter.store.postgresql.stores import LISTS_POSTGRESQL, LISTS_YAML
 
-LIST_TABLES = ("lists", "list_settings", "members", "events")
+LIST_TABLES = ("lists", "list_settings", "members", "events", "posts", "reports_sent")
 PENDING_TABLES = ("pending", "sent", "held")
 BOUNCE_TABLES = ("scores", "bounces")
 # Emptied by `replace`; also what "not empty" looks at.

@@ -145,4 +145,20 @@ CREATE TABLE held (
     done       double precision
 );
 CREATE INDEX held_hash ON held(hash);
+""", """
+-- Delivery reports (listmilter.sqlite's posts and reports_sent, core/report.py): each post sent
+-- to a list, and when each list's weekly report last went to its owners (one host sends it).
+CREATE TABLE posts (
+    list       text NOT NULL,
+    post_id    text NOT NULL,
+    at         double precision NOT NULL,
+    recipients integer NOT NULL,
+    refused    integer NOT NULL DEFAULT 0,
+    PRIMARY KEY (list, post_id)
+);
+CREATE INDEX posts_at ON posts(list, at);
+CREATE TABLE reports_sent (
+    list     text PRIMARY KEY,
+    at       double precision NOT NULL
+);
 """)
