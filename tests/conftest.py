@@ -138,6 +138,8 @@ class SendmailBed(Bed):
         self.sink = Sink().start()
         # Sendmail refuses a milter socket under a world-writable folder such as /tmp.
         sendmail_dir = run_dir()
+        # Held posts are in Sendmail's quarantine, listed and released through this instance's command.
+        extra = {"mta": {"type": "sendmail", "sendmail": str(sendmail_dir / "sendmail-command")}, **(extra or {})}
         self.listmilter = ListmilterServer(self.dir / "listmilter", backend,
                                            milter_path=sendmail_dir / "listmilter.sock", extra=extra)
         self.sendmail = self.mta = Sendmail(workdir=sendmail_dir,
