@@ -50,7 +50,7 @@ R$* $| $*		$: $1
 """
 
 
-def run_dir() -> Path:
+def run_dir(prefix: str = "sendmail-") -> Path:
     """A fresh folder for one instance, where Sendmail accepts files and sockets as safe.
 
     Sendmail refuses a file whose folders up to / are writable by group or others,
@@ -59,7 +59,7 @@ def run_dir() -> Path:
     for folder in (RUN_DIR.parent, RUN_DIR):
         folder.mkdir(mode=0o755, exist_ok=True)
         os.chmod(folder, 0o755)
-    d = Path(tempfile.mkdtemp(prefix="sendmail-", dir=RUN_DIR))
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=RUN_DIR))
     d.chmod(0o755)
     return d
 
