@@ -194,3 +194,21 @@ def test_a_post_nobody_decides_on_expires_after_hold_days(bed, owner):
     [told] = bed.sink.for_recipient(POSTER)
     assert told.message["Subject"] == f"Your post to {lst} was not sent"
     assert not bed.sink.for_recipient(member) and queue_files(bed, queue_id) == []
+
+
+@pytest.mark.parametrize("own_smbed", [{"reinject": True}], indirect=True)
+def test_a_held_post_of_a_list_with_a_footer_fans_out_once_approved(own_smbed, owner):
+    """With outgoing.reinject the quarantined message is the post queued for its fan-out: once
+    released, serve sends each member a copy of their own, footer included (docs/moderation.md)."""
+    bed = own_smbed
+    members = ["m-foot1@example.com", "m-foot2@example.com"]
+    lst = new_list(bed, owner, members, footer="-- \nthe footer of the list\n")
+    queue_id, _ = post_held(bed, lst, owner, "to a footer list")
+    bed.settle()
+    assert not any(bed.sink.for_recipient(m) for m in members)
+    assert cli(bed.listmilter.config_path, "held", "approve", queue_id).stdout == f"{queue_id}: approved, released\n"
+    wait_until(lambda: all(bed.sink.for_recipient(m) for m in members), 60, what="the members' copies")
+    bed.settle()
+    for m in members:
+        [got] = bed.sink.for_recipient(m)
+        assert "the footer of the list" in got.message.get_body(("plain",)).get_content()
