@@ -39,7 +39,7 @@ class Bed:
     """Sink + listmilter + Postfix, wired as docs/postfix.md says."""
 
     def __init__(self, backend: str = "sqlite", unix_sockets: bool = False, extra: dict | None = None,
-                 reinject: bool = True):
+                 reinject: bool = True, signing_milter: str | None = None, main_cf: dict | None = None):
         self.dir = Path(tempfile.mkdtemp(prefix=f"lmbed-{backend}-"))
         self.dir.chmod(0o755)
         self.sink = Sink().start()
@@ -57,7 +57,8 @@ class Bed:
                                            extra=extra)
         self.postfix = self.mta = Postfix(milter=None, sink_port=self.sink.port,
                                           config_path=self.listmilter.config_path, workdir=self.dir / "postfix",
-                                          reinject_port=free_port() if reinject else None)
+                                          reinject_port=free_port() if reinject else None,
+                                          reinject_milters=signing_milter or "", main_cf=main_cf)
         # Personal posts fan out from Postfix's queue into its listener without milters.
         self.listmilter.reinject_port = self.postfix.reinject_port
         try:
@@ -66,7 +67,8 @@ class Bed:
             self.listmilter.write_config()
             self.listmilter.start()
             # Its ports are final now (a start that found one taken picked others).
-            self.postfix.milter = self.listmilter.milter_spec
+            # A signing milter (OpenDKIM, docs/postfix.md) comes after listmilter: it signs the post as expanded.
+            self.postfix.milter = ", ".join(filter(None, [self.listmilter.milter_spec, signing_milter]))
             self.postfix.socketmap = self.listmilter.socketmap_spec
             port = self.postfix.port
             self.postfix.start()
@@ -138,6 +140,8 @@ class SendmailBed(Bed):
         self.sink = Sink().start()
         # Sendmail refuses a milter socket under a world-writable folder such as /tmp.
         sendmail_dir = run_dir()
+        # Held posts are in Sendmail's quarantine, listed and released through this instance's command.
+        extra = {"mta": {"type": "sendmail", "sendmail": str(sendmail_dir / "sendmail-command")}, **(extra or {})}
         self.listmilter = ListmilterServer(self.dir / "listmilter", backend,
                                            milter_path=sendmail_dir / "listmilter.sock", extra=extra)
         self.sendmail = self.mta = Sendmail(workdir=sendmail_dir,

@@ -242,3 +242,19 @@ def test_bounces_commands_say_when_there_is_nothing(cfg):
     assert cli(cfg, "bounces", "--kept").stdout == "no bounce mail kept for any list\n"
     assert cli(cfg, "bounces", "dev@example.org", "--kept").stdout == "no bounce mail kept for dev@example.org\n"
     assert cli(cfg, "bounces").stdout == "no bouncing members on any list\n"
+
+
+def test_check_under_sendmail_checks_its_program_and_skips_postfix(tmp_path):
+    path = tmp_path / "sm.yaml"
+    path.write_text(f"state_dir: {tmp_path}/state\nmta:\n  type: sendmail\n  sendmail: {tmp_path}/nosuch\n")
+    proc = cli(path, "check", check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert f"mta.sendmail: {tmp_path}/nosuch is not an executable file" in proc.stderr
+    assert "postfix" not in proc.stderr.lower() and "Traceback" not in proc.stderr
+    program = tmp_path / "sendmail"
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(0o755)
+    path.write_text(f"state_dir: {tmp_path}/state\nmta:\n  type: sendmail\n  sendmail: {program}\n")
+    proc = cli(path, "check", check=False)
+    assert f"mta: sendmail ({program}); Postfix checks skipped" in proc.stdout + proc.stderr, proc.stderr
+    assert "mta.sendmail" not in proc.stderr

@@ -14,7 +14,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from listmilter.app import held
-from listmilter.core import config, dmarc, moderation, plan, settings
+from listmilter.core import config, dmarc, moderation, plan, sendmail_queue, settings
 from listmilter.core.moderation import ACCEPT, DISCARD, HOLD, REJECT, Rules
 from listmilter.core.plan import DROPPED, LIST, PLAIN, REFUSED, Recipient
 from listmilter.store.pending import PendingDB
@@ -448,3 +448,97 @@ def test_the_owners_notice_is_written_for_any_post(subject, from_, body):
     assert msg["Subject"].endswith(f"(approve {CODE})") and msg["Reply-To"] == "dev-request@example.org"
     assert moderation.reply_decision("Re: " + str(msg["Subject"]), []) == ("approve", CODE)
     assert "listmilter held approve 4ABC" in msg.get_content()
+
+
+# -- Sendmail's quarantine: its listing (core/sendmail_queue.py) and its files (app/holdqueue.py) ------
+MAILQ_QQ = """\
+\t\t/var/spool/mqueue (3 requests)
+-----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Recipient-----------
+6B2LbAjB025887      305 Wed Dec  2 21:37 <out@example.net>
+     QUARANTINE: listmilter: held for the owners of dev@example.org: out@example.net is not a member
+\t\t\t\t\t <m1@example.com>
+\t\t\t\t\t <m2@example.com>
+6B2LbAjB025888*       3 Tue Dec  1 09:05 <>
+     QUARANTINE: another filter's reason
+\t\t\t\t\t <x@example.com>
+6B2LbAjB025889     1000 Thu Dec 31 23:59 <a@example.net>
+                 (Deferred: Connection refused by [127.0.0.1])
+\t\t\t\t\t <y@example.com>
+\t\tTotal requests: 3
+\t\t/var/spool/mqueue/q2 is empty
+"""
+
+
+def test_the_sendmail_quarantine_listing_is_read_entry_by_entry():
+    now = time.mktime((2026, 12, 2, 22, 0, 0, 0, 0, -1))
+    entries = sendmail_queue.parse_listing(MAILQ_QQ, now)
+    assert [(e.queue_id, e.folder, e.size, e.sender, e.recipients) for e in entries] == [
+        ("6B2LbAjB025887", "/var/spool/mqueue", 305, "out@example.net", 2),
+        ("6B2LbAjB025888", "/var/spool/mqueue", 3, "", 1),
+        ("6B2LbAjB025889", "/var/spool/mqueue", 1000, "a@example.net", 1)]
+    assert entries[0].reason.startswith("listmilter: held for the owners of dev@example.org: out@")
+    assert entries[1].reason == "another filter's reason" and entries[2].reason == ""
+    # No year in the listing: the latest such moment, so 31 December is last year's.
+    assert entries[0].arrival == time.mktime((2026, 12, 2, 21, 37, 0, 0, 0, -1))
+    assert entries[2].arrival == time.mktime((2025, 12, 31, 23, 59, 0, 0, 0, -1))
+    assert sendmail_queue.parse_listing("/var/spool/mqueue is empty\n\t\tTotal requests: 0\n", now) == []
+
+
+@given(st.text(max_size=2000), st.floats(min_value=0, max_value=4e9))
+@example(MAILQ_QQ.replace("Dec  2", "Feb 29"), 1.7e9)
+@example(MAILQ_QQ.replace("305", "9" * 40), 1.7e9)
+def test_any_listing_is_read_without_an_exception(text, now):
+    for e in sendmail_queue.parse_listing(text, now):
+        assert sendmail_queue.valid_id(e.queue_id) and e.size >= 0 and e.recipients >= 0
+
+
+@pytest.mark.parametrize("queue_id, ok", [("6B2LbAjB025887", True), ("../../etc/passwd", False), ("", False),
+                                          ("6B2LbAjB02588/", False), ("*", False), ("6B2LbAjB025887\n", False)])
+def test_only_a_plain_queue_id_names_files(queue_id, ok):
+    assert sendmail_queue.valid_id(queue_id) is ok
+
+
+def test_removing_a_quarantined_entry_takes_its_files_and_waits_for_no_lock(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from listmilter.app import holdqueue
+    qid = "6B2LbAjB025887"
+    for name in (f"hf{qid}", f"df{qid}", f"xf{qid}", "qf6B2LbAjB025888", "df6B2LbAjB025888"):
+        (tmp_path / name).write_text("x")
+    monkeypatch.setattr(holdqueue, "LOCK_WAIT", 0.3)
+    # Another process working on the entry (Sendmail locks its control file meanwhile).
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl,sys,time\n"
+                               f"f=open({str(tmp_path / ('hf' + qid))!r});fcntl.flock(f,fcntl.LOCK_SH)\n"
+                               "print('locked',flush=True);time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(holdqueue.QueueError, match="locked by a Sendmail queue run"):
+            holdqueue.remove_quarantined(str(tmp_path), qid)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / f"df{qid}").exists()            # nothing removed while it was locked
+    assert holdqueue.remove_quarantined(str(tmp_path), qid) is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["df6B2LbAjB025888", "qf6B2LbAjB025888"]
+    assert holdqueue.remove_quarantined(str(tmp_path), qid) is False        # gone already
+    assert holdqueue.remove_quarantined(str(tmp_path), "6B2LbAjB025888") is False   # not quarantined: a qf
+    assert holdqueue.remove_quarantined(str(tmp_path), "../x") is False
+
+
+def test_the_mta_key_chooses_the_queue(tmp_path):
+    from listmilter.app import holdqueue
+    cfg = config.parse("mta:\n  type: sendmail\n  sendmail: /usr/local/bin/sm\n")
+    queue = holdqueue.queue_for(cfg)
+    assert isinstance(queue, holdqueue.SendmailQueue) and queue.program == "/usr/local/bin/sm"
+    assert isinstance(holdqueue.queue_for(config.parse("")), holdqueue.PostfixQueue)
+    assert config.parse("mta:\n  type: sendmail\n").sendmail_program == "/usr/sbin/sendmail"
+    for text, error in [("mta:\n  type: exim\n", "<string>:2: mta.type must be postfix or sendmail"),
+                        ("mta:\n  sendmail: /usr/sbin/sendmail\n", "<string>:2: mta.sendmail is Sendmail's program; "
+                                                                   "it needs mta.type: sendmail"),
+                        ("mta:\n  type: sendmail\n  sendmail: sendmail\n", "<string>:3: mta.sendmail must be an "
+                                                                             "absolute path"),
+                        ("mta:\n  kind: sendmail\n", "<string>:2: unknown key 'kind' in mta")]:
+        with pytest.raises(config.ConfigError) as info:
+            config.parse(text)
+        assert str(info.value).startswith(error), str(info.value)

@@ -1,30 +1,27 @@
 """Held posts, applied: the MTA's hold queue, the pending database's `held` rows, the notices.
 
 A post that core.moderation holds is expanded as usual, recorded here and
-put on Postfix's hold queue by the milter (quarantine). Approving it is
-`postsuper -H ID` (released mail does not pass the milter again: it goes to
-the members the milter added); rejecting or discarding it is
-`postsuper -d ID hold`. A decision is first recorded (once: the first one
-counts), then carried out; when the queue cannot be told now (postsuper
-needs root: `listmilter deliver` runs as the pipe user), `serve`'s periodic
+put on the MTA's hold queue by the milter (quarantine). Approving it is
+releasing it (released mail does not pass the milter again: it goes to
+the members the milter added); rejecting or discarding it is deleting it
+from there. A decision is first recorded (once: the first one
+counts), then carried out; when the queue cannot be told now (the queue commands
+need root: `listmilter deliver` runs as the pipe user), `serve`'s periodic
 run carries it out, and expires posts nobody decided on after `hold_days`.
 
-Postfix's commands find their instance as postconf does: $MAIL_CONFIG, else
-the default config directory (listmilter.mta.postfix_check).
+The queue is Postfix's hold queue or Sendmail's quarantine (config `mta.type`): the
+commands for each are in app/holdqueue.py, which this module reaches through `queue_for`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import threading
 import time
-from dataclasses import dataclass
 
 from listmilter.app import notices, outgoing
+from listmilter.app.holdqueue import QueueEntry, QueueError, queue_for
 from listmilter.core import addresses, headers, mailparse, moderation
-from listmilter.core.errors import PermanentError, TemporaryError
+from listmilter.core.errors import PermanentError
 from listmilter.core.tokens import HeldPost
 from listmilter.log import fields, logger
 
@@ -32,77 +29,10 @@ APPROVE, REJECT, DISCARD, EXPIRE = "approve", "reject", "discard", "expire"
 DECISIONS = (APPROVE, REJECT, DISCARD)
 SUMMARY_BODY = 16 * 1024        # characters of the body read for the owners' summary
 KEEP_DONE_DAYS = 30             # rows of carried-out decisions are kept this long (for `listmilter held`)
-PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
-
-
-class QueueError(TemporaryError):
-    """The MTA's queue could not be read or changed now."""
 
 
 class HeldError(PermanentError):
     """No such held post, or a decision that cannot be taken."""
-
-
-@dataclass(frozen=True)
-class QueueEntry:
-    queue_id: str
-    arrival: float
-    size: int
-    sender: str
-    recipients: int
-
-
-class PostfixQueue:
-    """Postfix's hold queue, through postqueue (anyone may read it) and postsuper (root:
-    through `sudo -n` when not root, docs/moderation.md gives the sudoers line)."""
-
-    def __init__(self, env: dict[str, str] | None = None):
-        self.env = {**os.environ, "PATH": PATH, **(env or {})}
-
-    def _run(self, argv: list[str], root: bool = False) -> subprocess.CompletedProcess:
-        if root and os.geteuid() != 0:
-            argv = ["sudo", "-n", *argv]
-        try:
-            return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=self.env)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise QueueError(f"{argv[0]}: {e}") from None
-
-    def held(self) -> dict[str, QueueEntry]:
-        """The messages on the hold queue, by queue id."""
-        proc = self._run(["postqueue", "-j"])
-        if proc.returncode != 0:
-            raise QueueError(f"postqueue -j: {(proc.stderr.strip().splitlines() or ['exit %d' % proc.returncode])[-1]}")
-        out = {}
-        for line in proc.stdout.splitlines():
-            try:
-                item = json.loads(line)
-            except ValueError:
-                continue
-            if item.get("queue_name") != "hold":
-                continue
-            out[item["queue_id"]] = QueueEntry(item["queue_id"], float(item.get("arrival_time", 0)),
-                                               int(item.get("message_size", 0)), item.get("sender", ""),
-                                               len(item.get("recipients", [])))
-        return out
-
-    def _super(self, *args: str) -> str:
-        proc = self._run(["postsuper", *args], root=True)
-        if proc.returncode != 0:
-            raise QueueError(f"postsuper {' '.join(args)}: "
-                             f"{(proc.stderr.strip().splitlines() or ['exit %d' % proc.returncode])[-1]}")
-        return proc.stderr
-
-    def release(self, queue_id: str) -> bool:
-        """Back to the queue for delivery; False when it is not on the hold queue."""
-        return ": released from hold" in self._super("-H", queue_id)
-
-    def delete(self, queue_id: str) -> bool:
-        """Deleted from the hold queue; False when it is not there."""
-        return ": removed" in self._super("-d", queue_id, "hold")
-
-
-def queue_for(config) -> PostfixQueue:
-    return PostfixQueue()
 
 
 # -- holding a post: called by the milter at end of message ---------------------------

@@ -30,6 +30,16 @@ def queue_file_estimate(recipients: list[str]) -> int:
     return sum(3 * len(r) + QUEUE_BYTES_PER_RECIPIENT for r in recipients) + QUEUE_BYTES_MESSAGE_ALLOWANCE
 
 
+def _check_sendmail(cfg, report: Report) -> None:
+    """mta.type sendmail: held posts are listed and released with mta.sendmail (docs/moderation.md)."""
+    program = cfg.sendmail_program
+    if not os.path.isfile(program) or not os.access(program, os.X_OK):
+        report.errors.append(f"mta.sendmail: {program} is not an executable file; `listmilter held` "
+                             "needs it for posts held in Sendmail's quarantine")
+    else:
+        report.notes.append(f"mta: sendmail ({program}); Postfix checks skipped")
+
+
 def run(path: str, explicit: bool) -> Report:
     report = Report()
     try:
@@ -39,8 +49,10 @@ def run(path: str, explicit: bool) -> Report:
         return report
     report.notes.append(f"config: {cfg.path or 'built-in defaults (no ' + path + ')'}")
     limit = None    # Postfix's message_size_limit
-    postfix = mta.Postfix.ask()
-    if postfix is None:
+    postfix = mta.Postfix.ask() if cfg.mta == "postfix" else None
+    if cfg.mta == "sendmail":
+        _check_sendmail(cfg, report)
+    elif postfix is None:
         report.notes.append("postfix: postconf not found; Postfix checks skipped")
     elif postfix.error:
         report.errors.append(f"postfix: postconf cannot read the Postfix config ({postfix.error}); "

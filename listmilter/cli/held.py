@@ -14,7 +14,7 @@ def add_parsers(sub) -> None:
     s.set_defaults(handler=admin(_held))
     s.add_argument("words", nargs="*", metavar="LIST | approve|reject|discard QUEUEID...",
                    help="a list to show only its held posts; or a decision and the queue ids "
-                        "(as in Postfix's `250 ... queued as ID`, `postqueue -p`)")
+                        "(as in the MTA's `250 ...` reply, `postqueue -p`, Sendmail's `mailq -qQ`)")
     s.add_argument("--run", action="store_true",
                    help="carry out decisions taken by reply and expire old posts now "
                         "(listmilter serve does this every 5 minutes)")

@@ -107,6 +107,9 @@ class Config:
     web: Web = Web()
     # dns.nameservers: (IP address, port) for DMARC lookups; empty: the system's resolver (resolv.conf).
     dns_nameservers: tuple[tuple[str, int], ...] = ()
+    # mta.type: whose hold queue a held post is on (app/holdqueue.py); mta.sendmail: Sendmail's program.
+    mta: str = "postfix"
+    sendmail_program: str = "/usr/sbin/sendmail"
     mtime: float | None = None
 
     def effective(self, name: str, list_settings: dict[str, Any]) -> settings.Effective:
@@ -170,7 +173,8 @@ def _line(node: yaml.Node) -> int:
 class _Builder:
     """Turns the composed YAML tree into a Config, checking every value."""
 
-    TOP = {"milter", "socketmap", "store", "state_dir", "lists", "outgoing", "defaults", "site", "log", "web", "dns"}
+    TOP = {"milter", "socketmap", "store", "state_dir", "lists", "outgoing", "defaults", "site", "log", "web", "dns",
+           "mta"}
 
     def __init__(self, path: str):
         self.path = path
@@ -297,6 +301,8 @@ class _Builder:
             m = self.mapping(top["dns"][1], "dns", {"nameservers"})
             if "nameservers" in m:
                 kw["dns_nameservers"] = self.nameservers(m["nameservers"][1])
+        if "mta" in top:
+            self.mta(top["mta"][1], kw)
         if "lists" in top:
             kw["lists"] = self.lists(top["lists"][1])
             if kw["lists"] and kw.get("backend", "sqlite") != "yaml":
@@ -336,6 +342,21 @@ class _Builder:
             if not path.startswith("/"):
                 raise self.error(m["password_file"][1], "store.password_file must be an absolute path")
             kw["password_file"] = path
+
+    def mta(self, node: yaml.Node, kw: dict[str, Any]) -> None:
+        m = self.mapping(node, "mta", {"type", "sendmail"})
+        if "type" in m:
+            kind = self.string(m["type"][1], "mta.type")
+            if kind not in ("postfix", "sendmail"):
+                raise self.error(m["type"][1], f"mta.type must be postfix or sendmail (got {kind!r})")
+            kw["mta"] = kind
+        if "sendmail" in m:
+            if kw.get("mta") != "sendmail":
+                raise self.error(m["sendmail"][0], "mta.sendmail is Sendmail's program; it needs mta.type: sendmail")
+            path = self.string(m["sendmail"][1], "mta.sendmail")
+            if not path.startswith("/"):
+                raise self.error(m["sendmail"][1], "mta.sendmail must be an absolute path")
+            kw["sendmail_program"] = path
 
     def outgoing(self, node: yaml.Node) -> Outgoing:
         m = self.mapping(node, "outgoing", {"smtp", "sendmail", "reinject", "sessions"})

@@ -450,7 +450,7 @@ class ListMilter(Milter.Base):
 
     def _quarantine(self, queue_id: str, list_address: str, reason: str) -> None:
         """After the edits: the expanded post goes on the MTA's hold queue (Postfix: `postqueue -p`
-        shows it with !); approving it releases it to the members added above."""
+        shows it with !; Sendmail: `mailq -qQ`); approving it releases it to the members added above."""
         self.quarantine(f"listmilter: held for the owners of {list_address}: {reason}"[:200])
         self._log(queue_id, f"held ({reason})", list_address, client=True)
 

@@ -72,9 +72,10 @@ def pipe_runtime() -> Path:
 
 
 # The re-injection listener docs/postfix.md gives (personal copies from serve's fan-out).
+# With a signing milter (docs/postfix.md, "Signing list mail with OpenDKIM") it runs that one alone.
 REINJECT_SERVICE = ("127.0.0.1:{port} inet n - n - - smtpd"
                     " -o syslog_name=postfix/reinject"
-                    " -o smtpd_milters= -o receive_override_options=no_milters,no_header_body_checks"
+                    " -o smtpd_milters={milters} -o receive_override_options={overrides}no_header_body_checks"
                     " -o smtpd_client_restrictions= -o smtpd_helo_restrictions="
                     " -o smtpd_sender_restrictions= -o smtpd_relay_restrictions="
                     " -o smtpd_recipient_restrictions=permit_mynetworks,reject"
@@ -87,7 +88,7 @@ class Postfix:
     def __init__(self, *, milter: str | None, sink_port: int, config_path: Path | None = None,
                  socketmap: str | None = None, list_domain: str = "example.org",
                  main_cf: dict[str, str] | None = None, workdir: Path | None = None,
-                 reinject_port: int | None = None):
+                 reinject_port: int | None = None, reinject_milters: str = ""):
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="postfix-"))
         self.port = free_port()
         self.milter = milter
@@ -97,6 +98,7 @@ class Postfix:
         self.list_domain = list_domain
         self.extra = dict(main_cf or {})
         self.reinject_port = reinject_port      # the re-injection smtpd without milters (docs/postfix.md)
+        self.reinject_milters = reinject_milters    # ... but for a signing milter, if given
         self.pipe_log = self.dir / "pipe.log"
         self.config_by_env = False      # the pipe finds its config by $LISTMILTER_CONFIG, not -c
         self.running = False
@@ -162,7 +164,8 @@ class Postfix:
         self.postconf("-F", "*/*/chroot = n")
         if self.reinject_port:
             self.postconf("-Me", f"127.0.0.1:{self.reinject_port}/inet = " + REINJECT_SERVICE.format(
-                port=self.reinject_port))
+                port=self.reinject_port, milters=self.reinject_milters,
+                overrides="" if self.reinject_milters else "no_milters,"))
         if self.socketmap:
             runtime = pipe_runtime()
             config = f"-c {self.config_path} " if self.config_path else ""

@@ -50,7 +50,7 @@ R$* $| $*		$: $1
 """
 
 
-def run_dir() -> Path:
+def run_dir(prefix: str = "sendmail-") -> Path:
     """A fresh folder for one instance, where Sendmail accepts files and sockets as safe.
 
     Sendmail refuses a file whose folders up to / are writable by group or others,
@@ -59,7 +59,7 @@ def run_dir() -> Path:
     for folder in (RUN_DIR.parent, RUN_DIR):
         folder.mkdir(mode=0o755, exist_ok=True)
         os.chmod(folder, 0o755)
-    d = Path(tempfile.mkdtemp(prefix="sendmail-", dir=RUN_DIR))
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=RUN_DIR))
     d.chmod(0o755)
     return d
 
@@ -164,6 +164,7 @@ MAILER(`smtp')dnl
         (d / "service.switch").write_text("hosts files\naliases files\n")
         (d / "hosts").write_text("127.0.0.1 localhost mx.example.test\n")
         self._write_alias_program()
+        self._write_command()
         (d / "aliases").write_text("postmaster: root\n" + "".join(
             f'{name}: "|{self.alias_command(address)}"\n' for name, address in self.aliases.items()))
         (d / "helpfile").write_text("")
@@ -196,6 +197,18 @@ MAILER(`smtp')dnl
         wrapper.write_text(f"#!/bin/sh\nexec /usr/bin/env PYTHONPATH={runtime} LISTMILTER_LOG={self.pipe_log}"
                            f" {runtime}/bin/listmilter{config} \"$@\"\n")
         wrapper.chmod(0o755)
+
+    @property
+    def command(self) -> Path:
+        """This instance's sendmail command, for listmilter's `mta.sendmail` (docs/sendmail.md)."""
+        return self.dir / "sendmail-command"
+
+    def _write_command(self) -> None:
+        # An admin's is /usr/sbin/sendmail itself; here the .cf is a private one and the host
+        # name must be an FQDN (sendmail_cmd says why).
+        self.command.write_text("#!/bin/sh\nexec unshare -u sh -c 'hostname mx.example.test && exec \"$@\"' sh "
+                                f"{SENDMAIL} -C {self.cf} \"$@\"\n")
+        self.command.chmod(0o755)
 
     def sendmail_cmd(self, *args: str, input: bytes | None = None, timeout: float = 60
                      ) -> subprocess.CompletedProcess:
