@@ -41,6 +41,7 @@ import pytest
 
 from tests.bed.listmilter import cli
 from tests.bed.net import free_port, wait_until
+from tests.bed.procs import alive
 from tests.bed.relay import HoldingRelay
 from tests.conftest import Bed, message
 
@@ -195,20 +196,12 @@ def assert_killed_itself(bed: Bed, timeout: float = 60) -> None:
     assert bed.listmilter.proc.wait(timeout) == -signal.SIGKILL
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def wait_for_smtpd_to_forget(bed: Bed) -> None:
     """Wait until every smtpd that answered "Temporary lookup failure" has exited: it keeps
     that failure cached for (sender, recipient) as long as it lives (max_idle)."""
     refused = r"postfix/smtpd\[(\d+)\]: NOQUEUE: reject: RCPT .*: Temporary lookup failure"
     pids = {int(p) for p in re.findall(refused, bed.postfix.log())}
-    wait_until(lambda: not any(_alive(p) for p in pids), 30, what=f"smtpd {pids} to exit")
+    wait_until(lambda: not any(alive(p) for p in pids), 30, what=f"smtpd {pids} to exit")
 
 
 # -- a client that stops where a row needs it ------------------------------------------

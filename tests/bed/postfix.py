@@ -304,8 +304,4 @@ def _alive(pidfile: Path) -> bool:
         pid = int(pidfile.read_text().split()[0])
     except (FileNotFoundError, ValueError, IndexError):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    return alive(pid)

@@ -7,11 +7,13 @@ from pathlib import Path
 
 
 def alive(pid: int) -> bool:
+    """Running, that is: a zombie is not. A daemon's parent is init, which may reap it
+    seconds later (Postfix's master after `postfix stop`)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
-    return True
+    return state not in ("Z", "X")
 
 
 def descendants(pid: int) -> list[int]:
