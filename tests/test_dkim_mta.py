@@ -137,7 +137,7 @@ def test_a_post_from_a_p_reject_domain_is_munged_and_signed_aligned_for_the_list
 def test_personal_copies_from_the_fan_out_are_signed_on_the_re_injection_listener(bed):
     b, server, keys, _ = bed
     members = ["m-fan1@example.com", "m-fan2@example.com"]
-    lst = b.new_list(members, posting="open", name="dev", footer="-- \nthe dev list\n")
+    lst = b.new_list(members, posting="open", name="dev", footer="-- \nthe dev list, to {member}\n")
     b.smtp("alice@none.test", [lst], signed_post(keys, "none.test", lst, "fanned out"))
     wait_until(lambda: all(b.sink.for_recipient(m) for m in members), 60, what="the personal copies")
     b.settle()

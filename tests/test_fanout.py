@@ -140,18 +140,20 @@ def test_a_member_refused_for_good_is_logged_and_skipped(clean_bed):
 KILLED = 20000
 
 
-def _fan_out_processes(config_path) -> list[int]:
-    """The `listmilter -c CONFIG deliver <list>-fanout+CODE@...` processes of this bed (by its
-    config file: other tests may run beside this one) running now."""
-    config = os.fsencode(config_path)
+def _fan_out_processes(bed) -> list[int]:
+    """The `listmilter deliver <list>-fanout+CODE@...` processes of this bed's pipe transport
+    (by the log file its master.cf line gives them: other tests may run beside this one)."""
+    mark = b"LISTMILTER_LOG=" + os.fsencode(bed.postfix.pipe_log)
     out = []
     for pid in os.listdir("/proc"):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
         except OSError:
             continue
-        if b"deliver" in argv and config in argv and any(b"-fanout+" in a for a in argv) \
+        if b"deliver" in argv and mark in environ and any(b"-fanout+" in a for a in argv) \
                 and not argv[0].endswith(b"pipe"):
             out.append(int(pid))
     return out
@@ -170,7 +172,7 @@ def test_serve_killed_half_way_through_a_20000_member_fan_out_loses_nobody(own_b
     wait_until(lambda: len(bed.sink.deliveries()) >= KILLED // 3, 300, interval=0.2,
                what="a third of the copies")
     # The fan-out runs in the pipe's `deliver` process: kill it, and serve with it.
-    (fanning,) = _fan_out_processes(bed.listmilter.config_path)
+    (fanning,) = _fan_out_processes(bed)
     os.kill(fanning, signal.SIGKILL)
     bed.listmilter.proc.send_signal(signal.SIGKILL)
     bed.listmilter.proc.wait()
