@@ -77,7 +77,8 @@ def test_one_week_counted_by_post_status_class_and_channel():
               ev(T0 + 4 * DAY, "c@x.org", "unsubscribed", "bounce", "score 5"),
               ev(T0 + 4 * DAY + 1, "d@x.org", "unsubscribed", "mail"),
               ev(T0 + 5 * DAY, "g@x.org", "subscribed", "owner", "approved with the CLI")]
-    posts = [report.Post("P1", T0 + 0.5 * DAY, 4), report.Post("P2", T0 + 3.5 * DAY, 4, 1),
+    # Out of order on purpose: the report lists them oldest first.
+    posts = [report.Post("P2", T0 + 3.5 * DAY, 4, 1), report.Post("P1", T0 + 0.5 * DAY, 4),
              report.Post("OLD", T0 - DAY, 4)]
     failures = [report.Failure(T0 + 0.6 * DAY, "P1", "b@x.org", True, "5.1.1"),
                 report.Failure(T0 + 0.6 * DAY, "P1", "c@x.org", False, "4.4.7"),
