@@ -46,7 +46,7 @@ def post_reaches_every_member_once(bed) -> str:
 
 def members_only_list_refuses_others_with_550(bed) -> bytes:
     """A stranger gets 550 at RCPT, a member (any case) reaches all; returns the refusal text."""
-    lst = bed.new_list(["member@example.net", "other@example.net"], posting="members")
+    lst = bed.new_list(["member@example.net", "other@example.net"], posting="members", nonmember_action="reject")
     with pytest.raises(smtplib.SMTPRecipientsRefused) as info:
         bed.smtp("stranger@example.net", [lst], message(to=lst, sender="stranger@example.net"))
     code, text = info.value.recipients[lst]

@@ -148,7 +148,7 @@ def test_a_resubmitted_post_that_comes_back_unexpanded_is_deferred_not_looped(ow
 
 def test_a_post_the_milter_would_have_refused_is_bounced_once_after_resubmission(own_bed):
     bed = own_bed
-    lst = bed.new_list(["m1@example.net"], posting="members")
+    lst = bed.new_list(["m1@example.net"], posting="members", nonmember_action="reject")
     port = _bypass_listener(bed)
     # A path without the milter skips the posting policy; the re-submission through the milter applies it.
     with smtplib.SMTP("127.0.0.1", port, timeout=60) as c:

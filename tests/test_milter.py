@@ -328,7 +328,7 @@ def test_without_a_queue_id_the_envid_gets_a_random_post_id(world):
 ])
 def test_a_refused_poster_gets_550_at_rcpt_and_the_message_goes_on_without_that_list(world, log, posting,
                                                                                       sender, words):
-    lst = world.new_list("dev@example.org", ["m@example.net"], posting=posting)
+    lst = world.new_list("dev@example.org", ["m@example.net"], posting=posting, nonmember_action="reject")
     s = Session()
     assert s.send(sender, [lst, "person@example.net"], post(sender=sender)) == Milter.ACCEPT
     assert s.answers[f"envrcpt {lst}"] == Milter.REJECT
@@ -344,7 +344,7 @@ def test_a_refused_poster_gets_550_at_rcpt_and_the_message_goes_on_without_that_
 def test_a_sender_with_a_percent_sign_is_refused_with_550_not_451(world):
     """libmilter and pymilter read % in a reply as a format character: the reason
     must arrive as a 550, never as the 451 of a failed setreply (retried for days)."""
-    lst = world.new_list("dev@example.org", ["m@example.net"], posting="members")
+    lst = world.new_list("dev@example.org", ["m@example.net"], posting="members", nonmember_action="reject")
     s = Session()
     assert s.send("a%b@example.net", [lst], post(sender="a%b@example.net")) == Milter.REJECT
     assert s.ctx.escaped is None
@@ -353,7 +353,7 @@ def test_a_sender_with_a_percent_sign_is_refused_with_550_not_451(world):
 
 
 def test_the_sendmail_command_cannot_refuse_one_recipient_so_the_sender_gets_a_notice(world, log):
-    lst = world.new_list("dev@example.org", ["m@example.net"], posting="members")
+    lst = world.new_list("dev@example.org", ["m@example.net"], posting="members", nonmember_action="reject")
     # Alone: the whole message is refused at end of message (the MTA bounces it with the reason).
     s = Session(port=0)
     assert s.send("out@example.net", [lst], post(sender="out@example.net")) == Milter.REJECT

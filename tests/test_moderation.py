@@ -25,14 +25,15 @@ LIST_ADDRESS = "dev@example.org"
 # -- the decision ------------------------------------------------------------------------
 @pytest.mark.parametrize("rules, sender, member, size, action, why", [
     (Rules("members"), "m@x.org", True, None, ACCEPT, ""),
-    (Rules("members"), "out@x.org", False, None, REJECT, "only members of dev@example.org may post"),
-    (Rules("members", nonmember_action="hold"), "out@x.org", False, None, HOLD, "out@x.org is not a member"),
+    (Rules("members"), "out@x.org", False, None, HOLD, "out@x.org is not a member"),    # the default
+    (Rules("members", nonmember_action="reject"), "out@x.org", False, None, REJECT,
+     "only members of dev@example.org may post"),
     (Rules("members", nonmember_action="discard"), "out@x.org", False, None, DISCARD, "not a member"),
     (Rules("members", nonmember_action="accept"), "out@x.org", False, None, ACCEPT, ""),
     (Rules("members", accept_nonmembers=("out@x.org",)), "OUT@x.org", False, None, ACCEPT, ""),
     (Rules("members", accept_nonmembers=(r"^.*@partner\.test$",)), "a@partner.test", False, None, ACCEPT, ""),
     (Rules("members", accept_nonmembers=(r"^.*@partner\.test$",)), "a@partner.test.evil", False, None,
-     REJECT, "not a member"),
+     HOLD, "not a member"),
     (Rules("members", moderated=True), "m@x.org", True, None, HOLD, "is moderated"),
     (Rules("members", moderated=True, owners=("boss@x.org",)), "Boss@x.org", False, None, ACCEPT, ""),
     (Rules("members", moderated_members=("m@x.org",)), "m@x.org", True, None, HOLD, "posts from m@x.org"),
@@ -44,14 +45,19 @@ LIST_ADDRESS = "dev@example.org"
     (Rules("members", nonmember_action="hold", moderated=True), "out@x.org", False, None, HOLD, "not a member"),
 ])
 def test_the_decision(rules, sender, member, size, action, why):
+    assert Rules("members").nonmember_action == settings.SETTINGS["nonmember_action"].default == "hold"
     d = moderation.decide(rules, LIST_ADDRESS, sender, member, size)
     assert d.action == action and why in d.reason
     assert bool(d.reason) == (action != ACCEPT)
 
 
-def test_the_default_keeps_todays_refusal_of_non_members():
-    """nonmember_action defaults to reject: an existing members list still answers 550 at RCPT."""
+def test_by_default_a_non_members_post_is_held_for_the_owners():
+    """nonmember_action defaults to hold (as in Mailman 3): the post waits for an owner instead of
+    the poster getting 550; lists made before keep reject (tests/test_upgrade.py)."""
     eff = settings.resolve_all({}, {})
+    d = moderation.decide(moderation.rules_of(eff), LIST_ADDRESS, "out@x.org", False)
+    assert d == moderation.Decision(HOLD, "out@x.org is not a member of dev@example.org")
+    eff = settings.resolve_all({}, {"nonmember_action": "reject"})
     d = moderation.decide(moderation.rules_of(eff), LIST_ADDRESS, "out@x.org", False)
     assert d == moderation.Decision(REJECT, "only members of dev@example.org may post to it; "
                                             "out@x.org is not a member")
@@ -122,7 +128,7 @@ def test_the_settings_from_the_config_file():
                        "    max_message_size: 500000\n")
     eff = cfg.list_settings(cfg.lists["dev@example.org"].settings)
     assert (eff.moderated, eff.reply_to, eff.max_message_size, eff.hold_days, eff.nonmember_action) == \
-        (True, "list", 500000, 7, "reject")
+        (True, "list", 500000, 7, "hold")
 
 
 # -- the owners' reply -------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def post_held(bed, list_address: str, owner: str, subject: str = "a question", s
 
 
 def new_list(bed, owner, members, **settings):
-    settings.setdefault("nonmember_action", "hold")
+    """A members list (the default posting); a non-member's post is held by default."""
     return bed.new_list(members, owners=[owner], name="mod", **settings)
 
 

@@ -79,7 +79,7 @@ def test_two_lists_without_a_person_keep_one_in_place(clean_bed):
 
 def test_refused_post_with_the_sendmail_command_is_told_to_the_sender(clean_bed):
     bed = clean_bed
-    lst = bed.new_list(["m@example.net"], posting="members")
+    lst = bed.new_list(["m@example.net"], posting="members", nonmember_action="reject")
     # Alone: the whole message is refused, and Postfix bounces it with our reason.
     proc = bed.postfix.sendmail(message(to=lst, sender="outsider@example.net"), "outsider@example.net", [lst])
     assert proc.returncode == 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from listmilter.core import config
+from listmilter.core import config, moderation
 from listmilter.core.bounces import Verdict
 from listmilter.core.model import ACTIVE, DISABLED, Member
 from listmilter.core.tokens import CONFIRM
@@ -69,8 +69,9 @@ def check_data(state: Path) -> None:
     store, yaml_store, requests, bounce_db = open_all(state)
     try:
         assert [m.address for m in store.all_lists()] == [LIST, "quiet@example.org"]
+        # Step 4: a members list made before nonmember_action's default became hold keeps reject.
         assert store.get_list(LIST).settings == {"owners": ("owner@example.org",), "subject_prefix": "[dev]",
-                                                 "bounce_threshold": 3}
+                                                 "bounce_threshold": 3, "nonmember_action": "reject"}
         assert [(m.address, m.name, m.attributes, m.status) for m in store.members(LIST)] == [
             ("Ann@Example.net", "Ann Example", {"lang": "en"}, ACTIVE), ("bob@example.net", "", {}, DISABLED)]
         assert store.recipients(LIST) == ["Ann@Example.net"]
@@ -153,7 +154,7 @@ def test_the_first_0_1_schema_gains_the_consent_record(tmp_path):
     try:
         assert [(m.address, m.name) for m in store.members(LIST)] == [("Ann@Example.net", "Ann Example"),
                                                                       ("bob@example.net", "")]
-        assert store.get_list(LIST).settings == {"owners": ("owner@example.org",)}
+        assert store.get_list(LIST).settings == {"owners": ("owner@example.org",), "nonmember_action": "reject"}
         assert store.history(LIST) == []
         assert store.unsubscribe(LIST, "bob@example.net", "cli", "root")
         assert [(e.address, e.action) for e in store.history(LIST)] == [("bob@example.net", "unsubscribed")]
@@ -171,7 +172,7 @@ def test_a_schema_2_store_gains_the_delivery_report_tables(state):
         try:
             assert store.posts(LIST) == [] and store.report_sent(LIST) is None
             history = store.history(LIST)
-            assert user_version(state / name) == 3
+            assert user_version(state / name) == len(sqlite.MIGRATIONS)
             store.record_post(LIST, "4XyZ1s2B3c", T, 2, 1)
             store.record_post(LIST, "4XyZ1s2B3c", T, 3, 0)       # a resumed fan-out's final count
             assert store.posts(LIST) == [("4XyZ1s2B3c", T, 3, 0)]
@@ -180,6 +181,38 @@ def test_a_schema_2_store_gains_the_delivery_report_tables(state):
             assert store.history(LIST) == history
         finally:
             store.close()
+
+
+def test_members_lists_made_before_hold_became_the_default_keep_refusing_non_members(tmp_path):
+    """Step 4 pins nonmember_action: reject on the lists that would change: a members list without
+    the setting. A list that set it, or posts openly or as announcements, is left as it is, and a
+    list made after the upgrade holds a non-member's post (the new default)."""
+    path = tmp_path / "listmilter.sqlite"
+    shutil.copy(DATA / "listmilter.sqlite", path)
+    Database(str(path), "sqlite store", sqlite.MIGRATIONS[:3]).close()     # as the last release left it
+    conn = sqlite3.connect(path)
+    for address, settings_ in (("set@example.org", {"nonmember_action": "accept"}),
+                               ("members@example.org", {"posting": "members"}),
+                               ("open@example.org", {"posting": "open"}),
+                               ("news@example.org", {"posting": "announce"})):
+        list_id = conn.execute("INSERT INTO lists(address, created) VALUES (?, ?)", (address, T)).lastrowid
+        conn.executemany("INSERT INTO list_settings VALUES (?, ?, ?)",
+                         [(list_id, n, json.dumps(v)) for n, v in settings_.items()])
+    conn.commit()
+    conn.close()
+    cfg = config.parse(f"state_dir: {tmp_path}\n")
+    store = SQLiteStore(str(path), create=False)
+    try:
+        assert user_version(path) == len(sqlite.MIGRATIONS)
+        pinned = {m.address: m.settings.get("nonmember_action") for m in store.all_lists()}
+        assert pinned == {LIST: "reject", "quiet@example.org": "reject", "set@example.org": "accept",
+                          "members@example.org": "reject", "open@example.org": None, "news@example.org": None}
+        store.create_list("new@example.org", {})
+        for address, action in ((LIST, moderation.REJECT), ("new@example.org", moderation.HOLD)):
+            rules = moderation.rules_of(cfg.list_settings(store.get_list(address).settings))
+            assert moderation.decide(rules, address, "out@example.net", False).action == action
+    finally:
+        store.close()
 
 
 # Each file opened by what uses it (the yaml store opens its overlay when asked about members).

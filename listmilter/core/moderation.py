@@ -31,7 +31,7 @@ class Rules:
     posting: str                                  # open | members | announce
     owners: tuple[str, ...] = ()
     moderated: bool = False
-    nonmember_action: str = "reject"
+    nonmember_action: str = "hold"
     accept_nonmembers: tuple[str, ...] = ()       # addresses, or ^regular expressions
     moderated_members: tuple[str, ...] = ()
     max_message_size: int = 0                     # 0: no limit

@@ -160,9 +160,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     # Moderation (listmilter.core.moderation): a held post waits in the MTA's hold queue.
     Setting("moderated", False, _flag,
             "hold every post (except the owners') for an owner's decision"),
-    Setting("nonmember_action", "reject", _choice("hold", "reject", "discard", "accept"),
+    Setting("nonmember_action", "hold", _choice("hold", "reject", "discard", "accept"),
             "posting: members lists, a post from someone who is no member (nor in accept_nonmembers): "
-            "hold (for the owners), reject (550 at RCPT, as before), discard (silently), accept"),
+            "hold (for the owners), reject (550 at RCPT), discard (silently), accept"),
     Setting("accept_nonmembers", (), _patterns,
             "addresses, or regular expressions starting with ^, that may post to a members list "
             "without being members"),

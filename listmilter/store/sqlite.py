@@ -29,8 +29,9 @@ from listmilter.core.model import (
 from listmilter.store.db import Database, sqlite_errors
 
 # The schema, step by step (listmilter.store.db): step 1 is 0.1.0's first
-# schema, step 2 added the consent record, step 3 the delivery reports' posts. All also make the
-# yaml backend's overlay.
+# schema, step 2 added the consent record, step 3 the delivery reports' posts, step 4 kept
+# nonmember_action reject on the members lists made before its default became hold. All also
+# make the yaml backend's overlay.
 MIGRATIONS = (
     """
 CREATE TABLE IF NOT EXISTS lists (
@@ -86,6 +87,15 @@ CREATE TABLE IF NOT EXISTS reports_sent (
     list     TEXT PRIMARY KEY,
     at       REAL NOT NULL
 );
+""",
+    """
+-- nonmember_action's default became hold: a members list made before keeps refusing
+-- non-members (reject), as its owners knew it, until they change it. (In the yaml backend's
+-- overlay the settings table is unused; the file's lists follow the new default.)
+INSERT INTO list_settings(list_id, name, value)
+    SELECT id, 'nonmember_action', '"reject"' FROM lists
+    WHERE id NOT IN (SELECT list_id FROM list_settings WHERE name = 'nonmember_action')
+      AND id NOT IN (SELECT list_id FROM list_settings WHERE name = 'posting' AND value <> '"members"');
 """,
 )
 # Status of an overlay row (yaml backend) for someone listed in the file who left.

@@ -161,4 +161,11 @@ CREATE TABLE reports_sent (
     list     text PRIMARY KEY,
     at       double precision NOT NULL
 );
+""", """
+-- nonmember_action's default became hold: a members list made before keeps refusing
+-- non-members (reject) until its owners change it (the SQLite store's step 4 too).
+INSERT INTO list_settings(list_id, name, value)
+    SELECT id, 'nonmember_action', '"reject"' FROM lists
+    WHERE id NOT IN (SELECT list_id FROM list_settings WHERE name = 'nonmember_action')
+      AND id NOT IN (SELECT list_id FROM list_settings WHERE name = 'posting' AND value <> '"members"');
 """)
