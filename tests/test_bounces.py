@@ -387,9 +387,10 @@ def _secret(bed) -> bytes:
 
 
 def test_forged_and_unprovable_bounces_score_nobody_and_go_to_the_owner(clean_bed, owner):
+    """bounce_unrecognised: forward: each one to the owners as it comes."""
     bed = clean_bed
     lst = bed.new_list(["victim@example.net"], posting="open", owners=(owner,),
-                       bounce_action="remove", bounce_threshold=1)
+                       bounce_action="remove", bounce_threshold=1, bounce_unrecognised="forward")
     bounces_addr = lst.replace("@", "-bounces@")
     block = """
         Final-Recipient: rfc822; victim@example.net
@@ -427,6 +428,37 @@ def test_forged_and_unprovable_bounces_score_nobody_and_go_to_the_owner(clean_be
             [("victim@example.net", "5.1.1", True)]
         explained.append((got["failures"][0]["binding"], got["failures"][0]["verdict"]))
     assert sorted(explained) == sorted([("none", "unverified")] * 2 + [("envid", "not-recipient")] * (len(envids) - 2))
+
+
+def test_by_default_the_owners_get_one_digest_a_day_of_what_scored_nobody(clean_bed, owner):
+    """bounce_unrecognised: digest (the default): serve's periodic run (every second in this
+    bed) mails the owners one list of the messages kept since the last digest, and no more that
+    day, however many come after; each stays listed by `bounces --kept`."""
+    bed = clean_bed
+    lst = bed.new_list(["victim@example.net"], posting="open", owners=(owner,))
+    bounces_addr = lst.replace("@", "-bounces@")
+    block = """
+        Final-Recipient: rfc822; victim@example.net
+        Action: failed
+        Status: 5.1.1
+        """
+    for n in range(3):
+        forged = envid.make(f"FAKE{n}", lst, b"not the site secret" * 2, time.time())
+        bed.smtp("", [bounces_addr], dsn_message(forged, block, to=bounces_addr))
+    _wait_bounce(bed, lst, 3)
+    (digest,) = _mails(bed, owner, 1)
+    assert digest.mail_from == lst.replace("@", "-owner@")
+    subject = str(digest.message["Subject"])
+    count = int(subject.removeprefix(f"Unrecognised bounces for {lst}: "))
+    text = digest.message.get_content()
+    assert 1 <= count <= 3 and text.count(".eml") == count, text
+    assert f"listmilter bounces {lst} --kept" in text
+    wait_until(lambda: "status=unrecognised bounces digest sent" in bed.listmilter.log(), 15,
+               what="the periodic run's log line")
+    time.sleep(4)           # four more periodic runs: the next digest is due in a day
+    bed.settle()
+    assert len(bed.sink.for_recipient(owner)) == 1
+    assert cli(bed.listmilter.config_path, "bounces", lst, "--kept").stdout.count(".eml") == 3
 
 
 def test_verdicts_not_member_counted_today_not_recipient_and_unrecognised_keep(clean_bed, owner):

@@ -162,7 +162,8 @@ UNREADABLE = {
 
 def test_bounce_mail_that_cannot_be_read_is_kept_and_leaves_the_queue(clean_bed):
     bed = clean_bed
-    lst = bed.new_list(["victim@example.net"], posting="open", owners=("boss@example.com",))
+    lst = bed.new_list(["victim@example.net"], posting="open", owners=("boss@example.com",),
+                       bounce_unrecognised="forward")
     bounces_addr = lst.replace("@", "-bounces@")
     for data in UNREADABLE.values():
         queue_id = _send(bed, "", bounces_addr, data)

@@ -119,6 +119,33 @@ def keep_for_owner(config, db: BounceDB, mlist: MailingList, data: bytes, why: s
     return path
 
 
+DIGEST_EVERY = bounces.DAY
+
+
+def send_digest(config, db: BounceDB, mlist: MailingList, now: float) -> list[str]:
+    """bounce_unrecognised: digest: one mail to the owners naming what was kept since the last
+    one, at most once a day (DIGEST_EVERY); what was done. A digest the MTA did not take gives
+    its messages back, and the next run tries again."""
+    ls = config.list_settings(mlist.settings)
+    if ls.bounce_unrecognised != "digest":
+        return []
+    claimed = db.claim_digest(mlist.address, now, DIGEST_EVERY, now - ls.bounce_kept_days * bounces.DAY)
+    if not claimed:
+        return []
+    owners = config.owners(mlist.settings)
+    try:
+        # From <list>-owner@, as the forwarded copies: a digest that bounces reaches the owners
+        # once and stops there.
+        outgoing.send(config.outgoing, addresses.role_address(mlist.address, "owner"), list(owners),
+                      notices.unrecognised_digest(mlist.address, owners, claimed))
+    except Exception as e:
+        db.unclaim_digest(mlist.address, now)
+        return [fields(list=f"<{mlist.address}>",
+                       status=f"unrecognised bounces digest not sent, tried again later ({e})")]
+    return [fields(list=f"<{mlist.address}>", status="unrecognised bounces digest sent",
+                   to=" ".join(f"<{o}>" for o in owners), messages=len(claimed))]
+
+
 def _prune(config, mlist: MailingList, now: float, keep_path: str = "") -> list[str]:
     """Kept mail past the list's retention or over its quota goes; never fails the caller."""
     ls = config.list_settings(mlist.settings)
@@ -196,6 +223,7 @@ def _periodic(config, store, db, secret: Keyring, now: float, done: list[str]) -
     for lst in store.all_lists():
         for path in _prune(config, lst, now):
             done.append(f"deleted kept {path} ({lst.address})")
+        done.extend(send_digest(config, db, lst, now))
     for row in db.rows():
         mlist = store.get_list(row.list)
         if mlist is None:

@@ -235,9 +235,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "disable: how many warnings a disabled member gets before removal"),
     Setting("bounce_warning_interval_days", 7, _count(1),
             "disable: days between those warnings"),
-    Setting("bounce_unrecognised", "forward", _choice("forward", "keep"),
-            "mail to <list>-bounces@ that scores nobody: forward (to the owners, and keep) or keep "
-            "(in state_dir/bounces/, listed by `listmilter bounces`)"),
+    Setting("bounce_unrecognised", "digest", _choice("digest", "forward", "keep"),
+            "mail to <list>-bounces@ that scores nobody is kept (in state_dir/bounces/, listed by "
+            "`listmilter bounces LIST --kept`); digest: the owners get one mail a day at most, naming "
+            "what was kept since the last; forward: each one, as it comes; keep: nothing"),
     Setting("bounce_kept_max_kb", 1024, _count(1),
             "a kept message is cut after this many KB (the owners' forwarded copy too)"),
     Setting("bounce_kept_days", 30, _count(1),

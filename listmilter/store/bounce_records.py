@@ -57,7 +57,12 @@ CREATE TABLE IF NOT EXISTS bounces (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS bounces_once ON bounces(list, post_id, key, permanent) WHERE post_id != '';
 CREATE INDEX IF NOT EXISTS bounces_member ON bounces(list, key);
-""",)
+""", """
+-- When an unrecognised message went to the owners in a digest (bounce_unrecognised: digest);
+-- 0: not yet. Those kept before were forwarded or kept as the list said then: not again.
+ALTER TABLE bounces ADD COLUMN digested REAL NOT NULL DEFAULT 0;
+UPDATE bounces SET digested = at WHERE verdict = 'unrecognised';
+""")
 
 @dataclass(frozen=True)
 class Row:
@@ -220,6 +225,29 @@ class BounceDB:
             query += " AND verdict=?"
             params += (verdict,)
         return self.conn.execute(query + " ORDER BY at, id", params).fetchall()
+
+    @sqlite_errors
+    def claim_digest(self, list_address: str, now: float, every: float, since: float) -> list[tuple]:
+        """(at, diagnostic, kept) of the list's unrecognised messages recorded after `since` that
+        no digest named yet, marked as in today's digest, oldest first; none while the last
+        digest is less than `every` seconds old. The caller sends them, or gives them back
+        (unclaim_digest)."""
+        list_key = addresses.key(list_address)
+        with self._write() as conn:
+            last = conn.execute("SELECT max(digested) FROM bounces WHERE list=?", (list_key,)).fetchone()[0]
+            if last and last > now - every:
+                return []
+            rows = conn.execute("UPDATE bounces SET digested=? WHERE list=? AND verdict=? AND digested=0 "
+                                "AND at>? RETURNING at, diagnostic, kept, id",
+                                (now, list_key, Verdict.UNRECOGNISED, since)).fetchall()
+        return [tuple(r[:3]) for r in sorted(rows, key=lambda r: (r[0], r[3]))]
+
+    @sqlite_errors
+    def unclaim_digest(self, list_address: str, claimed_at: float) -> None:
+        """The digest claimed at `claimed_at` did not go: its messages wait for the next run."""
+        with self._write() as conn:
+            conn.execute("UPDATE bounces SET digested=0 WHERE list=? AND digested=?",
+                         (addresses.key(list_address), claimed_at))
 
     @sqlite_errors
     def failures_since(self, list_address: str, since: float) -> list[tuple]:

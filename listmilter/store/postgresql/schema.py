@@ -168,4 +168,8 @@ INSERT INTO list_settings(list_id, name, value)
     SELECT id, 'nonmember_action', '"reject"' FROM lists
     WHERE id NOT IN (SELECT list_id FROM list_settings WHERE name = 'nonmember_action')
       AND id NOT IN (SELECT list_id FROM list_settings WHERE name = 'posting' AND value <> '"members"');
+""", """
+-- When an unrecognised message went to the owners in a digest (bounces.sqlite's step 2).
+ALTER TABLE bounces ADD COLUMN digested double precision NOT NULL DEFAULT 0;
+UPDATE bounces SET digested = at WHERE verdict = 'unrecognised';
 """)
