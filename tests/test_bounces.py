@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from listmilter.core import bounces, envid
+from listmilter.core.bounces import Verdict
 from listmilter.store import kept as kept_mail
 from listmilter.store.bounce_records import BounceDB
 from tests.bed.listmilter import cli
@@ -102,6 +103,27 @@ def test_scores_count_once_a_day_and_go_stale():
     assert bounces.next_step(3, T0 + DAY, T0 + DAY, POLICY) == "remove"
     assert bounces.was_recipient(T0 - 5, True, T0) and not bounces.was_recipient(T0 + 3600, True, T0)
     assert not bounces.was_recipient(T0 - 5, False, T0)
+
+
+@pytest.mark.parametrize("permanent, member_added, active, kind, posted_days_ago, now_given, expected", [
+    (False, 0.0, True, bounces.DSN, 1, True, Verdict.TEMPORARY),
+    (True, None, True, bounces.DSN, 1, True, Verdict.NOT_MEMBER),
+    (True, 0.0, True, bounces.HEURISTIC, 1, True, Verdict.UNVERIFIED),
+    (True, 0.0, True, bounces.DSN, None, True, Verdict.UNVERIFIED),      # no ENVID of ours (or 0.1's)
+    (True, 0.0, True, bounces.DSN, 1, True, Verdict.SCORED),
+    (True, 0.0, True, bounces.DSN, 13.9, True, Verdict.SCORED),
+    (True, 0.0, True, bounces.DSN, 14.1, True, Verdict.EXPIRED),         # a replayed old ENVID
+    (True, 0.0, True, bounces.DSN, 20, False, Verdict.SCORED),           # VERP: its own age limit
+    (True, 0.0, False, bounces.DSN, 1, True, Verdict.NOT_RECIPIENT),     # disabled
+    (True, "after", True, bounces.DSN, 1, True, Verdict.NOT_RECIPIENT),  # joined after the post
+])
+def test_the_verdict(permanent, member_added, active, kind, posted_days_ago, now_given, expected):
+    now = 1_800_000_000.0
+    posted_at = None if posted_days_ago is None else now - posted_days_ago * DAY
+    if member_added == "after":
+        member_added = posted_at + 120
+    failure = bounces.Failure("m@example.net", permanent, "5.1.1" if permanent else "4.2.2")
+    assert bounces.verdict(failure, kind, posted_at, member_added, active, now if now_given else None) == expected
 
 
 def test_bounce_database_scores_reach_the_threshold_once_and_duplicates_do_not_count(state):
@@ -403,12 +425,16 @@ def test_forged_and_unprovable_bounces_score_nobody_and_go_to_the_owner(clean_be
         # A genuine ENVID of a post made before the victim joined. (Members written
         # in the yaml file have no join time, so this check needs the sqlite store.)
         envids.append(envid.make("OLD1", lst, _secret(bed), time.time() - 10 * DAY))
+    # A genuine ENVID of a post older than bounces.ENVID_MAX_AGE (14 days): a replay, whoever the member.
+    envids.append(envid.make("OLD2", lst, _secret(bed), time.time() - 20 * DAY))
+    recipient_checks = len(envids) - 3
     for text in envids:
         bed.smtp("", [bounces_addr], dsn_message(text, block, to=bounces_addr))
     lines = _wait_bounce(bed, lst, len(envids))
     assert all("scored" not in line for line in lines)
     assert sum("unverified" in line for line in lines) == 2
-    assert sum("not-recipient" in line for line in lines) == len(envids) - 2
+    assert sum("5.1.1 expired" in line for line in lines) == 1
+    assert sum("not-recipient" in line for line in lines) == recipient_checks
     assert _members(bed, lst) == ["victim@example.net"]
     assert "victim@example.net" not in cli(bed.listmilter.config_path, "bounces", lst).stdout
     forwarded = _mails(bed, owner, len(envids))
@@ -427,7 +453,8 @@ def test_forged_and_unprovable_bounces_score_nobody_and_go_to_the_owner(clean_be
         assert [(f["address"], f["status"], f["permanent"]) for f in got["failures"]] == \
             [("victim@example.net", "5.1.1", True)]
         explained.append((got["failures"][0]["binding"], got["failures"][0]["verdict"]))
-    assert sorted(explained) == sorted([("none", "unverified")] * 2 + [("envid", "not-recipient")] * (len(envids) - 2))
+    assert sorted(explained) == sorted([("none", "unverified")] * 2 + [("envid", "expired")]
+                                       + [("envid", "not-recipient")] * recipient_checks)
 
 
 def test_by_default_the_owners_get_one_digest_a_day_of_what_scored_nobody(clean_bed, owner):

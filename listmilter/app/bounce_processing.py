@@ -60,7 +60,7 @@ def handle(config, store, secret: Keyring, mlist: MailingList, sender: str, data
             member = store.member(mlist.address, failure.address)
             verdict = bounces.verdict(failure, report.kind, post.posted_at if post else None,
                                       member.added if member else None,
-                                      member is not None and member.status != DISABLED)
+                                      member is not None and member.status != DISABLED, now)
             final, row = db.record(mlist.address, failure, verdict, report.envid,
                                    post.post_id if post else "", policy, now)
             verdicts.append((failure.address, failure.status, final))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from os import EX_NOINPUT, EX_USAGE
 
 from listmilter.cli.common import Fail, admin, existing_list
@@ -52,7 +53,7 @@ def _explain(args, cfg, store) -> int:
             member = store.member(mlist.address, failure.address)
             if member is not None:
                 members[addresses.key(failure.address)] = (member.added, member.status != DISABLED)
-    result = bounces.explain(report, posted_at, members)
+    result = bounces.explain(report, posted_at, members, time.time())
     if args.json:
         print(json.dumps(result.as_json(), ensure_ascii=False))
         return 0

@@ -60,6 +60,7 @@ class Verdict(StrEnum):
     NOT_MEMBER = "not-member"
     NOT_RECIPIENT = "not-recipient"   # a member, but not one the post went to (joined later, disabled)
     UNVERIFIED = "unverified"         # no ENVID we issued: cannot be tied to a post
+    EXPIRED = "expired"               # an ENVID we issued, of a post older than ENVID_MAX_AGE
     DUPLICATE = "duplicate"           # the same failure of the same post, seen before
     UNRECOGNISED = "unrecognised"     # nothing recognisable: the message is kept for the owner
 
@@ -69,7 +70,14 @@ FOR_OWNER = {
     Verdict.NOT_MEMBER: "not a member of the list",
     Verdict.UNVERIFIED: "not a DSN with an envelope id listmilter issued, so it cannot be tied to a post",
     Verdict.NOT_RECIPIENT: "a member, but not a recipient of that post (joined later, or disabled)",
+    Verdict.EXPIRED: "a DSN for a post more than 14 days old: too late to be a delivery report "
+                     "of that post, so not scored",
 }
+
+# A genuine DSN comes within the queue lifetimes of the MTAs on the way (Postfix: 5 days by
+# default). An ENVID older than this is someone replaying the ENVIDs of old posts they
+# received (a member, or a former member), never evidence against another member.
+ENVID_MAX_AGE = 14 * 86400.0          # 14 days
 
 
 class Action(StrEnum):
@@ -486,16 +494,19 @@ def score_bounce(current: Score, now: float, policy: Policy, pending: str = "",
 
 
 def verdict(failure: Failure, kind: str, posted_at: float | None, member_added: float | None,
-            member_active: bool) -> Verdict:
+            member_active: bool, now: float | None = None) -> Verdict:
     """Whether a failure may score the member: only a permanent failure, of a member,
-    in a DSN carrying an ENVID we issued (`posted_at` is the post's time from it),
-    of a member the post went to. `member_added` is None for a non-member."""
+    in a DSN carrying an ENVID we issued (`posted_at` is the post's time from it) at most
+    ENVID_MAX_AGE before `now` (when given: a VERP code has its own age limit), of a member
+    the post went to. `member_added` is None for a non-member."""
     if not failure.permanent:
         return Verdict.TEMPORARY
     if member_added is None:
         return Verdict.NOT_MEMBER
     if kind != Kind.DSN or posted_at is None:
         return Verdict.UNVERIFIED
+    if now is not None and posted_at < now - ENVID_MAX_AGE:
+        return Verdict.EXPIRED
     if not was_recipient(member_added, member_active, posted_at):
         return Verdict.NOT_RECIPIENT
     return Verdict.SCORED
@@ -585,6 +596,7 @@ WHY = {
     Verdict.NOT_MEMBER: FOR_OWNER[Verdict.NOT_MEMBER] + ": kept for the owners",
     Verdict.UNVERIFIED: FOR_OWNER[Verdict.UNVERIFIED] + ": kept for the owners",
     Verdict.NOT_RECIPIENT: FOR_OWNER[Verdict.NOT_RECIPIENT] + ": kept for the owners",
+    Verdict.EXPIRED: FOR_OWNER[Verdict.EXPIRED] + ": kept for the owners",
 }
 
 # How a failure is tied to a member or a post. Only ENVID exists today; VERP and
@@ -615,7 +627,7 @@ class Explanation:
 
 
 def explain(report: Report, posted_at: float | None,
-            members: dict[str, tuple[float, bool]] | None) -> Explanation:
+            members: dict[str, tuple[float, bool]] | None, now: float | None = None) -> Explanation:
     """What listmilter makes of one report, without recording anything.
 
     `posted_at` is the post's time from the report's ENVID if it verified (for
@@ -632,7 +644,7 @@ def explain(report: Report, posted_at: float | None,
         else:
             member = members.get(addresses.key(f.address))
             v = verdict(f, report.kind, posted_at, member[0] if member else None,
-                        bool(member and member[1]))
+                        bool(member and member[1]), now)
             why = WHY.get(v, str(v))
         out.append(Explained(f.address, f.status, f.permanent, binding, v, why))
     return Explanation(report.kind, report.envid, tuple(out))
