@@ -3,9 +3,11 @@
     .venv/bin/python bench/run_nonlist.py [--messages 3000] [--rounds 6] [--sessions 8]
 
 On an MX every message passes the milter. One private Postfix relaying to Postfix's smtp-sink,
-with three smtpd listeners: one with listmilter (serve, sqlite store with one list, as
+with four smtpd listeners: one with listmilter (serve, sqlite store with one list, as
 docs/postfix.md wires it) as its milter, one with bench/floor_milter.py (a pymilter milter that
-does nothing but accept at DATA: the least any pymilter milter costs) and one with no milter.
+does nothing but accept at DATA: the least any pymilter milter costs), one with
+bench/asyncio_floor_milter.py (the same answers from the milter protocol spoken in one asyncio
+loop, without libmilter) and one with no milter.
 smtp-source sends --messages single-recipient messages to people (no list) with --sessions
 sessions into each listener in turn, each going first in turn per round. Messages a second from
 smtp-source's start to the last `status=sent` in the Postfix log; the ratios to the listener
@@ -46,7 +48,7 @@ def run(port: int, n: int, sessions: int, postfix: BenchPostfix) -> float:
     return n / (time.perf_counter() - t0)
 
 
-KINDS = ("with", "bare", "without")     # listmilter, floor_milter.py, no milter
+KINDS = ("with", "bare", "async", "without")     # listmilter, floor_milter.py, asyncio_floor_milter.py, none
 
 
 def main() -> int:
@@ -64,23 +66,27 @@ def main() -> int:
     bare_port = free_port()
     bare = subprocess.Popen([sys.executable, str(Path(__file__).with_name("floor_milter.py")),
                              "--socket", f"inet:{bare_port}@127.0.0.1"], stderr=subprocess.DEVNULL)
+    async_port = free_port()
+    floor_async = subprocess.Popen([sys.executable, str(Path(__file__).with_name("asyncio_floor_milter.py")),
+                                    "--port", str(async_port)], stderr=subprocess.DEVNULL)
     postfix = None
     rounds = []
     try:
         wait_for_port(bare_port)
+        wait_for_port(async_port)
         cli(lm.config_path, "list", "create", "dev@example.org")
         lm.start()
         postfix = BenchPostfix(milter=None, sink_port=sink.port, config_path=lm.config_path,
                                socketmap=lm.socketmap_spec, workdir=workdir / "postfix",
                                extra_listeners={"with": lm.milter_spec, "bare": f"inet:127.0.0.1:{bare_port}",
-                                                "without": ""},
+                                                "async": f"inet:127.0.0.1:{async_port}", "without": ""},
                                main_cf={"default_process_limit": "200"})
         postfix.start()
-        pids = {"with": lm.proc.pid, "bare": bare.pid}
+        pids = {"with": lm.proc.pid, "bare": bare.pid, "async": floor_async.pid}
         for kind in KINDS:                                   # warm-up
             run(postfix.ports[kind], 300, args.sessions, postfix)
         for r in range(args.rounds):
-            order = KINDS[r % 3:] + KINDS[:r % 3]            # each kind goes first in turn
+            order = KINDS[r % len(KINDS):] + KINDS[:r % len(KINDS)]      # each kind goes first in turn
             got = {}
             for kind in order:
                 cpu = cpu_seconds(pids[kind]) if kind in pids else 0.0
@@ -90,26 +96,32 @@ def main() -> int:
                 time.sleep(1)
             got["ratio"] = got["with"] / got["without"]
             got["bare_ratio"] = got["bare"] / got["without"]
+            got["async_ratio"] = got["async"] / got["without"]
             rounds.append(got)
             print(f"  round {r}: with listmilter {got['with']:5.0f}/s, with the floor milter {got['bare']:5.0f}/s, "
-                  f"without {got['without']:5.0f}/s; ratios {got['ratio']:.2f} and {got['bare_ratio']:.2f}; "
-                  f"milter CPU a message: listmilter {got['with_cpu_us']:.0f} us, bare {got['bare_cpu_us']:.0f} us",
+                  f"with the asyncio floor {got['async']:5.0f}/s, without {got['without']:5.0f}/s; ratios "
+                  f"{got['ratio']:.2f}, {got['bare_ratio']:.2f} and {got['async_ratio']:.2f}; milter CPU a message: "
+                  f"listmilter {got['with_cpu_us']:.0f} us, bare {got['bare_cpu_us']:.0f} us, "
+                  f"asyncio {got['async_cpu_us']:.0f} us",
                   flush=True)
     finally:
         bare.terminate()
-        stop_all(postfix.stop if postfix else None, lm.stop, sink.stop, bare.wait)
+        floor_async.terminate()
+        stop_all(postfix.stop if postfix else None, lm.stop, sink.stop, bare.wait, floor_async.wait)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
     def median(key: str) -> float:
         return statistics.median(r[key] for r in rounds)
     print(f"\nmedian over {len(rounds)} rounds: with listmilter {median('with'):.0f}/s, with the floor milter "
-          f"{median('bare'):.0f}/s, without {median('without'):.0f}/s")
-    print(f"ratio with/without listmilter {median('ratio'):.2f}; floor milter/without {median('bare_ratio'):.2f}")
+          f"{median('bare'):.0f}/s, with the asyncio floor {median('async'):.0f}/s, without {median('without'):.0f}/s")
+    print(f"ratio with/without listmilter {median('ratio'):.2f}; floor milter/without {median('bare_ratio'):.2f}; "
+          f"asyncio floor/without {median('async_ratio'):.2f}")
     print(f"milter CPU a message: listmilter {median('with_cpu_us'):.0f} us, "
-          f"floor milter {median('bare_cpu_us'):.0f} us")
+          f"floor milter {median('bare_cpu_us'):.0f} us, asyncio floor {median('async_cpu_us'):.0f} us")
     out = save("nonlist", {"machine": machine(), "args": vars(args), "median_ratio": median("ratio"),
-                           "median_bare_ratio": median("bare_ratio"), "rounds": rounds})
+                           "median_bare_ratio": median("bare_ratio"), "median_async_ratio": median("async_ratio"),
+                           "rounds": rounds})
     print(f"wrote {out}")
     return 0
 
