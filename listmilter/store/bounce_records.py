@@ -233,6 +233,10 @@ class BounceDB:
         digest is less than `every` seconds old. The caller sends them, or gives them back
         (unclaim_digest)."""
         list_key = addresses.key(list_address)
+        # Most runs find nothing new: a read, so the hourly run takes no write lock per list.
+        if self.conn.execute("SELECT 1 FROM bounces WHERE list=? AND verdict=? AND digested=0 AND at>? LIMIT 1",
+                             (list_key, Verdict.UNRECOGNISED, since)).fetchone() is None:
+            return []
         with self._write() as conn:
             last = conn.execute("SELECT max(digested) FROM bounces WHERE list=?", (list_key,)).fetchone()[0]
             if last and last > now - every:
