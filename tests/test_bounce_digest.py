@@ -56,17 +56,18 @@ def test_a_digest_claims_what_no_digest_named_and_at_most_one_a_day(tmp_path):
 
 
 def test_a_run_with_nothing_to_name_takes_no_write_lock(tmp_path):
-    """The periodic run asks every list: with nothing new it must not wait for, nor take, the
-    database's write lock (deliver processes write bounces there meanwhile)."""
+    """The periodic run asks every list: with nothing new, or nothing due, it must not wait for,
+    nor take, the database's write lock (deliver processes write bounces there meanwhile)."""
     db = BounceDB(str(tmp_path))
     writer = sqlite3.connect(tmp_path / bounce_records.NAME, isolation_level=None)
     try:
         _unrecognised(db, "told", T)
         assert len(db.claim_digest(LIST, T + 10, DAY, 0)) == 1
+        _unrecognised(db, "new, for tomorrow's digest", T + 20)
         writer.execute("BEGIN IMMEDIATE")
         started = time.monotonic()
-        assert db.claim_digest(LIST, T + 2 * DAY, DAY, 0) == []
-        assert db.claim_digest("other@example.org", T + 2 * DAY, DAY, 0) == []
+        assert db.claim_digest(LIST, T + 30, DAY, 0) == []                 # new, but not due yet
+        assert db.claim_digest("other@example.org", T + 2 * DAY, DAY, 0) == []   # nothing at all
         assert time.monotonic() - started < 5          # a writer would wait 15 s, then fail
     finally:
         writer.execute("ROLLBACK")

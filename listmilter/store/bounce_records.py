@@ -233,18 +233,26 @@ class BounceDB:
         digest is less than `every` seconds old. The caller sends them, or gives them back
         (unclaim_digest)."""
         list_key = addresses.key(list_address)
-        # Most runs find nothing new: a read, so the hourly run takes no write lock per list.
-        if self.conn.execute("SELECT 1 FROM bounces WHERE list=? AND verdict=? AND digested=0 AND at>? LIMIT 1",
-                             (list_key, Verdict.UNRECOGNISED, since)).fetchone() is None:
+        # Most runs find nothing due: a read first, so the periodic run takes no write lock per
+        # list; asked again under the lock, as another run may have claimed them meanwhile.
+        if not self._digest_due(self.conn, list_key, now, every, since):
             return []
         with self._write() as conn:
-            last = conn.execute("SELECT max(digested) FROM bounces WHERE list=?", (list_key,)).fetchone()[0]
-            if last and last > now - every:
+            if not self._digest_due(conn, list_key, now, every, since):
                 return []
             rows = conn.execute("UPDATE bounces SET digested=? WHERE list=? AND verdict=? AND digested=0 "
                                 "AND at>? RETURNING at, diagnostic, kept, id",
                                 (now, list_key, Verdict.UNRECOGNISED, since)).fetchall()
         return [tuple(r[:3]) for r in sorted(rows, key=lambda r: (r[0], r[3]))]
+
+    @staticmethod
+    def _digest_due(conn, list_key: str, now: float, every: float, since: float) -> bool:
+        """Is there a message after `since` no digest named, and the last digest `every` old?"""
+        if conn.execute("SELECT 1 FROM bounces WHERE list=? AND verdict=? AND digested=0 AND at>? LIMIT 1",
+                        (list_key, Verdict.UNRECOGNISED, since)).fetchone() is None:
+            return False
+        last = conn.execute("SELECT max(digested) FROM bounces WHERE list=?", (list_key,)).fetchone()[0]
+        return not (last and last > now - every)
 
     @sqlite_errors
     def unclaim_digest(self, list_address: str, claimed_at: float) -> None:
