@@ -303,6 +303,23 @@ def test_the_docs_give_the_schema_versions_of_this_code():
 
 
 # -- the database layer itself ------------------------------------------------------------
+def test_a_file_is_made_wal_once_and_later_opens_only_read_its_journal_mode(tmp_path, monkeypatch):
+    path = str(tmp_path / "x.sqlite")
+    statements: list[str] = []
+    connect = sqlite3.connect
+
+    def traced(*args, **kw):
+        conn = connect(*args, **kw)
+        conn.set_trace_callback(statements.append)
+        return conn
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    for _ in range(2):
+        db = Database(path, "test database", ["CREATE TABLE a(n)"])
+        assert db.conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        db.close()
+    assert statements.count("PRAGMA journal_mode=WAL") == 1
+
+
 def test_an_upgrade_is_one_transaction(tmp_path):
     path = str(tmp_path / "x.sqlite")
 

@@ -173,7 +173,11 @@ class Database:
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"{self.describe}: cannot open: {e}") from e
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            # WAL stays set in the file once made: setting it again on every open asks for a lock
+            # that SQLite may refuse at once ("database is locked", no busy wait) while another
+            # process checkpoints, and serve's periodic threads open these files every run.
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             self._upgrade(conn)
             # After the upgrade: a migration that rebuilds a table must not cascade.
