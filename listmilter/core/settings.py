@@ -185,6 +185,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "kept messages older than this many days are deleted (hourly, and at each new one)"),
     Setting("bounce_kept_quota_mb", 100, _count(1),
             "at most this many MB of kept messages per list: the oldest go first"),
+    Setting("bounce_probe_days", 7, _count(1),
+            "a failure bound only to a post (its ENVID) sends the member one probe; a probe that does "
+            "not bounce within this many days clears the suspicion"),
+    Setting("bounce_envid_max_days", 14, _count(1),
+            "a bounce whose ENVID names a post older than this many days is refused (logged, not scored)"),
 )}
 
 
@@ -230,6 +235,8 @@ class ListSettings:
     bounce_kept_max_kb: int
     bounce_kept_days: int
     bounce_kept_quota_mb: int
+    bounce_probe_days: int
+    bounce_envid_max_days: int
 
 
 @dataclass(frozen=True)

@@ -129,4 +129,14 @@ CREATE TABLE site_keys (
     created  double precision,
     until    double precision
 );
-""",)
+""", """
+-- Bounce probes in flight (core/probes.py): one per member.
+CREATE TABLE probes (
+    list     text NOT NULL,
+    key      text NOT NULL,
+    address  text NOT NULL,
+    sent_at  double precision NOT NULL,
+    why      text NOT NULL DEFAULT '',
+    PRIMARY KEY (list, key)
+);
+""")
