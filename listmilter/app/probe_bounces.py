@@ -39,16 +39,18 @@ def handle(config, store, secret: Keyring, mlist: MailingList, extension: str, s
         first = next((f for f in report.failures if f.permanent), None)
         failure = Failure(bound.member, True, first.status if first else "",
                           first.diagnostic if first else "the probe bounced")
-        if not db.end_probe(mlist.address, bound.member, flying[bound.member]):
-            return Outcome(kind, ((bound.member, failure.status, "ignored (answered already)"),))
         policy = bounce_processing.policy_of(config, mlist)
         # The address is dead: the list's action, whatever the score (the probe is the evidence).
+        # Recorded once per probe; the probe stays in flight until the action is done, so
+        # a retry after a failed notice finds it again and finishes (as for a scored DSN).
         db.record(mlist.address, failure, Verdict.SCORED, report.envid,
                   f"{probes.PREFIX}{int(bound.sent_at)}", policy, now)
         db.set_pending(mlist.address, bound.member, policy.action)
         row = db.row(mlist.address, bound.member)
-        if row is not None and row.pending and store.member(mlist.address, bound.member) is not None:
+        member = store.member(mlist.address, bound.member)
+        if row is not None and row.pending and (member is not None or row.pending == "remove"):
             bounce_processing.apply_pending(config, store, db, mlist, row, policy, now, secret)
+        db.end_probe(mlist.address, bound.member, flying[bound.member])
         return Outcome(kind, ((bound.member, failure.status, Verdict.PROBE_BOUNCED),), "", report.envid)
     finally:
         db.close()
