@@ -436,7 +436,8 @@ def test_a_probe_decides_the_dead_member_goes_and_a_forged_dsn_disables_no_live_
     assert f"probe to {live} ({lst}) did not bounce in 2 days: suspicion cleared" in out and far in out
     assert _db(bed, "SELECT count(*) FROM probes") == [(0,)] and _db(bed, "SELECT count(*) FROM scores") == [(0,)]
     assert _members(bed, lst) == [far, live]
-    assert not any("bounce" in line for line in _history(bed, lst, live))
+    if bed.listmilter.backend == "sqlite":      # (members written in the yaml file have no history)
+        assert not any("bounce" in line for line in _history(bed, lst, live))
     bed.settle()
     assert len(bed.sink.for_recipient(owner)) == 1        # the owners heard of the dead member only
 

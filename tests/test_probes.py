@@ -9,7 +9,9 @@ from listmilter.core import addresses, bounces, probes
 from listmilter.core.bounces import Failure, Verdict
 from listmilter.core.keys import Keyring, keyring
 from listmilter.store.bounce_records import BounceDB
-from tests.test_fuzz import hostile_text, scaled
+from tests import test_fuzz as fuzz
+from tests.conftest import dsn_message
+from tests.test_fuzz import hostile_text, records, scaled, site  # noqa: F401 (fixtures)
 
 SECRET = b"p" * 32
 LIST = "dev@example.org"
@@ -116,5 +118,58 @@ def test_the_bounce_database_keeps_one_probe_per_member(tmp_path):
         assert db.start_probe(LIST, BOB, T + 8 * DAY, 7)                   # the old one expired: replaced
         assert not db.end_probe(LIST, BOB, T)                              # not the one in flight
         assert db.end_probe(LIST, BOB, T + 8 * DAY) and db.probes() == []
+    finally:
+        db.close()
+
+
+# -- the pipe transport, in process (tests/test_fuzz.py's site: dev@example.org, notify at 1) -------------
+
+probe_recipients = st.one_of(
+    st.builds(lambda member, when: probes.make(fuzz.LIST, member, when, fuzz.SECRET),
+              st.sampled_from(fuzz.MEMBERS + ("gone@example.net",)), st.integers(1_700_000_000, 1_900_000_000)),
+    st.from_regex(r"dev-bounces\+probe-[0-9a-z]{1,8}-[a-z2-7]{16}@example\.org", fullmatch=True))
+
+
+@scaled(0.5)
+@given(probe_recipients, fuzz.senders, st.one_of(fuzz.bounce_like, fuzz.messages()))
+@example("dev-bounces+probe-tpf715-aaaaaaaaaaaaaaaa@example.org", "", b"Subject: x\n\nbounced\n")
+def test_mail_to_a_probe_address_with_no_probe_in_flight_acts_on_nobody(site, records, recipient, sender,  # noqa: F811
+                                                                       data):
+    code, text = fuzz._check_run(site, records, recipient, sender, data)
+    assert (code, text) == (0, "")
+    (line,) = [r.getMessage() for r in records.records if "role=bounces" in r.getMessage()]
+    # No probe in flight for that code (none was sent at that time): the plain bounce path.
+    assert "probe=not verified" in line and "probe-bounced" not in line, line
+
+
+def test_a_probe_is_sent_once_and_its_bounce_reports_the_member_in_process(site, records):  # noqa: F811
+    import time
+
+    from listmilter.core import envid
+    cfg, store = site
+    member = fuzz.MEMBERS[0]
+    dsn = dsn_message(envid.make("PQ1", fuzz.LIST, fuzz.SECRET, time.time() - 60),
+                      f"Final-Recipient: rfc822; {member}\nAction: failed\nStatus: 5.1.1\n")
+    assert fuzz._check_run(site, records, "dev-bounces@example.org", "", dsn) == (0, "")
+    line = [r.getMessage() for r in records.records if "role=bounces" in r.getMessage()][-1]
+    assert f"<{member}> 5.1.1 suspect (probe sent)" in line, line
+    db = BounceDB(str(cfg.state_dir))
+    try:
+        ((_, address, sent_at, _),) = db.probes(fuzz.LIST)
+        assert address == member and db.row(fuzz.LIST, member) is None      # nothing scored
+    finally:
+        db.close()
+    # A reply from a person to the probe address changes nothing; the bounce acts (notify at 1).
+    to = probes.make(fuzz.LIST, member, sent_at, fuzz.SECRET)
+    assert fuzz._check_run(site, records, to, member, b"Subject: Re: x\n\nthanks\n") == (0, "")
+    line = [r.getMessage() for r in records.records if "role=bounces" in r.getMessage()][-1]
+    assert "ignored (not from the null sender" in line, line
+    assert fuzz._check_run(site, records, to, "", b"From: MAILER-DAEMON@x\nSubject: failure\n\nno.\n") == (0, "")
+    line = [r.getMessage() for r in records.records if "role=bounces" in r.getMessage()][-1]
+    assert f"status=probe unrecognised: <{member}> - probe-bounced" in line, line
+    db = BounceDB(str(cfg.state_dir))
+    try:
+        assert db.probes(fuzz.LIST) == [] and db.row(fuzz.LIST, member).acted > 0     # reported to the owner
+        db.forget(fuzz.LIST, member)
     finally:
         db.close()
