@@ -350,9 +350,10 @@ def test_a_lowered_threshold_applies_to_scores_members_already_have(clean_bed, o
     bed = clean_bed
     lst = bed.new_list(["ok@example.net", "low@example.net"], posting="open", owners=(owner,),
                        bounce_action="remove")
-    bed.sink.post_replies["low@example.net"] = "550 5.1.1 <low@example.net>: no such user here"
-    _post(bed, lst)
-    assert "<low@example.net> 5.1.1 scored" in _wait_bounce(bed, lst)[-1]
+    # A score built from a bounce bound to the member (to its VERP address; a probe's bounce
+    # would act at once, whatever the threshold).
+    _send_verp_dsn(bed, lst, "LOW1", "low@example.net")
+    assert "verp dsn: <low@example.net> 5.1.1 scored" in _wait_bounce(bed, lst)[-1]
     # Score 1 of the default threshold 5: nothing happens, and the hourly run says so.
     run = cli(bed.listmilter.config_path, "bounces", "--run").stdout
     assert run.startswith("nothing to do")
