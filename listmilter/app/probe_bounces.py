@@ -43,8 +43,10 @@ def handle(config, store, secret: Keyring, mlist: MailingList, extension: str, s
         # The address is dead: the list's action, whatever the score (the probe is the evidence).
         # Recorded once per probe; the probe stays in flight until the action is done, so
         # a retry after a failed notice finds it again and finishes (as for a scored DSN).
+        # Once per probe: its time as recorded (two probes of one member may share a second,
+        # and so a code), so a retry of this DSN is a duplicate and the next probe's is not.
         db.record(mlist.address, failure, Verdict.SCORED, report.envid,
-                  f"{probes.PREFIX}{int(bound.sent_at)}", policy, now)
+                  f"{probes.PREFIX}{flying[bound.member]:.6f}", policy, now)
         db.set_pending(mlist.address, bound.member, policy.action)
         row = db.row(mlist.address, bound.member)
         member = store.member(mlist.address, bound.member)
