@@ -103,10 +103,10 @@ def test_every_dsn_shape_is_read_with_its_envid(name):
     if name != "fields in any order":
         assert [(f.address, f.permanent, f.status) for f in report.failures[1:]] == \
             [("carol@example.net", False, "4.2.2")]
-    # Bound to our post and to a member who received it: scored.
+    # Bound to our post and to a member who received it, but not to the member: a probe decides.
     explained = bounces.explain(report, post.posted_at, {"bob@example.net": (POSTED - 86400, True),
                                                          "carol@example.net": (POSTED - 86400, True)})
-    assert [(f.binding, f.verdict) for f in explained.failures][0] == ("envid", bounces.Verdict.SCORED)
+    assert [(f.binding, f.verdict) for f in explained.failures][0] == ("envid", bounces.Verdict.SUSPECT)
     assert all(f.verdict == bounces.Verdict.TEMPORARY for f in explained.failures[1:])
 
 
@@ -382,14 +382,15 @@ def test_explain_cli_json_binds_our_envid_and_scores_a_member(tmp_path):
     msg.write_bytes(b"Return-Path: <>\n" + data)
     proc = cli(Path(cfg.path), "bounces", "--explain", str(msg), "--json")
     assert json.loads(proc.stdout) == {"kind": "dsn", "failures": [
-        {"address": "bob@example.net", "status": "5.1.1", "permanent": True, "binding": "envid", "verdict": "scored"},
+        {"address": "bob@example.net", "status": "5.1.1", "permanent": True, "binding": "envid", "verdict": "suspect"},
         {"address": "carol@example.net", "status": "4.4.1", "permanent": False, "binding": "envid",
          "verdict": "temporary"},
         {"address": "stranger@example.net", "status": "5.1.1", "permanent": True, "binding": "envid",
          "verdict": "not-member"}]}
     text = cli(Path(cfg.path), "bounces", LIST, "--explain", "-", input=msg.read_text()).stdout
     assert "kind: dsn" in text and f"envid: {our} (issued by this site for {LIST})" in text
-    assert "<bob@example.net> 5.1.1 permanent, binding envid: scored:" in text
+    assert "<bob@example.net> 5.1.1 permanent, binding envid: suspect: bound only to a post by its ENVID" in text
+    assert "gets one probe message" in text
     # A forged ENVID binds nothing; an empty file is no error.
     forged = msg.read_bytes().replace(our.encode(), our[:-20].encode() + b"0" * 4 + our[-16:].encode())
     msg.write_bytes(forged)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from listmilter.core import bounces, envid
+from listmilter.core import bounces, envid, verp
 from listmilter.core.bounces import Verdict
 from listmilter.store import kept as kept_mail
 from listmilter.store.bounce_records import BounceDB
@@ -242,6 +242,17 @@ def _send_dsn(bed, lst, dsn: bytes) -> None:
     bed.smtp("", [lst.replace("@", "-bounces@")], dsn)
 
 
+_VERP_TIMES: dict[str, float] = {}
+
+
+def _send_verp_dsn(bed, lst, post_id: str, member: str) -> None:
+    """A DSN for `member`'s personal copy of post `post_id`, to that copy's VERP sender."""
+    posted_at = _VERP_TIMES.setdefault(post_id, time.time())
+    to = verp.make(lst, member, post_id, posted_at, _secret(bed))
+    assert to is not None
+    bed.smtp("", [to], _dsn(bed, lst, post_id, member, posted_at=posted_at))
+
+
 def _db(bed, sql: str, *args) -> list[tuple]:
     db = sqlite3.connect(bed.listmilter.state_dir / "bounces.sqlite", timeout=10)
     try:
@@ -257,8 +268,11 @@ def test_remove_a_dead_member_after_a_real_dsn_and_tell_the_owner(clean_bed, own
                        bounce_action="remove", bounce_threshold=1)
     bed.sink.post_replies["dead@example.net"] = "550 5.1.1 <dead@example.net>: no such user here"
     _post(bed, lst)
-    line = _wait_bounce(bed, lst)[-1]
-    assert "from=<>" in line and "<dead@example.net> 5.1.1 scored" in line
+    # The post's DSN (bound only by its ENVID) sends a probe; the probe's DSN removes.
+    line, probed = _wait_bounce(bed, lst, 2)
+    assert "from=<>" in line and "<dead@example.net> 5.1.1 suspect (probe sent)" in line
+    assert f"to=<{lst.split('@')[0]}-bounces+probe-" in probed and "from=<>" in probed
+    assert "status=probe dsn: <dead@example.net> 5.1.1 probe-bounced" in probed
     queue_id = line.split("envid=")[1].split(".")[0]
     assert f"{queue_id}: list=<{lst}>" in bed.listmilter.log()      # the ENVID names the post's queue id
     notice = _mails(bed, owner, 1)[0].message
@@ -358,9 +372,10 @@ def test_a_lowered_threshold_applies_to_scores_members_already_have(clean_bed, o
     bed = clean_bed
     lst = bed.new_list(["ok@example.net", "low@example.net"], posting="open", owners=(owner,),
                        bounce_action="remove")
-    bed.sink.post_replies["low@example.net"] = "550 5.1.1 <low@example.net>: no such user here"
-    _post(bed, lst)
-    assert "<low@example.net> 5.1.1 scored" in _wait_bounce(bed, lst)[-1]
+    # A score built from a bounce bound to the member (to its VERP address; a probe's bounce
+    # would act at once, whatever the threshold).
+    _send_verp_dsn(bed, lst, "LOW1", "low@example.net")
+    assert "verp dsn: <low@example.net> 5.1.1 scored" in _wait_bounce(bed, lst)[-1]
     # Score 1 of the default threshold 5: nothing happens, and the hourly run says so.
     run = cli(bed.listmilter.config_path, "bounces", "--run").stdout
     assert run.startswith("nothing to do")
@@ -402,6 +417,52 @@ def test_the_owner_keeps_a_disabled_member_by_replying(clean_bed, owner):
     assert bed.sink.recipients() == ["back@example.net"]
     history = cli(bed.listmilter.config_path, "members", "history", lst, "back@example.net").stdout
     assert f"back@example.net enabled by owner ({owner}" in history
+
+
+def test_a_probe_decides_the_dead_member_goes_and_a_forged_dsn_disables_no_live_one(clean_bed, owner):
+    """Issue 14: a failure bound only to a post's ENVID is a suspicion. The real DSN of a post
+    for a dead member sends a probe, Postfix's DSN of the probe removes them; a forged DSN
+    (a genuine ENVID, as any recipient of a post sees it) for live members sends each a probe,
+    delivered, and the periodic run after bounce_probe_days clears them: never disabled."""
+    bed = clean_bed
+    live, far, dead = "live@example.net", "far@example.com", "dead@example.net"
+    lst = bed.new_list([live, far, dead], posting="open", owners=(owner,), bounce_action="remove",
+                       bounce_threshold=1, bounce_probe_days=2)
+    local = lst.split("@")[0]
+    bed.sink.post_replies[dead] = "550 5.1.1 <dead@example.net>: no such user here"
+    _post(bed, lst)
+    post_dsn, probe_dsn = _wait_bounce(bed, lst, 2)
+    assert f"to=<{local}-bounces@" in post_dsn and f"<{dead}> 5.1.1 suspect (probe sent)" in post_dsn
+    assert f"to=<{local}-bounces+probe-" in probe_dsn and "from=<>" in probe_dsn
+    assert f"status=probe dsn: <{dead}> 5.1.1 probe-bounced" in probe_dsn
+    assert [m.message["Subject"] for m in _mails(bed, owner, 1)] == [f"{dead} removed from {lst} (bounces)"]
+    assert _members(bed, lst) == [far, live]
+
+    _send_dsn(bed, lst, _dsn(bed, lst, "FORGED1", live, far))
+    forged = _wait_bounce(bed, lst, 3)[-1]
+    assert f"<{live}> 5.1.1 suspect (probe sent)" in forged and f"<{far}> 5.1.1 suspect (probe sent)" in forged
+    assert "suspect report: failures at several receiving domains" in bed.listmilter.log() + bed.deliver_log()
+    for member in (live, far):
+        probe = wait_until(lambda m=member: [x for x in bed.sink.for_recipient(m)
+                                             if x.message["Subject"] == f"Checking your address for {lst}"],
+                           60, what=f"the probe to {member}")[0]
+        assert probe.mail_from.startswith(f"{local}-bounces+probe-")
+    bed.settle()
+    assert len(_bounce_lines(bed, lst)) == 3              # the probes arrived: nothing came back
+    assert _members(bed, lst) == [far, live]
+    listing = cli(bed.listmilter.config_path, "bounces", lst).stdout
+    assert f"probe in flight: {lst} {live} sent" in listing and "no bouncing members" in listing
+    # Not before bounce_probe_days; after them the suspicions are cleared.
+    now = time.time()
+    assert "probe" not in _as_pipe_user(bed, f"print(bounce_processing.periodic(cfg, store, now={now + DAY}))")
+    out = _as_pipe_user(bed, f"print(bounce_processing.periodic(cfg, store, now={now + 2 * DAY + 60}))")
+    assert f"probe to {live} ({lst}) did not bounce in 2 days: suspicion cleared" in out and far in out
+    assert _db(bed, "SELECT count(*) FROM probes") == [(0,)] and _db(bed, "SELECT count(*) FROM scores") == [(0,)]
+    assert _members(bed, lst) == [far, live]
+    if bed.listmilter.backend == "sqlite":      # (members written in the yaml file have no history)
+        assert not any("bounce" in line for line in _history(bed, lst, live))
+    bed.settle()
+    assert len(bed.sink.for_recipient(owner)) == 1        # the owners heard of the dead member only
 
 
 def _secret(bed) -> bytes:
@@ -507,28 +568,33 @@ def test_verdicts_not_member_counted_today_not_recipient_and_unrecognised_keep(c
     verdicts = [line.split("status=")[1].split(", envid=")[0] for line in lines]
     kept = [v.split(", kept ")[1] if ", kept " in v else "" for v in verdicts]
     assert [v.split(", kept ")[0] for v in verdicts] == [
-        "dsn: <m@example.net> 5.1.1 scored", "dsn: <m@example.net> 5.1.1 counted-today",
+        "dsn: <m@example.net> 5.1.1 suspect (probe sent)",
+        "dsn: <m@example.net> 5.1.1 suspect (a probe is in flight already)",
         "dsn: <stranger@example.net> 5.1.1 not-member", "dsn: <off@example.net> 5.1.1 not-recipient"]
     folder = bed.listmilter.state_dir / "bounces" / lst
     assert kept[:2] == ["", ""] and sorted(kept[2:]) == sorted(str(p) for p in folder.glob("*.eml"))
     assert bed.sink.for_recipient(owner) == []                           # keep: nothing forwarded
     kept = cli(bed.listmilter.config_path, "bounces", lst, "--kept").stdout
     assert kept.count(".eml") == 2 and "not a member of the list" in kept and "not a recipient" in kept
-    (row,) = [x for x in cli(bed.listmilter.config_path, "bounces", lst).stdout.splitlines() if "m@example.net" in x]
-    assert row.split()[3] == "1"                                        # scored once that day
+    # One probe for the two suspicions, delivered (m@ works): nothing scored.
+    (probe,) = _mails(bed, "m@example.net", 1)
+    assert f"{lst.split('@')[0]}-bounces+probe-" in probe.mail_from
+    assert probe.message["Subject"] == f"Checking your address for {lst}"
+    listing = cli(bed.listmilter.config_path, "bounces", lst).stdout
+    assert f"probe in flight: {lst} m@example.net sent" in listing and "no bouncing members" in listing
 
 
 @pytest.mark.parametrize("stale_days, expected", [(3, 1), (10, 2)])
 def test_a_score_older_than_bounce_stale_days_starts_again(clean_bed, stale_days, expected):
     bed = clean_bed
     lst = bed.new_list(["m@example.net"], posting="open", bounce_threshold=5, bounce_stale_days=stale_days)
-    _send_dsn(bed, lst, _dsn(bed, lst, "S1", "m@example.net"))
+    _send_verp_dsn(bed, lst, "S1", "m@example.net")
     _wait_bounce(bed, lst, 1)
     # Four days pass (the score's times moved back; the store keeps them in bounces.sqlite).
     _db(bed, "UPDATE scores SET last_scored = last_scored - ?, last_bounce = last_bounce - ? WHERE list = ?",
         4 * DAY, 4 * DAY, lst)
-    _send_dsn(bed, lst, _dsn(bed, lst, "S2", "m@example.net"))
-    assert "<m@example.net> 5.1.1 scored" in _wait_bounce(bed, lst, 2)[-1]
+    _send_verp_dsn(bed, lst, "S2", "m@example.net")
+    assert "verp dsn: <m@example.net> 5.1.1 scored" in _wait_bounce(bed, lst, 2)[-1]
     assert _db(bed, "SELECT score FROM scores WHERE list = ?", lst) == [(expected,)]
 
 
@@ -536,9 +602,9 @@ def test_a_dsn_delivered_twice_scores_once_and_vacation_replies_are_ignored(clea
     bed = clean_bed
     lst = bed.new_list(["twice@example.net"], posting="open", owners=(owner,))
     bounces_addr = lst.replace("@", "-bounces@")
-    dsn = _dsn(bed, lst, "TWICE1", "twice@example.net")
-    bed.smtp("", [bounces_addr], dsn)
-    bed.smtp("", [bounces_addr], dsn)
+    # To the member's VERP address (bound to the member: scored; to the plain address it would be a probe).
+    _send_verp_dsn(bed, lst, "TWICE1", "twice@example.net")
+    _send_verp_dsn(bed, lst, "TWICE1", "twice@example.net")
     bed.smtp("twice@example.net", [bounces_addr],
              b"From: twice@example.net\r\nSubject: Automatic reply: post\r\nAuto-Submitted: auto-replied\r\n\r\n"
              b"I am on holiday.\r\n")
@@ -582,21 +648,26 @@ def test_storm_ten_thousand_members_ten_percent_bounce(clean_bed):
     lst = bed.new_list(members, posting="open")
     for address in dead:
         bed.sink.post_replies[address] = "550 5.1.1 no such user"
+    bed.sink.let_probes_arrive()
     _post(bed, lst, "storm")
-    # One DSN (Postfix lists every failed member of the post in one report) scores all 1,000.
+    # One DSN (Postfix lists every failed member of the post in one report), bound only by
+    # its ENVID: 1,000 suspicions, one probe each, nothing scored.
     line = _wait_bounce(bed, lst, 1, timeout=300)[0]
+    probes_got = wait_until(lambda: len(got := [m for m in bed.sink.messages if "+probe-" in m.mail_from]) >= 1000
+                            and got, 300, what="1000 probes")
     bed.settle()
-    assert line.count(" scored") == 1000 and len(_bounce_lines(bed, lst)) == 1
+    assert line.count(" suspect (probe sent)") == 1000 and len(_bounce_lines(bed, lst)) == 1
+    assert sorted(r for m in probes_got for r in m.rcpt_tos) == sorted(dead)
     db = BounceDB(str(bed.listmilter.state_dir))
     try:
-        rows = db.rows(lst)
-        assert {r.address for r in rows} == dead and {r.score for r in rows} == {1}
+        assert db.rows(lst) == [] and {p[1] for p in db.probes(lst)} == dead
         records = db.records(lst)
-        assert len(records) == 1000 and {r[6] for r in records} == {bounces.Verdict.SCORED}
+        assert len(records) == 1000 and {r[6] for r in records} == {bounces.Verdict.SUSPECT}
     finally:
         db.close()
     # Every member that does not bounce got the post exactly once.
-    got = bed.sink.by_recipient()
+    got = {r: [m for m in copies if m.message["Subject"] == "storm"] for r, copies in bed.sink.by_recipient().items()}
+    got = {r: copies for r, copies in got.items() if copies}
     assert len(got) == 9000 and set(got) == set(members) - dead
     assert all(len(copies) == 1 for copies in got.values())
 
@@ -616,11 +687,12 @@ def _accept_owner_mail(bed) -> None:
 
 
 def _deferred_dsn(bed, lst):
-    """Wait until a DSN for lst was handled up to the failing notice and the pipe said 75."""
-    bounces_addr = lst.replace("@", "-bounces@")
-    wait_until(lambda: f"deliver: to=<{bounces_addr}>, status=deferred (smtp: 127.0.0.1:" in bed.listmilter.log()
+    """Wait until the DSN of lst's probe was handled up to the failing notice and the pipe said 75."""
+    probe_addr = lst.split("@")[0] + "-bounces+probe-"
+    wait_until(lambda: f"deliver: to=<{probe_addr}" in bed.listmilter.log()
+               and ", status=deferred (smtp: 127.0.0.1:" in bed.listmilter.log()
                and "owner mailbox busy" in bed.listmilter.log(), 90, what="the notice to fail")
-    wait_until(lambda: f"to=<{bounces_addr}>" in bed.postfix.log() and "status=deferred" in bed.postfix.log(),
+    wait_until(lambda: f"to=<{probe_addr}" in bed.postfix.log() and "status=deferred" in bed.postfix.log(),
                30, what="Postfix to defer the DSN")
 
 
@@ -642,10 +714,14 @@ def test_a_pending_bounce_action_is_finished_by_the_retry_exactly_once(own_bed, 
     bed.settle()
     notices = bed.sink.for_recipient(owner)
     assert [m.message["Subject"] for m in notices] == [f"dead@example.net removed from {lst} (bounces)"]
-    # The first attempt scored (and exited 75 on the notice); the retry that finished is a duplicate.
-    assert [v for (v,) in _db(bed, "SELECT verdict FROM bounces WHERE list = ?", lst)] == ["scored"]
-    (line,) = _bounce_lines(bed, lst)
-    assert "<dead@example.net> 5.1.1 duplicate" in line
+    # The post's DSN sent a probe; the probe's DSN scored (and exited 75 on the notice); its
+    # retry found the probe still in flight and finished.
+    assert [v for (v,) in _db(bed, "SELECT verdict FROM bounces WHERE list = ? ORDER BY id", lst)] == \
+        ["suspect", "scored"]
+    suspect, probed = _bounce_lines(bed, lst)
+    assert "<dead@example.net> 5.1.1 suspect (probe sent)" in suspect
+    assert "probe dsn: <dead@example.net> 5.1.1 probe-bounced" in probed
+    assert _db(bed, "SELECT count(*) FROM probes WHERE list = ?", lst) == [(0,)]
     assert _db(bed, "SELECT count(*) FROM scores WHERE list = ?", lst) == [(0,)]  # done and forgotten
     history = _history(bed, lst, "dead@example.net")
     assert sum("unsubscribed by bounce" in x for x in history) == 1

@@ -78,12 +78,17 @@ def test_listmilter_config_in_the_environment_serves_and_delivers(own_bed):
                             env=env, timeout=60)
     assert by_env.returncode == 0 and by_env.stdout == listed.stdout and lst in by_env.stdout
     bed.sink.post_replies["dead@example.net"] = "550 5.1.1 no such user"
+    bed.sink.let_probes_arrive()
     bed.smtp("carol@example.net", [lst], message(to=lst, sender="carol@example.net"))
-    # The DSN reached the pipe, which found serve through the config named in its environment.
-    wait_until(lambda: "<dead@example.net> 5.1.1 scored" in lm.log(), 60, what="the DSN handed to serve")
+    # The DSN reached the pipe, which found serve through the config named in its environment
+    # (bound only by its ENVID, it sends dead@ a probe, which arrives here).
+    wait_until(lambda: "<dead@example.net> 5.1.1 suspect (probe sent)" in lm.log(), 60,
+               what="the DSN handed to serve")
     bed.settle()
     assert "role=bounces" not in bed.postfix.pipe_log.read_text()
-    assert bed.sink.recipients() == ["e1@example.net"]
+    assert sorted(bed.sink.recipients()) == ["dead@example.net", "e1@example.net"]      # the post, the probe
+    assert [m.message["Subject"] for m in bed.sink.for_recipient("dead@example.net")] == \
+        [f"Checking your address for {lst}"]
 
 
 def _syslog_receiver(path):

@@ -15,8 +15,9 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
-from listmilter.app import notices, outgoing
+from listmilter.app import notices, outgoing, probes
 from listmilter.core import addresses, bounces, envid, mailparse
+from listmilter.core import probes as probe_rules
 from listmilter.core.bounces import Verdict
 from listmilter.core.keys import Keyring, keyring
 from listmilter.core.model import ACTIVE, DISABLED, MailingList, NoSuchList
@@ -53,6 +54,13 @@ def handle(config, store, secret: Keyring, mlist: MailingList, sender: str, data
         return Outcome(report.kind, ())
     policy = policy_of(config, mlist)
     post = envid.parse(report.envid, mlist.address, secret) if report.envid else None
+    if post is not None and probe_rules.suspect_report(report.failures):
+        # One post's copy reaches one receiving MTA per domain: a report naming failures
+        # at several is forged or odd. Each named member is only probed anyway.
+        logger.warning("bounce: %s", fields(list=f"<{mlist.address}>", envid=report.envid,
+                                             failures=len(report.failures),
+                                             status="suspect report: failures at several receiving "
+                                                    "domains; each member gets a probe, none is scored"))
     db = open_bounces(config)
     try:
         verdicts = []
@@ -61,8 +69,15 @@ def handle(config, store, secret: Keyring, mlist: MailingList, sender: str, data
             verdict = bounces.verdict(failure, report.kind, post.posted_at if post else None,
                                       member.added if member else None,
                                       member is not None and member.status != DISABLED, now)
+            # Bound only to a post, never to the member: a suspicion, not a score (core/probes.py).
+            verdict = probe_rules.envid_verdict(verdict)
             final, row = db.record(mlist.address, failure, verdict, report.envid,
                                    post.post_id if post else "", policy, now)
+            if verdict == Verdict.SUSPECT:
+                # Also for a duplicate: a retry after a failed probe sends it.
+                sent = probes.probe(config, db, mlist, failure, secret, now)
+                verdicts.append((failure.address, failure.status, sent))
+                continue
             verdicts.append((failure.address, failure.status, final))
             if final == Verdict.DUPLICATE:
                 # A retry: finish whatever the first delivery left pending.
@@ -74,7 +89,7 @@ def handle(config, store, secret: Keyring, mlist: MailingList, sender: str, data
         if not report.failures or unused:
             why = (_NO_FAILURE.get(report.kind, f"{report.kind}: names no failed recipient")
                    if not report.failures else
-                   "; ".join(f"<{a}> {s or '-'}: {bounces.FOR_OWNER[v]}" for a, s, v in unused))
+                   "; ".join(f"<{a}> {s or '-'}: {bounces.FOR_OWNER[Verdict(v)]}" for a, s, v in unused))
             kept = keep_for_owner(config, db, mlist, data, why, now)
         return Outcome(report.kind, tuple(verdicts), kept, report.envid)
     finally:
@@ -224,6 +239,7 @@ def _periodic(config, store, db, secret: Keyring, now: float, done: list[str]) -
         for path in _prune(config, lst, now):
             done.append(f"deleted kept {path} ({lst.address})")
         done.extend(send_digest(config, db, lst, now))
+    probes.expire(config, store, db, now, done)
     for row in db.rows():
         mlist = store.get_list(row.list)
         if mlist is None:

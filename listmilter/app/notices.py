@@ -107,6 +107,17 @@ def bounce_warning(list_address: str, address: str, number: int, of: int, remova
     return _message(owner, address, f"Your membership of {list_address} is disabled", text).as_bytes()
 
 
+def bounce_probe(list_address: str, address: str) -> bytes:
+    """To a member a delivery report named as failing, sent from a one-time probe address
+    (core/probes.py): if this bounces, the address is dead; if it arrives, nothing happens."""
+    owner = addresses.role_address(list_address, "owner")
+    text = (f"A delivery report said that mail from the list {list_address} to {address} failed.\n\n"
+            f"This message checks that: if you can read it, your address works and you need not "
+            f"do anything. Your membership is unchanged.\n\n"
+            f"Questions go to the list owners at {owner}.\n")
+    return _message(owner, address, f"Checking your address for {list_address}", text).as_bytes()
+
+
 def unrecognised_bounce(list_address: str, owners: tuple[str, ...], why: str, original: bytes) -> bytes:
     """To the owners: mail to <list>-bounces@ that scored nobody, with the message attached."""
     owner = addresses.role_address(list_address, "owner")

@@ -53,7 +53,8 @@ def _explain(args, cfg, store) -> int:
             member = store.member(mlist.address, failure.address)
             if member is not None:
                 members[addresses.key(failure.address)] = (member.added, member.status != DISABLED)
-    result = bounces.explain(report, posted_at, members, time.time())
+    probe_for = _probe_member(cfg, store, data, mlist)
+    result = bounces.explain(report, posted_at, members, time.time(), probe_for)
     if args.json:
         print(json.dumps(result.as_json(), ensure_ascii=False))
         return 0
@@ -77,6 +78,33 @@ def _explain(args, cfg, store) -> int:
     if not result.failures:
         print("failures: none found")
     return 0
+
+
+def _probe_member(cfg, store, data: bytes, mlist) -> str:
+    """The member whose probe address (verified) the message was delivered to, from the
+    Delivered-To or X-Original-To field the MTA adds; '' if none."""
+    from listmilter.core import mailparse, plan, probes
+    from listmilter.store import open_bounces, site_secret
+    head = mailparse.parse(data, headers_only=True)
+    for name in ("Delivered-To", "X-Original-To"):
+        recipient = mailparse.text(head.get(name)).strip().strip("<>")
+        if not recipient:
+            continue
+        found, role = plan.find_list(recipient, store.get_list)
+        if found is None or role is None or not probes.is_code(role.extension):
+            continue
+        if mlist is not None and found.address != mlist.address:
+            continue
+        db = open_bounces(cfg)
+        try:
+            flying = [address for _, address, _, _ in db.probes(found.address)]
+        finally:
+            db.close()
+        candidates = flying + [m.address for m in store.members(found.address)]
+        bound = probes.find(role.extension, found.address, candidates, site_secret(cfg))
+        if bound is not None:
+            return bound.member
+    return ""
 
 
 def bounce_report(data: bytes, sender: str):
@@ -114,6 +142,9 @@ def _bounces(args, cfg, store):
                 print(f"no bounce mail kept for {where}")
             return 0
         rows = [(address, row) for address in lists for row in db.rows(address)]
+        flying = [(address, probe) for address in lists for probe in db.probes(address)]
+        for address, (_, member, sent_at, why) in flying:
+            print(f"probe in flight: {address} {member} sent {bounces.fmt_time(sent_at)} (suspected by {why})")
         if not rows:
             print(f"no bouncing members on {where}")
             return 0

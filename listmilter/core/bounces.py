@@ -63,6 +63,8 @@ class Verdict(StrEnum):
     EXPIRED = "expired"               # an ENVID we issued, of a post older than ENVID_MAX_AGE
     DUPLICATE = "duplicate"           # the same failure of the same post, seen before
     UNRECOGNISED = "unrecognised"     # nothing recognisable: the message is kept for the owner
+    SUSPECT = "suspect"               # bound only to a post by its ENVID: a probe decides (core/probes.py)
+    PROBE_BOUNCED = "probe-bounced"   # the member's probe bounced: the address is dead
 
 
 # Verdicts that leave the message for the owner to look at, and why.
@@ -597,10 +599,14 @@ WHY = {
     Verdict.UNVERIFIED: FOR_OWNER[Verdict.UNVERIFIED] + ": kept for the owners",
     Verdict.NOT_RECIPIENT: FOR_OWNER[Verdict.NOT_RECIPIENT] + ": kept for the owners",
     Verdict.EXPIRED: FOR_OWNER[Verdict.EXPIRED] + ": kept for the owners",
+    Verdict.SUSPECT: "bound only to a post by its ENVID, not to the member: a suspicion; the member gets "
+                     "one probe message, and the bounce action is taken only if the probe bounces",
+    Verdict.PROBE_BOUNCED: "a bounce to the member's probe address: the address is dead, the bounce "
+                           "action is taken",
 }
 
-# How a failure is tied to a member or a post. Only ENVID exists today; VERP and
-# bounce probes (issue 14) add theirs here.
+# How a failure is tied to a member or a post: a post's ENVID, a personal copy's
+# VERP sender, or a probe's one-time return path (core/probes.py).
 BINDINGS = ("envid", "verp", "probe", "none")
 
 
@@ -627,15 +633,23 @@ class Explanation:
 
 
 def explain(report: Report, posted_at: float | None,
-            members: dict[str, tuple[float, bool]] | None, now: float | None = None) -> Explanation:
+            members: dict[str, tuple[float, bool]] | None, now: float | None = None,
+            probe_for: str = "") -> Explanation:
     """What listmilter makes of one report, without recording anything.
 
     `posted_at` is the post's time from the report's ENVID if it verified (for
     the list being looked at), else None; `members` maps each failed address's
     key (addresses.key) to (joined, active) for the members among them, or is
-    None when no list is known (nobody can be scored then)."""
+    None when no list is known (nobody can be scored then). `probe_for` is the member
+    whose probe address (verified) the message was delivered to: whatever it is, it
+    binds that member."""
     binding = "envid" if posted_at is not None else "none"
     out = []
+    if probe_for:
+        first = next((f for f in report.failures if f.permanent), None)
+        return Explanation(report.kind, report.envid, (Explained(
+            probe_for, first.status if first else "", True, "probe", Verdict.PROBE_BOUNCED,
+            WHY[Verdict.PROBE_BOUNCED]),))
     for f in report.failures:
         if members is None:
             v = Verdict.TEMPORARY if not f.permanent else Verdict.UNVERIFIED
@@ -645,6 +659,7 @@ def explain(report: Report, posted_at: float | None,
             member = members.get(addresses.key(f.address))
             v = verdict(f, report.kind, posted_at, member[0] if member else None,
                         bool(member and member[1]), now)
+            v = Verdict.SUSPECT if v == Verdict.SCORED else v    # ENVID-bound: a probe decides
             why = WHY.get(v, str(v))
         out.append(Explained(f.address, f.status, f.permanent, binding, v, why))
     return Explanation(report.kind, report.envid, tuple(out))

@@ -245,6 +245,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             "kept messages older than this many days are deleted (hourly, and at each new one)"),
     Setting("bounce_kept_quota_mb", 100, _count(1),
             "at most this many MB of kept messages per list: the oldest go first"),
+    Setting("bounce_probe_days", 7, _count(1),
+            "a failure bound only to a post (its ENVID) sends the member one probe; a probe that does "
+            "not bounce within this many days clears the suspicion"),
 )}
 
 
@@ -298,6 +301,7 @@ class ListSettings:
     bounce_kept_max_kb: int
     bounce_kept_days: int
     bounce_kept_quota_mb: int
+    bounce_probe_days: int
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,13 @@ def deliver(runtime_factory, recipient: str, sender_arg: str | None, data: bytes
     if role.extension.partition("-")[0] in bounce_processing.DECISIONS:
         status = bounce_processing.decide(config, store, site_secret, mlist, role.extension, sender, data)
     else:
-        if role.extension:      # <list>-bounces+CODE@: a personal copy's VERP sender
+        from listmilter.core import probes
+        if probes.is_code(role.extension):      # <list>-bounces+probe-CODE@: a bounce probe's
+            from listmilter.app import probe_bounces
+            outcome = probe_bounces.handle(config, store, site_secret, mlist, role.extension, sender, data)
+            if outcome is None:
+                extra["probe"] = "not verified"
+        elif role.extension:      # <list>-bounces+CODE@: a personal copy's VERP sender
             from listmilter.app import verp_bounces
             if verp_bounces.is_code(role.extension):
                 outcome = verp_bounces.handle(config, store, site_secret, mlist, role.extension, sender, data)

@@ -19,7 +19,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-from listmilter.core import addresses
+from listmilter.core import addresses, probes
 from listmilter.core.bounces import Failure, Policy, Score, Verdict, score_bounce
 from listmilter.store.db import Database, sqlite_errors
 
@@ -62,6 +62,16 @@ CREATE INDEX IF NOT EXISTS bounces_member ON bounces(list, key);
 -- 0: not yet. Those kept before were forwarded or kept as the list said then: not again.
 ALTER TABLE bounces ADD COLUMN digested REAL NOT NULL DEFAULT 0;
 UPDATE bounces SET digested = at WHERE verdict = 'unrecognised';
+""", """
+-- Bounce probes in flight (core/probes.py): one per member.
+CREATE TABLE IF NOT EXISTS probes (
+    list     TEXT NOT NULL,
+    key      TEXT NOT NULL,
+    address  TEXT NOT NULL,
+    sent_at  REAL NOT NULL,              -- the probe's time, also in its code (core/probes.py)
+    why      TEXT NOT NULL DEFAULT '',   -- the suspicion: status and words of the failure
+    PRIMARY KEY (list, key)
+) WITHOUT ROWID;
 """)
 
 @dataclass(frozen=True)
@@ -195,6 +205,44 @@ class BounceDB:
         """Drop a member's score (removed, or kept by the owner: they start again from 0)."""
         return self._update("DELETE FROM scores WHERE list=? AND key=?",
                             (addresses.key(list_address), addresses.key(address))) > 0
+
+    # -- probes (core/probes.py): one in flight per member ----------------------
+    @sqlite_errors
+    def start_probe(self, list_address: str, address: str, now: float, probe_days: int, why: str = "") -> bool:
+        """Note a probe sent now, unless one is in flight (an expired one is replaced); True if noted."""
+        list_key, key = addresses.key(list_address), addresses.key(address)
+        with self._write() as conn:
+            self._lock_member(conn, list_key, key)
+            row = conn.execute("SELECT sent_at FROM probes WHERE list=? AND key=?", (list_key, key)).fetchone()
+            if not probes.should_probe(row[0] if row else None, now, probe_days):
+                return False
+            conn.execute("DELETE FROM probes WHERE list=? AND key=?", (list_key, key))
+            conn.execute("INSERT INTO probes(list, key, address, sent_at, why) VALUES (?, ?, ?, ?, ?)",
+                         (list_key, key, address, now, why[:300]))
+            return True
+
+    @sqlite_errors
+    def probe(self, list_address: str, address: str) -> float | None:
+        """When the member's probe in flight was sent, None if none is."""
+        row = self.conn.execute("SELECT sent_at FROM probes WHERE list=? AND key=?",
+                                (addresses.key(list_address), addresses.key(address))).fetchone()
+        return row[0] if row else None
+
+    @sqlite_errors
+    def probes(self, list_address: str | None = None) -> list[tuple[str, str, float, str]]:
+        """(list, address, sent_at, why) of the probes in flight."""
+        if list_address:
+            return self.conn.execute("SELECT list, address, sent_at, why FROM probes WHERE list=? ORDER BY key",
+                                     (addresses.key(list_address),)).fetchall()
+        return self.conn.execute("SELECT list, address, sent_at, why FROM probes ORDER BY list, key").fetchall()
+
+    def end_probe(self, list_address: str, address: str, sent_at: float | None = None) -> bool:
+        """The probe bounced or expired (only the one sent at `sent_at`, if given); True if it was in flight."""
+        sql = "DELETE FROM probes WHERE list=? AND key=?"
+        params: tuple = (addresses.key(list_address), addresses.key(address))
+        if sent_at is not None:
+            sql, params = sql + " AND sent_at=?", params + (sent_at,)
+        return self._update(sql, params) > 0
 
     # -- reading ---------------------------------------------------------------
     @sqlite_errors

@@ -36,6 +36,7 @@ class Received:
 class _Handler:
     replies: dict[str, str] = field(default_factory=dict)
     post_replies: dict[str, str] = field(default_factory=dict)
+    probes_arrive: bool = False         # post_replies spare bounce probes (from <list>-bounces+probe-...@)
     messages: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     rcpt_options: dict[int, list[list[str]]] = field(default_factory=dict)
@@ -46,7 +47,8 @@ class _Handler:
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         reply = self.replies.get(address.lower())
-        if not reply and envelope.mail_from not in ("", "<>"):
+        if not reply and envelope.mail_from not in ("", "<>") and \
+                not (self.probes_arrive and "-bounces+probe-" in envelope.mail_from):
             reply = self.post_replies.get(address.lower())
         if reply:
             return reply
@@ -128,6 +130,11 @@ class Sink:
         """Like `replies`, for mail with a sender only: list posts bounce, notices (from <>) arrive."""
         return self._handler.post_replies
 
+    def let_probes_arrive(self, arrive: bool = True) -> None:
+        """post_replies refuse list posts but let bounce probes arrive (the member's address works
+        for a probe: a test that does not want a probe's bounce)."""
+        self._handler.probes_arrive = arrive
+
     @property
     def messages(self) -> list[Received]:
         with self._handler.lock:
@@ -138,6 +145,7 @@ class Sink:
             self._handler.messages.clear()
         self._handler.replies.clear()
         self._handler.post_replies.clear()
+        self._handler.probes_arrive = False
 
     def deliveries(self) -> list[tuple[str, Received]]:
         """One (recipient, message) pair per delivered recipient."""

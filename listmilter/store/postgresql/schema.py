@@ -172,4 +172,14 @@ INSERT INTO list_settings(list_id, name, value)
 -- When an unrecognised message went to the owners in a digest (bounces.sqlite's step 2).
 ALTER TABLE bounces ADD COLUMN digested double precision NOT NULL DEFAULT 0;
 UPDATE bounces SET digested = at WHERE verdict = 'unrecognised';
+""", """
+-- Bounce probes in flight (core/probes.py): one per member.
+CREATE TABLE probes (
+    list     text NOT NULL,
+    key      text NOT NULL,
+    address  text NOT NULL,
+    sent_at  double precision NOT NULL,
+    why      text NOT NULL DEFAULT '',
+    PRIMARY KEY (list, key)
+);
 """)

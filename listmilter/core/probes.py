@@ -1,0 +1,131 @@
+"""Bounce probes: trust a failure only when it is bound to the member.
+
+A failure bound to the member by its VERP address scores at once (core/verp.py).
+A failure bound only to a post (our ENVID) is a suspicion: anyone who sees a
+post's ENVID can forge a DSN naming any member. Before anything is done about
+it, the member gets one probe message from a one-time return path,
+`<list-local>-bounces+probe-TIME-MAC@domain`: TIME the probe's Unix time in base
+36, MAC the first 16 base32 characters (80 bits) of an HMAC-SHA256 of list,
+member and TIME under a key derived for "probe" (core/keys.py). Whatever comes
+back there from the null sender, DSN or not, says the member's address is dead:
+the list's bounce_action is taken then. A probe that does not bounce within
+bounce_probe_days clears the suspicion. One probe in flight per member.
+
+Pure decisions only; listmilter.app.probes sends and records.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from listmilter.core import addresses, bounces, envid
+from listmilter.core.bounces import Failure, Verdict
+from listmilter.core.keys import Keyring, keyring
+
+USE = "probe"
+PREFIX = "probe-"
+MAX_LOCAL = 64
+MAC_LENGTH = 16
+_CODE = re.compile(rf"probe-([0-9a-z]{{1,8}})-([a-z2-7]{{{MAC_LENGTH}}})")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A verified probe code: the member it was sent to and when."""
+    member: str
+    sent_at: float
+
+
+def _mac(key: bytes, list_address: str, member: str, when: str) -> str:
+    text = "\0".join((USE, addresses.key(list_address), addresses.key(member), when))
+    digest = hmac.new(key, text.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+    return base64.b32encode(digest).decode().lower()[:MAC_LENGTH]
+
+
+def _key(ring: Keyring, kid: int) -> bytes:
+    key = ring.derive(kid, USE)
+    if key is None:     # a bug: only ring's own ids are passed
+        raise TypeError(f"key {kid} is not in the keyring")
+    return key
+
+
+def code(list_address: str, member: str, sent_at: float, secret: Keyring | bytes) -> str:
+    """The extension (after `-bounces+`) of the probe sent to `member` at `sent_at`."""
+    ring = keyring(secret)
+    when = envid.base36(int(sent_at))
+    return f"{PREFIX}{when}-{_mac(_key(ring, ring.current_id), list_address, member, when)}"
+
+
+def make(list_address: str, member: str, sent_at: float, secret: Keyring | bytes) -> str | None:
+    """The probe's envelope sender; None if it would not fit in a local part."""
+    address = addresses.role_address(list_address, "bounces", code(list_address, member, sent_at, secret))
+    if len(address.rpartition("@")[0]) > MAX_LOCAL or not addresses.is_valid(address):
+        return None
+    return address
+
+
+def is_code(extension: object) -> bool:
+    """Does the extension look like a probe code (not yet verified)? Never raises."""
+    return isinstance(extension, str) and len(extension) <= MAX_LOCAL \
+        and _CODE.fullmatch(extension.strip().lower()) is not None
+
+
+def find(extension: str, list_address: str, candidates: Iterable[str], secret: Keyring | bytes) -> Bound | None:
+    """The member among `candidates` (those with a probe in flight) the code was made for;
+    None for a forged or garbled code, one made for another list or member, or under a
+    key no longer accepted. Never raises."""
+    if not is_code(extension):
+        return None
+    m = _CODE.fullmatch(extension.strip().lower())
+    assert m is not None
+    when, given = m.group(1), m.group(2).encode()
+    ring = keyring(secret)
+    keys = [_key(ring, kid) for kid in ring.ids]
+    for member in candidates:
+        if isinstance(member, str) and member.isascii() and any(
+                hmac.compare_digest(given, _mac(key, list_address, member, when).encode()) for key in keys):
+            return Bound(member, float(int(when, 36)))
+    return None
+
+
+# -- decisions -------------------------------------------------------------------
+def envid_verdict(verdict: Verdict) -> Verdict:
+    """What a failure bound only by our ENVID does: where it would have scored, it is a
+    suspicion (SUSPECT: a probe decides). Other verdicts (EXPIRED among them) stay."""
+    return Verdict.SUSPECT if verdict == Verdict.SCORED else verdict
+
+
+def should_probe(in_flight_since: float | None, now: float, probe_days: int) -> bool:
+    """Send a probe for a new suspicion? Not while one is in flight (one per member)."""
+    return in_flight_since is None or expired(in_flight_since, now, probe_days)
+
+
+def expired(sent_at: float, now: float, probe_days: int) -> bool:
+    """A probe that did not bounce within probe_days: the suspicion is cleared."""
+    return now - sent_at > probe_days * bounces.DAY
+
+
+def suspect_report(failures: Iterable[Failure]) -> bool:
+    """Permanent failures at several receiving domains in one report: one post's copy
+    goes to one receiving MTA per domain, so a real report names one domain."""
+    return len({addresses.key(f.address).rpartition("@")[2] for f in failures if f.permanent}) > 1
+
+
+DEAD = "dead"
+
+
+def on_bounce(in_flight_since: float | None, bound: Bound, null_sender: bool, kind: str) -> str:
+    """What mail to a verified probe address says: DEAD (the member's address failed),
+    else why it is ignored."""
+    if kind == bounces.AUTORESPONSE:
+        return "ignored (an automatic reply to the probe)"
+    if not null_sender:
+        return "ignored (not from the null sender: a reply, not a bounce)"
+    if in_flight_since is None or int(in_flight_since) != int(bound.sent_at):
+        return "ignored (no probe in flight with this code: cleared or answered already)"
+    return DEAD

@@ -1,0 +1,173 @@
+"""core/probes.py: bounce probes, the decisions (no MTA), and their record in the bounce database."""
+
+from __future__ import annotations
+
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from listmilter.core import addresses, bounces, probes
+from listmilter.core.bounces import Failure, Verdict
+from listmilter.core.keys import Keyring, keyring
+from listmilter.store.bounce_records import BounceDB
+from tests import test_fuzz as fuzz
+from tests.conftest import dsn_message
+from tests.test_fuzz import hostile_text, records, scaled, site  # noqa: F401 (fixtures)
+
+SECRET = b"p" * 32
+LIST = "dev@example.org"
+BOB, ANN = "bob@example.net", "ann@example.net"
+T = 1_800_000_000.0
+DAY = bounces.DAY
+
+
+def _ext(address: str) -> str:
+    return address.partition("@")[0].partition("+")[2]
+
+
+def test_a_probe_address_names_its_member_and_time_for_this_list_and_key_only():
+    sender = probes.make(LIST, BOB, T, SECRET)
+    assert sender is not None and sender.startswith("dev-bounces+probe-") and sender.endswith("@example.org")
+    assert len(sender.partition("@")[0]) <= 64
+    ((key, role),) = [(k, r) for k, r in addresses.candidates(sender) if r is not None]
+    assert key == LIST and role.role == "bounces" and probes.is_code(role.extension)
+    for ext in (_ext(sender), _ext(sender).upper()):
+        assert probes.find(ext, LIST, [ANN, BOB], SECRET) == probes.Bound(BOB, T)
+    assert probes.find(_ext(sender), LIST, [ANN], SECRET) is None
+    assert probes.find(_ext(sender), "ops@example.org", [BOB], SECRET) is None
+    assert probes.find(_ext(sender), LIST, [BOB], b"w" * 32) is None
+    # A rotated key still verifies the probes of the old one (in flight for days).
+    assert probes.find(_ext(sender), LIST, [BOB], Keyring(((1, b"n" * 32), (0, SECRET)))) is not None
+    # VERP codes and owner decisions are no probe codes, and a probe code is no VERP code.
+    assert not probes.is_code("q1-tro8w0-aaaaaaaaaaaaa") and not probes.is_code("keep-0123456789abcdef0123")
+    from listmilter.core import verp
+    assert verp.parse(_ext(sender)) is None
+
+
+def test_a_list_address_too_long_for_a_probe_address_gets_none():
+    assert probes.make("a-very-long-list-name-for-announcements-of-the-board@example.org", BOB, T, SECRET) is None
+
+
+@scaled(1.0)
+@given(ext=hostile_text, candidates=st.lists(hostile_text, max_size=3))
+@example(ext="probe-tro8w0-aaaaaaaaaaaaaaaa", candidates=[BOB])
+@example(ext="PROBE-TRO8W0-" + "7" * 16, candidates=[BOB])
+@example(ext="probe-" + "\udcff" * 60, candidates=["\udcff@x"])
+def test_a_forged_or_garbled_probe_code_binds_nobody(ext, candidates):
+    assert probes.find(ext, LIST, [*candidates, BOB, ANN], SECRET) is None
+
+
+@scaled(0.5)
+@given(member=st.from_regex(r"[a-z0-9._%+-]{1,20}@[a-z0-9-]{1,10}\.[a-z]{2,5}", fullmatch=True),
+       when=st.integers(0, 2**40), flip=st.integers(0, 200))
+def test_every_probe_code_binds_its_member_only_and_any_changed_character_breaks_it(member, when, flip):
+    ext = probes.code(LIST, member, when, keyring(SECRET))
+    assert probes.find(ext, LIST, [member], SECRET) == probes.Bound(member, float(when))
+    i = flip % len(ext)
+    changed = ext[:i] + ("b" if ext[i] != "b" else "c") + ext[i + 1:]
+    assert probes.find(changed, LIST, [member], SECRET) is None
+
+
+def test_an_envid_bound_failure_is_a_suspicion_and_other_verdicts_stay():
+    assert probes.envid_verdict(Verdict.SCORED) == Verdict.SUSPECT
+    for other in (Verdict.TEMPORARY, Verdict.NOT_MEMBER, Verdict.UNVERIFIED, Verdict.NOT_RECIPIENT,
+                  Verdict.EXPIRED):
+        assert probes.envid_verdict(other) == other
+
+
+def test_one_probe_in_flight_per_member_until_it_expires():
+    assert probes.should_probe(None, T, 7)
+    assert not probes.should_probe(T, T + 7 * DAY, 7)
+    assert probes.should_probe(T, T + 7 * DAY + 1, 7)
+    assert not probes.expired(T, T + 7 * DAY, 7) and probes.expired(T, T + 7 * DAY + 1, 7)
+
+
+def test_a_report_with_failures_at_several_receiving_domains_is_suspect():
+    one = [Failure("a@x.example", True), Failure("B@X.EXAMPLE", True), Failure("c@y.example", False)]
+    assert not probes.suspect_report(one)
+    assert probes.suspect_report([*one, Failure("d@y.example", True)])
+    assert not probes.suspect_report([])
+
+
+def test_only_a_bounce_from_the_null_sender_to_the_probe_in_flight_says_dead():
+    bound = probes.Bound(BOB, T)
+    assert probes.on_bounce(T, bound, True, bounces.DSN) == probes.DEAD
+    assert probes.on_bounce(T, bound, True, bounces.UNRECOGNISED) == probes.DEAD      # a bounce in words only
+    assert probes.on_bounce(T, bound, True, bounces.AUTORESPONSE).startswith("ignored (an automatic reply")
+    assert probes.on_bounce(T, bound, False, bounces.DSN).startswith("ignored (not from the null sender")
+    assert probes.on_bounce(None, bound, True, bounces.DSN).startswith("ignored (no probe in flight")
+    assert probes.on_bounce(T + DAY, bound, True, bounces.DSN).startswith("ignored (no probe in flight")
+
+
+def test_explain_binds_a_bounce_to_a_probe_address_to_its_member():
+    report = bounces.Report(bounces.HEURISTIC, "", (Failure("other@forward.example", True, "5.1.1"),))
+    got = bounces.explain(report, None, {}, probe_for=BOB).as_json()
+    assert got == {"kind": "heuristic", "failures": [
+        {"address": BOB, "status": "5.1.1", "permanent": True, "binding": "probe", "verdict": "probe-bounced"}]}
+    assert "probe" in bounces.BINDINGS
+
+
+def test_the_bounce_database_keeps_one_probe_per_member(tmp_path):
+    db = BounceDB(str(tmp_path))
+    try:
+        assert db.start_probe(LIST, BOB, T, 7, "5.1.1 no such user")
+        assert not db.start_probe(LIST, BOB.upper(), T + DAY, 7)          # one in flight
+        assert db.probe(LIST, BOB) == T and db.probe(LIST, ANN) is None
+        assert db.probes(LIST) == [(LIST, BOB, T, "5.1.1 no such user")]
+        assert db.start_probe(LIST, BOB, T + 8 * DAY, 7)                   # the old one expired: replaced
+        assert not db.end_probe(LIST, BOB, T)                              # not the one in flight
+        assert db.end_probe(LIST, BOB, T + 8 * DAY) and db.probes() == []
+    finally:
+        db.close()
+
+
+# -- the pipe transport, in process (tests/test_fuzz.py's site: dev@example.org, notify at 1) -------------
+
+probe_recipients = st.one_of(
+    st.builds(lambda member, when: probes.make(fuzz.LIST, member, when, fuzz.SECRET),
+              st.sampled_from(fuzz.MEMBERS + ("gone@example.net",)), st.integers(1_700_000_000, 1_900_000_000)),
+    st.from_regex(r"dev-bounces\+probe-[0-9a-z]{1,8}-[a-z2-7]{16}@example\.org", fullmatch=True))
+
+
+@scaled(0.5)
+@given(probe_recipients, fuzz.senders, st.one_of(fuzz.bounce_like, fuzz.messages()))
+@example("dev-bounces+probe-tpf715-aaaaaaaaaaaaaaaa@example.org", "", b"Subject: x\n\nbounced\n")
+def test_mail_to_a_probe_address_with_no_probe_in_flight_acts_on_nobody(site, records, recipient, sender,  # noqa: F811
+                                                                       data):
+    code, text = fuzz._check_run(site, records, recipient, sender, data)
+    assert (code, text) == (0, "")
+    (line,) = [r.getMessage() for r in records.records if "role=bounces" in r.getMessage()]
+    # No probe in flight for that code (none was sent at that time): the plain bounce path.
+    assert "probe=not verified" in line and "probe-bounced" not in line, line
+
+
+def test_a_probe_is_sent_once_and_its_bounce_reports_the_member_in_process(site, records):  # noqa: F811
+    import time
+
+    from listmilter.core import envid
+    cfg, store = site
+    member = fuzz.MEMBERS[0]
+    dsn = dsn_message(envid.make("PQ1", fuzz.LIST, fuzz.SECRET, time.time() - 60),
+                      f"Final-Recipient: rfc822; {member}\nAction: failed\nStatus: 5.1.1\n")
+    assert fuzz._check_run(site, records, "dev-bounces@example.org", "", dsn) == (0, "")
+    line = [r.getMessage() for r in records.records if "role=bounces" in r.getMessage()][-1]
+    assert f"<{member}> 5.1.1 suspect (probe sent)" in line, line
+    db = BounceDB(str(cfg.state_dir))
+    try:
+        ((_, address, sent_at, _),) = db.probes(fuzz.LIST)
+        assert address == member and db.row(fuzz.LIST, member) is None      # nothing scored
+    finally:
+        db.close()
+    # A reply from a person to the probe address changes nothing; the bounce acts (notify at 1).
+    to = probes.make(fuzz.LIST, member, sent_at, fuzz.SECRET)
+    assert fuzz._check_run(site, records, to, member, b"Subject: Re: x\n\nthanks\n") == (0, "")
+    line = [r.getMessage() for r in records.records if "role=bounces" in r.getMessage()][-1]
+    assert "ignored (not from the null sender" in line, line
+    assert fuzz._check_run(site, records, to, "", b"From: MAILER-DAEMON@x\nSubject: failure\n\nno.\n") == (0, "")
+    line = [r.getMessage() for r in records.records if "role=bounces" in r.getMessage()][-1]
+    assert f"status=probe unrecognised: <{member}> - probe-bounced" in line, line
+    db = BounceDB(str(cfg.state_dir))
+    try:
+        assert db.probes(fuzz.LIST) == [] and db.row(fuzz.LIST, member).acted > 0     # reported to the owner
+        db.forget(fuzz.LIST, member)
+    finally:
+        db.close()
