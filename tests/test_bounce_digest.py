@@ -164,11 +164,12 @@ def test_upgrading_marks_what_was_kept_before_as_told(tmp_path):
         db.close()
 
 
-def test_the_0_1_0_bounce_database_takes_both_steps(tmp_path):
+def test_the_0_1_0_bounce_database_takes_every_step(tmp_path):
     shutil.copy(Path(__file__).parent / "data" / "state-0.1.0" / bounce_records.NAME, tmp_path)
     db = BounceDB(str(tmp_path))
     try:
-        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == len(bounce_records.MIGRATIONS) == 2
+        assert db.conn.execute("PRAGMA user_version").fetchone()[0] == len(bounce_records.MIGRATIONS) == 3
         assert db.claim_digest(LIST, T, DAY, 0) == []
+        assert db.probes() == []
     finally:
         db.close()

@@ -11,7 +11,7 @@ from listmilter.core.keys import Keyring, keyring
 from listmilter.store.bounce_records import BounceDB
 from tests import test_fuzz as fuzz
 from tests.conftest import dsn_message
-from tests.test_fuzz import hostile_text, records, scaled, site  # noqa: F401 (fixtures)
+from tests.test_fuzz import hostile_text, pipe_site, records, scaled  # noqa: F401 (fixtures)
 
 SECRET = b"p" * 32
 LIST = "dev@example.org"
@@ -120,7 +120,7 @@ def test_the_bounce_database_keeps_one_probe_per_member(tmp_path):
         db.close()
 
 
-# -- the pipe transport, in process (tests/test_fuzz.py's site: dev@example.org, notify at 1) -------------
+# -- the pipe transport, in process (tests/test_fuzz.py's pipe_site: dev@example.org, notify at 1) -------------
 
 probe_recipients = st.one_of(
     st.builds(lambda member, when: probes.make(fuzz.LIST, member, when, fuzz.SECRET),
@@ -131,24 +131,24 @@ probe_recipients = st.one_of(
 @scaled(0.5)
 @given(probe_recipients, fuzz.senders, st.one_of(fuzz.bounce_like, fuzz.messages()))
 @example("dev-bounces+probe-tpf715-aaaaaaaaaaaaaaaa@example.org", "", b"Subject: x\n\nbounced\n")
-def test_mail_to_a_probe_address_with_no_probe_in_flight_acts_on_nobody(site, records, recipient, sender,  # noqa: F811
+def test_mail_to_a_probe_address_with_no_probe_in_flight_acts_on_nobody(pipe_site, records, recipient, sender,  # noqa: F811
                                                                        data):
-    code, text = fuzz._check_run(site, records, recipient, sender, data)
+    code, text = fuzz._check_run(pipe_site, records, recipient, sender, data)
     assert (code, text) == (0, "")
     (line,) = [r.getMessage() for r in records.records if "role=bounces" in r.getMessage()]
     # No probe in flight for that code (none was sent at that time): the plain bounce path.
     assert "probe=not verified" in line and "probe-bounced" not in line, line
 
 
-def test_a_probe_is_sent_once_and_its_bounce_reports_the_member_in_process(site, records):  # noqa: F811
+def test_a_probe_is_sent_once_and_its_bounce_reports_the_member_in_process(pipe_site, records):  # noqa: F811
     import time
 
     from listmilter.core import envid
-    cfg, store = site
+    cfg, store = pipe_site
     member = fuzz.MEMBERS[0]
     dsn = dsn_message(envid.make("PQ1", fuzz.LIST, fuzz.SECRET, time.time() - 60),
                       f"Final-Recipient: rfc822; {member}\nAction: failed\nStatus: 5.1.1\n")
-    assert fuzz._check_run(site, records, "dev-bounces@example.org", "", dsn) == (0, "")
+    assert fuzz._check_run(pipe_site, records, "dev-bounces@example.org", "", dsn) == (0, "")
     line = [r.getMessage() for r in records.records if "role=bounces" in r.getMessage()][-1]
     assert f"<{member}> 5.1.1 suspect (probe sent)" in line, line
     db = BounceDB(str(cfg.state_dir))
@@ -159,10 +159,10 @@ def test_a_probe_is_sent_once_and_its_bounce_reports_the_member_in_process(site,
         db.close()
     # A reply from a person to the probe address changes nothing; the bounce acts (notify at 1).
     to = probes.make(fuzz.LIST, member, sent_at, fuzz.SECRET)
-    assert fuzz._check_run(site, records, to, member, b"Subject: Re: x\n\nthanks\n") == (0, "")
+    assert fuzz._check_run(pipe_site, records, to, member, b"Subject: Re: x\n\nthanks\n") == (0, "")
     line = [r.getMessage() for r in records.records if "role=bounces" in r.getMessage()][-1]
     assert "ignored (not from the null sender" in line, line
-    assert fuzz._check_run(site, records, to, "", b"From: MAILER-DAEMON@x\nSubject: failure\n\nno.\n") == (0, "")
+    assert fuzz._check_run(pipe_site, records, to, "", b"From: MAILER-DAEMON@x\nSubject: failure\n\nno.\n") == (0, "")
     line = [r.getMessage() for r in records.records if "role=bounces" in r.getMessage()][-1]
     assert f"status=probe unrecognised: <{member}> - probe-bounced" in line, line
     db = BounceDB(str(cfg.state_dir))

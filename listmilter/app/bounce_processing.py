@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, replace
 
 from listmilter.app import notices, outgoing, probes
-from listmilter.core import addresses, bounces, envid, mailparse
+from listmilter.core import addresses, bounces, envid, mac, mailparse
 from listmilter.core import probes as probe_rules
 from listmilter.core.bounces import Verdict
 from listmilter.core.keys import Keyring, keyring
@@ -283,30 +283,43 @@ def _periodic(config, store, db, secret: Keyring, now: float, done: list[str]) -
 
 # -- the owner's decision by mail -------------------------------------------------
 # A disable or notify notice carries two addresses, <list>-bounces+keep-TOKEN@
-# and <list>-bounces+remove-TOKEN@. TOKEN is a MAC of list, member and decision
-# under the site secret: it names the member without the address, and only the
-# notice's readers know it. The member is found again among the list's scored
-# members, so nothing needs to be stored.
+# and <list>-bounces+remove-TOKEN@. TOKEN is core/mac.py's 128-bit MAC of list,
+# member and decision under a key derived for "bounce decision": it names the
+# member without the address, and only the notice's readers know it. The member
+# is found again among the list's scored members, so nothing needs to be stored.
+# The 20-hex-digit codes of notices sent before core/mac.py are still accepted:
+# their length and alphabet tell them apart, and an owner may answer weeks later.
 DECISIONS = ("keep", "remove")
-_DECISION_TOKEN = re.compile(r"[0-9a-f]{20}")
+DECISION_USE = "bounce decision"
+_DECISION_TOKEN = re.compile(rf"[a-z2-7]{{{mac.FULL}}}")
+_OLD_DECISION_TOKEN = re.compile(r"[0-9a-f]{20}")
 
 
 def _decision_token(list_address: str, member: str, decision: str, secret: Keyring | bytes,
                     kid: int | None = None) -> str:
-    """The code under key `kid` (default: the current key; key 0 as 0.x made it)."""
+    """The code under key `kid` (default: the current key)."""
     ring = keyring(secret)
-    key = ring.own_mac_key(ring.current_id if kid is None else kid, "bounce decision")
-    mac = hmac.new(key, "\0".join(("bounce-decision", addresses.key(list_address),
+    key = ring.own_key(ring.current_id if kid is None else kid, DECISION_USE)
+    return mac.tag(key, addresses.key(list_address), addresses.key(member), decision)
+
+
+def _old_decision_token(list_address: str, member: str, decision: str, ring: Keyring, kid: int) -> str:
+    key = ring.own_mac_key(kid, DECISION_USE)
+    old = hmac.new(key, "\0".join(("bounce-decision", addresses.key(list_address),
                                    addresses.key(member), decision)).encode(), hashlib.sha256)
-    return mac.hexdigest()[:20]
+    return old.hexdigest()[:20]
 
 
 def _is_decision_token(token: str, list_address: str, member: str, decision: str,
                        secret: Keyring | bytes) -> bool:
-    """Made with any key still accepted? (compare_digest wants bytes: `token` comes from mail.)"""
-    given = token.encode("utf-8", "surrogatepass")
-    return any(hmac.compare_digest(given, _decision_token(list_address, member, decision, secret, kid).encode())
-               for kid in keyring(secret).ids)
+    """Made with any key still accepted? (`token` comes from mail: any text.)"""
+    ring = keyring(secret)
+    if _DECISION_TOKEN.fullmatch(token):
+        return any(mac.same(token, _decision_token(list_address, member, decision, ring, kid)) for kid in ring.ids)
+    if _OLD_DECISION_TOKEN.fullmatch(token):
+        return any(mac.same(token, _old_decision_token(list_address, member, decision, ring, kid))
+                   for kid in ring.ids)
+    return False
 
 
 def decision_address(list_address: str, member: str, decision: str, secret: Keyring | bytes) -> str:
@@ -321,7 +334,7 @@ def decide(config, store, secret: Keyring, mlist: MailingList, extension: str, s
     msg = mailparse.parse(data, headers_only=True)
     if not sender or bounces.is_auto_response(msg):
         return "ignored (decision from the null sender or an auto-responder)"
-    if not _DECISION_TOKEN.fullmatch(token):
+    if not (_DECISION_TOKEN.fullmatch(token) or _OLD_DECISION_TOKEN.fullmatch(token)):
         return f"refused (not a {decision} token)"
     db = open_bounces(config)
     try:

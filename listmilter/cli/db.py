@@ -61,8 +61,9 @@ def _upgrade_sqlite(cfg) -> list[tuple[str, int | None, int]]:
     from listmilter.store import bounce_records, pending, sqlite
     from listmilter.store.db import Database
     from listmilter.store.yamlstore import OVERLAY_NAME
-    files = [(os.path.join(cfg.state_dir, pending.FILE_NAME), "pending database", pending.MIGRATIONS),
-             (os.path.join(cfg.state_dir, bounce_records.NAME), "bounce database", bounce_records.MIGRATIONS)]
+    files: list[tuple[str, str, tuple[str, ...]]] = [
+        (os.path.join(cfg.state_dir, pending.FILE_NAME), "pending database", pending.MIGRATIONS),
+        (os.path.join(cfg.state_dir, bounce_records.NAME), "bounce database", bounce_records.MIGRATIONS)]
     if cfg.backend == "sqlite":
         files.insert(0, (cfg.store_path, "sqlite store", sqlite.MIGRATIONS))
     elif os.path.exists(os.path.join(cfg.state_dir, OVERLAY_NAME)):    # made when first needed

@@ -5,8 +5,8 @@ A failure bound only to a post (our ENVID) is a suspicion: anyone who sees a
 post's ENVID can forge a DSN naming any member. Before anything is done about
 it, the member gets one probe message from a one-time return path,
 `<list-local>-bounces+probe-TIME-MAC@domain`: TIME the probe's Unix time in base
-36, MAC the first 16 base32 characters (80 bits) of an HMAC-SHA256 of list,
-member and TIME under a key derived for "probe" (core/keys.py). Whatever comes
+36, MAC the first 16 base32 characters (80 bits: what a local part leaves) of
+core/mac.py's MAC of list, member and TIME under a key derived for "probe". Whatever comes
 back there from the null sender, DSN or not, says the member's address is dead:
 the list's bounce_action is taken then. A probe that does not bounce within
 bounce_probe_days clears the suspicion. One probe in flight per member.
@@ -16,14 +16,11 @@ Pure decisions only; listmilter.app.probes sends and records.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from listmilter.core import addresses, bounces, envid
+from listmilter.core import addresses, bounces, envid, mac
 from listmilter.core.bounces import Failure, Verdict
 from listmilter.core.keys import Keyring, keyring
 
@@ -42,23 +39,14 @@ class Bound:
 
 
 def _mac(key: bytes, list_address: str, member: str, when: str) -> str:
-    text = "\0".join((USE, addresses.key(list_address), addresses.key(member), when))
-    digest = hmac.new(key, text.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
-    return base64.b32encode(digest).decode().lower()[:MAC_LENGTH]
-
-
-def _key(ring: Keyring, kid: int) -> bytes:
-    key = ring.derive(kid, USE)
-    if key is None:     # a bug: only ring's own ids are passed
-        raise TypeError(f"key {kid} is not in the keyring")
-    return key
+    return mac.tag(key, addresses.key(list_address), addresses.key(member), when, length=MAC_LENGTH)
 
 
 def code(list_address: str, member: str, sent_at: float, secret: Keyring | bytes) -> str:
     """The extension (after `-bounces+`) of the probe sent to `member` at `sent_at`."""
     ring = keyring(secret)
     when = envid.base36(int(sent_at))
-    return f"{PREFIX}{when}-{_mac(_key(ring, ring.current_id), list_address, member, when)}"
+    return f"{PREFIX}{when}-{_mac(ring.own_key(ring.current_id, USE), list_address, member, when)}"
 
 
 def make(list_address: str, member: str, sent_at: float, secret: Keyring | bytes) -> str | None:
@@ -83,12 +71,12 @@ def find(extension: str, list_address: str, candidates: Iterable[str], secret: K
         return None
     m = _CODE.fullmatch(extension.strip().lower())
     assert m is not None
-    when, given = m.group(1), m.group(2).encode()
+    when, given = m.group(1), m.group(2)
     ring = keyring(secret)
-    keys = [_key(ring, kid) for kid in ring.ids]
+    keys = [ring.own_key(kid, USE) for kid in ring.ids]
     for member in candidates:
         if isinstance(member, str) and member.isascii() and any(
-                hmac.compare_digest(given, _mac(key, list_address, member, when).encode()) for key in keys):
+                mac.same(given, _mac(key, list_address, member, when)) for key in keys):
             return Bound(member, float(int(when, 36)))
     return None
 

@@ -3,9 +3,10 @@
 A personal copy of a post goes out from `<list-local>-bounces+CODE@domain`,
 CODE = POSTID-TIME-MAC, e.g. `dev-bounces+4fx2q1z0d3-tpe8id-k3jq7w2xv9m4a@example.org`:
 POSTID the post's queue id, TIME its Unix time in base 36 (as in the ENVID,
-core/envid.py), MAC the first 13 base32 characters (65 bits) of an
-HMAC-SHA256 of list, member, POSTID and TIME under a key derived for "verp"
-from a site key (core/keys.py); any key still accepted verifies one.
+core/envid.py), MAC the first 13 base32 characters (65 bits: what the 64
+characters of a local part leave) of core/mac.py's MAC of list, member, POSTID
+and TIME under a key derived for "verp" from a site key (core/keys.py); any
+key still accepted verifies one.
 
 Anything that bounces to that address, from any MTA, a DSN or not, with the
 ENVID kept or dropped, names its member by the address it was sent to. The
@@ -28,7 +29,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from listmilter.core import addresses, bounces, envid
+from listmilter.core import addresses, bounces, envid, mac
 from listmilter.core.keys import Keyring, keyring
 
 USE = "verp"
@@ -62,6 +63,14 @@ class Bound:
 
 
 def _mac(key: bytes, list_address: str, member: str, post_id: str, when: str) -> str:
+    return mac.tag(key, addresses.key(list_address), addresses.key(member), post_id, when, length=MAC_LENGTH)
+
+
+def _old_mac(key: bytes, list_address: str, member: str, post_id: str, when: str) -> str:
+    """The MAC before core/mac.py (NUL-joined fields), of the same length: copies and fan-out
+    posts queued at an upgrade carry it. POSTID and TIME are letters and digits and an
+    address holds no NUL, so the joined input cannot be made to repeat another code's; and
+    no such code is fresh() 30 days after the upgrade. Remove it in the release after."""
     text = "\0".join((USE, addresses.key(list_address), addresses.key(member), post_id, when))
     digest = hmac.new(key, text.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
     return base64.b32encode(digest).decode().lower()[:MAC_LENGTH]
@@ -111,8 +120,8 @@ def verify(parsed: Code, list_address: str, member: str, secret: Keyring | bytes
 
 
 def _verify(parsed: Code, list_address: str, member: str, keys: list[bytes]) -> bool:
-    given = parsed.mac.encode()
-    return any(hmac.compare_digest(given, _mac(key, list_address, member, parsed.post_id, parsed.time).encode())
+    return any(mac.same(parsed.mac, _mac(key, list_address, member, parsed.post_id, parsed.time))
+               or mac.same(parsed.mac, _old_mac(key, list_address, member, parsed.post_id, parsed.time))
                for key in keys)
 
 
