@@ -489,9 +489,13 @@ def bounce_list(bed: Bed, row: str) -> tuple[str, str, str]:
     return lst, ok, dead
 
 
-@pytest.mark.parametrize("stage, verdicts", [("handoff", ["scored"]), ("handoff-done", ["scored", "duplicate"])])
+SENT, IN_FLIGHT = "suspect (probe sent)", "suspect (a probe is in flight already)"
+
+
+@pytest.mark.parametrize("stage, verdicts", [("handoff", [SENT]), ("handoff-done", [SENT, IN_FLIGHT])])
 def test_serve_killed_during_a_hand_off(fb, stage, verdicts):
     lst, ok, dead = bounce_list(fb, "h" + stage.replace("-", ""))
+    fb.sink.let_probes_arrive()       # the probe is delivered: only the post's DSN comes back
     bounces = lst.replace("@", "-bounces@")
     start_serve(fb, kill_at=stage)
     msg = message(f"bounce at {stage}", SENDER, lst)
@@ -499,12 +503,15 @@ def test_serve_killed_during_a_hand_off(fb, stage, verdicts):
     assert_killed_itself(fb)          # the DSN reached serve from the pipe
     wait_until(lambda: _deferred(fb, bounces, re.escape(HANDOFF_LOST)), 30, what="Postfix to defer the DSN")
     start_serve(fb)
-    wait_until(lambda: sum(_scored(fb, lst, dead, v) for v in ("scored", "duplicate")) == len(verdicts), 60,
+    wait_until(lambda: sum(_scored(fb, lst, dead, v) for v in (SENT, IN_FLIGHT)) == len(verdicts), 60,
                what="Postfix's retry of the DSN")
     fb.settle()
-    assert [v for v in ("scored", "duplicate") for _ in range(_scored(fb, lst, dead, v))] == verdicts
-    assert bounce_records(fb, lst, dead) == (["scored"], 1)      # recorded and counted once
+    assert [v for v in (SENT, IN_FLIGHT) for _ in range(_scored(fb, lst, dead, v))] == verdicts
+    # Recorded once, scored never (a probe decides), and one probe sent whichever stage serve died at.
+    assert bounce_records(fb, lst, dead) == (["suspect"], None)
     assert delivered(fb, msg) == {ok: 1}
+    assert [m.mail_from.startswith(lst.split("@")[0] + "-bounces+probe-") for m in fb.sink.for_recipient(dead)] \
+        == [True]
 
 
 # == the store ===========================================================================

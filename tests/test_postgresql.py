@@ -76,7 +76,7 @@ def test_every_sqlite_table_and_column_is_in_the_postgresql_schema(pg_database, 
         for table, columns in _sqlite_columns(migrations, tmp_path).items():
             assert sorted(pg[table]) == columns, table
     assert set(pg) == {"meta", "lists", "list_settings", "members", "events", "scores", "bounces",
-                       "pending", "sent", "held", "site_keys", "posts", "reports_sent"}
+                       "pending", "sent", "held", "site_keys", "posts", "reports_sent", "probes"}
 
 
 def test_a_database_without_the_schema_is_refused_until_db_upgrade(pg_server, tmp_path):

@@ -86,6 +86,8 @@ def test_a_report_with_failures_at_several_receiving_domains_is_suspect():
     assert not probes.suspect_report(one)
     assert probes.suspect_report([*one, Failure("d@y.example", True)])
     assert not probes.suspect_report([])
+    # The local MTA's own DSN (no SMTP client) names every failure of the post: no suspect.
+    assert not probes.suspect_report([*one, Failure("d@y.example", True)], from_client=False)
 
 
 def test_only_a_bounce_from_the_null_sender_to_the_probe_in_flight_says_dead():

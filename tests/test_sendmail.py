@@ -74,19 +74,31 @@ def test_null_sender_is_never_expanded(clean_smbed):
 def test_a_real_dsn_from_sendmail_reaches_the_bounce_handler(clean_smbed):
     bed = clean_smbed
     lst = bed.new_list(["ok@example.net", "dead@example.net"], posting="open")
-    bed.sink.replies["dead@example.net"] = "550 5.1.1 no such user here"
+    # Mail with a sender (the post, the probe) is refused; the warning, from <>, arrives.
+    bed.sink.post_replies["dead@example.net"] = "550 5.1.1 no such user here"
     bed.smtp("carol@example.net", [lst], message(to=lst, sender="carol@example.net"))
     wait_until(lambda: "role=bounces" in bed.deliver_log(), 60, what="the DSN at listmilter deliver")
     line = [ln for ln in bed.deliver_log().splitlines() if "role=bounces" in ln][-1]
     bounces = lst.replace("@", "-bounces@")
     assert f"to=<{bounces}>, from=<>" in line
     assert line in bed.listmilter.log()       # Sendmail's mailer handed it to serve, too
-    # Sendmail keeps ORCPT and ENVID: the DSN names the member and the post.
-    assert "status=dsn: <dead@example.net> 5.1.1 scored" in line
+    # Sendmail keeps ORCPT and ENVID: the DSN names the member and the post. Bound only
+    # to the post, it is a suspicion: dead@ gets a probe from a one-time address.
+    assert "status=dsn: <dead@example.net> 5.1.1 suspect (probe sent)" in line
     queue_id = line.split("envid=")[1].split(".")[0]
     assert f"{queue_id}: list=<{lst}>" in bed.listmilter.log()
+    # Sendmail's DSN of the probe comes back to that address, through the same mailer, and acts.
+    wait_until(lambda: "probe-bounced" in bed.deliver_log(), 60, what="the probe's DSN at listmilter deliver")
+    probed = [ln for ln in bed.deliver_log().splitlines() if "probe-bounced" in ln][-1]
+    assert f"to=<{lst.split('@')[0]}-bounces+probe-" in probed and "from=<>" in probed
+    assert "status=probe dsn: <dead@example.net> 5.1.1 probe-bounced" in probed
+    assert "member=<dead@example.net>, action=disabled" in bed.listmilter.log()
     bed.settle()
-    assert bed.sink.recipients() == ["ok@example.net"]
+    # The post reached ok@ alone; the owners and dead@ heard of the disabling (from <>).
+    got = sorted((r, str(m.message["Subject"])) for r, m in bed.sink.deliveries())
+    assert got == [("admin@example.net", f"dead@example.net disabled on {lst} (bounces)"),
+                   ("dead@example.net", f"Your membership of {lst} is disabled"),
+                   ("ok@example.net", "hello")], got
 
 
 def _message_id(data: bytes) -> str:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, replace
 
 from listmilter.app import notices, outgoing, probes
-from listmilter.core import addresses, bounces, envid, mac, mailparse
+from listmilter.core import addresses, bounces, commands, envid, mac, mailparse
 from listmilter.core import probes as probe_rules
 from listmilter.core.bounces import Verdict
 from listmilter.core.keys import Keyring, keyring
@@ -54,9 +54,10 @@ def handle(config, store, secret: Keyring, mlist: MailingList, sender: str, data
         return Outcome(report.kind, ())
     policy = policy_of(config, mlist)
     post = envid.parse(report.envid, mlist.address, secret) if report.envid else None
-    if post is not None and probe_rules.suspect_report(report.failures):
-        # One post's copy reaches one receiving MTA per domain: a report naming failures
-        # at several is forged or odd. Each named member is only probed anyway.
+    if post is not None and probe_rules.suspect_report(report.failures, commands.received_client(data) != ""):
+        # A remote MTA gets one post's copy for the recipients of its own domain: its report
+        # naming failures at several is forged (or from a relay host). Our own MTA's names
+        # any. Each named member is only probed anyway.
         logger.warning("bounce: %s", fields(list=f"<{mlist.address}>", envid=report.envid,
                                              failures=len(report.failures),
                                              status="suspect report: failures at several receiving "

@@ -98,10 +98,13 @@ def expired(sent_at: float, now: float, probe_days: int) -> bool:
     return now - sent_at > probe_days * bounces.DAY
 
 
-def suspect_report(failures: Iterable[Failure]) -> bool:
-    """Permanent failures at several receiving domains in one report: one post's copy
-    goes to one receiving MTA per domain, so a real report names one domain."""
-    return len({addresses.key(f.address).rpartition("@")[2] for f in failures if f.permanent}) > 1
+def suspect_report(failures: Iterable[Failure], from_client: bool = True) -> bool:
+    """Permanent failures at several receiving domains in a report that came from an SMTP
+    client (`from_client`): a remote MTA only gets one post's copy for its own domain's
+    recipients, so its real report names one. The local MTA's own reports (no client)
+    name whatever failed."""
+    return from_client and len({addresses.key(f.address).rpartition("@")[2]
+                                for f in failures if f.permanent}) > 1
 
 
 DEAD = "dead"
