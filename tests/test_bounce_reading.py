@@ -389,14 +389,15 @@ def test_explain_cli_json_binds_our_envid_and_scores_a_member(tmp_path):
          "verdict": "not-member"}]}
     text = cli(Path(cfg.path), "bounces", LIST, "--explain", "-", input=msg.read_text()).stdout
     assert "kind: dsn" in text and f"envid: {our} (issued by this site for {LIST})" in text
-    assert "<bob@example.net> 5.1.1 permanent, binding envid: suspect: bound only to a post by its ENVID" in text
+    assert "<bob@example.net> 5.1.1 permanent, binding envid: suspect: bound to a post by its ENVID at most" in text
     assert "gets one probe message" in text
-    # A forged ENVID binds nothing; an empty file is no error.
+    # A forged ENVID binds nothing: the member is still only a suspect (a probe decides); an
+    # empty file is no error.
     forged = msg.read_bytes().replace(our.encode(), our[:-20].encode() + b"0" * 4 + our[-16:].encode())
     msg.write_bytes(forged)
     result = json.loads(cli(Path(cfg.path), "bounces", LIST, "--explain", str(msg), "--json").stdout)
     assert {(f["binding"], f["verdict"]) for f in result["failures"] if f["permanent"]} == \
-        {("none", "unverified"), ("none", "not-member")}
+        {("none", "suspect"), ("none", "not-member")}
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
     proc = cli(Path(cfg.path), "bounces", "--explain", str(empty), "--json")

@@ -67,11 +67,18 @@ def test_every_probe_code_binds_its_member_only_and_any_changed_character_breaks
     assert probes.find(changed, LIST, [member], SECRET) is None
 
 
-def test_an_envid_bound_failure_is_a_suspicion_and_other_verdicts_stay():
-    assert probes.envid_verdict(Verdict.SCORED) == Verdict.SUSPECT
-    for other in (Verdict.TEMPORARY, Verdict.NOT_MEMBER, Verdict.UNVERIFIED, Verdict.NOT_RECIPIENT,
-                  Verdict.EXPIRED):
-        assert probes.envid_verdict(other) == other
+def test_a_member_s_failure_at_the_plain_bounce_address_is_a_suspicion_in_any_format():
+    dead = Failure(BOB, True, "5.1.1")
+    joined = T - 10 * DAY
+    # Bound to a post we sent them (our ENVID), or to nothing (no ENVID, or an NDR): a probe decides.
+    assert bounces.suspicion(dead, T, joined, True, T + DAY) == Verdict.SUSPECT
+    assert bounces.suspicion(dead, None, joined, True, T + DAY) == Verdict.SUSPECT
+    # A replayed ENVID, a post from before they joined, a disabled member, a stranger, a delay: no probe.
+    assert bounces.suspicion(dead, T, joined, True, T + 15 * DAY) == Verdict.EXPIRED
+    assert bounces.suspicion(dead, joined - DAY, joined, True, T) == Verdict.NOT_RECIPIENT
+    assert bounces.suspicion(dead, None, joined, False, T) == Verdict.UNVERIFIED
+    assert bounces.suspicion(dead, T, None, False, T) == Verdict.NOT_MEMBER
+    assert bounces.suspicion(Failure(BOB, False, "4.2.2"), T, joined, True, T) == Verdict.TEMPORARY
 
 
 def test_one_probe_in_flight_per_member_until_it_expires():

@@ -67,11 +67,10 @@ def handle(config, store, secret: Keyring, mlist: MailingList, sender: str, data
         verdicts = []
         for failure in report.failures:
             member = store.member(mlist.address, failure.address)
-            verdict = bounces.verdict(failure, report.kind, post.posted_at if post else None,
-                                      member.added if member else None,
-                                      member is not None and member.status != DISABLED, now)
-            # Bound only to a post, never to the member: a suspicion, not a score (core/probes.py).
-            verdict = probe_rules.envid_verdict(verdict)
+            # Bound to a post at most, never to the member: a suspicion, not a score.
+            verdict = bounces.suspicion(failure, post.posted_at if post else None,
+                                        member.added if member else None,
+                                        member is not None and member.status != DISABLED, now)
             final, row = db.record(mlist.address, failure, verdict, report.envid,
                                    post.post_id if post else "", policy, now)
             if verdict == Verdict.SUSPECT:

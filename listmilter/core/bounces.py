@@ -59,18 +59,19 @@ class Verdict(StrEnum):
     TEMPORARY = "temporary"
     NOT_MEMBER = "not-member"
     NOT_RECIPIENT = "not-recipient"   # a member, but not one the post went to (joined later, disabled)
-    UNVERIFIED = "unverified"         # no ENVID we issued: cannot be tied to a post
+    UNVERIFIED = "unverified"         # no ENVID we issued, and nobody to probe (a disabled member)
     EXPIRED = "expired"               # an ENVID we issued, of a post older than ENVID_MAX_AGE
     DUPLICATE = "duplicate"           # the same failure of the same post, seen before
     UNRECOGNISED = "unrecognised"     # nothing recognisable: the message is kept for the owner
-    SUSPECT = "suspect"               # bound only to a post by its ENVID: a probe decides (core/probes.py)
+    SUSPECT = "suspect"               # a member's failure bound to a post or nothing: a probe decides
     PROBE_BOUNCED = "probe-bounced"   # the member's probe bounced: the address is dead
 
 
 # Verdicts that leave the message for the owner to look at, and why.
 FOR_OWNER = {
     Verdict.NOT_MEMBER: "not a member of the list",
-    Verdict.UNVERIFIED: "not a DSN with an envelope id listmilter issued, so it cannot be tied to a post",
+    Verdict.UNVERIFIED: "no envelope id listmilter issued ties it to a post, and the member is disabled "
+                        "(no probe)",
     Verdict.NOT_RECIPIENT: "a member, but not a recipient of that post (joined later, or disabled)",
     Verdict.EXPIRED: "a DSN for a post more than 14 days old: too late to be a delivery report "
                      "of that post, so not scored",
@@ -514,6 +515,20 @@ def verdict(failure: Failure, kind: str, posted_at: float | None, member_added: 
     return Verdict.SCORED
 
 
+def suspicion(failure: Failure, posted_at: float | None, member_added: float | None,
+              member_active: bool, now: float | None = None) -> Verdict:
+    """What a failure read from mail to the plain `<list>-bounces@` is, in any format (a
+    DSN or an NDR read by the detectors). Nothing there binds the failure to the member:
+    anyone who received a post has seen its ENVID. So a permanent failure of an active
+    member is SUSPECT (a probe decides, core/probes.py), whether bound to a post we sent
+    them (`posted_at`, from our ENVID) or to nothing; a replayed ENVID (EXPIRED), a post
+    sent before they joined (NOT_RECIPIENT) and non-members stay what verdict() says."""
+    v = verdict(failure, Kind.DSN, posted_at, member_added, member_active, now)
+    if v == Verdict.SCORED or (v == Verdict.UNVERIFIED and member_active):
+        return Verdict.SUSPECT
+    return v
+
+
 @dataclass(frozen=True)
 class Steps:
     """How an action is carried out, in order: the membership change, the owners'
@@ -599,8 +614,8 @@ WHY = {
     Verdict.UNVERIFIED: FOR_OWNER[Verdict.UNVERIFIED] + ": kept for the owners",
     Verdict.NOT_RECIPIENT: FOR_OWNER[Verdict.NOT_RECIPIENT] + ": kept for the owners",
     Verdict.EXPIRED: FOR_OWNER[Verdict.EXPIRED] + ": kept for the owners",
-    Verdict.SUSPECT: "bound only to a post by its ENVID, not to the member: a suspicion; the member gets "
-                     "one probe message, and the bounce action is taken only if the probe bounces",
+    Verdict.SUSPECT: "bound to a post by its ENVID at most, never to the member: a suspicion; the member "
+                     "gets one probe message, and the bounce action is taken only if the probe bounces",
     Verdict.PROBE_BOUNCED: "a bounce to the member's probe address: the address is dead, the bounce "
                            "action is taken",
 }
@@ -657,9 +672,7 @@ def explain(report: Report, posted_at: float | None,
                 "no list to check the ENVID and the membership against (name the LIST)"
         else:
             member = members.get(addresses.key(f.address))
-            v = verdict(f, report.kind, posted_at, member[0] if member else None,
-                        bool(member and member[1]), now)
-            v = Verdict.SUSPECT if v == Verdict.SCORED else v    # ENVID-bound: a probe decides
+            v = suspicion(f, posted_at, member[0] if member else None, bool(member and member[1]), now)
             why = WHY.get(v, str(v))
         out.append(Explained(f.address, f.status, f.permanent, binding, v, why))
     return Explanation(report.kind, report.envid, tuple(out))

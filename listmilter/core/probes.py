@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from listmilter.core import addresses, bounces, envid, mac
-from listmilter.core.bounces import Failure, Verdict
+from listmilter.core.bounces import Failure
 from listmilter.core.keys import Keyring, keyring
 
 USE = "probe"
@@ -82,12 +82,6 @@ def find(extension: str, list_address: str, candidates: Iterable[str], secret: K
 
 
 # -- decisions -------------------------------------------------------------------
-def envid_verdict(verdict: Verdict) -> Verdict:
-    """What a failure bound only by our ENVID does: where it would have scored, it is a
-    suspicion (SUSPECT: a probe decides). Other verdicts (EXPIRED among them) stay."""
-    return Verdict.SUSPECT if verdict == Verdict.SCORED else verdict
-
-
 def should_probe(in_flight_since: float | None, now: float, probe_days: int) -> bool:
     """Send a probe for a new suspicion? Not while one is in flight (one per member)."""
     return in_flight_since is None or expired(in_flight_since, now, probe_days)
