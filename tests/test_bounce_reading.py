@@ -406,6 +406,45 @@ def test_explain_cli_json_binds_our_envid_and_scores_a_member(tmp_path):
     assert missing.returncode == 66 and "Traceback" not in missing.stderr
 
 
+def test_explain_cli_binds_by_the_address_delivered_to_a_personal_copy_s_or_a_probe_s(tmp_path):
+    """A saved message delivered to `<list>-bounces+CODE@` (Delivered-To, as Postfix's local(8)
+    writes it) is explained as deliver handles it: bound to the member by the address."""
+    from listmilter.core import probes, verp
+    from listmilter.store.bounce_records import BounceDB
+    cfg, store = _yaml_config(tmp_path)
+    store.close()
+    secret = site_secret(cfg)
+    ndr = (b"Return-Path: <>\nFrom: MAILER-DAEMON@mx.example.net\nSubject: failure notice\n\n"
+           b"Sorry, your mail could not be delivered.\n")
+    sent = float(int(time.time()))
+    copy_sender = verp.make(LIST, "bob@example.net", "Q9ZZ", sent, secret)
+    probe_sender = probes.make(LIST, "bob@example.net", sent, secret)
+    assert copy_sender and probe_sender
+    msg = tmp_path / "verp.eml"
+    msg.write_bytes(f"Delivered-To: {copy_sender}\n".encode() + ndr)
+    got = json.loads(cli(Path(cfg.path), "bounces", "--explain", str(msg), "--json").stdout)
+    assert got["failures"] == [{"address": "bob@example.net", "status": "", "permanent": True, "binding": "verp",
+                                "verdict": "scored"}]
+    text = cli(Path(cfg.path), "bounces", "--explain", str(msg)).stdout
+    assert "<bob@example.net> - permanent, binding verp: scored" in text
+    # A probe's address binds its member only while the probe is in flight, as in deliver.
+    msg.write_bytes(f"Delivered-To: {probe_sender}\n".encode() + ndr)
+    got = json.loads(cli(Path(cfg.path), "bounces", "--explain", str(msg), "--json").stdout)
+    assert got["failures"] == [] and got["kind"] == "unrecognised"      # plain bounce mail: kept
+    db = BounceDB(str(cfg.state_dir))
+    try:
+        assert db.start_probe(LIST, "bob@example.net", sent, 7)
+    finally:
+        db.close()
+    got = json.loads(cli(Path(cfg.path), "bounces", "--explain", str(msg), "--json").stdout)
+    assert got["failures"] == [{"address": "bob@example.net", "status": "", "permanent": True, "binding": "probe",
+                                "verdict": "probe-bounced"}]
+    # A forged code binds nobody: read as mail to the plain bounce address.
+    msg.write_bytes(f"Delivered-To: {copy_sender[:-20]}aaaa{copy_sender[-16:]}\n".encode() + ndr)
+    got = json.loads(cli(Path(cfg.path), "bounces", "--explain", str(msg), "--json").stdout)
+    assert all(f["binding"] != "verp" for f in got["failures"])
+
+
 @pytest.fixture(scope="module")
 def explain_config(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("explain")

@@ -120,12 +120,12 @@ def test_a_member_forging_dsns_for_every_other_member_with_real_envids_removes_n
     bed.settle()
     assert sorted(r for m in probes for r in m.rcpt_tos) == sorted(victims)      # one each, no more
     assert _members(bed, lst) == sorted([*victims, mallory])
-    assert _db(bed, "SELECT count(*) FROM scores") == [(0,)]
+    assert _db(bed, "SELECT count(*) FROM scores WHERE list=?", lst) == [(0,)]
     assert bed.sink.for_recipient(owner) == []
     listing = cli(bed.listmilter.config_path, "bounces", lst).stdout
     assert listing.count("probe in flight:") == len(victims) and "no bouncing members" in listing
     # The probes that did not bounce clear after bounce_probe_days; nobody was touched.
     out = _as_pipe_user(bed, f"print(bounce_processing.periodic(cfg, store, now={time.time() + 7 * DAY + 60}))")
-    assert out.count("suspicion cleared") == len(victims)
-    assert _db(bed, "SELECT count(*) FROM probes") == [(0,)]
+    assert out.count(f"({lst}) did not bounce in 7 days: suspicion cleared") == len(victims)
+    assert _db(bed, "SELECT count(*) FROM probes WHERE list=?", lst) == [(0,)]
     assert _members(bed, lst) == sorted([*victims, mallory])

@@ -53,8 +53,8 @@ def _explain(args, cfg, store) -> int:
             member = store.member(mlist.address, failure.address)
             if member is not None:
                 members[addresses.key(failure.address)] = (member.added, member.status != DISABLED)
-    probe_for = _probe_member(cfg, store, data, mlist)
-    result = bounces.explain(report, posted_at, members, time.time(), probe_for)
+    result = _bound_explanation(cfg, store, data, mlist, report, "" if sender is None else sender) \
+        or bounces.explain(report, posted_at, members, time.time())
     if args.json:
         print(json.dumps(result.as_json(), ensure_ascii=False))
         return 0
@@ -80,31 +80,57 @@ def _explain(args, cfg, store) -> int:
     return 0
 
 
-def _probe_member(cfg, store, data: bytes, mlist) -> str:
-    """The member whose probe address (verified) the message was delivered to, from the
-    Delivered-To or X-Original-To field the MTA adds; '' if none."""
-    from listmilter.core import mailparse, plan, probes
-    from listmilter.store import open_bounces, site_secret
+def _delivered_to(store, data: bytes, mlist):
+    """(list, extension) of the `<list>-bounces+EXTENSION@` address the message was delivered
+    to, from the Delivered-To or X-Original-To field the MTA adds; None if none names one."""
+    from listmilter.core import mailparse, plan
     head = mailparse.parse(data, headers_only=True)
     for name in ("Delivered-To", "X-Original-To"):
         recipient = mailparse.text(head.get(name)).strip().strip("<>")
         if not recipient:
             continue
         found, role = plan.find_list(recipient, store.get_list)
-        if found is None or role is None or not probes.is_code(role.extension):
+        if found is None or role is None or role.role != "bounces" or not role.extension:
             continue
-        if mlist is not None and found.address != mlist.address:
-            continue
+        if mlist is None or found.address == mlist.address:
+            return found, role.extension
+    return None
+
+
+def _bound_explanation(cfg, store, data: bytes, mlist, report, sender: str):
+    """The explanation of a message delivered to a probe's or a personal copy's own
+    address, which binds the member (core/probes.py, core/verp.py); None for any other."""
+    from listmilter.core import bounces, probes, verp
+    from listmilter.core.model import DISABLED
+    from listmilter.store import open_bounces, site_secret
+    to = _delivered_to(store, data, mlist)
+    if to is None:
+        return None
+    found, extension = to
+    secret = site_secret(cfg)
+    if probes.is_code(extension):
         db = open_bounces(cfg)
         try:
             flying = [address for _, address, _, _ in db.probes(found.address)]
         finally:
             db.close()
-        candidates = flying + [m.address for m in store.members(found.address)]
-        bound = probes.find(role.extension, found.address, candidates, site_secret(cfg))
+        # As deliver: a code binds only the member whose probe is in flight (answered or
+        # cleared, the address is plain bounce mail again).
+        bound = probes.find(extension, found.address, flying, secret)
         if bound is not None:
-            return bound.member
-    return ""
+            return bounces.explain(report, None, None, probe_for=bound.member)
+        return None
+    code = verp.parse(extension)
+    if code is None or not verp.fresh(code, time.time()):
+        return None
+    named = [f.address for f in report.failures]
+    member_bound = verp.find(extension, found.address, named + [m.address for m in store.members(found.address)],
+                             secret)
+    if member_bound is None:
+        return None
+    member = store.member(found.address, member_bound.member)
+    return verp.explain(report, member_bound.member, sender == "", member_bound.posted_at,
+                        member.added if member else None, member is not None and member.status != DISABLED)
 
 
 def bounce_report(data: bytes, sender: str):

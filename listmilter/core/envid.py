@@ -1,7 +1,7 @@
 """The ENVID (RFC 3461) listmilter gives every list post.
 
 Format: POSTID.TIME.MAC.LIST, e.g.
-`4XyZ1s2B3c.t4k2x1.k3jq7w2xv9m4ab2cde5fgh6ij7k.dev@example.org`, where POSTID
+`4XyZ1s2B3c.tpaigw.eu3p4hllft3qkivtjwtbwdk4vm.dev@example.org`, where POSTID
 is the Postfix queue id (what admins grep for), TIME the post's Unix time in
 base 36, and MAC 26 base32 characters (128 bits) of core/mac.py's MAC of
 POSTID, TIME and the list under the site's current key derived for "envid";

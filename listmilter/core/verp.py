@@ -1,7 +1,7 @@
 """VERP: each personal copy's envelope sender names its member and its post.
 
 A personal copy of a post goes out from `<list-local>-bounces+CODE@domain`,
-CODE = POSTID-TIME-MAC, e.g. `dev-bounces+4fx2q1z0d3-tpe8id-k3jq7w2xv9m4a@example.org`:
+CODE = POSTID-TIME-MAC, e.g. `dev-bounces+4fx2q1z0d3-tpe8id-ycig2rblyma5w@example.org`:
 POSTID the post's queue id, TIME its Unix time in base 36 (as in the ENVID,
 core/envid.py), MAC the first 13 base32 characters (65 bits: what the 64
 characters of a local part leave) of core/mac.py's MAC of list, member, POSTID
@@ -167,3 +167,15 @@ def failure_of(report: bounces.Report, member: str, null_sender: bool) -> bounce
     if null_sender and report.kind != bounces.DSN:
         return bounces.Failure(member, True, "", NON_DSN)
     return None
+
+
+def explain(report: bounces.Report, member: str, null_sender: bool, posted_at: float,
+            member_added: float | None, member_active: bool) -> bounces.Explanation:
+    """What a message that reached `member`'s verified VERP address says (`bounces --explain`),
+    as listmilter.app.verp_bounces scores it: the failure is the member's, bound by the address."""
+    failure = failure_of(report, member, null_sender)
+    if failure is None:
+        return bounces.Explanation(report.kind, report.envid, ())
+    v = bounces.verdict(failure, bounces.DSN, posted_at, member_added, member_active)
+    return bounces.Explanation(report.kind, report.envid, (bounces.Explained(
+        failure.address, failure.status, failure.permanent, "verp", v, bounces.WHY.get(v, str(v))),))
