@@ -64,7 +64,8 @@ def handle(config, store, secret: Keyring, mlist: MailingList, sender: str, data
                                                     "domains; each member gets a probe, none is scored"))
     db = open_bounces(config)
     try:
-        verdicts = []
+        verdicts: list[tuple[str, str, str]] = []
+        suspects: list[tuple[int, bounces.Failure]] = []
         for failure in report.failures:
             member = store.member(mlist.address, failure.address)
             # Bound to a post at most, never to the member: a suspicion, not a score.
@@ -75,8 +76,8 @@ def handle(config, store, secret: Keyring, mlist: MailingList, sender: str, data
                                    post.post_id if post else "", policy, now)
             if verdict == Verdict.SUSPECT:
                 # Also for a duplicate: a retry after a failed probe sends it.
-                sent = probes.probe(config, db, mlist, failure, secret, now)
-                verdicts.append((failure.address, failure.status, sent))
+                suspects.append((len(verdicts), failure))
+                verdicts.append((failure.address, failure.status, ""))
                 continue
             verdicts.append((failure.address, failure.status, final))
             if final == Verdict.DUPLICATE:
@@ -84,6 +85,10 @@ def handle(config, store, secret: Keyring, mlist: MailingList, sender: str, data
                 row = db.row(mlist.address, failure.address)
             if row is not None and row.pending:
                 apply_pending(config, store, db, mlist, row, policy, now, secret)
+        # All of the report's probes in one SMTP session (a DSN of our own MTA may name thousands).
+        sent = probes.probe(config, db, mlist, [f for _, f in suspects], secret, now)
+        for (i, failure), what in zip(suspects, sent, strict=True):
+            verdicts[i] = (failure.address, failure.status, what)
         kept = ""
         unused = [v for v in verdicts if v[2] in bounces.FOR_OWNER]
         if not report.failures or unused:

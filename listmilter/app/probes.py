@@ -17,24 +17,37 @@ from listmilter.log import fields, logger
 from listmilter.store.bounce_records import BounceDB
 
 
-def probe(config, db: BounceDB, mlist: MailingList, failure: Failure, secret: Keyring, now: float) -> str:
-    """Send `failure`'s member one probe unless one is in flight; what was done (for the log)."""
+def probe(config, db: BounceDB, mlist: MailingList, failures: list[Failure], secret: Keyring,
+          now: float) -> list[str]:
+    """Send each failure's member one probe unless one is in flight, all in one SMTP session;
+    what was done for each (for the log line), in order. If the MTA takes not all of them,
+    none counts as sent and the error is raised: the retry of the bounce sends them again."""
     ls = config.list_settings(mlist.settings)
-    sender = probes.make(mlist.address, failure.address, now, secret)
-    if sender is None:
-        return "suspect (no probe: the probe address would exceed 64 characters)"
-    why = f"{failure.status or '-'} {failure.diagnostic}".strip()
-    if not db.start_probe(mlist.address, failure.address, now, ls.bounce_probe_days, why):
-        return "suspect (a probe is in flight already)"
+    out: list[str] = []
+    started: list[tuple[Failure, str, str]] = []
+    for failure in failures:
+        sender = probes.make(mlist.address, failure.address, now, secret)
+        if sender is None:
+            out.append("suspect (no probe: the probe address would exceed 64 characters)")
+            continue
+        why = f"{failure.status or '-'} {failure.diagnostic}".strip()
+        if not db.start_probe(mlist.address, failure.address, now, ls.bounce_probe_days, why):
+            out.append("suspect (a probe is in flight already)")
+            continue
+        started.append((failure, sender, why))
+        out.append("suspect (probe sent)")
     try:
-        outgoing.send(config.outgoing, sender, [failure.address], notices.bounce_probe(mlist.address, failure.address))
+        outgoing.send_many(config.outgoing, [(sender, [f.address], notices.bounce_probe(mlist.address, f.address))
+                                             for f, sender, _ in started])
     except Exception:
-        db.end_probe(mlist.address, failure.address, now)     # the retry of this bounce sends it
+        for failure, _, _ in started:
+            db.end_probe(mlist.address, failure.address, now)
         raise
-    logger.info("bounce: %s", fields(list=f"<{mlist.address}>", member=f"<{failure.address}>",
-                                      action="probe sent", **{"from": f"<{sender}>"},
-                                      status=f"suspected by {why}; waiting {ls.bounce_probe_days} days"))
-    return "suspect (probe sent)"
+    for failure, sender, why in started:
+        logger.info("bounce: %s", fields(list=f"<{mlist.address}>", member=f"<{failure.address}>",
+                                          action="probe sent", **{"from": f"<{sender}>"},
+                                          status=f"suspected by {why}; waiting {ls.bounce_probe_days} days"))
+    return out
 
 
 def expire(config, store, db: BounceDB, now: float, done: list[str]) -> None:
