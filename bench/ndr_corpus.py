@@ -55,7 +55,7 @@ def main() -> int:
             continue
         want = {r[1] for r in rows}
         extra += len(set(got) - want)
-        for kind, address, permanent, is_hard, reason, status, _ in rows:
+        for _kind, address, permanent, is_hard, reason, status, _ in rows:
             failed += 1
             found += address in got
             if is_hard == "yes":
