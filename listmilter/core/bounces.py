@@ -10,8 +10,11 @@ A message to the bounce address is one of:
   (Original-Envelope-Id) ties it to a post. Its fields are read by this module,
   not by Python's parser, which folds blocks separated by a line of spaces into one
   and does not read RFC 6533 reports at all;
-- a non-standard bounce read by flufl.bounce's detectors: from the null sender,
-  or an MTA's report from a real sender (looks_like_ndr). An ENVID found in the
+- a non-standard bounce: from the null sender, or an MTA's report from a real
+  sender (looks_like_ndr). Report fields written as text (DSN fields, Amazon
+  SES's JSON) are read first (core/ndr.py), then flufl.bounce's detectors (less
+  the senders, Message-IDs and list addresses they take for failures), then, if
+  they find nothing, listmilter's own (core/ndr.py). An ENVID found in the
   message is kept with it;
 - an ARF abuse report (FEEDBACK) or an auto-response (vacation replies: RFC 3834
   markers): never a failure. A delivery report is never taken for an auto-response;
