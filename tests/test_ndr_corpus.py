@@ -134,6 +134,16 @@ def test_a_list_posts_to_is_not_taken_for_the_failed_recipient():
     assert [(f.address, f.permanent) for f in report.failures] == [("carol@example.net", True)]
 
 
+@pytest.mark.parametrize("marker", ["--- Below this line is a copy of the message.", "------ Original message ------",
+                                    "Received: from mx.example.org by mx.example.net", "Message text follows:"])
+def test_addresses_in_the_returned_post_are_not_failures(marker):
+    """A post returned inline (no message/rfc822 part) quotes whoever its author names."""
+    text = ("I could not deliver your message to bob@example.net: 550 user unknown.\n\n" + marker +
+            "\n\nAsk carol@example.net or dave@example.com, they know.\n")
+    report = bounces.read_bytes(_bounce(text), True)
+    assert [f.address for f in report.failures] == ["bob@example.net"]
+
+
 def test_a_delay_warning_is_temporary_and_a_report_that_gave_up_permanent():
     delayed = ("A message is delayed for more than 10 minutes for the following recipients:\n"
                "bob@example.net: Network error on destination MXs\n"

@@ -61,6 +61,8 @@ _RETURNED = re.compile(
     r"(?:original|returned|unsent|undelivered|undeliverable|rejected|bounced)\s(?:message|mail|e-?mail)"
     r"(?!\s(?:was|is|has|had|could|did|to|from|you|cannot|can't)\b)|"
     r"message\sheaders\sfollow|headers\sof\sthe\soriginal|original\smessage\sheaders|"
+    r"below\sthis\sline\sis\sa\scopy|copy\sof\s(?:the|your)\s(?:original\s)?message|"
+    r"message\s(?:text|body)\sfollows|text\sof\sthe\s(?:original\s)?message|"
     r"^(?:received|return-path|dkim-signature|x-original-to|delivered-to|message-id):|"
     r"^(?-i:From \S{1,300} {1,2}[A-Z][a-z]{2} )",         # an mbox From_ line: a returned report
     re.IGNORECASE)
@@ -275,14 +277,20 @@ def inline_dsn(lines: list[str]) -> Found | None:
     return found
 
 
-def _permanent(code: str, text: str) -> bool:
+def _judge(text: str) -> tuple[bool, bool]:
+    """What the report says of all its recipients: (it gave up, it will try again)."""
+    return bool(_EXPIRED.search(text)), bool(_DELAY.search(text) and not _GAVE_UP.search(text))
+
+
+def _permanent(code: str, judged: tuple[bool, bool]) -> bool:
     """Permanent by the code, unless the report gave up; with no code, unless it says it will
     try again."""
-    if _EXPIRED.search(text):
+    gave_up, will_retry = judged
+    if gave_up:
         return True
     if code:
         return code == "5"
-    return not (_DELAY.search(text) and not _GAVE_UP.search(text))
+    return not will_retry
 
 
 def _code(lines: list[str]) -> str:
@@ -309,11 +317,11 @@ def report_addresses(lines: list[str], exclude: set[str], subject: str = "") -> 
             break
     if not named:
         return []
-    text = subject + "\n" + "\n".join(lines)
+    judged = _judge(subject + "\n" + "\n".join(lines))
     found: Found = []
     for n, (i, address) in enumerate(named):
         end = named[n + 1][0] if n + 1 < len(named) and named[n + 1][0] > i else i + 4
-        found.append((address, _permanent(_code(lines[i:max(end, i + 1)][:4]), text)))
+        found.append((address, _permanent(_code(lines[i:max(end, i + 1)][:4]), judged)))
     return found
 
 
@@ -325,7 +333,7 @@ def returned_to(msg: email.message.Message, lines: list[str], returned_lines: li
             continue
         to = [a for a in _all(fields, ("to",)) if not _ignored(a, exclude)]
         if len(to) == 1 and len(fields["to"]) == 1:
-            return [(to[0], _permanent(_code(lines), subject + "\n" + "\n".join(lines)))]
+            return [(to[0], _permanent(_code(lines), _judge(subject + "\n" + "\n".join(lines))))]
     return []
 
 
