@@ -144,6 +144,14 @@ def test_addresses_in_the_returned_post_are_not_failures(marker):
     assert [f.address for f in report.failures] == ["bob@example.net"]
 
 
+def test_a_text_attachment_is_not_the_report():
+    data = (b"From: MAILER-DAEMON@mx.example.net\nTo: dev-bounces@example.org\nSubject: Undeliverable\n"
+            b"MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=B\n\n--B\nContent-Type: text/plain\n\n"
+            b"Delivery to bob@example.net failed: 550 5.1.1 no such user.\n\n--B\nContent-Type: text/plain\n"
+            b"Content-Disposition: attachment; filename=notes.txt\n\nSee carol@example.net.\n--B--\n")
+    assert [f.address for f in bounces.read_bytes(data, True).failures] == ["bob@example.net"]
+
+
 def test_a_delay_warning_is_temporary_and_a_report_that_gave_up_permanent():
     delayed = ("A message is delayed for more than 10 minutes for the following recipients:\n"
                "bob@example.net: Network error on destination MXs\n"

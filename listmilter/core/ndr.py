@@ -1,16 +1,19 @@
 """Non-delivery reports that are neither DSNs nor in a format flufl.bounce knows.
 
-Plain functions over an email.message.Message, no I/O; listmilter.core.bounces
-calls `failures` after reading a DSN's own fields, when flufl.bounce's detectors
-find nothing, and `not_members` to drop what those detectors take for a failed
-recipient but is a sender, a Message-ID or the list. Measured on real bounces
-of many MTAs and providers (tests/data/sisimai, bench/ndr_corpus.py).
+Plain functions over an email.message.Message, no I/O. listmilter.core.bounces
+calls them after reading a DSN's own fields: `structured` before flufl.bounce's
+detectors, `not_members` to drop what those take for a failed recipient but is
+the list, the bounce address or a Message-ID, and `failures` when they find
+nothing. Measured on real bounces of many MTAs and providers
+(tests/data/sisimai, bench/ndr_corpus.py).
 
 Each detector reads the report's own text: its text parts, not the message it
-returns (message/rfc822, text/rfc822-headers, or the returned headers that
-follow a marker such as "----- Unsent message follows -----"), and gives
+returns (message/rfc822, text/rfc822-headers, a text attachment, or what
+follows a marker such as "----- Unsent message follows -----"), and gives
 (address, permanent) pairs:
 
+- ses_notification: an Amazon SES notification (JSON sent by SNS as mail): a
+  Bounce's bouncedRecipients; a Complaint or a Delivery names no failure;
 - inline_dsn: DSN fields written as text (Amazon WorkMail's "Technical
   report", a delivery-status part whose MIME boundary is broken): each
   Final-Recipient (its Original-Recipient when it has one), by Action and Status;
@@ -27,8 +30,9 @@ bounce address, and the list it belongs to), of the returned message's sender
 headers and Message-ID, quoted sender lines, and MTAs' own (postmaster,
 mailer-daemon) are left out. An auto-reply is not read here (the caller decides).
 Bounded work: at most TEXT_LIMIT characters of text, MAX_LINES lines of at most
-LINE_LIMIT characters, MAX_FAILURES addresses; every regular expression is made of
-bounded repeats over classes that cannot overlap, so none backtracks without end.
+LINE_LIMIT characters, MAX_FAILURES addresses; no regular expression nests repeats
+that can match the same text, so none backtracks without end (tests/test_ndr_corpus.py
+feeds them hostile text).
 """
 
 from __future__ import annotations
@@ -158,8 +162,12 @@ def _texts(msg: email.message.Message) -> tuple[list[str], list[email.message.Me
                 children = plain[:1] or children[:1]
             todo.extend(reversed(children))
             continue
-        # A multipart whose boundary is broken reads as one text: its report is in it.
-        if ctype.startswith(("text/", "multipart/")) and ctype != "text/html" or ctype == "text/html" and not texts:
+        # A text attachment is a returned message or a file of the post, once the report has
+        # a text. A multipart whose boundary is broken reads as one text: its report is in it.
+        attached = mailparse.text(part.get("Content-Disposition")).strip().lower().startswith("attachment")
+        if attached and texts:
+            continue
+        if (ctype.startswith(("text/", "multipart/")) and ctype != "text/html") or (ctype == "text/html" and not texts):
             text = _decoded(part)[:TEXT_LIMIT - size]
             if ctype == "text/html":
                 text = re.sub(r"<[^<>]{0,2000}>", " ", text).replace("&lt;", "<").replace("&gt;", ">")
