@@ -10,8 +10,11 @@ A message to the bounce address is one of:
   (Original-Envelope-Id) ties it to a post. Its fields are read by this module,
   not by Python's parser, which folds blocks separated by a line of spaces into one
   and does not read RFC 6533 reports at all;
-- a non-standard bounce read by flufl.bounce's detectors: from the null sender,
-  or an MTA's report from a real sender (looks_like_ndr). An ENVID found in the
+- a non-standard bounce: from the null sender, or an MTA's report from a real
+  sender (looks_like_ndr). Report fields written as text (DSN fields, Amazon
+  SES's JSON) are read first (core/ndr.py), then flufl.bounce's detectors (less
+  the senders, Message-IDs and list addresses they take for failures), then, if
+  they find nothing, listmilter's own (core/ndr.py). An ENVID found in the
   message is kept with it;
 - an ARF abuse report (FEEDBACK) or an auto-response (vacation replies: RFC 3834
   markers): never a failure. A delivery report is never taken for an auto-response;
@@ -35,7 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from listmilter.core import addresses, headers, mailparse, settings
+from listmilter.core import addresses, headers, mailparse, ndr, settings
 
 
 class Kind(StrEnum):
@@ -224,12 +227,16 @@ def _per_recipient(blocks: list[list[tuple[str, str]]]) -> tuple[dict[str, str],
     for block in blocks:
         current: dict[str, str] = {}
         segments = [current]
+        previous = ""
         for name, value in block:
+            # An Original-Recipient right after a Final-Recipient is its own (Amazon SES writes them so).
             if name in _RECIPIENT_FIELDS and (name in current or (
-                    name == "original-recipient" and "final-recipient" in current)):
+                    name == "original-recipient" and "final-recipient" in current
+                    and previous != "final-recipient")):
                 current = {}
                 segments.append(current)
             current.setdefault(name, value)
+            previous = name
         for segment in segments:
             if any(f in segment for f in _RECIPIENT_FIELDS):
                 recipients.append(segment)
@@ -294,7 +301,7 @@ def _failure(fields: dict[str, str]) -> Failure | None:
     status = _one_line(fields.get("status"), 40).partition(" ")[0]
     code = status[:1]
     # Real DSNs say "failure", "failed (reason)" or even "error"; with no Action the status class decides.
-    if action.startswith("fail"):
+    if action.startswith(("fail", "expire")):     # "expired" (SendGrid): it gave up
         permanent = True
     elif action.startswith("delay"):
         permanent = False
@@ -366,6 +373,22 @@ def looks_like_ndr(msg: email.message.Message) -> bool:
     return bool(_NDR_SUBJECT.search(headers.decode(mailparse.text(msg.get("Subject"))[:1000])))
 
 
+def _reads_as_ndr(msg: email.message.Message, auto: bool, has_dsn: bool) -> bool:
+    """Whether listmilter's own detectors (core/ndr.py) may read a message flufl.bounce found
+    nothing in. They take the addresses a report names, so only an MTA's report: with a DSN
+    part, or an NDR's From or Subject, or (from the null sender) an NDR's words. Marked as an
+    auto-reply (Exchange and Postfix mark some NDRs so), only from a mailer-daemon or
+    postmaster and with no auto-reply subject: a vacation reply never reads as a failure."""
+    if auto:
+        sender = mailparse.text(msg.get("From"))[:1000]
+        subject = headers.decode(mailparse.text(msg.get("Subject"))[:1000])
+        return bool(_NDR_FROM.search(sender) or re.search(r"\b(mailer-daemon|postmaster)@", sender, re.I)) \
+            and not _AUTO_SUBJECT.match(subject)
+    if has_dsn or looks_like_ndr(msg):
+        return True
+    return any(ndr.FAILURE_TEXT.search(text[:ndr.TEXT_LIMIT]) for text in ndr.report_texts(msg)[:3])
+
+
 def read(msg: email.message.Message, null_sender: bool,
          heuristic_msg: email.message.Message | None = None) -> Report:
     """What a message that reached the bounce address is.
@@ -386,9 +409,19 @@ def read(msg: email.message.Message, null_sender: bool,
     # (which find addresses quoted in any text, so never on a person's mail).
     # (Some MTAs mark their NDRs from <> auto-replied: from the null sender, every message is read.)
     if null_sender or report is not None or looks_like_ndr(msg):
-        temporary, permanent = _flufl_failures(heuristic_msg if heuristic_msg is not None else msg)
-        failures = tuple(Failure(a, True) for a in sorted(permanent) if addresses.is_valid(a)) + \
-            tuple(Failure(a, False) for a in sorted(temporary - permanent) if addresses.is_valid(a))
+        heuristic = heuristic_msg if heuristic_msg is not None else msg
+        ours = _reads_as_ndr(msg, auto, report is not None)
+        fields = ndr.structured(heuristic) if ours else None
+        failures = tuple(Failure(a, p) for a, p in fields or ())
+        if fields is None:
+            temporary, permanent = _flufl_failures(heuristic)
+            # flufl.bounce takes any address quoted near its markers: a sender, a Message-ID, the list.
+            ignore = ndr.not_members(heuristic, senders=False)
+            temporary, permanent = temporary - ignore, permanent - ignore
+            failures = tuple(Failure(a, True) for a in sorted(permanent) if addresses.is_valid(a)) + \
+                tuple(Failure(a, False) for a in sorted(temporary - permanent) if addresses.is_valid(a))
+        if not failures and ours and fields is None:
+            failures = tuple(Failure(a, p) for a, p in ndr.failures(heuristic))
         if failures:
             return Report(HEURISTIC, envid, failures)
     if report is not None:
