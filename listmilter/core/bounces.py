@@ -633,7 +633,7 @@ def kept_to_delete(files: Iterable[tuple[str, int, float]], now: float, retentio
 # -- explaining ------------------------------------------------------------------
 KIND_MEANS = {
     Kind.DSN: "a delivery status notification (RFC 3464/6533), read from its own fields",
-    Kind.HEURISTIC: "a non-standard bounce, read by flufl.bounce's detectors",
+    Kind.HEURISTIC: "a non-standard bounce, read by listmilter's and flufl.bounce's detectors (core/ndr.py)",
     Kind.AUTORESPONSE: "an automatic reply (vacation and the like): no bounce, dropped",
     Kind.FEEDBACK: "an abuse report (ARF, RFC 5965): no delivery failed, kept for the owners",
     Kind.UNRECOGNISED: "nothing listmilter recognises as a bounce: kept for the owners",
