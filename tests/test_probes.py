@@ -109,10 +109,14 @@ def test_only_a_bounce_from_the_null_sender_to_the_probe_in_flight_says_dead():
 
 def test_explain_binds_a_bounce_to_a_probe_address_to_its_member():
     report = bounces.Report(bounces.HEURISTIC, "", (Failure("other@forward.example", True, "5.1.1"),))
-    got = bounces.explain(report, None, {}, probe_for=BOB).as_json()
+    bound = probes.Bound(BOB, T)
+    got = probes.explain(report, bound, T, True).as_json()
     assert got == {"kind": "heuristic", "failures": [
         {"address": BOB, "status": "5.1.1", "permanent": True, "binding": "probe", "verdict": "probe-bounced"}]}
     assert "probe" in bounces.BINDINGS
+    # What deliver ignores (a reply from a person, no probe in flight) binds no failure either.
+    assert probes.explain(report, bound, T, False).as_json() == {"kind": "heuristic", "failures": []}
+    assert probes.explain(report, bound, None, True).as_json() == {"kind": "heuristic", "failures": []}
 
 
 def test_the_bounce_database_keeps_one_probe_per_member(tmp_path):

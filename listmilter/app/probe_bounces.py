@@ -14,7 +14,7 @@ import time
 from listmilter.app import bounce_processing
 from listmilter.app.bounce_processing import Outcome
 from listmilter.core import probes
-from listmilter.core.bounces import Failure, Verdict
+from listmilter.core.bounces import Verdict
 from listmilter.core.keys import Keyring
 from listmilter.core.model import MailingList
 from listmilter.store import open_bounces
@@ -36,9 +36,7 @@ def handle(config, store, secret: Keyring, mlist: MailingList, extension: str, s
         decision = probes.on_bounce(flying.get(bound.member), bound, sender == "", report.kind)
         if decision != probes.DEAD:
             return Outcome(kind, ((bound.member, "", decision),))
-        first = next((f for f in report.failures if f.permanent), None)
-        failure = Failure(bound.member, True, first.status if first else "",
-                          first.diagnostic if first else "the probe bounced")
+        failure = probes.failure_of(report, bound.member)
         policy = bounce_processing.policy_of(config, mlist)
         # The address is dead: the list's action, whatever the score (the probe is the evidence).
         # Recorded once per probe; the probe stays in flight until the action is done, so

@@ -1,8 +1,8 @@
 """Bounce probes (core/probes.py decides): send one to a suspected member, clear the
 ones that did not bounce in time (what comes back is app/probe_bounces.py).
 
-A failure bound only to a post's ENVID never moves a score: the member gets one
-probe message from `<list>-bounces+probe-CODE@`, and only a bounce of that probe
+A failure in mail to the plain bounce address never moves a score (bounces.suspicion):
+the member gets one probe message from `<list>-bounces+probe-CODE@`, and only a bounce of that probe
 takes the list's bounce_action.
 """
 

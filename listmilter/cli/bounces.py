@@ -100,7 +100,7 @@ def _delivered_to(store, data: bytes, mlist):
 def _bound_explanation(cfg, store, data: bytes, mlist, report, sender: str):
     """The explanation of a message delivered to a probe's or a personal copy's own
     address, which binds the member (core/probes.py, core/verp.py); None for any other."""
-    from listmilter.core import bounces, probes, verp
+    from listmilter.core import probes, verp
     from listmilter.core.model import DISABLED
     from listmilter.store import open_bounces, site_secret
     to = _delivered_to(store, data, mlist)
@@ -111,15 +111,15 @@ def _bound_explanation(cfg, store, data: bytes, mlist, report, sender: str):
     if probes.is_code(extension):
         db = open_bounces(cfg)
         try:
-            flying = [address for _, address, _, _ in db.probes(found.address)]
+            flying = {address: sent_at for _, address, sent_at, _ in db.probes(found.address)}
         finally:
             db.close()
         # As deliver: a code binds only the member whose probe is in flight (answered or
         # cleared, the address is plain bounce mail again).
         bound = probes.find(extension, found.address, flying, secret)
-        if bound is not None:
-            return bounces.explain(report, None, None, probe_for=bound.member)
-        return None
+        if bound is None:
+            return None
+        return probes.explain(report, bound, flying[bound.member], sender == "")
     code = verp.parse(extension)
     if code is None or not verp.fresh(code, time.time()):
         return None

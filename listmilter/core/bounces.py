@@ -681,23 +681,17 @@ class Explanation:
 
 
 def explain(report: Report, posted_at: float | None,
-            members: dict[str, tuple[float, bool]] | None, now: float | None = None,
-            probe_for: str = "") -> Explanation:
+            members: dict[str, tuple[float, bool]] | None, now: float | None = None) -> Explanation:
     """What listmilter makes of one report, without recording anything.
 
     `posted_at` is the post's time from the report's ENVID if it verified (for
     the list being looked at), else None; `members` maps each failed address's
     key (addresses.key) to (joined, active) for the members among them, or is
-    None when no list is known (nobody can be scored then). `probe_for` is the member
-    whose probe address (verified) the message was delivered to: whatever it is, it
-    binds that member."""
+    None when no list is known (nobody can be scored then). Mail delivered to a
+    probe's or a personal copy's own address is explained by core/probes.py and
+    core/verp.py, which that address binds to its member."""
     binding = "envid" if posted_at is not None else "none"
     out = []
-    if probe_for:
-        first = next((f for f in report.failures if f.permanent), None)
-        return Explanation(report.kind, report.envid, (Explained(
-            probe_for, first.status if first else "", True, "probe", Verdict.PROBE_BOUNCED,
-            WHY[Verdict.PROBE_BOUNCED]),))
     for f in report.failures:
         if members is None:
             v = Verdict.TEMPORARY if not f.permanent else Verdict.UNVERIFIED

@@ -1,9 +1,10 @@
 """Bounce probes: trust a failure only when it is bound to the member.
 
 A failure bound to the member by its VERP address scores at once (core/verp.py).
-A failure bound only to a post (our ENVID) is a suspicion: anyone who sees a
-post's ENVID can forge a DSN naming any member. Before anything is done about
-it, the member gets one probe message from a one-time return path,
+A failure in mail to the plain bounce address, bound to a post (our ENVID) or to
+nothing, is a suspicion (bounces.suspicion): anyone who sees a post's ENVID can
+forge a DSN naming any member, and anyone at all a bounce without one. Before
+anything is done about it, the member gets one probe message from a one-time return path,
 `<list-local>-bounces+probe-TIME-MAC@domain`: TIME the probe's Unix time in base
 36, MAC the first 16 base32 characters (80 bits: what a local part leaves) of
 core/mac.py's MAC of list, member and TIME under a key derived for "probe". Whatever comes
@@ -102,6 +103,27 @@ def suspect_report(failures: Iterable[Failure], from_client: bool = True) -> boo
 
 
 DEAD = "dead"
+
+
+def failure_of(report: bounces.Report, member: str) -> Failure:
+    """The member's failure that a bounce of their probe reports: the address it was sent to
+    names the member, whatever address the bounce names; the first permanent failure's
+    status and words, if it has one."""
+    first = next((f for f in report.failures if f.permanent), None)
+    return Failure(member, True, first.status if first else "", first.diagnostic if first else "the probe bounced")
+
+
+def explain(report: bounces.Report, bound: Bound, in_flight_since: float | None,
+            null_sender: bool) -> bounces.Explanation:
+    """What a message delivered to a verified probe address says (`bounces --explain`), as
+    listmilter.app.probe_bounces acts on it: the member's failure if on_bounce says DEAD,
+    else none."""
+    if on_bounce(in_flight_since, bound, null_sender, report.kind) != DEAD:
+        return bounces.Explanation(report.kind, report.envid, ())
+    failure = failure_of(report, bound.member)
+    return bounces.Explanation(report.kind, report.envid, (bounces.Explained(
+        failure.address, failure.status, True, "probe", bounces.Verdict.PROBE_BOUNCED,
+        bounces.WHY[bounces.Verdict.PROBE_BOUNCED]),))
 
 
 def on_bounce(in_flight_since: float | None, bound: Bound, null_sender: bool, kind: str) -> str:
