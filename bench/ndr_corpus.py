@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from listmilter.core import bounces
@@ -40,35 +41,62 @@ def read(name: str) -> bounces.Report:
     return bounces.read_bytes((DATA / name).read_bytes(), null_sender=True)
 
 
-def main() -> int:
-    verbose = "-v" in sys.argv
-    hard = hard_ok = failed = found = quiet = quiet_bad = extra = 0
+def got(report: bounces.Report) -> dict[str, bool]:
+    """address (lower case) -> permanent, of each failure read."""
+    return {f.address.lower(): f.permanent for f in report.failures}
+
+
+@dataclass
+class Figures:
+    hard: int = 0            # hard bounces labelled
+    hard_ok: int = 0         # ...read as a permanent failure of the right address
+    failed: int = 0          # failed addresses labelled
+    found: int = 0           # ...read at all
+    quiet: int = 0           # auto-replies and ARF reports
+    quiet_bad: int = 0       # ...read with a permanent failure
+    extra: int = 0           # addresses read that no label names
+    loud: list[str] = field(default_factory=list)      # a line for each auto-reply or ARF report read so
+    misses: list[str] = field(default_factory=list)    # a line for each bounce read not as labelled
+
+
+def figures(verbose: bool = False) -> Figures:
+    """Issue 14's figures on the corpus (tests/test_ndr_corpus.py holds them as floors);
+    `verbose` also lists auto-replies and ARF reports read with any address."""
+    out = Figures()
     for name, rows in sorted(expected().items()):
         report = read(name)
-        got = {f.address.lower(): f.permanent for f in report.failures}
+        read_now = got(report)
         if rows[0][0] in ("autoreply", "feedback"):
-            quiet += 1
-            bad = any(got.values())
-            quiet_bad += bad
-            if bad or verbose and got:
-                print(f"{name:<34} {rows[0][0]} read as {report.kind} {sorted(got)}")
+            out.quiet += 1
+            bad = any(read_now.values())
+            out.quiet_bad += bad
+            if bad or verbose and read_now:
+                out.loud.append(f"{name:<34} {rows[0][0]} read as {report.kind} {sorted(read_now)}")
             continue
         want = {r[1] for r in rows}
-        extra += len(set(got) - want)
+        out.extra += len(set(read_now) - want)
         for _kind, address, permanent, is_hard, reason, status, _ in rows:
-            failed += 1
-            found += address in got
+            out.failed += 1
+            out.found += address in read_now
             if is_hard == "yes":
-                hard += 1
-                hard_ok += got.get(address) is True
-            if verbose and (address not in got or (permanent == "yes") != got[address] or set(got) - want):
-                print(f"{name:<34} {report.kind:<13} want {address} {reason} {status} "
-                      f"got {sorted(got.items())}")
-    print(f"hard bounces read as a permanent failure of the right address: {hard_ok}/{hard} "
-          f"({100 * hard_ok / hard:.1f}%)")
-    print(f"failed addresses found (any reason): {found}/{failed} ({100 * found / failed:.1f}%)")
-    print(f"auto-replies and ARF reports read with a permanent failure: {quiet_bad}/{quiet}")
-    print(f"addresses read that no label names: {extra}")
+                out.hard += 1
+                out.hard_ok += read_now.get(address) is True
+            if address not in read_now or (permanent == "yes") != read_now[address] or set(read_now) - want:
+                out.misses.append(f"{name:<34} {report.kind:<13} want {address} {reason} {status} "
+                                  f"got {sorted(read_now.items())}")
+    return out
+
+
+def main() -> int:
+    verbose = "-v" in sys.argv
+    f = figures(verbose)
+    for line in f.loud + (f.misses if verbose else []):
+        print(line)
+    print(f"hard bounces read as a permanent failure of the right address: {f.hard_ok}/{f.hard} "
+          f"({100 * f.hard_ok / f.hard:.1f}%)")
+    print(f"failed addresses found (any reason): {f.found}/{f.failed} ({100 * f.found / f.failed:.1f}%)")
+    print(f"auto-replies and ARF reports read with a permanent failure: {f.quiet_bad}/{f.quiet}")
+    print(f"addresses read that no label names: {f.extra}")
     return 0
 
 

@@ -7,37 +7,18 @@ floors, every file that reads as labelled held to it, and listmilter's own detec
 from __future__ import annotations
 
 import time
-from collections import defaultdict
-from pathlib import Path
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from bench import ndr_corpus as corpus
 from listmilter.core import addresses, bounces, mailparse, ndr
 from tests.test_fuzz import hostile_bytes, hostile_text, nasty_text, scaled
 
-DATA = Path(__file__).parent / "data" / "sisimai"
-
-
-def _expected() -> dict[str, list[list[str]]]:
-    rows: dict[str, list[list[str]]] = defaultdict(list)
-    for line in (DATA / "expected.tsv").read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, *fields = line.split("\t")
-            rows[name].append(fields)
-    return dict(rows)
-
-
-EXPECTED = _expected()
-
-
-def _read(name: str) -> bounces.Report:
-    return bounces.read_bytes((DATA / name).read_bytes(), null_sender=True)
-
-
-def _got(report: bounces.Report) -> dict[str, bool]:
-    return {f.address.lower(): f.permanent for f in report.failures}
+# The corpus's reading and figures are bench/ndr_corpus.py's, which prints them.
+EXPECTED = dict(corpus.expected())
+DATA = corpus.DATA
 
 
 # Files that do not read exactly as labelled, and why (each still counts in the figures).
@@ -59,36 +40,25 @@ def test_the_corpus_is_whole():
 def test_issue_14_figures():
     """At least 95% of hard bounces read as a permanent failure of the right address, 90% of
     all failed addresses found, and no auto-reply or ARF report read as a permanent failure."""
-    hard = hard_ok = failed = found = quiet_bad = 0
-    for name, rows in EXPECTED.items():
-        got = _got(_read(name))
-        if rows[0][0] != "bounce":
-            quiet_bad += any(got.values())
-            continue
-        for _kind, address, _permanent, is_hard, *_ in rows:
-            failed += 1
-            found += address in got
-            if is_hard == "yes":
-                hard += 1
-                hard_ok += got.get(address) is True
-    assert hard >= 90 and failed >= 190
-    assert hard_ok / hard >= 0.95, f"{hard_ok}/{hard}"
-    assert found / failed >= 0.90, f"{found}/{failed}"
-    assert quiet_bad == 0
+    f = corpus.figures()
+    assert f.hard >= 90 and f.failed >= 190
+    assert f.hard_ok / f.hard >= 0.95, f"{f.hard_ok}/{f.hard}"
+    assert f.found / f.failed >= 0.90, f"{f.found}/{f.failed}"
+    assert f.quiet_bad == 0
 
 
 def _as_labelled(name: str) -> str:
     """'' if `name` reads as labelled, else what differs."""
-    report = _read(name)
+    report = corpus.read(name)
     rows = EXPECTED[name]
     if rows[0][0] == "autoreply":
         ok = report.kind == bounces.AUTORESPONSE and not report.failures
-        return "" if ok else f"an auto-reply read as {report.kind} with {_got(report)}"
+        return "" if ok else f"an auto-reply read as {report.kind} with {corpus.got(report)}"
     if rows[0][0] == "feedback":
         ok = report.kind in (bounces.FEEDBACK, bounces.UNRECOGNISED) and not report.failures
-        return "" if ok else f"an ARF report read as {report.kind} with {_got(report)}"
+        return "" if ok else f"an ARF report read as {report.kind} with {corpus.got(report)}"
     want = {address: permanent == "yes" for _kind, address, permanent, *_ in rows}
-    got = _got(report)
+    got = corpus.got(report)
     return "" if got == want else f"read {got}, labelled {want}"
 
 
