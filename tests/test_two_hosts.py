@@ -55,7 +55,15 @@ class Host:
 
     def start(self) -> None:
         self.listmilter.start()
+        # Either start may have found a port taken and picked another: each learns the other's final ones.
+        self.postfix.milter, self.postfix.socketmap = self.listmilter.milter_spec, self.listmilter.socketmap_spec
+        port = self.postfix.port
         self.postfix.start()
+        if self.postfix.port != port:
+            self.listmilter.outgoing_port = self.postfix.port
+            self.listmilter.write_config()
+            self.listmilter.stop()
+            self.listmilter.start()
 
     def stop(self) -> None:
         for stop in (self.postfix.stop, self.listmilter.stop):

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .net import free_port, start_with_retry, wait_for_own_port, wait_until
+from .net import PortTaken, free_port, start_with_retry, wait_for_own_port, wait_until
 from .procs import alive, descendants
 
 PIPE_USER = "nobody"
@@ -218,12 +218,22 @@ class Postfix:
 
     def _new_port(self) -> None:
         self.port = free_port()
+        if self.reinject_port:
+            self.reinject_port = free_port()
 
     def _start_once(self) -> None:
         self._write_config()
         mark = len(self.log())
-        subprocess.run(["postfix", "-c", str(self.dir), "start"], check=True,
-                       capture_output=True, text=True)
+        started = subprocess.run(["postfix", "-c", str(self.dir), "start"], capture_output=True, text=True)
+        if started.returncode:
+            # `postfix start` waits for master (master -w), which exits when it cannot bind
+            # a port; its own "Address already in use" never reaches maillog_file, because
+            # postlogd is not running yet. The likely cause is another test's server taking a
+            # port after free_port(), so PortTaken makes start_with_retry try new ports; a real
+            # config error fails every attempt and the last one shows the log.
+            tail = "\n".join(self.log()[mark:].splitlines()[-5:])
+            raise PortTaken(f"postfix start exited {started.returncode} (ports {self.port},"
+                            f" {self.reinject_port}): {started.stderr.strip()}\n{tail}")
         self.running = True
 
         def owner():
