@@ -220,6 +220,16 @@ def test_text_and_message_id_of_anything(value):
     assert msg_id == "" or re.fullmatch(r"<[^<>\s\x00-\x1f\x7f]+>", msg_id)
 
 
+@given(st.one_of(hostile_text, st.binary().map(bytes), st.none()))
+def test_one_line_of_anything_is_printable_with_single_spaces(value):
+    """What notices and the DMARC From quote of a hostile message: nothing that could start a
+    header or a line of its own, no runs of white space."""
+    line = mailparse.one_line(value)
+    _assert_clean(line)
+    assert line.isprintable() and line == line.strip() and "  " not in line
+    assert mailparse.one_line(line) == line
+
+
 def test_message_id_reads_folded_and_8bit_ids():
     msg = mailparse.parse(b"Message-ID: <a@x>\r\n <b@y>\r\nIn-Reply-To: <J\xc3\xbcrgen@x>\r\n\r\n")
     assert mailparse.message_id(msg["Message-ID"]) == "<a@x>"

@@ -20,7 +20,7 @@ import time
 
 from listmilter.app import notices, outgoing
 from listmilter.app.holdqueue import QueueEntry, QueueError, queue_for
-from listmilter.core import addresses, headers, mailparse, moderation
+from listmilter.core import addresses, headers, mailparse, moderation, when
 from listmilter.core.errors import PermanentError
 from listmilter.core.tokens import HeldPost
 from listmilter.log import fields, logger
@@ -130,7 +130,7 @@ def _tell_poster(config, store, post: HeldPost) -> str:
     mlist = store.get_list(post.list)
     eff = config.list_settings(mlist.settings) if mlist else None
     values = {"list": post.list, "subject": post.subject or "(no subject)",
-              "held_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(post.held)), "reason": post.reason,
+              "held_at": when.utc_minute(post.held), "reason": post.reason,
               "days": str(eff.hold_days if eff else ""), "owner_address": addresses.role_address(post.list, "owner")}
     template = "held_rejected" if post.decision == REJECT else "held_expired"
     subject, text = notices.render(notices.template_text(template, eff.templates if eff else ""), values)

@@ -8,9 +8,8 @@ import email.utils
 import os
 import re
 import string
-import time
 
-from listmilter.core import addresses, bounces, mailparse
+from listmilter.core import addresses, mailparse, when
 
 
 def _message(from_addr: str, to_addr: str, subject: str, text: str) -> email.message.EmailMessage:
@@ -56,7 +55,7 @@ def list_created(list_address: str, admin: str, owners: tuple[str, ...], posting
 # -- bounce processing ---------------------------------------------------------
 def _evidence(rows: list[tuple]) -> str:
     """Lines of (at, status, diagnostic) for a notice."""
-    return "".join(f"    {bounces.fmt_time(at)}  {status or '-'}  {diagnostic or ''}\n"
+    return "".join(f"    {when.utc_minute(at)}  {status or '-'}  {diagnostic or ''}\n"
                    for at, status, diagnostic in rows)
 
 
@@ -144,24 +143,18 @@ def unrecognised_bounce(list_address: str, owners: tuple[str, ...], why: str, or
     return msg.as_bytes()
 
 
-def _printable(text: str) -> str:
-    """One line, control characters out: a reason may quote what a hostile message said."""
-    return "".join(c if c.isprintable() else " " for c in mailparse.text(text))
-
-
 def unrecognised_digest(list_address: str, owners: tuple[str, ...], kept: list[tuple[float, str, str]]) -> bytes:
     """To the owners, at most once a day: what reached <list>-bounces@ and counted against no
     member, each (at, why, kept file); the messages stay in the files."""
     owner = addresses.role_address(list_address, "owner")
     bounces_address = addresses.role_address(list_address, "bounces")
-    day = lambda at: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(at))   # noqa: E731
     lines = [f"{len(kept)} message{'s' if len(kept) != 1 else ''} reached {bounces_address} "
              "and counted against no member since the last of these mails.",
              "Each is kept in a file until bounce_kept_days have passed:", ""]
     for at, why, path in kept:
-        lines.append(f"  {day(at)}  {_printable(why)[:200]}")
+        lines.append(f"  {when.utc_minute(at)}  {mailparse.one_line(why)[:200]}")
         if path:
-            lines.append(f"      {_printable(path)}")
+            lines.append(f"      {mailparse.one_line(path)}")
     lines += ["", f"To list them: listmilter bounces {list_address} --kept",
               "(Setting bounce_unrecognised: forward sends each one as it comes; keep, none.)"]
     msg = _message(owner, ", ".join(owners),

@@ -141,7 +141,7 @@ def bounce_report(data: bytes, sender: str):
 
 def _bounces(args, cfg, store):
     from listmilter.app import bounce_processing
-    from listmilter.core import bounces
+    from listmilter.core import bounces, when
     from listmilter.store import open_bounces
     if args.explain:
         return _explain(args, cfg, store)
@@ -163,14 +163,14 @@ def _bounces(args, cfg, store):
             kept = [(address, record) for address in lists
                     for record in db.records(address, verdict=bounces.Verdict.UNRECOGNISED)]
             for address, (at, _, _, _, why, _, _, path) in kept:
-                print(f"{bounces.fmt_time(at)}  {address}  {path}\n    {why}")
+                print(f"{when.utc_minute(at)}  {address}  {path}\n    {why}")
             if not kept:
                 print(f"no bounce mail kept for {where}")
             return 0
         rows = [(address, row) for address in lists for row in db.rows(address)]
         flying = [(address, probe) for address in lists for probe in db.probes(address)]
         for address, (_, member, sent_at, why) in flying:
-            print(f"probe in flight: {address} {member} sent {bounces.fmt_time(sent_at)} (suspected by {why})")
+            print(f"probe in flight: {address} {member} sent {when.utc_minute(sent_at)} (suspected by {why})")
         if not rows:
             print(f"no bouncing members on {where}")
             return 0
@@ -181,7 +181,7 @@ def _bounces(args, cfg, store):
             if row.pending:
                 state += "*"
             print(f"{address:<28} {row.address:<32} {state:<9} {row.score:>5}  "
-                  f"{bounces.fmt_time(row.last_bounce):<21} {row.last_status or '-':<7} "
+                  f"{when.utc_minute(row.last_bounce):<21} {row.last_status or '-':<7} "
                   f"{row.last_diagnostic}")
     finally:
         db.close()

@@ -6,6 +6,7 @@ import os
 import time
 
 from listmilter.cli.common import Fail
+from listmilter.core import when
 
 
 def add_parsers(sub) -> None:
@@ -18,10 +19,6 @@ def add_parsers(sub) -> None:
     r.set_defaults(handler=rotate)
     s2 = ssub.add_parser("show", help="key ids, ages and grace periods (never the keys)")
     s2.set_defaults(handler=show)
-
-
-def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
 
 
 def _days(seconds: float) -> str:
@@ -58,14 +55,14 @@ def _describe(keys, where: str, now: float, key0_file: str | None = None) -> lis
                 made = os.stat(key0_file).st_mtime
             except OSError:
                 made = None
-        age = f"made {_when(made)} ({_days(now - made)} ago)" if made is not None else "made before key ids"
+        age = f"made {when.utc_minute(made)} ({_days(now - made)} ago)" if made is not None else "made before key ids"
         if i == 0:
             state = "current (makes new links and envelope ids)"
         elif key.until is None or now < key.until:
-            state = (f"accepted until {_when(key.until)} ({_days(key.until - now)} left)"
+            state = (f"accepted until {when.utc_minute(key.until)} ({_days(key.until - now)} left)"
                      if key.until is not None else "accepted")
         else:
-            state = f"no longer accepted (since {_when(key.until)})"
+            state = f"no longer accepted (since {when.utc_minute(key.until)})"
         lines.append(f"key {key.id}: {state}, {age}")
     return lines
 

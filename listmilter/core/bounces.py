@@ -33,7 +33,6 @@ import email.message
 import email.utils
 import quopri
 import re
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -600,10 +599,6 @@ def next_step(warnings_sent: int, next_warning: float, now: float, policy: Polic
     if now < next_warning:
         return None
     return "warn" if warnings_sent < policy.warnings else "remove"
-
-
-def fmt_time(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) + " UTC" if t else "-"
 
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from email.utils import formataddr, getaddresses
 from typing import Sequence
 
-from listmilter.core import headers
+from listmilter.core import headers, mailparse
 
 POLICIES = ("none", "quarantine", "reject")
 MUNGE_FROM, WRAP_MESSAGE, NO_MITIGATION = "munge_from", "wrap_message", "none"     # dmarc_mitigation
@@ -160,10 +160,6 @@ def poster(message_headers: Sequence[tuple[str, str]]) -> Poster:
     return Poster(headers.decode(name), address, domain, "" if domain else "From has no usable domain")
 
 
-def _clean(text: str) -> str:
-    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
-
-
 def _formatted(name: str, address: str) -> str | None:
     """"NAME" <ADDRESS>, the name RFC 2047-encoded when it is not ASCII; None for a non-ASCII address."""
     if not address.isascii():
@@ -191,9 +187,9 @@ def munge_from(message_headers: Sequence[tuple[str, str]], list_address: str, li
     who = poster(message_headers)
     local = who.address.rpartition("@")[0] if who.address else ""
     # A name that is an address keeps its local part: two domains in one From look like spam (Mailman).
-    name = _clean(who.name).split("@")[0].strip()
-    name = (name or _clean(local) or "someone")[:MAX_NAME]
-    via = f"{name} via {_clean(list_name) or list_address.partition('@')[0]}"
+    name = mailparse.one_line(who.name).split("@")[0].strip()
+    name = (name or mailparse.one_line(local) or "someone")[:MAX_NAME]
+    via = f"{name} via {mailparse.one_line(list_name) or list_address.partition('@')[0]}"
     new_from = _formatted(via, list_address) or f"<{list_address}>"
 
     change: list[tuple[str, int, str]] = []
@@ -215,7 +211,7 @@ def munge_from(message_headers: Sequence[tuple[str, str]], list_address: str, li
     if not counts.get("from"):
         add.append(("From", new_from))
     if who.address:
-        poster_value = _formatted(_clean(who.name), who.address) or f"<{who.address}>"
+        poster_value = _formatted(mailparse.one_line(who.name), who.address) or f"<{who.address}>"
         if reply_to is None:
             add.append(("Reply-To", poster_value))
         elif who.address.lower() not in reply_to[1].lower():

@@ -47,6 +47,12 @@ def text(value: object) -> str:
     return value
 
 
+def one_line(value: object) -> str:
+    """`text(value)` fit to quote in a notice or a header we write: control characters (a
+    hostile message may carry any) and runs of white space become one space."""
+    return " ".join("".join(c if c.isprintable() else " " for c in text(value)).split())
+
+
 def message_id(value: object) -> str:
     """The msg-id of a Message-ID header (its first <...>), '' if it has none."""
     m = _MSGID.search(text(value))
