@@ -433,7 +433,7 @@ def test_explain_cli_binds_by_the_address_delivered_to_a_personal_copy_s_or_a_pr
     assert got["failures"] == [] and got["kind"] == "unrecognised"      # plain bounce mail: kept
     db = BounceDB(str(cfg.state_dir))
     try:
-        assert db.start_probe(LIST, "bob@example.net", sent, 7)
+        assert db.start_probe(LIST, "bob@example.net", sent, 7) == "probe"
     finally:
         db.close()
     got = json.loads(cli(Path(cfg.path), "bounces", "--explain", str(msg), "--json").stdout)

@@ -98,6 +98,20 @@ def test_man_pages_render_without_warnings(name, tmp_path):
     assert "SEE ALSO" in re.sub(".\b", "", proc.stdout)     # without overstrike bold
 
 
+def test_every_per_list_setting_is_documented_in_the_man_page_and_the_guide():
+    """listmilter.yaml(5) has an entry for each setting, and docs/configuration.md a row with its
+    default as `listmilter list show` would print it: a new setting cannot ship undocumented."""
+    from listmilter.core import settings
+    man = (ROOT / "man" / "listmilter.yaml.5").read_text()
+    guide = (ROOT / "docs" / "configuration.md").read_text()
+    assert [n for n in settings.SETTINGS if f".TP\n.B {n}\n" not in man] == []
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", guide, re.M))
+    assert [n for n in settings.SETTINGS if n not in rows] == []
+    for name, setting in settings.SETTINGS.items():
+        if isinstance(setting.default, int) and not isinstance(setting.default, bool):
+            assert rows[name].strip() == f"`{setting.default}`", (name, rows[name])
+
+
 @pytest.mark.mta
 def test_sdist_and_wheel_install_into_a_fresh_venv_and_serve(tmp_path):
     """Build as an admin would, install the wheel into a clean virtualenv of

@@ -250,6 +250,12 @@ def test_hostile_text_is_kept_not_retried_forever(pg_database):
     assert verdict == bounces.Verdict.SCORED and row.last_diagnostic == "gone\ufffd ? away"
 
 
+def test_probes_and_their_daily_budget(pg_database):
+    """bounce_probes_per_day counts a list's probes of the last day in PostgreSQL as in SQLite."""
+    from tests.test_probes import probe_budget_holds
+    probe_budget_holds(PgBounceDB(_target(pg_database)))
+
+
 # -- the database going away -----------------------------------------------------------------
 @pytest.fixture
 def own_server():

@@ -88,6 +88,16 @@ def test_one_probe_in_flight_per_member_until_it_expires():
     assert not probes.expired(T, T + 7 * DAY, 7) and probes.expired(T, T + 7 * DAY + 1, 7)
 
 
+def test_reports_from_other_hosts_send_at_most_the_list_s_probes_a_day():
+    Start = probes.Start
+    assert probes.start(None, T, 7, sent_last_day=99, per_day=100) == Start.PROBE
+    assert probes.start(None, T, 7, sent_last_day=100, per_day=100) == Start.OVER_BUDGET
+    assert probes.start(None, T, 7, sent_last_day=10**6, per_day=0) == Start.PROBE      # 0: no limit (our MTA's)
+    # A probe in flight answers first: the member is waited for, not over any budget.
+    assert probes.start(T, T + DAY, 7, sent_last_day=100, per_day=100) == Start.IN_FLIGHT
+    assert Verdict.UNPROBED in bounces.FOR_OWNER          # kept for the owners, never dropped
+
+
 def test_a_report_with_failures_at_several_receiving_domains_is_suspect():
     one = [Failure("a@x.example", True), Failure("B@X.EXAMPLE", True), Failure("c@y.example", False)]
     assert not probes.suspect_report(one)
@@ -122,15 +132,38 @@ def test_explain_binds_a_bounce_to_a_probe_address_to_its_member():
 def test_the_bounce_database_keeps_one_probe_per_member(tmp_path):
     db = BounceDB(str(tmp_path))
     try:
-        assert db.start_probe(LIST, BOB, T, 7, "5.1.1 no such user")
-        assert not db.start_probe(LIST, BOB.upper(), T + DAY, 7)          # one in flight
+        assert db.start_probe(LIST, BOB, T, 7, "5.1.1 no such user") == probes.Start.PROBE
+        assert db.start_probe(LIST, BOB.upper(), T + DAY, 7) == probes.Start.IN_FLIGHT
         assert db.probe(LIST, BOB) == T and db.probe(LIST, ANN) is None
         assert db.probes(LIST) == [(LIST, BOB, T, "5.1.1 no such user")]
-        assert db.start_probe(LIST, BOB, T + 8 * DAY, 7)                   # the old one expired: replaced
+        assert db.start_probe(LIST, BOB, T + 8 * DAY, 7) == probes.Start.PROBE     # the old one expired: replaced
         assert not db.end_probe(LIST, BOB, T)                              # not the one in flight
         assert db.end_probe(LIST, BOB, T + 8 * DAY) and db.probes() == []
     finally:
         db.close()
+
+
+def test_the_bounce_database_counts_a_list_s_probes_of_the_last_day(tmp_path):
+    db = BounceDB(str(tmp_path))
+    try:
+        probe_budget_holds(db)
+    finally:
+        db.close()
+
+
+def probe_budget_holds(db) -> None:
+    """bounce_probes_per_day in a bounce database (also tests/test_postgresql.py's)."""
+    members = [f"m{i}@example.net" for i in range(5)]
+    assert db.start_probe(LIST, members[0], T - DAY - 1, 7, per_day=2) == "probe"     # more than a day ago
+    assert db.start_probe(LIST, members[1], T, 7, per_day=2) == "probe"
+    assert db.start_probe("other@example.org", members[2], T, 7, per_day=2) == "probe"  # another list's
+    assert db.start_probe(LIST, members[2], T, 7, per_day=2) == "probe"
+    assert db.start_probe(LIST, members[3], T, 7, per_day=2) == "over budget"
+    assert db.start_probe(LIST, members[1], T, 7, per_day=2) == "in flight"
+    assert db.start_probe(LIST, members[3], T, 7) == "probe"           # our MTA's report: no limit
+    # Over the budget nothing is noted: the member stays unprobed.
+    assert db.start_probe(LIST, members[4], T, 7, per_day=2) == "over budget" and db.probe(LIST, members[4]) is None
+    assert [a for _, a, _, _ in db.probes(LIST)] == members[:4]
 
 
 # -- the pipe transport, in process (tests/test_fuzz.py's pipe_site: dev@example.org, notify at 1) -------------

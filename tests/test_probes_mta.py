@@ -129,3 +129,41 @@ def test_a_member_forging_dsns_for_every_other_member_with_real_envids_removes_n
     assert out.count(f"({lst}) did not bounce in 7 days: suspicion cleared") == len(victims)
     assert _db(bed, "SELECT count(*) FROM probes WHERE list=?", lst) == [(0,)]
     assert _members(bed, lst) == sorted([*victims, mallory])
+
+
+def test_reports_from_another_host_send_at_most_bounce_probes_per_day_and_our_mta_s_are_not_limited(clean_bed,
+                                                                                                      owner):
+    """One forged report naming every member must not make the list mail every member: past the
+    list's bounce_probes_per_day (for reports from other hosts) the suspicions are kept for the
+    owners, unprobed. The DSNs of this host's own MTA are not limited: a dead member is still
+    probed, and removed when the probe bounces."""
+    bed = clean_bed
+    named = [f"m{i}@site.example" for i in range(8)]
+    dead = "dead@example.net"
+    lst = bed.new_list([*named, dead], posting="open", owners=(owner,), bounce_action="remove",
+                       bounce_probes_per_day=3, bounce_unrecognised="keep")
+    bounce_to = lst.replace("@", "-bounces@")
+    blocks = [f"Final-Recipient: rfc822; {v}\nAction: failed\nStatus: 5.1.1\n"
+              f"Diagnostic-Code: smtp; 550 5.1.1 <{v}>: no such user" for v in named]
+    bed.smtp("", [bounce_to], dsn_message("", *blocks, to=bounce_to))
+    (line,) = _wait_bounce(bed, lst, 1)
+    assert line.count(" suspect (probe sent)") == 3 and line.count(" unprobed") == 5, line
+    assert ", kept " in line, line
+    assert "probe budget spent: 3 probes in the last day for reports from other hosts" in bed.listmilter.log() \
+        + bed.deliver_log()
+    probes = wait_until(lambda: len(got := [m for v in named for m in _probes_to(bed, v, lst)]) >= 3 and got,
+                        60, what="three probes")
+    kept = cli(bed.listmilter.config_path, "bounces", lst, "--kept").stdout
+    assert "the list sent bounce_probes_per_day probes for reports from other hosts" in kept, kept
+
+    # A post: Postfix's own DSN for dead@ (no SMTP client) is probed though the day's budget is spent.
+    bed.sink.post_replies[dead] = "550 5.1.1 <dead@example.net>: no such user here"
+    _post(bed, lst, "after the forged report")
+    wait_until(lambda: dead not in _members(bed, lst), 120, interval=0.5, what="dead@ removed by its probe's DSN")
+    lines = _bounce_lines(bed, lst)
+    assert any(re.search(rf"<{dead}> 5\.1\.1 suspect \(probe sent\)", x) for x in lines), lines
+    assert any("probe-bounced" in x and f"<{dead}>" in x for x in lines), lines
+    bed.settle()
+    assert len(probes) == 3 and len([m for v in named for m in _probes_to(bed, v, lst)]) == 3
+    assert _members(bed, lst) == sorted(named)
+    assert _db(bed, "SELECT count(*) FROM scores WHERE list=?", lst) == [(0,)]

@@ -54,14 +54,16 @@ def handle(config, store, secret: Keyring, mlist: MailingList, sender: str, data
         return Outcome(report.kind, ())
     policy = policy_of(config, mlist)
     post = envid.parse(report.envid, mlist.address, secret) if report.envid else None
-    if post is not None and probe_rules.suspect_report(report.failures, commands.received_client(data) != ""):
+    from_client = commands.received_client(data) != ""      # another host's report, not our MTA's own
+    if post is not None and probe_rules.suspect_report(report.failures, from_client):
         # A remote MTA gets one post's copy for the recipients of its own domain: its report
         # naming failures at several is forged (or from a relay host). Our own MTA's names
-        # any. Each named member is only probed anyway.
+        # any. Each named member is only probed anyway, within bounce_probes_per_day.
         logger.warning("bounce: %s", fields(list=f"<{mlist.address}>", envid=report.envid,
                                              failures=len(report.failures),
                                              status="suspect report: failures at several receiving "
-                                                    "domains; each member gets a probe, none is scored"))
+                                                    "domains; the members named are only probed (at most "
+                                                    "bounce_probes_per_day a day), none is scored"))
     db = open_bounces(config)
     try:
         verdicts: list[tuple[str, str, str]] = []
@@ -86,7 +88,7 @@ def handle(config, store, secret: Keyring, mlist: MailingList, sender: str, data
             if row is not None and row.pending:
                 apply_pending(config, store, db, mlist, row, policy, now, secret)
         # All of the report's probes in one SMTP session (a DSN of our own MTA may name thousands).
-        sent = probes.probe(config, db, mlist, [f for _, f in suspects], secret, now)
+        sent = probes.probe(config, db, mlist, [f for _, f in suspects], secret, now, from_client)
         for (i, failure), what in zip(suspects, sent, strict=True):
             verdicts[i] = (failure.address, failure.status, what)
         kept = ""

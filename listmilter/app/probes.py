@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from listmilter.app import notices, outgoing
 from listmilter.core import probes
-from listmilter.core.bounces import Failure
+from listmilter.core.bounces import Failure, Verdict
 from listmilter.core.keys import Keyring
 from listmilter.core.model import MailingList
 from listmilter.log import fields, logger
@@ -18,11 +18,14 @@ from listmilter.store.bounce_records import BounceDB
 
 
 def probe(config, db: BounceDB, mlist: MailingList, failures: list[Failure], secret: Keyring,
-          now: float) -> list[str]:
+          now: float, from_client: bool = False) -> list[str]:
     """Send each failure's member one probe unless one is in flight, all in one SMTP session;
-    what was done for each (for the log line), in order. If the MTA takes not all of them,
-    none counts as sent and the error is raised: the retry of the bounce sends them again."""
+    what was done for each (for the log line), in order: Verdict.UNPROBED for those past the
+    list's bounce_probes_per_day, which counts for a report `from_client` (another host) only.
+    If the MTA takes not all of them, none counts as sent and the error is raised: the retry
+    of the bounce sends them again."""
     ls = config.list_settings(mlist.settings)
+    per_day = ls.bounce_probes_per_day if from_client else 0
     out: list[str] = []
     started: list[tuple[Failure, str, str]] = []
     for failure in failures:
@@ -31,11 +34,19 @@ def probe(config, db: BounceDB, mlist: MailingList, failures: list[Failure], sec
             out.append("suspect (no probe: the probe address would exceed 64 characters)")
             continue
         why = f"{failure.status or '-'} {failure.diagnostic}".strip()
-        if not db.start_probe(mlist.address, failure.address, now, ls.bounce_probe_days, why):
+        start = db.start_probe(mlist.address, failure.address, now, ls.bounce_probe_days, why, per_day)
+        if start == probes.Start.IN_FLIGHT:
             out.append("suspect (a probe is in flight already)")
-            continue
-        started.append((failure, sender, why))
-        out.append("suspect (probe sent)")
+        elif start == probes.Start.OVER_BUDGET:
+            out.append(Verdict.UNPROBED)
+        else:
+            started.append((failure, sender, why))
+            out.append("suspect (probe sent)")
+    if Verdict.UNPROBED in out:
+        logger.warning("bounce: %s", fields(list=f"<{mlist.address}>", unprobed=out.count(Verdict.UNPROBED),
+                                             status=f"probe budget spent: {per_day} probes in the last day for "
+                                                    "reports from other hosts (bounce_probes_per_day); "
+                                                    "the rest are kept for the owners"))
     try:
         outgoing.send_many(config.outgoing, [(sender, [f.address], notices.bounce_probe(mlist.address, f.address))
                                              for f, sender, _ in started])

@@ -67,6 +67,7 @@ class Verdict(StrEnum):
     UNRECOGNISED = "unrecognised"     # nothing recognisable: the message is kept for the owner
     SUSPECT = "suspect"               # a member's failure bound to a post or nothing: a probe decides
     PROBE_BOUNCED = "probe-bounced"   # the member's probe bounced: the address is dead
+    UNPROBED = "unprobed"             # a suspicion, but the list's probes for today are spent
 
 
 # Verdicts that leave the message for the owner to look at, and why.
@@ -77,6 +78,8 @@ FOR_OWNER = {
     Verdict.NOT_RECIPIENT: "a member, but not a recipient of that post (joined later, or disabled)",
     Verdict.EXPIRED: "a DSN for a post more than 14 days old: too late to be a delivery report "
                      "of that post, so not scored",
+    Verdict.UNPROBED: "a suspicion, but no probe: the list sent bounce_probes_per_day probes for "
+                      "reports from other hosts in the last day",
 }
 
 # A genuine DSN comes within the queue lifetimes of the MTAs on the way (Postfix: 5 days by
@@ -601,7 +604,6 @@ def next_step(warnings_sent: int, next_warning: float, now: float, policy: Polic
     return "warn" if warnings_sent < policy.warnings else "remove"
 
 
-
 # -- kept mail -----------------------------------------------------------------
 def kept_to_delete(files: Iterable[tuple[str, int, float]], now: float, retention: float, quota: int,
                    keep: str = "") -> list[str]:
@@ -642,6 +644,7 @@ WHY = {
     Verdict.UNVERIFIED: FOR_OWNER[Verdict.UNVERIFIED] + ": kept for the owners",
     Verdict.NOT_RECIPIENT: FOR_OWNER[Verdict.NOT_RECIPIENT] + ": kept for the owners",
     Verdict.EXPIRED: FOR_OWNER[Verdict.EXPIRED] + ": kept for the owners",
+    Verdict.UNPROBED: FOR_OWNER[Verdict.UNPROBED] + ": kept for the owners",
     Verdict.SUSPECT: "bound to a post by its ENVID at most, never to the member: a suspicion; the member "
                      "gets one probe message, and the bounce action is taken only if the probe bounces",
     Verdict.PROBE_BOUNCED: "a bounce to the member's probe address: the address is dead, the bounce "

@@ -10,7 +10,9 @@ anything is done about it, the member gets one probe message from a one-time ret
 core/mac.py's MAC of list, member and TIME under a key derived for "probe". Whatever comes
 back there from the null sender, DSN or not, says the member's address is dead:
 the list's bounce_action is taken then. A probe that does not bounce within
-bounce_probe_days clears the suspicion. One probe in flight per member.
+bounce_probe_days clears the suspicion. One probe in flight per member, and at most
+bounce_probes_per_day probes a day for reports that came from another host: a forged
+report naming every member must not make the list mail every member.
 
 Pure decisions only; listmilter.app.probes sends and records.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 
 from listmilter.core import addresses, bounces, envid, mac
 from listmilter.core.bounces import Failure
@@ -83,9 +86,30 @@ def find(extension: str, list_address: str, candidates: Iterable[str], secret: K
 
 
 # -- decisions -------------------------------------------------------------------
+class Start(StrEnum):
+    """What a new suspicion of a member gets."""
+    PROBE = "probe"                # a probe, sent now
+    IN_FLIGHT = "in flight"        # nothing: the probe sent for an earlier one decides
+    OVER_BUDGET = "over budget"    # nothing: the list's probes for reports from other hosts are spent
+
+
 def should_probe(in_flight_since: float | None, now: float, probe_days: int) -> bool:
     """Send a probe for a new suspicion? Not while one is in flight (one per member)."""
     return in_flight_since is None or expired(in_flight_since, now, probe_days)
+
+
+def start(in_flight_since: float | None, now: float, probe_days: int, sent_last_day: int,
+          per_day: int) -> Start:
+    """One probe in flight per member; and, for a report from another host (`per_day` is the
+    list's bounce_probes_per_day then, 0 for no limit), at most `per_day` of the list's probes
+    in flight that were sent in the last day. A report that really comes from a remote MTA names
+    the recipients of one domain; one naming thousands is someone making the list mail every
+    member. The local MTA's own reports pass 0: they name whatever failed."""
+    if not should_probe(in_flight_since, now, probe_days):
+        return Start.IN_FLIGHT
+    if per_day and sent_last_day >= per_day:
+        return Start.OVER_BUDGET
+    return Start.PROBE
 
 
 def expired(sent_at: float, now: float, probe_days: int) -> bool:

@@ -248,6 +248,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("bounce_probe_days", 7, _count(1),
             "a failure bound only to a post (its ENVID) sends the member one probe; a probe that does "
             "not bounce within this many days clears the suspicion"),
+    Setting("bounce_probes_per_day", 100, _count(0),
+            "at most this many probes a day for reports that came from other hosts over SMTP (the local "
+            "MTA's own DSNs are not limited); the suspicions past it are kept for the owners; 0: no limit"),
 )}
 
 
@@ -302,6 +305,7 @@ class ListSettings:
     bounce_kept_days: int
     bounce_kept_quota_mb: int
     bounce_probe_days: int
+    bounce_probes_per_day: int
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from listmilter.core import addresses, probes
-from listmilter.core.bounces import Failure, Policy, Score, Verdict, score_bounce
+from listmilter.core.bounces import DAY, Failure, Policy, Score, Verdict, score_bounce
 from listmilter.store.db import Database, sqlite_errors
 
 NAME = "bounces.sqlite"
@@ -208,18 +208,22 @@ class BounceDB:
 
     # -- probes (core/probes.py): one in flight per member ----------------------
     @sqlite_errors
-    def start_probe(self, list_address: str, address: str, now: float, probe_days: int, why: str = "") -> bool:
-        """Note a probe sent now, unless one is in flight (an expired one is replaced); True if noted."""
+    def start_probe(self, list_address: str, address: str, now: float, probe_days: int, why: str = "",
+                    per_day: int = 0) -> probes.Start:
+        """Note a probe sent now if probes.start says PROBE (an expired one in flight is replaced);
+        `per_day` counts the list's probes in flight sent in the last day (0: no limit)."""
         list_key, key = addresses.key(list_address), addresses.key(address)
         with self._write() as conn:
             self._lock_member(conn, list_key, key)
             row = conn.execute("SELECT sent_at FROM probes WHERE list=? AND key=?", (list_key, key)).fetchone()
-            if not probes.should_probe(row[0] if row else None, now, probe_days):
-                return False
-            conn.execute("DELETE FROM probes WHERE list=? AND key=?", (list_key, key))
-            conn.execute("INSERT INTO probes(list, key, address, sent_at, why) VALUES (?, ?, ?, ?, ?)",
-                         (list_key, key, address, now, why[:300]))
-            return True
+            sent_last_day = conn.execute("SELECT count(*) FROM probes WHERE list=? AND sent_at>?",
+                                         (list_key, now - DAY)).fetchone()[0] if per_day else 0
+            verdict = probes.start(row[0] if row else None, now, probe_days, sent_last_day, per_day)
+            if verdict == probes.Start.PROBE:
+                conn.execute("DELETE FROM probes WHERE list=? AND key=?", (list_key, key))
+                conn.execute("INSERT INTO probes(list, key, address, sent_at, why) VALUES (?, ?, ?, ?, ?)",
+                             (list_key, key, address, now, why[:300]))
+            return verdict
 
     @sqlite_errors
     def probe(self, list_address: str, address: str) -> float | None:
