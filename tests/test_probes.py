@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from listmilter.core import addresses, bounces, probes
+from listmilter.app import outgoing
+from listmilter.app import probes as send_probes
+from listmilter.core import addresses, bounces, config, probes
 from listmilter.core.bounces import Failure, Verdict
 from listmilter.core.keys import Keyring, keyring
+from listmilter.core.model import MailingList
 from listmilter.store.bounce_records import BounceDB
 from tests import test_fuzz as fuzz
 from tests.conftest import dsn_message
@@ -166,6 +170,40 @@ def probe_budget_holds(db) -> None:
     assert [a for _, a, _, _ in db.probes(LIST)] == members[:4]
 
 
+def test_a_batch_of_probes_the_mta_took_half_of_sends_each_member_one_probe_over_the_retry(tmp_path, records):  # noqa: F811
+    """The MTA refuses the third probe of four (a full queue): the two it took stay in flight,
+    the retry of the bounce sends the other two, and nobody gets a second one."""
+    sent = tmp_path / "sent"
+    # A stand-in for Postfix's sendmail: notes each recipient it takes; refuses m2@ once (EX_TEMPFAIL).
+    sendmail = tmp_path / "sendmail"
+    sendmail.write_text(f"""#!/bin/sh
+cat > /dev/null
+for a; do last=$a; done
+if [ "$last" = m2@example.net ] && [ ! -e {tmp_path}/refused ]; then
+  touch {tmp_path}/refused; echo "queue file write error" >&2; exit 75
+fi
+echo "$last" >> {sent}
+""")
+    sendmail.chmod(0o755)
+    (tmp_path / "listmilter.yaml").write_text(f"state_dir: {tmp_path}\noutgoing:\n  sendmail: {sendmail}\n")
+    cfg = config.load(str(tmp_path / "listmilter.yaml"))
+    mlist = MailingList(LIST)
+    failures = [Failure(f"m{i}@example.net", True, "5.1.1") for i in range(4)]
+    db = BounceDB(str(tmp_path))
+    try:
+        with pytest.raises(outgoing.OutgoingError, match="exited 75"):
+            send_probes.probe(cfg, db, mlist, failures, SECRET, T, from_client=False)
+        assert [a for _, a, _, _ in db.probes(LIST)] == ["m0@example.net", "m1@example.net"]
+        assert send_probes.probe(cfg, db, mlist, failures, SECRET, T + 60) == [
+            "suspect (a probe is in flight already)"] * 2 + ["suspect (probe sent)"] * 2
+        assert sorted(sent.read_text().split()) == [f.address for f in failures]          # one each
+        assert len(db.probes(LIST)) == 4
+    finally:
+        db.close()
+    logged = [r.getMessage() for r in records.records if "action=probe sent" in r.getMessage()]
+    assert len(logged) == 4 and all("queued_as=" in line for line in logged), logged
+
+
 # -- the pipe transport, in process (tests/test_fuzz.py's pipe_site: dev@example.org, notify at 1) -------------
 
 probe_recipients = st.one_of(
@@ -192,7 +230,9 @@ def test_a_probe_is_sent_once_and_its_bounce_reports_the_member_in_process(pipe_
     from listmilter.core import envid
     cfg, store = pipe_site
     member = fuzz.MEMBERS[0]
-    dsn = dsn_message(envid.make("PQ1", fuzz.LIST, fuzz.SECRET, time.time() - 60),
+    # Posted now: the members joined when pipe_site was made, perhaps within this same second, and
+    # a post's ENVID keeps whole seconds (one a minute older could predate them: not-recipient).
+    dsn = dsn_message(envid.make("PQ1", fuzz.LIST, fuzz.SECRET, time.time()),
                       f"Final-Recipient: rfc822; {member}\nAction: failed\nStatus: 5.1.1\n")
     assert fuzz._check_run(pipe_site, records, "dev-bounces@example.org", "", dsn) == (0, "")
     line = [r.getMessage() for r in records.records if "role=bounces" in r.getMessage()][-1]

@@ -22,8 +22,8 @@ def probe(config, db: BounceDB, mlist: MailingList, failures: list[Failure], sec
     """Send each failure's member one probe unless one is in flight, all in one SMTP session;
     what was done for each (for the log line), in order: Verdict.UNPROBED for those past the
     list's bounce_probes_per_day, which counts for a report `from_client` (another host) only.
-    If the MTA takes not all of them, none counts as sent and the error is raised: the retry
-    of the bounce sends them again."""
+    If the MTA takes not all of them, those it took count as sent, the error is raised, and
+    the retry of the bounce sends the others."""
     ls = config.list_settings(mlist.settings)
     per_day = ls.bounce_probes_per_day if from_client else 0
     out: list[str] = []
@@ -47,17 +47,21 @@ def probe(config, db: BounceDB, mlist: MailingList, failures: list[Failure], sec
                                              status=f"probe budget spent: {per_day} probes in the last day for "
                                                     "reports from other hosts (bounce_probes_per_day); "
                                                     "the rest are kept for the owners"))
+    queued: list[str] = []
     try:
         outgoing.send_many(config.outgoing, [(sender, [f.address], notices.bounce_probe(mlist.address, f.address))
-                                             for f, sender, _ in started])
+                                             for f, sender, _ in started], queued)
     except Exception:
-        for failure, _, _ in started:
+        # The MTA took the first len(queued): those probes are out and stay in flight (the
+        # retry finds them so, and sends no second one). The rest are ended, for the retry.
+        for failure, _, _ in started[len(queued):]:
             db.end_probe(mlist.address, failure.address, now)
         raise
-    for failure, sender, why in started:
-        logger.info("bounce: %s", fields(list=f"<{mlist.address}>", member=f"<{failure.address}>",
-                                          action="probe sent", **{"from": f"<{sender}>"},
-                                          status=f"suspected by {why}; waiting {ls.bounce_probe_days} days"))
+    finally:
+        for (failure, sender, why), queue_id in zip(started, queued, strict=False):     # those taken
+            logger.info("bounce: %s", fields(list=f"<{mlist.address}>", member=f"<{failure.address}>",
+                                              action="probe sent", **{"from": f"<{sender}>"}, queued_as=queue_id,
+                                              status=f"suspected by {why}; waiting {ls.bounce_probe_days} days"))
     return out
 
 
