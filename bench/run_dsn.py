@@ -1,8 +1,9 @@
 """DSNs per second through the real pipe transport, against two floors in the same Postfix.
 
-N DSNs (one per member, each with a genuine ENVID, so each is scored) are
-submitted over SMTP to <list>-bounces@; Postfix runs `listmilter deliver` once
-per DSN, as user nobody, exactly as in the tests. The clock runs from the
+N DSNs, one per member, each to the member's own VERP address
+<list>-bounces+CODE@ (the sender of a personal copy: the code binds member and
+post, so each DSN is scored), are submitted over SMTP; Postfix runs `listmilter
+deliver` once per DSN, as user nobody, exactly as in the tests. The clock runs from the
 first MAIL to the N-th `deliver:` line (in serve's log when deliver handed
 the DSN to serve, in the pipe's log when it worked alone).
 
@@ -24,9 +25,12 @@ took over (from /proc/PID/stat across the handed-off run), and the CPU of one
 process of each pipe command run directly as the pipe user on one DSN
 (resource usage of waited-for children): a bare Python start-up,
 `listmilter deliver` handing off to serve, `listmilter deliver` working alone.
-And one DSN naming 1,000 members (as Postfix writes one for a post that failed
-for 1,000 of them) against one naming a single member: time from the SMTP
-submission to serve's `deliver:` line.
+And one DSN to the plain <list>-bounces@ naming 1,000 members (as Postfix writes
+one for an in-place post that failed for 1,000 of them) against one naming a
+single member: nothing there binds a failure to its member, so each named member
+is sent a probe (core/probes.py), all in one SMTP session. Time from the SMTP
+submission to serve's `deliver:` line (the probes are in Postfix's queue then),
+and to the sink's receipt of the last probe.
 
     .venv/bin/python bench/run_dsn.py [--dsns 1000] [--repeat 2] [--backend sqlite|postgresql] [--direct]
         [--cpu-runs 50] [--storm 1000]
@@ -50,7 +54,7 @@ from pathlib import Path
 from common import machine, save, start_postgresql, store_config  # common puts the repo on sys.path
 
 from listmilter.core import config as config_mod  # noqa: E402
-from listmilter.core import envid  # noqa: E402
+from listmilter.core import envid, verp  # noqa: E402
 from listmilter.mta import handoff  # noqa: E402
 from listmilter.store import site_secret  # noqa: E402
 from tests.bed.listmilter import ListmilterServer  # noqa: E402
@@ -121,14 +125,15 @@ def child_cpu(argv: list[str], data: bytes, runs: int) -> float:
     return (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) / runs
 
 
-def run_once(postfix: Postfix, to: str, messages: list[bytes], count_lines) -> float:
+def run_once(postfix: Postfix, messages: list[tuple[str, bytes]], count_lines) -> float:
+    """Seconds from the first MAIL until count_lines() has grown by one per (recipient, message)."""
     before = count_lines()
     start = time.monotonic()
     with smtplib.SMTP("127.0.0.1", postfix.port, timeout=120) as smtp:
-        for m in messages:
+        for to, m in messages:
             smtp.sendmail("", [to], m)
     wait_until(lambda: count_lines() - before >= len(messages), 600, interval=0.1,
-               what=f"{len(messages)} pipe deliveries to {to}")
+               what=f"{len(messages)} pipe deliveries")
     return time.monotonic() - start
 
 
@@ -165,15 +170,26 @@ def main() -> int:
         storm = [f"s{i:06d}@example.net" for i in range(args.storm + 1)]
         cpu_members = [f"c{i:06d}@example.net" for i in range(args.cpu_runs * 2)]
         members += storm + cpu_members
-        lm.create_list(LIST, members, posting="open", bounce_action="notify", bounce_threshold=1000)
+        # The DSNs come over SMTP, as another host's would; they stand for this host's own (Postfix's
+        # bounce daemon), whose probes bounce_probes_per_day does not limit.
+        lm.create_list(LIST, members, posting="open", bounce_action="notify", bounce_threshold=1000,
+                       bounce_probes_per_day=0)
         secret = site_secret(config_mod.load(str(lm.config_path)))
         bounces_addr = LIST.replace("@", "-bounces@")
+        bounces_prefix = LIST.partition("@")[0] + "-bounces"        # plain, or +CODE (VERP)
 
         def deliver_log() -> list[str]:
             return (lm.log() + postfix.pipe_log.read_text()).splitlines()
 
         def deliver_lines() -> int:
-            return sum(1 for line in deliver_log() if f"to=<{bounces_addr}>" in line and "role=bounces" in line)
+            return sum(1 for line in deliver_log() if f"to=<{bounces_prefix}" in line and "role=bounces" in line)
+
+        def bound_dsn(member: str, post_id: str) -> tuple[str, bytes]:
+            """A DSN of `member`'s personal copy of post `post_id`, to that copy's VERP sender."""
+            posted = time.time()
+            to = verp.make(LIST, member, post_id, posted, secret)
+            assert to is not None
+            return to, dsn(to, member, envid.make(post_id, LIST, secret, posted))
 
         def floor_lines() -> int:
             return sum(1 for line in postfix.log().splitlines()
@@ -182,18 +198,17 @@ def main() -> int:
         for r in range(args.repeat):
             for name in FLOORS:
                 to = f"{name}@{name}.example"
-                msgs = [dsn(to, members[i], "x") for i in range(n)]
-                results.setdefault(name, []).append(run_once(postfix, to, msgs, floor_lines))
+                msgs = [(to, dsn(to, members[i], "x")) for i in range(n)]
+                results.setdefault(name, []).append(run_once(postfix, msgs, floor_lines))
             for k, name in enumerate(DELIVER_ROWS):
                 chunk = members[(2 * r + k) * n:(2 * r + k + 1) * n]
-                msgs = [dsn(bounces_addr, m, envid.make(f"B{r}x{k}x{i}", LIST, secret, time.time()))
-                        for i, m in enumerate(chunk)]
+                msgs = [bound_dsn(m, f"B{r}x{k}x{i}") for i, m in enumerate(chunk)]
                 sock = lm.state_dir / handoff.SOCKET_NAME
                 if name.endswith("(alone)"):
                     sock.rename(sock.with_name("deliver.sock.off"))
                 cpu_before = serve_cpu(lm.proc.pid)
                 try:
-                    results.setdefault(name, []).append(run_once(postfix, bounces_addr, msgs, deliver_lines))
+                    results.setdefault(name, []).append(run_once(postfix, msgs, deliver_lines))
                 finally:
                     if name.endswith("(alone)"):
                         sock.with_name("deliver.sock.off").rename(sock)
@@ -209,8 +224,8 @@ def main() -> int:
         env = ["/usr/bin/env", f"PYTHONPATH={runtime}", f"LISTMILTER_LOG={work / 'cpu.log'}"]
         (work / "cpu.log").touch()
         shutil.chown(work / "cpu.log", PIPE_USER)
-        deliver = [*env, f"{runtime}/bin/listmilter", "-c", str(lm.config_path), "deliver", bounces_addr, ""]
-        sample = dsn(bounces_addr, cpu_members[0], envid.make("CPU0", LIST, secret, time.time()))
+        cpu_to, sample = bound_dsn(cpu_members[0], "CPU0")
+        deliver = [*env, f"{runtime}/bin/listmilter", "-c", str(lm.config_path), "deliver", cpu_to, ""]
         cpu["python3 start-up (floor-python)"] = [
             child_cpu(["/usr/bin/python3", "-c", "import sys; sys.stdin.buffer.read()"], sample, args.cpu_runs)]
         cpu["deliver, handing off to serve"] = [child_cpu(deliver, sample, args.cpu_runs)]
@@ -221,7 +236,11 @@ def main() -> int:
         finally:
             sock.with_name("deliver.sock.off").rename(sock)
 
-        # One DSN naming many members against one naming a single member, through Postfix.
+        # One DSN naming many members against one naming a single member, through Postfix: each
+        # named member is sent a probe, all in one SMTP session, before serve logs the DSN.
+        def probes_at_sink() -> int:
+            return sum(1 for m in sink.messages if m.mail_from.startswith(bounces_prefix + "+probe-"))
+
         for label, named in ((f"one DSN naming {args.storm} members", storm[:args.storm]),
                              ("one DSN naming 1 member", storm[args.storm:])):
             env_id = envid.make(f"STORM{len(named)}", LIST, secret, time.time())
@@ -231,11 +250,15 @@ def main() -> int:
                 Action: failed
                 Status: 5.1.1
                 """ for m in named]
-            storms[label] = run_once(postfix, bounces_addr, [dsn_message(env_id, *blocks, to=bounces_addr)],
+            before = probes_at_sink()
+            start = time.monotonic()
+            storms[label] = run_once(postfix, [(bounces_addr, dsn_message(env_id, *blocks, to=bounces_addr))],
                                      deliver_lines)
-        if f"{args.storm} members" not in "".join(storms) or \
-                not any(line.count(" scored") == args.storm for line in deliver_log()):
-            raise RuntimeError(f"the DSN naming {args.storm} members did not score them all")
+            wait_until(lambda named=named, before=before: probes_at_sink() - before >= len(named), 600, interval=0.1,
+                       what="every probe at the sink")
+            storms[f"{label}, to the last probe at the sink"] = time.monotonic() - start
+        if not any(line.count(" suspect (probe sent)") == args.storm for line in deliver_log()):
+            raise RuntimeError(f"the DSN naming {args.storm} members did not probe them all")
     finally:
         postfix.stop()
         lm.stop()
@@ -256,9 +279,9 @@ def main() -> int:
     for name, values in cpu.items():
         values = sorted(values)
         print(f"  {name:<34} {values[len(values) // 2] * 1000:7.1f} ms")
-    print("\nfrom submission to serve's deliver: line:")
+    print("\nfrom submission to serve's deliver: line (and to the last probe at the sink):")
     for name, seconds in storms.items():
-        print(f"  {name:<34} {seconds:7.2f} s")
+        print(f"  {name:<60} {seconds:7.2f} s")
     path = save(f"dsn-{args.backend}" if args.backend != "sqlite" else "dsn",
                 {"machine": machine(), "args": vars(args), "results": out, "cpu": cpu, "storm": storms})
     print(f"wrote {path}")
