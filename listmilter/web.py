@@ -220,18 +220,6 @@ class App:
         except BadForm as e:
             logger.warning("web: %s", fields(client=client, status=f"refused (not a form: {e})"))
             return 400, page("Bad request", "This request is not a one-click unsubscribe."), []
-        if method != "POST":
-            status, found, text = service.check_link(token, client)
-            if found is None or status != 200:
-                return status, page("Invalid link" if found is None else "Unsubscribe", text), []
-            return 200, page(f"Unsubscribe from {found.list}",
-                             f"Press the button to stop receiving mail from {found.list}.",
-                             f"/u/{token}", "Unsubscribe", {"List-Unsubscribe": "One-Click"}), []
-        try:
-            form = parse_form(content_type, body)
-        except BadForm as e:
-            logger.warning("web: %s", fields(client=client, status=f"refused (not a form: {e})"))
-            return 400, page("Bad request", "This request is not a one-click unsubscribe."), []
         if form.get("List-Unsubscribe") != "One-Click":
             logger.warning("web: %s", fields(client=client, status="refused (POST without List-Unsubscribe=One-Click)"))
             return 400, page("Bad request", "This request is not a one-click unsubscribe."), []
