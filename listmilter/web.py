@@ -100,14 +100,23 @@ def parse_form(content_type: str, body: bytes) -> dict[str, str]:
         raise BadForm("unsupported content type")
     if not content_type.isascii() or not content_type.isprintable():
         raise BadForm("malformed content type")
-    return _multipart(content_type, body)
+    try:
+        return _multipart(content_type, body)
+    except BadForm:
+        raise
+    except Exception as e:
+        # The standard library's header parser is not total: a parameter name that ends
+        # in RFC 2231's "*" with no value ("boundary*", "name*") raises IndexError
+        # (CPython gh-151857). Whatever it raises on a body of MAX_BODY bytes is a
+        # form we cannot read, not our error.
+        raise BadForm("malformed multipart body") from e
 
 
 def _multipart(content_type: str, body: bytes, retry: bool = True) -> dict[str, str]:
     # The standard library's MIME parser: a form is a MIME multipart (RFC 7578),
-    # the body is at most MAX_BODY bytes, and this parser never gives up on bad
-    # input (it records defects), so it needs no extra dependency. HTTP's policy
-    # gives str headers even for 8-bit bytes.
+    # the body is at most MAX_BODY bytes, and this parser records most bad input
+    # as defects (parse_form refuses what it raises on), so it needs no extra
+    # dependency. HTTP's policy gives str headers even for 8-bit bytes.
     msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
         b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
     boundary = msg.get_boundary()
