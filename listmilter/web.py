@@ -37,8 +37,9 @@ import urllib.parse
 import waitress.server
 
 from listmilter.app import subscription_service as service_mod
+from listmilter.core.errors import TemporaryError
 from listmilter.log import fields, logger
-from listmilter.store import StoreError, site_secret
+from listmilter.store import site_secret
 
 # The server's limits (docs/subscriptions.md, "The web server").
 THREADS = 4                 # requests worked on at once; SQLite serialises the writes anyway
@@ -157,8 +158,10 @@ class App:
         path = environ.get("PATH_INFO", "")
         try:
             status, body, extra = self.route(method, path, environ)
-        except StoreError as e:
-            logger.error("web: %s", fields(path=path, status=f"failed (store: {e})"))
+        except TemporaryError as e:
+            # A busy store, or outgoing not taking a confirmation's welcome or goodbye
+            # (apply() leaves the request open for the retry): core/errors.py's temporary.
+            logger.error("web: %s", fields(path=path, status=f"failed ({e})"))
             status, body, extra = 503, page("Try again later", "The service is busy; please try again later."), []
         except Exception:
             logger.exception("web: internal error for %s %s", method, path)

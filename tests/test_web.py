@@ -528,3 +528,38 @@ def test_the_app_answers_every_request_without_a_500(app, method, content_type, 
     assert status in allowed[method], (status, out[:300])
     if method == "POST" and link == "valid" and status == 200:
         assert b"not subscribed" in out       # a real one-click: the address was no member
+
+
+def test_a_confirmation_whose_mail_cannot_go_out_is_a_503_and_stays_open(tmp_path, caplog):
+    """outgoing: down when a confirmation link is pressed: a temporary error (core/errors.py),
+    so 503 and a log line, not a 500 with a traceback; the request is open for the retry."""
+    from listmilter.app.runtime import Runtime
+    from listmilter.store import open_pending
+    config = tmp_path / "listmilter.yaml"
+    config.write_text(f"state_dir: {tmp_path}/state\nlog: {{target: {tmp_path}/log}}\n"
+                      f"outgoing: {{smtp: \"127.0.0.1:{free_port()}\"}}\n"     # nothing listens there
+                      "web: {base_url: \"https://l.example\"}\n")
+    cli(config, "list", "create", LIST)
+    runtime = Runtime(str(config))
+    try:
+        pending = open_pending(runtime.config)
+        try:
+            token = pending.create(tokens.CONFIRM, LIST, "new@example.net", "subscribe", 7)
+        finally:
+            pending.close()
+        application = web.App(runtime)
+
+        def request(method: str) -> tuple[int, bytes]:
+            got = {}
+            environ = {"REQUEST_METHOD": method, "PATH_INFO": f"/confirm/{token}", "REMOTE_ADDR": "192.0.2.1",
+                       "CONTENT_LENGTH": "0", "wsgi.input": io.BytesIO(b"")}
+            out = b"".join(application(environ, lambda status, headers: got.update(status=status)))
+            return int(got["status"].split()[0]), out
+
+        status, out = request("POST")
+        assert status == 503 and b"try again later" in out, out
+        assert "internal error" not in caplog.text and "Traceback" not in caplog.text
+        assert "status=failed (smtp: 127.0.0.1:" in caplog.text
+        assert request("GET")[0] == 200              # still a button to press once mail goes out
+    finally:
+        runtime.store.close()
