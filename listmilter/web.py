@@ -67,6 +67,10 @@ def client_address(environ: dict, trusted: tuple[str, ...]) -> str:
     chain = [a.strip() for a in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if a.strip()]
     for address in reversed(chain):
         try:
+            # An IPv6 zone ("fe80::1%TEXT") is garbage too: ip_address() takes any TEXT
+            # there, and it would go into the consent record as the client.
+            if "%" in address:
+                raise ValueError(address)
             ipaddress.ip_address(address)
         except ValueError:
             return remote          # garbage from the proxy chain: trust nothing after it

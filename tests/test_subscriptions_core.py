@@ -6,9 +6,12 @@ from __future__ import annotations
 import email
 import email.policy
 import io
+import ipaddress
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from listmilter import web
 from listmilter.app import notices
@@ -238,6 +241,18 @@ def test_client_address_behind_a_trusted_proxy():
     assert web.client_address(env, ("127.0.0.1",)) == "198.51.100.2"
     assert web.client_address(env, ("127.0.0.1", "198.51.100.2")) == "203.0.113.9"
     assert web.client_address({**env, "HTTP_X_FORWARDED_FOR": "junk"}, ("127.0.0.1",)) == "127.0.0.1"
+    # ip_address() reads any text after an IPv6 "%" as a zone: not an address of a client.
+    forged = {**env, "HTTP_X_FORWARDED_FOR": "fe80::1%x status=unsubscribed (admin)"}
+    assert web.client_address(forged, ("127.0.0.1",)) == "127.0.0.1"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=30), st.ip_addresses().map(str),
+                          st.ip_addresses(v=6).map(lambda a: f"{a}%eth0 x=y")), max_size=4))
+def test_the_client_recorded_is_an_address(chain):
+    env = {"REMOTE_ADDR": "127.0.0.1", "HTTP_X_FORWARDED_FOR": ", ".join(chain)}
+    client = web.client_address(env, ("127.0.0.1",))
+    assert client == "127.0.0.1" or (ipaddress.ip_address(client) and "%" not in client)
 
 
 class _Runtime:
