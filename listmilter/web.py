@@ -17,8 +17,10 @@ once, and no Server: header names the software.
 
 A forged or damaged link answers 400, an unknown list or code 404, a link
 whose membership has ended (or of the old format, after web.old_links_until)
-410; each is logged. The client address recorded in the consent record is REMOTE_ADDR,
-or, when REMOTE_ADDR is one of `web.trusted_proxies`, the last address in
+410, another method 405, a body over MAX_BODY 413; each is logged. A
+temporary error (a busy store, the MTA not taking mail) answers 503. The
+client address recorded in the consent record is REMOTE_ADDR, or, when
+REMOTE_ADDR is one of `web.trusted_proxies`, the last address in
 X-Forwarded-For that is not a trusted proxy.
 """
 
@@ -192,7 +194,10 @@ class App:
             return 404, page("Not found", "There is nothing here."), []
         kind, token = parts
         if method not in ("GET", "HEAD", "POST"):
-            return 405, page("Not allowed", "Use the button on the page."), [("Allow", "GET, POST")]
+            # Refused before the store is opened: the client from the config in use.
+            client = client_address(environ, self.runtime.config.web.trusted_proxies)
+            logger.warning("web: %s", fields(client=client, method=method, status="refused (method not allowed)"))
+            return 405, page("Not allowed", "Use the button on the page."), [("Allow", "GET, HEAD, POST")]
         service, config = self._service()
         client = client_address(environ, config.web.trusted_proxies)
         try:
@@ -200,6 +205,7 @@ class App:
             if method == "POST":
                 read = self._body(environ)
                 if read is None:
+                    logger.warning("web: %s", fields(client=client, status=f"refused (body over {MAX_BODY} bytes)"))
                     return 413, page("Too large", "The request is too large."), []
                 body = read
             if kind == "u":

@@ -530,6 +530,23 @@ def test_the_app_answers_every_request_without_a_500(app, method, content_type, 
         assert b"not subscribed" in out       # a real one-click: the address was no member
 
 
+@pytest.mark.parametrize("method, length, status, line", [
+    ("PUT", "26", 405, "method=PUT, status=refused (method not allowed)"),
+    ("OPTIONS", "0", 405, "method=OPTIONS, status=refused (method not allowed)"),
+    ("POST", str(web.MAX_BODY + 1), 413, f"status=refused (body over {web.MAX_BODY} bytes)"),
+])
+def test_other_refusals_are_logged_too(app, caplog, method, length, status, line):
+    application, token = app
+    got = {}
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": f"/u/{token}", "REMOTE_ADDR": "192.0.2.1",
+               "CONTENT_LENGTH": length, "wsgi.input": io.BytesIO(ONE_CLICK.encode())}
+    b"".join(application(environ, lambda s, headers: got.update(status=s, headers=dict(headers))))
+    assert int(got["status"].split()[0]) == status
+    assert f"web: client=192.0.2.1, {line}" in caplog.text
+    if status == 405:
+        assert got["headers"]["Allow"] == "GET, HEAD, POST"
+
+
 def test_a_confirmation_whose_mail_cannot_go_out_is_a_503_and_stays_open(tmp_path, caplog):
     """outgoing: down when a confirmation link is pressed: a temporary error (core/errors.py),
     so 503 and a log line, not a 500 with a traceback; the request is open for the retry."""
