@@ -15,6 +15,7 @@ HYPOTHESIS_PROFILE=nightly for many more examples.
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.policy
 import io
@@ -496,10 +497,10 @@ role_recipients = st.one_of(
 senders = st.one_of(st.sampled_from(["", "<>", "MAILER-DAEMON", "bob@example.net", "Ann@Example.NET"]), nasty_text)
 
 
-def _check_run(pipe_site, records, recipient, sender, data) -> tuple[int, str]:
+def _check_run(pipe_site, records, recipient, sender, data, can_resubmit=None) -> tuple[int, str]:
     cfg, store = pipe_site
     records.records.clear()
-    code, text = deliver.run(lambda: (cfg, store), recipient, sender, data)
+    code, text = deliver.run(lambda: (cfg, store), recipient, sender, data, can_resubmit)
     formatter = log.Formatter("%(message)s")
     for r in records.records:
         assert r.exc_info is None, formatter.format(r)       # no internal error
@@ -533,6 +534,59 @@ def test_the_list_address_itself_is_discarded_or_deferred_for_the_milter(pipe_si
     # serve not running, or a re-submitted copy that came back unexpanded), else 0.
     assert code == 0 or (code == 75 and ("listmilter serve is not running" in text
                                          or "came back unexpanded" in text)), text
+
+
+@pytest.mark.mta      # starts the SMTP sink
+@pytest.mark.parametrize("smtputf8", [True, False])
+def test_a_post_from_an_8bit_sender_is_resubmitted_over_smtputf8_or_refused_once(pipe_site, records, smtputf8):
+    # smtplib raised UnicodeEncodeError for the 8-bit MAIL FROM: exit 75, retried for days.
+    from tests.bed.sink import Sink
+    cfg, store = pipe_site
+    with Sink(smtputf8) as sink:
+        smtp = dataclasses.replace(cfg, outgoing=config.Outgoing(smtp_host="127.0.0.1", smtp_port=sink.port))
+        for sender, data in (("jos\u00e9@example.net", b"Subject: hi\n\nhello\n"),
+                             (None, b"Return-Path: <jos\xc3\xa9@example.net>\nSubject: hi\n\nhello\n")):
+            code, text = _check_run((smtp, store), records, LIST, sender, data, can_resubmit=lambda: True)
+            if smtputf8:
+                assert (code, text) == (0, "")
+                assert sink.messages[-1].mail_from == "jos\u00e9@example.net"
+                assert "SMTPUTF8" in sink.messages[-1].mail_options
+            else:
+                assert code == os.EX_NOPERM and "does not offer SMTPUTF8" in text, text
+                assert not sink.messages
+
+
+def test_a_post_whose_return_path_holds_a_nul_is_refused_once(pipe_site, records):
+    # Sendmail's aliases route passes no sender: the message's own Return-Path is it. A NUL
+    # made subprocess raise ValueError: exit 75, retried for days.
+    code, text = _check_run(pipe_site, records, LIST, None, b"Return-Path: <a\x00b@example.net>\n\nhi\n",
+                            can_resubmit=lambda: True)
+    assert code == os.EX_NOPERM and "NUL" in text, text
+
+
+def test_a_subscription_whose_welcome_the_mta_did_not_take_is_made_again_by_the_retry(pipe_site, records,
+                                                                                     tmp_path):
+    # The membership stood after the failed attempt: the retry answered "already a member",
+    # and the welcome and the owners' notice never went.
+    cfg, store = pipe_site
+    sendmail = tmp_path / "sendmail"
+    sendmail.write_text(f"#!/bin/sh\n[ -e {tmp_path}/down ] && exit 75\ncat >> {tmp_path}/sent\n")
+    sendmail.chmod(0o755)
+    (tmp_path / "down").touch()
+    site = (dataclasses.replace(cfg, outgoing=config.Outgoing(sendmail=str(sendmail))), store)
+    store.create_list("open@example.org", {"subscribe_policy": "open", "owners": ("boss@example.com",),
+                                           "owner_notices": True})
+    try:
+        data = b"From: ann@example.net\nSubject: subscribe\n\nsubscribe\n"
+        code, _ = _check_run(site, records, "open-subscribe@example.org", "ann@example.net", data)
+        assert code == 75 and store.member("open@example.org", "ann@example.net") is None
+        (tmp_path / "down").unlink()
+        assert _check_run(site, records, "open-subscribe@example.org", "ann@example.net", data) == (0, "")
+        sent = (tmp_path / "sent").read_text()
+        assert "Subject: Welcome to open@example.org" in sent and "already" not in sent
+        assert sent.count("Subject:") == 2       # and the owners' notice
+    finally:
+        store.delete_list("open@example.org")
 
 
 # -- netstrings and the socketmap -----------------------------------------------------------

@@ -79,16 +79,21 @@ def resubmit(outgoing: Outgoing, sender: str, recipient: str, message: bytes) ->
     """Put a message back through the MTA (and so its milter) for one recipient.
 
     Returns the reply when the MTA refuses it for good (5xx: e.g. the posting
-    policy, which the milter applies at RCPT), None when it was taken; raises
-    OutgoingError for anything a retry can fix.
+    policy, which the milter applies at RCPT), or an envelope no MTA can take,
+    None when it was taken; raises OutgoingError for anything a retry can fix.
     """
+    if "\0" in sender or "\0" in recipient:
+        # A forged Return-Path (Sendmail's aliases pass no sender): no command line or MTA takes it.
+        return "the envelope holds a NUL character"
     if outgoing.sendmail:
         _sendmail(outgoing.sendmail, sender, [recipient], message)
         return None
+    # An 8-bit envelope (SMTPUTF8 mail) goes as it came; smtplib would raise UnicodeEncodeError.
+    options = [] if sender.isascii() and recipient.isascii() else ["SMTPUTF8"]
     try:
         with smtplib.SMTP(_smtp_host(outgoing), outgoing.smtp_port, local_hostname="localhost",
                           timeout=120) as smtp:
-            smtp.sendmail(sender, [recipient], message)
+            smtp.sendmail(sender, [recipient], message, options)
     except smtplib.SMTPRecipientsRefused as e:
         code, text = e.recipients.get(recipient, (0, b""))
         if 500 <= code < 600:
@@ -99,6 +104,8 @@ def resubmit(outgoing: Outgoing, sender: str, recipient: str, message: bytes) ->
             reply = e.smtp_error.decode(errors="replace") if isinstance(e.smtp_error, bytes) else e.smtp_error
             return f"{e.smtp_code} {reply}"
         raise OutgoingError(f"{outgoing.describe()}: {e}") from e
+    except (smtplib.SMTPNotSupportedError, UnicodeEncodeError):     # the latter: a server without ESMTP
+        return f"{outgoing.describe()} does not offer SMTPUTF8, which this envelope needs"
     except (smtplib.SMTPException, OSError, socket.timeout) as e:
         raise OutgoingError(f"{outgoing.describe()}: {e}") from e
     return None

@@ -265,7 +265,7 @@ class Service:
     def apply(self, mlist: MailingList, outcome: Outcome, ctx: Context) -> None:
         if outcome.ignored:
             return
-        claimed = False
+        claimed = joined = False
         new_token = None
         if outcome.close and ctx.hash:
             if not self.pending.claim(ctx.hash, outcome.close):
@@ -281,15 +281,21 @@ class Service:
                 new_token = self.pending.create(kind, mlist.address, ctx.address, action, days, ctx.name,
                                                 ctx.how, ctx.who)
             if outcome.change == "subscribe":
-                self.store.subscribe(mlist.address, Member(ctx.address, ctx.name), ctx.how, ctx.who, ctx.detail)
+                joined = self.store.subscribe(mlist.address, Member(ctx.address, ctx.name), ctx.how, ctx.who,
+                                              ctx.detail)
             elif outcome.change == "unsubscribe":
                 self.store.unsubscribe(mlist.address, ctx.address, ctx.how, ctx.who, ctx.detail)
             self._send(mlist, outcome.mails, ctx, new_token, reason=outcome.reason, budget=outcome.budget)
-        except BaseException:
+        except BaseException as e:
             if new_token:
                 self.pending.drop(new_token)
             if claimed:
                 self.pending.release(ctx.hash)
+            if joined and isinstance(e, outgoing.OutgoingError):
+                # The MTA did not take the welcome: a retry that found a member would answer
+                # "already a member", and the welcome and the owners' notice would never go.
+                self.store.unsubscribe(mlist.address, ctx.address, ctx.how, ctx.who,
+                                       "undone: the welcome could not be sent (retried)")
             raise
 
     def _send(self, mlist: MailingList, mails, ctx: Context, token: str | None, reason: str = "",

@@ -85,8 +85,9 @@ class _DSNSMTP(SMTP):
 class _Controller(Controller):
     """Listens on a socket bound before start (port 0: the kernel picks a free port, no race)."""
 
-    def __init__(self, handler, sock: socket.socket):
+    def __init__(self, handler, sock: socket.socket, smtputf8: bool = True):
         self._sock = sock
+        self._smtputf8 = smtputf8
         super().__init__(handler, hostname="127.0.0.1", port=sock.getsockname()[1])
 
     def _create_server(self):
@@ -94,19 +95,20 @@ class _Controller(Controller):
 
     def factory(self):
         return _DSNSMTP(self.handler, hostname="sink.example.test", data_size_limit=0,
-                    enable_SMTPUTF8=True, decode_data=False, ident="sink")
+                    enable_SMTPUTF8=self._smtputf8, decode_data=False, ident="sink")
 
 
 class Sink:
-    """Records messages; `replies` maps a lower-case address to an SMTP reply for RCPT."""
+    """Records messages; `replies` maps a lower-case address to an SMTP reply for RCPT.
+    `smtputf8=False`: a server that does not offer SMTPUTF8."""
 
-    def __init__(self) -> None:
+    def __init__(self, smtputf8: bool = True) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self._handler = _Handler()
-        self._controller = _Controller(self._handler, sock)
+        self._controller = _Controller(self._handler, sock, smtputf8)
 
     def start(self) -> "Sink":
         self._controller.start()
