@@ -13,6 +13,8 @@ import re
 import smtplib
 import time
 
+import pytest
+
 from listmilter.core import envid
 from listmilter.core.bounces import Verdict
 from listmilter.store.bounce_records import BounceDB
@@ -195,4 +197,24 @@ def test_a_post_with_a_latin1_subject_is_expanded_and_keeps_its_subject(clean_be
     post = bed.sink.for_recipient("m1@example.net")[0].content
     assert re.search(rb"\nSubject: Caf\xe9 cr\xe8me\r?\n", post), post[:500]
     assert f"{queue_id}: list=<{lst}>" in bed.listmilter.log()
+    _queue_empty(bed)
+
+
+# Postfix's default since compatibility level 1 (the beds turn it off, to keep their mail 7-bit).
+@pytest.mark.parametrize("own_bed", [{"main_cf": {"smtputf8_enable": "yes"}}], indirect=True)
+def test_a_post_from_an_8bit_smtputf8_sender_to_two_lists_reaches_both(own_bed):
+    """A post to two lists: one is expanded in place, the other re-submitted through the MTA as a
+    message of its own, from the poster's envelope sender. An 8-bit one (SMTPUTF8) made smtplib
+    raise at MAIL FROM: the poster got 451 for days. It goes on with SMTPUTF8, as it came."""
+    bed = own_bed
+    first = bed.new_list(["u1@example.net"], name="utfa", posting="open")
+    second = bed.new_list(["u2@example.net"], name="utfb", posting="open")
+    poster = "jos\u00e9@example.net"
+    data = (f"From: {poster}\r\nTo: {first}, {second}\r\nSubject: two lists\r\n"
+            f"Message-ID: <utf8.two@example.net>\r\n\r\nHola.\r\n").encode()
+    with smtplib.SMTP("127.0.0.1", bed.postfix.port, timeout=60) as s:
+        assert s.sendmail(poster, [first, second], data, mail_options=["SMTPUTF8"]) == {}
+    for member in ("u1@example.net", "u2@example.net"):
+        wait_until(lambda member=member: bed.sink.for_recipient(member), 60, what=f"the post at {member}")
+    assert "split (re-submitted as a message of its own)" in bed.listmilter.log()
     _queue_empty(bed)

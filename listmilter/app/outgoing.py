@@ -46,6 +46,12 @@ def _smtp_host(outgoing: Outgoing) -> str:
     return outgoing.smtp_host
 
 
+def _envelope_options(sender: str, recipients: list[str]) -> list[str]:
+    """SMTPUTF8 for an 8-bit envelope (a poster who sent with it): it goes on as it came, where
+    smtplib alone would raise UnicodeEncodeError at MAIL FROM (a 451 for days at the milter)."""
+    return [] if sender.isascii() and all(r.isascii() for r in recipients) else ["SMTPUTF8"]
+
+
 def send(outgoing: Outgoing, sender: str, recipients: list[str], message: bytes) -> None:
     """Submit one message; raise OutgoingError unless the MTA took it for every recipient."""
     send_many(outgoing, [(sender, recipients, message)])
@@ -67,7 +73,7 @@ def send_many(outgoing: Outgoing, messages: list[tuple[str, list[str], bytes]],
         with _SMTP(_smtp_host(outgoing), outgoing.smtp_port, local_hostname="localhost",
                    timeout=120) as smtp:
             for sender, recipients, message in messages:
-                refused = smtp.sendmail(sender, recipients, message)
+                refused = smtp.sendmail(sender, recipients, message, _envelope_options(sender, recipients))
                 if refused:
                     raise OutgoingError(f"{outgoing.describe()} refused {refused}")
                 ids.append(queue_id(smtp.data_reply))
@@ -88,12 +94,10 @@ def resubmit(outgoing: Outgoing, sender: str, recipient: str, message: bytes) ->
     if outgoing.sendmail:
         _sendmail(outgoing.sendmail, sender, [recipient], message)
         return None
-    # An 8-bit envelope (SMTPUTF8 mail) goes as it came; smtplib would raise UnicodeEncodeError.
-    options = [] if sender.isascii() and recipient.isascii() else ["SMTPUTF8"]
     try:
         with smtplib.SMTP(_smtp_host(outgoing), outgoing.smtp_port, local_hostname="localhost",
                           timeout=120) as smtp:
-            smtp.sendmail(sender, [recipient], message, options)
+            smtp.sendmail(sender, [recipient], message, _envelope_options(sender, [recipient]))
     except smtplib.SMTPRecipientsRefused as e:
         code, text = e.recipients.get(recipient, (0, b""))
         if 500 <= code < 600:
