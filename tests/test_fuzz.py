@@ -589,6 +589,33 @@ def test_a_subscription_whose_welcome_the_mta_did_not_take_is_made_again_by_the_
         store.delete_list("open@example.org")
 
 
+def test_a_direct_unsubscribe_whose_goodbye_the_mta_did_not_take_is_made_by_the_retry(pipe_site, records,
+                                                                                     tmp_path):
+    # The member was removed before the goodbye was sent: the retry answered "not a member",
+    # and the goodbye and the owners' notice never went.
+    cfg, store = pipe_site
+    sendmail = tmp_path / "sendmail"
+    sendmail.write_text(f"#!/bin/sh\n[ -e {tmp_path}/down ] && exit 75\ncat >> {tmp_path}/sent\n")
+    sendmail.chmod(0o755)
+    (tmp_path / "down").touch()
+    site = (dataclasses.replace(cfg, outgoing=config.Outgoing(sendmail=str(sendmail))), store)
+    store.create_list("leave@example.org", {"unsubscribe_confirm": False, "owners": ("boss@example.com",),
+                                            "owner_notices": True})
+    store.add_members("leave@example.org", [Member("ann@example.net")])
+    try:
+        data = b"From: ann@example.net\nSubject: unsubscribe\n\nunsubscribe\n"
+        code, _ = _check_run(site, records, "leave-unsubscribe@example.org", "ann@example.net", data)
+        assert code == 75 and store.member("leave@example.org", "ann@example.net") is not None
+        (tmp_path / "down").unlink()
+        assert _check_run(site, records, "leave-unsubscribe@example.org", "ann@example.net", data) == (0, "")
+        assert store.member("leave@example.org", "ann@example.net") is None
+        sent = (tmp_path / "sent").read_text()
+        assert "Subject: You have left leave@example.org" in sent and "not a member" not in sent.lower()
+        assert sent.count("Subject:") == 2       # and the owners' notice
+    finally:
+        store.delete_list("leave@example.org")
+
+
 # -- netstrings and the socketmap -----------------------------------------------------------
 @given(st.one_of(hostile_bytes, st.builds(netstring.encode, hostile_bytes),
                  st.builds(lambda a, b: netstring.encode(a) + b, hostile_bytes, nasty_bytes)),

@@ -280,11 +280,17 @@ class Service:
                 days = tokens.MODERATION_DAYS if kind == tokens.MODERATE else self.policy(mlist).confirm_days
                 new_token = self.pending.create(kind, mlist.address, ctx.address, action, days, ctx.name,
                                                 ctx.how, ctx.who)
+            if outcome.change == "unsubscribe":
+                # The goodbye first: if the MTA does not take it, the member is still there for
+                # the retry, which says goodbye (and tells the owners) instead of "not a member".
+                # A store that fails after it was sent costs a second goodbye, never a lost one.
+                self._send(mlist, outcome.mails, ctx, new_token, reason=outcome.reason, budget=outcome.budget)
+                self.store.unsubscribe(mlist.address, ctx.address, ctx.how, ctx.who, ctx.detail)
+                return
             if outcome.change == "subscribe":
+                # The welcome after: it carries the new membership's one-click link.
                 joined = self.store.subscribe(mlist.address, Member(ctx.address, ctx.name), ctx.how, ctx.who,
                                               ctx.detail)
-            elif outcome.change == "unsubscribe":
-                self.store.unsubscribe(mlist.address, ctx.address, ctx.how, ctx.who, ctx.detail)
             self._send(mlist, outcome.mails, ctx, new_token, reason=outcome.reason, budget=outcome.budget)
         except BaseException as e:
             if new_token:
