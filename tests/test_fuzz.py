@@ -564,16 +564,23 @@ def test_a_post_whose_return_path_holds_a_nul_is_refused_once(pipe_site, records
     assert code == os.EX_NOPERM and "NUL" in text, text
 
 
-def test_a_subscription_whose_welcome_the_mta_did_not_take_is_made_again_by_the_retry(pipe_site, records,
-                                                                                     tmp_path):
-    # The membership stood after the failed attempt: the retry answered "already a member",
-    # and the welcome and the owners' notice never went.
+def _mta_down_until_unlinked(pipe_site, tmp_path):
+    """pipe_site with a sendmail stand-in that exits 75 while tmp_path/down exists, then
+    appends each message it takes to tmp_path/sent."""
     cfg, store = pipe_site
     sendmail = tmp_path / "sendmail"
     sendmail.write_text(f"#!/bin/sh\n[ -e {tmp_path}/down ] && exit 75\ncat >> {tmp_path}/sent\n")
     sendmail.chmod(0o755)
     (tmp_path / "down").touch()
-    site = (dataclasses.replace(cfg, outgoing=config.Outgoing(sendmail=str(sendmail))), store)
+    return dataclasses.replace(cfg, outgoing=config.Outgoing(sendmail=str(sendmail))), store
+
+
+def test_a_subscription_whose_welcome_the_mta_did_not_take_is_made_again_by_the_retry(pipe_site, records,
+                                                                                     tmp_path):
+    # The membership stood after the failed attempt: the retry answered "already a member",
+    # and the welcome and the owners' notice never went.
+    site = _mta_down_until_unlinked(pipe_site, tmp_path)
+    store = site[1]
     store.create_list("open@example.org", {"subscribe_policy": "open", "owners": ("boss@example.com",),
                                            "owner_notices": True})
     try:
@@ -593,12 +600,8 @@ def test_a_direct_unsubscribe_whose_goodbye_the_mta_did_not_take_is_made_by_the_
                                                                                      tmp_path):
     # The member was removed before the goodbye was sent: the retry answered "not a member",
     # and the goodbye and the owners' notice never went.
-    cfg, store = pipe_site
-    sendmail = tmp_path / "sendmail"
-    sendmail.write_text(f"#!/bin/sh\n[ -e {tmp_path}/down ] && exit 75\ncat >> {tmp_path}/sent\n")
-    sendmail.chmod(0o755)
-    (tmp_path / "down").touch()
-    site = (dataclasses.replace(cfg, outgoing=config.Outgoing(sendmail=str(sendmail))), store)
+    site = _mta_down_until_unlinked(pipe_site, tmp_path)
+    store = site[1]
     store.create_list("leave@example.org", {"unsubscribe_confirm": False, "owners": ("boss@example.com",),
                                             "owner_notices": True})
     store.add_members("leave@example.org", [Member("ann@example.net")])
