@@ -70,14 +70,8 @@ class Bed:
             # A signing milter (OpenDKIM, docs/postfix.md) comes after listmilter: it signs the post as expanded.
             self.postfix.milter = ", ".join(filter(None, [self.listmilter.milter_spec, signing_milter]))
             self.postfix.socketmap = self.listmilter.socketmap_spec
-            ports = (self.postfix.port, self.postfix.reinject_port)
             self.postfix.start()
-            if (self.postfix.port, self.postfix.reinject_port) != ports:      # Postfix had to take others
-                self.listmilter.outgoing_port = self.postfix.port
-                self.listmilter.reinject_port = self.postfix.reinject_port
-                self.listmilter.write_config()
-                self.listmilter.stop()
-                self.listmilter.start()
+            self.listmilter.follow_mta(self.postfix.port, self.postfix.reinject_port)
         except BaseException:
             self.stop()
             raise
@@ -159,14 +153,8 @@ class SendmailBed(Bed):
             self.listmilter.write_config()
             self.listmilter.start()
             self.sendmail.socketmap_port = self.listmilter.socketmap_port
-            ports = (self.sendmail.port, dict(self.sendmail.ports))
             self.sendmail.start()
-            if (self.sendmail.port, self.sendmail.ports) != ports:      # Sendmail had to take others
-                self.listmilter.outgoing_port = self.sendmail.port
-                self.listmilter.reinject_port = self.sendmail.ports.get("reinject")
-                self.listmilter.write_config()
-                self.listmilter.stop()
-                self.listmilter.start()
+            self.listmilter.follow_mta(self.sendmail.port, self.sendmail.ports.get("reinject"))
         except BaseException:
             self.stop()
             raise

@@ -57,13 +57,8 @@ class Host:
         self.listmilter.start()
         # Either start may have found a port taken and picked another: each learns the other's final ones.
         self.postfix.milter, self.postfix.socketmap = self.listmilter.milter_spec, self.listmilter.socketmap_spec
-        port = self.postfix.port
         self.postfix.start()
-        if self.postfix.port != port:
-            self.listmilter.outgoing_port = self.postfix.port
-            self.listmilter.write_config()
-            self.listmilter.stop()
-            self.listmilter.start()
+        self.listmilter.follow_mta(self.postfix.port)
 
     def stop(self) -> None:
         for stop in (self.postfix.stop, self.listmilter.stop):

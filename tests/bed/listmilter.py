@@ -224,6 +224,16 @@ class ListmilterServer:
         os.chmod(self.config_path, 0o644)
 
     # -- process -----------------------------------------------------------
+    def follow_mta(self, outgoing_port: int, reinject_port: int | None = None) -> None:
+        """The MTA's final ports, once it started (it may have found one taken and picked
+        another): if they moved, rewrite the config and start again on them."""
+        if (self.outgoing_port, self.reinject_port) == (outgoing_port, reinject_port):
+            return
+        self.outgoing_port, self.reinject_port = outgoing_port, reinject_port
+        self.write_config()
+        self.stop()
+        self.start()
+
     def start(self) -> "ListmilterServer":
         # The first start may find a port taken since free_port(); a restart keeps
         # its ports (Postfix or Sendmail was configured with them).
